@@ -1,0 +1,116 @@
+"""Start a real `worker serve` process for integration tests and stop it without leaving anything behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+import yaml
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class WorkerProcess:
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def engine_ports(self, model_id: str | None = None) -> list[int]:
+        """Loopback ports of the engine replicas (read from their command lines)."""
+        ports = []
+        for proc in self.descendants():
+            try:
+                cmd = proc.cmdline()
+            except psutil.NoSuchProcess:
+                continue
+            if "worker.engines.guard" in cmd:
+                continue
+            if "--port" in cmd and ("mock-engine" in cmd or "vllm" in " ".join(cmd)):
+                if model_id is not None and model_id not in " ".join(cmd):
+                    continue
+                ports.append(int(cmd[cmd.index("--port") + 1]))
+        return sorted(set(ports))
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.process.returncode}:\n{self.log()[-5000:]}")
+            try:
+                if httpx.get(f"{self.base_url}/health/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"worker not ready after {timeout_s}s:\n{self.log()[-5000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def start_worker(tmp_path: Path, config: dict, *, engine: str = "mock", env: dict[str, str] | None = None,
+                 extra_args: list[str] | None = None) -> WorkerProcess:
+    port = free_port()
+    config = {**config, "worker": {**config["worker"], "port": port, "host": "127.0.0.1"}}
+    config_path = write_config(tmp_path / "models.yaml", config)
+    log_path = tmp_path / "worker.log"
+    full_env = {**os.environ, "WORKER_AUTH": "false", "WORKER_DB_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
+                **(env or {})}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "worker", "serve", "--config", str(config_path), "--engine", engine,
+         *(extra_args or [])],
+        stdout=log_path.open("wb"), stderr=subprocess.STDOUT, env=full_env, cwd=tmp_path,
+    )
+    return WorkerProcess(process=process, port=port, log_path=log_path, env=full_env)
+
+
+def fast_mock_model(model_id: str, **overrides: object) -> dict:
+    model = {
+        "id": model_id,
+        "engine": "mock",
+        "source": f"local/{model_id}",
+        "replicas": 1,
+        "engine_args": {"max_model_len": 512, "max_num_seqs": 16},
+        "pricing": {"prompt_per_mtok": "1.00", "completion_per_mtok": "2.00"},
+        "mock": {"step_base_ms": 1.0, "step_per_seq_ms": 0.0, "prefill_per_token_ms": 0.0},
+    }
+    model.update(overrides)
+    return model

@@ -1,0 +1,114 @@
+"""The one interface the billing service, the admin API, the outbox and the CLI use to reach the database.
+
+SQLite and PostgreSQL implement all of it; callers never ask which one they have.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Literal
+
+from worker.billing.records import (
+    Account,
+    ApiKey,
+    LedgerFilter,
+    LedgerRecord,
+    NewApiKey,
+    Reservation,
+    ReserveOutcome,
+)
+
+
+class UnknownAccount(LookupError):
+    pass
+
+
+class DuplicateRequestId(ValueError):
+    """A ledger record with this request id exists already; the new one was not written or charged."""
+
+
+class LedgerStore(abc.ABC):
+    dialect: str
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Finish queued writes, then release connections."""
+
+    # Accounts and keys.
+    @abc.abstractmethod
+    async def create_account(self, account_id: str, name: str, balance_micro: int, created_at: float) -> Account:
+        ...
+
+    @abc.abstractmethod
+    async def get_account(self, account_id: str) -> Account | None: ...
+
+    @abc.abstractmethod
+    async def list_accounts(self) -> list[Account]: ...
+
+    @abc.abstractmethod
+    async def top_up(self, account_id: str, amount_micro: int) -> Account:
+        """Add to (or, negative, take from) the balance; raises UnknownAccount."""
+
+    @abc.abstractmethod
+    async def create_key(self, key: NewApiKey) -> ApiKey:
+        """Raises UnknownAccount when the account does not exist."""
+
+    @abc.abstractmethod
+    async def find_key_by_hash(self, key_hash: str) -> ApiKey | None: ...
+
+    @abc.abstractmethod
+    async def get_key(self, key_id: str) -> ApiKey | None: ...
+
+    @abc.abstractmethod
+    async def list_keys(self, account_id: str | None = None) -> list[ApiKey]: ...
+
+    @abc.abstractmethod
+    async def revoke_key(self, key_id: str, revoked_at: float) -> ApiKey | None:
+        """Revoke (idempotent: the first revocation time stays); None when there is no such key."""
+
+    # Money on the request path.
+    @abc.abstractmethod
+    async def reserve(self, reservation: Reservation) -> ReserveOutcome:
+        """Atomically hold `amount_micro` of the account's balance and of the key's monthly cap.
+
+        Succeeds only while `balance - reserved >= amount` and, with a cap, `spent this month + reserved
+        + amount <= cap`, so concurrent requests (on this worker or others sharing the database) can
+        never spend more than there is. A request id already reserved or recorded is refused, and so is
+        a key revoked since it was looked up.
+        """
+
+    @abc.abstractmethod
+    async def settle(self, record: LedgerRecord) -> LedgerRecord:
+        """Append the record and, in the same transaction, release its reservation and charge its cost.
+
+        Group-committed: returns once the transaction holding this record is durable. Raises
+        DuplicateRequestId (and charges nothing) when the request id is already in the ledger.
+        """
+
+    @abc.abstractmethod
+    async def release_reservations(self, holder: str, older_than: float | None = None) -> int:
+        """Drop reservations of requests that can no longer finish: all of `holder`'s (a restarted
+        worker), and with `older_than` anyone's made before that time. Returns how many were dropped."""
+
+    # The ledger.
+    @abc.abstractmethod
+    async def query_ledger(self, where: LedgerFilter, *, limit: int, order: Literal["asc", "desc"] = "desc",
+                           cursor: int | None = None) -> list[LedgerRecord]:
+        """Records matching `where`, by seq; `cursor` excludes seq <= cursor (asc) or >= cursor (desc)."""
+
+    @abc.abstractmethod
+    async def count_ledger(self, where: LedgerFilter, after_seq: int = 0) -> int: ...
+
+    # The outbox.
+    @abc.abstractmethod
+    async def outbox_cursor(self, worker_id: str) -> int:
+        """The seq of the last record delivered for this worker (0 when none)."""
+
+    @abc.abstractmethod
+    async def advance_outbox(self, worker_id: str, seq: int, now: float) -> None:
+        """Move the cursor forward to `seq` (never backwards)."""
+
+    @property
+    @abc.abstractmethod
+    def pending_writes(self) -> int:
+        """Ledger writes queued and not yet committed."""

@@ -1,0 +1,101 @@
+"""Between database rows and records: the same column lists and conversions for both dialects."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from worker.billing.records import (
+    Account,
+    ApiKey,
+    KeyLimits,
+    LedgerFilter,
+    LedgerRecord,
+    NewApiKey,
+    from_epoch,
+    to_epoch,
+)
+
+ACCOUNT_COLUMNS = "id, name, balance_micro, reserved_micro, created_at"
+KEY_COLUMNS = (
+    "id, account_id, name, prefix, key_hash, allowed_models, rpm_limit, tpm_limit, monthly_cap_micro, byok, "
+    "created_at, expires_at, revoked_at, reserved_micro, spend_month, month_spent_micro"
+)
+LEDGER_INSERT_COLUMNS = (
+    "request_id", "worker_id", "key_id", "account_id", "model", "endpoint", "replica_id", "gpu_uuids",
+    "prompt_tokens", "completion_tokens", "cached_tokens", "usage_estimated", "cost_micro", "status_code",
+    "outcome", "finish_reason", "stream", "received_at", "ttft_ms", "duration_ms",
+)
+LEDGER_COLUMNS = "seq, " + ", ".join(LEDGER_INSERT_COLUMNS)
+
+
+def account_from_row(row: Mapping[str, Any]) -> Account:
+    return Account(id=row["id"], name=row["name"], balance_micro=row["balance_micro"],
+                   reserved_micro=row["reserved_micro"], created_at=from_epoch(row["created_at"]))
+
+
+def key_from_row(row: Mapping[str, Any]) -> ApiKey:
+    limits = KeyLimits(
+        allowed_models=tuple(orjson.loads(row["allowed_models"])),
+        requests_per_minute=row["rpm_limit"],
+        tokens_per_minute=row["tpm_limit"],
+        monthly_spend_cap_micro=row["monthly_cap_micro"],
+    )
+    return ApiKey(
+        id=row["id"], account_id=row["account_id"], name=row["name"], prefix=row["prefix"],
+        key_hash=row["key_hash"], limits=limits, byok=bool(row["byok"]),
+        created_at=from_epoch(row["created_at"]), expires_at=from_epoch(row["expires_at"]),
+        revoked_at=from_epoch(row["revoked_at"]), reserved_micro=row["reserved_micro"],
+        spend_month=row["spend_month"], month_spent_micro=row["month_spent_micro"],
+    )
+
+
+def new_key_params(key: NewApiKey) -> tuple[Any, ...]:
+    """In the order of KEY_INSERT_COLUMNS."""
+    return (
+        key.id, key.account_id, key.name, key.prefix, key.key_hash,
+        orjson.dumps(list(key.limits.allowed_models)).decode(), key.limits.requests_per_minute,
+        key.limits.tokens_per_minute, key.limits.monthly_spend_cap_micro, key.byok,
+        to_epoch(key.created_at), to_epoch(key.expires_at) if key.expires_at else None,
+    )
+
+
+KEY_INSERT_COLUMNS = (
+    "id, account_id, name, prefix, key_hash, allowed_models, rpm_limit, tpm_limit, monthly_cap_micro, byok, "
+    "created_at, expires_at"
+)
+
+
+def ledger_params(record: LedgerRecord) -> tuple[Any, ...]:
+    """In the order of LEDGER_INSERT_COLUMNS."""
+    return (
+        record.request_id, record.worker_id, record.key_id, record.account_id, record.model, record.endpoint,
+        record.replica_id, ",".join(record.gpu_uuids), record.prompt_tokens, record.completion_tokens,
+        record.cached_tokens, record.usage_estimated, record.cost_micro, record.status_code, record.outcome,
+        record.finish_reason, record.stream, to_epoch(record.received_at), record.ttft_ms, record.duration_ms,
+    )
+
+
+def ledger_from_row(row: Mapping[str, Any]) -> LedgerRecord:
+    values = dict(row)
+    values["gpu_uuids"] = tuple(u for u in (values["gpu_uuids"] or "").split(",") if u)
+    values["usage_estimated"] = bool(values["usage_estimated"])
+    values["stream"] = bool(values["stream"])
+    values["received_at"] = from_epoch(values["received_at"])
+    return LedgerRecord(**values)
+
+
+def ledger_conditions(where: LedgerFilter) -> list[tuple[str, Any]]:
+    """(SQL condition with one `{}` placeholder, value) pairs; each dialect fills in its own placeholder."""
+    conditions: list[tuple[str, Any]] = []
+    for column in ("key_id", "account_id", "worker_id", "model"):
+        value = getattr(where, column)
+        if value is not None:
+            conditions.append((f"{column} = {{}}", value))
+    if where.since is not None:
+        conditions.append(("received_at >= {}", to_epoch(where.since)))
+    if where.until is not None:
+        conditions.append(("received_at < {}", to_epoch(where.until)))
+    return conditions

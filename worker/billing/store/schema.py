@@ -1,0 +1,132 @@
+"""The billing schema as ordered migration steps, one statement list per SQL dialect.
+
+A database records the steps it has applied in `schema_version`; opening it applies the missing ones in
+one transaction. Steps are never edited once released; a change is a new step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    sqlite: tuple[str, ...]
+    postgres: tuple[str, ...]
+
+
+SCHEMA_VERSION_TABLE = (
+    "CREATE TABLE IF NOT EXISTS schema_version ("
+    " version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at DOUBLE PRECISION NOT NULL)"
+)
+
+
+def _common_tables(ledger_seq: str, false: str) -> tuple[str, ...]:
+    return (
+        """CREATE TABLE accounts (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            balance_micro BIGINT NOT NULL DEFAULT 0,
+            reserved_micro BIGINT NOT NULL DEFAULT 0 CHECK (reserved_micro >= 0),
+            created_at DOUBLE PRECISION NOT NULL
+        )""",
+        f"""CREATE TABLE api_keys (
+            id TEXT PRIMARY KEY,
+            account_id TEXT NOT NULL REFERENCES accounts (id),
+            name TEXT NOT NULL DEFAULT '',
+            prefix TEXT NOT NULL,
+            key_hash TEXT NOT NULL UNIQUE,
+            allowed_models TEXT NOT NULL DEFAULT '[]',
+            rpm_limit INTEGER,
+            tpm_limit INTEGER,
+            monthly_cap_micro BIGINT,
+            byok BOOLEAN NOT NULL DEFAULT {false},
+            created_at DOUBLE PRECISION NOT NULL,
+            expires_at DOUBLE PRECISION,
+            revoked_at DOUBLE PRECISION,
+            reserved_micro BIGINT NOT NULL DEFAULT 0 CHECK (reserved_micro >= 0),
+            spend_month TEXT,
+            month_spent_micro BIGINT NOT NULL DEFAULT 0
+        )""",
+        "CREATE INDEX api_keys_account ON api_keys (account_id)",
+        """CREATE TABLE reservations (
+            request_id TEXT PRIMARY KEY,
+            account_id TEXT NOT NULL,
+            key_id TEXT NOT NULL,
+            amount_micro BIGINT NOT NULL,
+            holder TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL
+        )""",
+        "CREATE INDEX reservations_holder ON reservations (holder)",
+        f"""CREATE TABLE ledger (
+            seq {ledger_seq},
+            request_id TEXT NOT NULL UNIQUE,
+            worker_id TEXT NOT NULL,
+            key_id TEXT,
+            account_id TEXT,
+            model TEXT NOT NULL,
+            endpoint TEXT NOT NULL,
+            replica_id TEXT,
+            gpu_uuids TEXT NOT NULL DEFAULT '',
+            prompt_tokens BIGINT NOT NULL,
+            completion_tokens BIGINT NOT NULL,
+            cached_tokens BIGINT NOT NULL,
+            usage_estimated BOOLEAN NOT NULL DEFAULT {false},
+            cost_micro BIGINT NOT NULL,
+            status_code INTEGER NOT NULL,
+            outcome TEXT NOT NULL,
+            finish_reason TEXT,
+            stream BOOLEAN NOT NULL,
+            received_at DOUBLE PRECISION NOT NULL,
+            ttft_ms DOUBLE PRECISION,
+            duration_ms DOUBLE PRECISION NOT NULL
+        )""",
+        "CREATE INDEX ledger_key_seq ON ledger (key_id, seq)",
+        "CREATE INDEX ledger_account_seq ON ledger (account_id, seq)",
+        "CREATE INDEX ledger_worker_seq ON ledger (worker_id, seq)",
+        "CREATE INDEX ledger_received_at ON ledger (received_at)",
+        """CREATE TABLE outbox_cursors (
+            worker_id TEXT PRIMARY KEY,
+            last_seq BIGINT NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL
+        )""",
+    )
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        version=1,
+        description="accounts, api keys, reservations, append-only ledger, outbox cursors",
+        sqlite=(
+            *_common_tables("INTEGER PRIMARY KEY AUTOINCREMENT", "0"),
+            """CREATE TRIGGER ledger_no_update BEFORE UPDATE ON ledger
+               BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END""",
+            """CREATE TRIGGER ledger_no_delete BEFORE DELETE ON ledger
+               BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END""",
+        ),
+        postgres=(
+            *_common_tables("BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", "FALSE"),
+            """CREATE FUNCTION ledger_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN RAISE EXCEPTION 'the ledger is append-only'; END $$""",
+            """CREATE TRIGGER ledger_append_only BEFORE UPDATE OR DELETE ON ledger
+               FOR EACH STATEMENT EXECUTE FUNCTION ledger_append_only()""",
+        ),
+    ),
+)
+
+LATEST_VERSION = MIGRATIONS[-1].version
+
+
+class SchemaTooNew(RuntimeError):
+    """The database was migrated by a newer worker; running an older one against it could corrupt it."""
+
+
+def pending_migrations(applied_version: int) -> tuple[Migration, ...]:
+    if applied_version > LATEST_VERSION:
+        raise SchemaTooNew(
+            f"the billing database is at schema version {applied_version}, newer than this worker's "
+            f"{LATEST_VERSION}; upgrade the worker"
+        )
+    return tuple(m for m in MIGRATIONS if m.version > applied_version)

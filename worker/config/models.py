@@ -1,0 +1,147 @@
+"""Typed schema of `models.yaml`. Every field is validated at start-up; errors name the field."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
+
+# vLLM flags the supervisor sets itself; letting engine_args set them would break routing or GPU pinning.
+MANAGED_ENGINE_ARGS = frozenset(
+    {"host", "port", "model", "served_model_name", "tensor_parallel_size", "revision", "api_key"}
+)
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EngineKind(str, Enum):
+    vllm = "vllm"
+    mock = "mock"
+    external = "external"
+
+
+class DatacenterConfig(StrictModel):
+    country_code: str = Field(pattern=r"^[A-Z]{2}$")
+    region: str | None = None
+
+
+class WorkerSection(StrictModel):
+    id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+    host: str = "0.0.0.0"
+    port: int = Field(default=8000, ge=1, le=65535)
+    public_url: HttpUrl | None = None
+    datacenters: list[DatacenterConfig] = Field(default_factory=list)
+    # Engines listen on loopback only; the gateway is the single door to them.
+    engine_host: str = "127.0.0.1"
+    engine_port_start: int | None = Field(default=None, ge=1024, le=65000)
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    engine_start_timeout_s: float = Field(default=900.0, gt=0)
+    restart_backoff_initial_s: float = Field(default=1.0, gt=0)
+    restart_backoff_max_s: float = Field(default=60.0, gt=0)
+    engine_stop_timeout_s: float = Field(default=15.0, gt=0)
+
+
+class Pricing(StrictModel):
+    """Prices in USD per million tokens (and per request). Decimal, never float."""
+
+    prompt_per_mtok: Decimal = Field(ge=0)
+    completion_per_mtok: Decimal = Field(ge=0)
+    request: Decimal = Field(default=Decimal(0), ge=0)
+    cached_prompt_per_mtok: Decimal | None = Field(default=None, ge=0)
+
+    @field_validator("prompt_per_mtok", "completion_per_mtok", "request", "cached_prompt_per_mtok", mode="before")
+    @classmethod
+    def _no_binary_floats(cls, value: Any) -> Any:
+        # YAML turns 0.1 into a float; go through str so 0.1 stays exactly 0.1.
+        if isinstance(value, float):
+            return Decimal(repr(value))
+        return value
+
+
+class MockEngineConfig(StrictModel):
+    """Latency model of the CPU mock engine (ignored by real engines)."""
+
+    seed: int = 0
+    step_base_ms: float = Field(default=8.0, ge=0)
+    step_per_seq_ms: float = Field(default=0.15, ge=0)
+    prefill_per_token_ms: float = Field(default=0.01, ge=0)
+    num_kv_blocks: int = Field(default=8192, ge=1)
+    block_size: int = Field(default=16, ge=1)
+    embedding_dim: int = Field(default=64, ge=1)
+
+
+class ModelConfig(StrictModel):
+    id: str = Field(min_length=1, max_length=256)
+    engine: EngineKind = EngineKind.vllm
+    source: str = Field(min_length=1)
+    revision: str | None = None
+    replicas: int = Field(default=1, ge=1, le=64)
+    gpus_per_replica: int = Field(default=1, ge=1, le=64)
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+    engine_env: dict[str, str] = Field(default_factory=dict)
+    pricing: Pricing
+    task: str = Field(default="generate", pattern=r"^(generate|embed)$")
+    quantization: str | None = None
+    hugging_face_id: str | None = None
+    mock: MockEngineConfig = Field(default_factory=MockEngineConfig)
+
+    @field_validator("engine_args")
+    @classmethod
+    def _engine_args_not_managed(cls, args: dict[str, Any]) -> dict[str, Any]:
+        normalised: dict[str, Any] = {}
+        for key, value in args.items():
+            name = key.replace("-", "_")
+            if name in MANAGED_ENGINE_ARGS:
+                raise ValueError(f"'{key}' is set by the worker itself and cannot appear in engine_args")
+            if isinstance(value, (dict, list)) and name not in {"hf_overrides", "override_generation_config"}:
+                raise ValueError(f"'{key}' must be a scalar (string, number or boolean)")
+            normalised[name] = value
+        return normalised
+
+    @model_validator(mode="after")
+    def _source_matches_engine(self) -> ModelConfig:
+        if self.engine is EngineKind.external:
+            HttpUrl(self.source)  # raises a ValueError naming the bad URL
+        return self
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self.engine_args.get("max_model_len", 4096))
+
+    @property
+    def max_num_seqs(self) -> int:
+        return int(self.engine_args.get("max_num_seqs", 256))
+
+    @property
+    def max_num_batched_tokens(self) -> int:
+        return int(self.engine_args.get("max_num_batched_tokens", 2048))
+
+    @property
+    def gpus_needed(self) -> int:
+        return self.replicas * self.gpus_per_replica if self.engine is EngineKind.vllm else 0
+
+
+class NodeConfig(StrictModel):
+    worker: WorkerSection
+    models: list[ModelConfig] = Field(min_length=1)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_ids(cls, models: list[ModelConfig]) -> list[ModelConfig]:
+        seen: set[str] = set()
+        for model in models:
+            if model.id in seen:
+                raise ValueError(f"model id '{model.id}' appears more than once")
+            seen.add(model.id)
+        return models
+
+    def model(self, model_id: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.id == model_id), None)
+
+    @property
+    def gpus_needed(self) -> int:
+        return sum(m.gpus_needed for m in self.models)

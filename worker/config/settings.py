@@ -1,0 +1,37 @@
+"""Process-level settings from `WORKER_*` environment variables (secrets and deployment choices)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.config.loader import ConfigError, format_validation_error
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="WORKER_", extra="ignore", frozen=True)
+
+    config: Path = Field(default=Path("models.yaml"), description="path to models.yaml")
+    engine: Literal["auto", "config", "mock"] = Field(
+        default="auto",
+        description="auto: as configured where a GPU is present, else the CPU mock; config: as configured; "
+        "mock: every model on the CPU mock engine",
+    )
+    engine_python: str = Field(default=sys.executable, description="Python interpreter that runs engines")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # Billing (keys, balances, ledger).
+    auth: bool = Field(default=True, description="require API keys; switch off only for private deployments")
+    db_url: str = Field(default="sqlite:///worker-ledger.db", description="sqlite:///PATH or postgresql://...")
+    admin_token: SecretStr | None = Field(default=None, description="bearer token for /admin/*")
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        try:
+            return cls(**overrides)  # type: ignore[arg-type]
+        except ValidationError as error:
+            raise ConfigError(format_validation_error("WORKER_* environment", error)) from None

@@ -1,0 +1,31 @@
+"""Build the right Engine for a replica; the only place that branches on the engine kind."""
+
+from __future__ import annotations
+
+from worker.config import EngineKind, Settings, WorkerSection
+from worker.engines.base import Engine, ReplicaSpec
+from worker.engines.external import ExternalEngine
+from worker.engines.process import ProcessEngine
+
+
+class MockProcessEngine(ProcessEngine):
+    kind = "mock"
+
+
+class VllmProcessEngine(ProcessEngine):
+    kind = "vllm"
+
+
+def create_engine(spec: ReplicaSpec, settings: Settings, worker: WorkerSection, *, gpu_present: bool) -> Engine:
+    model = spec.model
+    if model.engine is EngineKind.external:
+        return ExternalEngine(spec)
+    if model.engine is EngineKind.mock:
+        command = [settings.engine_python, "-m", "worker", "mock-engine",
+                   "--model-json", model.model_dump_json(), "--host", spec.host, "--port", str(spec.port)]
+        return MockProcessEngine(spec, command, env={}, stop_grace_s=worker.engine_stop_timeout_s)
+    from worker.engines.vllm_args import vllm_env, vllm_launch_command
+
+    command = vllm_launch_command(settings.engine_python, model, spec.host, spec.port)
+    env = vllm_env(model, spec.gpu_ids, cpu=not gpu_present)
+    return VllmProcessEngine(spec, command, env=env, stop_grace_s=worker.engine_stop_timeout_s)

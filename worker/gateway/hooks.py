@@ -1,0 +1,27 @@
+"""What other packages (billing, capacity, metrics) plug into the request path."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from starlette.requests import Request
+
+from worker.gateway.context import RequestContext
+
+
+class RequestHooks(Protocol):
+    """Called by the gateway for every inference request, in registration order.
+
+    - `before_request`: before routing; raise `ApiError` to refuse (401/402/403/429...). Must be cheap.
+    - `usage_extras`: when the engine's usage is known; returns fields merged into the client's `usage`
+      object (e.g. `cost`). Synchronous and cheap: it runs on the hot path.
+    - `finalize`: exactly once per request that passed `before_request`, awaited before the last byte
+      reaches the client (so a completed response is always recorded), or after a disconnect/failure.
+      Must not raise.
+    """
+
+    async def before_request(self, ctx: RequestContext, request: Request) -> None: ...
+
+    def usage_extras(self, ctx: RequestContext) -> dict[str, Any]: ...
+
+    async def finalize(self, ctx: RequestContext) -> None: ...

@@ -1,0 +1,255 @@
+"""Relay one request to its engine replica and the answer back, streaming bytes as they arrive.
+
+Streams are forwarded block by block without decoding; only blocks that can hold the usage chunk, a
+finish reason, an engine error or `[DONE]` are looked into.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+import httpx
+import orjson
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from worker.engines.replica import Replica
+from worker.gateway.context import RequestContext, Usage
+from worker.gateway.errors import ApiError, normalise_engine_error
+from worker.gateway.hooks import RequestHooks
+
+logger = logging.getLogger(__name__)
+
+SSE_DONE = b"data: [DONE]\n\n"
+_FINISH_REASON = re.compile(rb'"finish_reason":"([a-z_]+)"')
+_STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+class Finalizer:
+    """Runs every hook's `finalize` exactly once, whatever path the request ends on."""
+
+    def __init__(self, ctx: RequestContext, hooks: Sequence[RequestHooks]) -> None:
+        self.ctx = ctx
+        self.hooks = hooks
+        self.done = False
+        self._task: asyncio.Future[None] | None = None
+
+    async def __call__(self) -> None:
+        if self._task is None:
+            self.done = True
+            self.ctx.finished_monotonic = time.monotonic()
+            self._task = asyncio.ensure_future(self._run())
+        # Shielded: a client that disconnects mid-finalize must not cut the ledger write short.
+        await asyncio.shield(self._task)
+
+    async def _run(self) -> None:
+        ctx = self.ctx
+        for hook in self.hooks:
+            try:
+                await hook.finalize(ctx)
+            except Exception:  # one failing hook must not stop the others (the ledger above all)
+                logger.exception("finalize hook failed", extra={"request_id": ctx.request_id})
+
+    def usage_extras(self) -> dict[str, Any]:
+        extras: dict[str, Any] = {}
+        for hook in self.hooks:
+            extras.update(hook.usage_extras(self.ctx))
+        self.ctx.usage_extras = extras
+        return extras
+
+
+async def open_upstream(replica: Replica, path: str, payload: bytes, ctx: RequestContext) -> httpx.Response:
+    request = replica.client.build_request(
+        "POST", path, content=payload,
+        headers={"content-type": "application/json", "x-request-id": ctx.request_id},
+    )
+    try:
+        return await replica.client.send(request, stream=True)
+    except httpx.ConnectError as error:
+        raise ApiError(503, f"model '{ctx.model.id}' replica {replica.replica_id} is unreachable; retry shortly",
+                       headers={"retry-after": "1"}) from error
+    except httpx.TransportError as error:
+        raise ApiError(502, f"engine replica {replica.replica_id} failed before answering: "
+                       f"{type(error).__name__}") from error
+
+
+async def wait_for_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def race_disconnect(receive: Receive, work: Awaitable[Any]) -> tuple[bool, Any]:
+    """Run `work` unless the client goes away first; returns (disconnected, result)."""
+    work_task = asyncio.ensure_future(work)
+    watch_task = asyncio.ensure_future(wait_for_disconnect(receive))
+    try:
+        done, _ = await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch_task.cancel()
+    if work_task in done:
+        return False, work_task.result()
+    work_task.cancel()
+    await asyncio.gather(work_task, return_exceptions=True)
+    return True, None
+
+
+def router_error_chunk(ctx: RequestContext, code: str, message: str) -> bytes:
+    """The mid-stream failure chunk routers understand: HTTP status stays 200, finish_reason is "error"."""
+    if ctx.endpoint == "chat.completions":
+        choice: dict[str, Any] = {"index": 0, "delta": {"content": ""}, "finish_reason": "error"}
+        obj = "chat.completion.chunk"
+    else:
+        choice = {"index": 0, "text": "", "finish_reason": "error"}
+        obj = "text_completion"
+    chunk = {
+        "id": f"err-{ctx.request_id}", "object": obj, "created": int(ctx.received_at), "model": ctx.model.id,
+        "error": {"code": code, "message": message, "metadata": {"error_type": code}},
+        "choices": [choice],
+    }
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
+class SseRelay:
+    """Turns the engine's SSE byte stream into the client's, noting usage and finish reason on the way."""
+
+    def __init__(self, ctx: RequestContext, finalizer: Finalizer) -> None:
+        self.ctx = ctx
+        self.finalizer = finalizer
+        self.buffer = b""
+        self.saw_done = False
+
+    def _usage_event(self, event: bytes) -> bytes | None:
+        try:
+            chunk = orjson.loads(event[len(b"data: "):])
+        except orjson.JSONDecodeError:
+            return event
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self.ctx.usage = Usage.from_openai(usage)
+            self.ctx.usage_estimated = False
+        if chunk.get("choices"):
+            return event  # continuous usage stats on a content chunk: the client asked for it
+        if not self.ctx.client_wants_usage:
+            return None
+        extras = self.finalizer.usage_extras()
+        if extras and isinstance(usage, dict):
+            usage.update(extras)
+            return b"data: " + orjson.dumps(chunk) + b"\n\n"
+        return event
+
+    def _engine_error_event(self, event: bytes) -> bytes:
+        try:
+            error = orjson.loads(event[len(b"data: "):]).get("error") or {}
+        except (orjson.JSONDecodeError, AttributeError):
+            error = {}
+        message = str(error.get("message") or "the engine failed while generating")
+        self.ctx.outcome = "engine_error"
+        self.ctx.finish_reason = "error"
+        self.ctx.error_message = message
+        return router_error_chunk(self.ctx, "engine_error", message)
+
+    async def process(self, block: bytes) -> AsyncIterator[bytes]:
+        """Yield what the client should receive for one complete block of SSE events."""
+        self.ctx.streamed_events += block.count(b"data: ")
+        match = _FINISH_REASON.search(block) if b'"finish_reason":"' in block else None
+        if match:
+            self.ctx.finish_reason = match.group(1).decode()
+        if b'"usage":{' not in block and b"data: [DONE]" not in block and b'data: {"error"' not in block:
+            yield block
+            return
+        out: list[bytes] = []
+        for event in block.split(b"\n\n"):
+            if not event:
+                continue
+            event += b"\n\n"
+            if event.startswith(b"data: [DONE]"):
+                self.saw_done = True
+                if out:
+                    yield b"".join(out)
+                    out = []
+                await self.finalizer()
+                yield SSE_DONE
+            elif event.startswith(b'data: {"error"'):
+                out.append(self._engine_error_event(event))
+            elif b'"usage":{' in event:
+                kept = self._usage_event(event)
+                if kept is not None:
+                    out.append(kept)
+            else:
+                out.append(event)
+        if out:
+            yield b"".join(out)
+
+    def estimate_usage_if_missing(self) -> None:
+        if self.ctx.usage is None and self.ctx.streamed_events:
+            n = int(self.ctx.body.get("n") or 1)
+            # One engine event per generated token per choice, less the role-only opening event.
+            self.ctx.usage = Usage(completion_tokens=max(0, self.ctx.streamed_events - n))
+            self.ctx.usage_estimated = True
+
+
+class RelayStreamResponse(Response):
+    """A streaming response that closes the engine request the moment the client goes away."""
+
+    def __init__(self, upstream: httpx.Response, ctx: RequestContext, finalizer: Finalizer,
+                 headers: dict[str, str], on_done: Callable[[], None]) -> None:
+        super().__init__(status_code=200, media_type="text/event-stream", headers={**_STREAM_HEADERS, **headers})
+        self.upstream = upstream
+        self.ctx = ctx
+        self.finalizer = finalizer
+        self.on_done = on_done
+
+    async def _pump(self, send: Send) -> None:
+        ctx = self.ctx
+        relay = SseRelay(ctx, self.finalizer)
+        pending = b""
+        try:
+            async for raw in self.upstream.aiter_raw():
+                if ctx.first_byte_monotonic is None:
+                    ctx.first_byte_monotonic = time.monotonic()
+                pending += raw
+                end = pending.rfind(b"\n\n")
+                if end < 0:
+                    continue
+                block, pending = pending[: end + 2], pending[end + 2:]
+                async for piece in relay.process(block):
+                    await send({"type": "http.response.body", "body": piece, "more_body": True})
+                if relay.saw_done:
+                    break
+        except httpx.TransportError as error:
+            ctx.error_message = f"engine connection failed mid-stream: {type(error).__name__}"
+        if not relay.saw_done:
+            # The engine went away without finishing: tell the router plainly instead of cutting the stream.
+            if ctx.outcome == "ok":
+                ctx.outcome = "upstream_failed"
+                ctx.finish_reason = "error"
+            relay.estimate_usage_if_missing()
+            message = ctx.error_message or "the engine stopped before finishing the response"
+            await send({"type": "http.response.body", "more_body": True,
+                        "body": router_error_chunk(ctx, "engine_unavailable", message)})
+            await self.finalizer()
+            await send({"type": "http.response.body", "body": SSE_DONE, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.ctx.status_code = 200
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            disconnected, _ = await race_disconnect(receive, self._pump(send))
+            if disconnected:
+                self.ctx.outcome = "client_disconnected"
+        except OSError:  # the client vanished while we were writing
+            self.ctx.outcome = "client_disconnected"
+        finally:
+            await self.upstream.aclose()  # closing the engine connection makes it abort the request
+            if not self.finalizer.done:
+                SseRelay(self.ctx, self.finalizer).estimate_usage_if_missing()
+                await self.finalizer()
+            self.on_done()
