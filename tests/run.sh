@@ -24,5 +24,7 @@ fi
 
 # A throwaway PostgreSQL server for the ledger tests; prints `export WORKER_TEST_POSTGRES_URL=...`.
 eval "$(bash tests/services/postgres.sh)"
+# promtool (from Debian's prometheus package) checks the shipped Prometheus config and alert rules.
+eval "$(bash tests/services/promtool.sh)"
 
 exec .venv/bin/python -m pytest "$@"

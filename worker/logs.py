@@ -38,6 +38,7 @@ def configure_logging(level: str = "info") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # uvicorn's own handlers print plain text; route its records through ours instead.
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine call is noise
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logger = logging.getLogger(name)
         logger.handlers[:] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -9,27 +10,43 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.responses import Response
 
 from worker import __version__
+from worker.capacity import CapacityMonitor, CapacityState, build_capacity_router
 from worker.config import NodeConfig, Settings
-from worker.engines.replica import ReplicaState
 from worker.engines.supervisor import EngineSupervisor
 from worker.gateway.access_log import AccessLog
 from worker.gateway.app import create_app
 from worker.gateway.gateway import Gateway
+from worker.gpu import GpuHealth, GpuHealthChange, GpuMetricsCollector, GpuMonitor
+from worker.metrics import CapacityCollector, EngineMetricsCollector, GatewayMetrics, ReplicaCollector
 
 logger = logging.getLogger(__name__)
 
 
 class WorkerNode:
-    def __init__(self, config: NodeConfig, settings: Settings, *, gpu_count: int) -> None:
+    def __init__(self, config: NodeConfig, settings: Settings, *, gpu_count: int,
+                 gpu_monitor: GpuMonitor | None = None) -> None:
         self.config = config
         self.settings = settings
         self.started_at = int(time.time())
         self.supervisor = EngineSupervisor(config, settings, gpu_count=gpu_count)
-        self.gateway = Gateway(config, self.supervisor, hooks=[AccessLog()])
+        self.gpu_monitor = gpu_monitor or GpuMonitor()
+        self.capacity = CapacityMonitor(config, self.supervisor.by_model, on_hung=self.supervisor.restart,
+                                        gpu_snapshot=self.gpu_monitor.snapshot)
+        self.registry = CollectorRegistry()
+        self.registry.register(ReplicaCollector(self.supervisor.replicas, state_of=self.capacity.state_of,
+                                                states=[s.value for s in CapacityState]))
+        self.registry.register(GpuMetricsCollector(self.gpu_monitor))
+        self.registry.register(CapacityCollector(self.capacity))
+        self.registry.register(EngineMetricsCollector(self.capacity.engine_scrapes))
+        self.gateway = Gateway(config, self.capacity.admission, hooks=[GatewayMetrics(self.registry), AccessLog()])
         self.app: FastAPI = create_app(self.gateway, lifespan=self._lifespan,
-                                       models_listing=self.models_listing, readiness=self.readiness)
+                                       models_listing=self.models_listing, readiness=self.capacity.readiness)
+        self.app.add_api_route("/metrics", self.metrics, methods=["GET"], include_in_schema=False)
+        self.app.include_router(build_capacity_router(self.capacity, settings.admin_token))
 
     @asynccontextmanager
     async def _lifespan(self, _: FastAPI) -> AsyncIterator[None]:
@@ -42,20 +59,27 @@ class WorkerNode:
     async def start(self) -> None:
         logger.info("worker starting", extra={"worker_id": self.config.worker.id, "version": __version__,
                                               "replicas": [r.replica_id for r in self.supervisor.replicas]})
+        await self.gpu_monitor.start()
+        self.gpu_monitor.subscribe(self._on_gpu_change)
         await self.supervisor.start()
+        await self.capacity.start()
 
     async def stop(self) -> None:
         logger.info("worker stopping", extra={"worker_id": self.config.worker.id})
+        await self.capacity.stop()
         await self.supervisor.stop()
+        await self.gpu_monitor.stop()
 
-    def readiness(self) -> tuple[bool, dict[str, Any]]:
-        models = {
-            model_id: [r.state.value for r in replicas]
-            for model_id, replicas in self.supervisor.by_model.items()
-        }
-        ok = all(any(r.state is ReplicaState.ready for r in replicas)
-                 for replicas in self.supervisor.by_model.values())
-        return ok, {"models": models}
+    async def _on_gpu_change(self, change: GpuHealthChange) -> None:
+        if change.current is GpuHealth.FAILED:
+            await self.supervisor.quarantine_gpu(change.index, reason=f"GPU {change.index} failed")
+
+    async def metrics(self) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def drain(self, hurry: asyncio.Event | None = None) -> None:
+        """Before shutdown: refuse new requests, let in-flight ones finish (worker.drain_grace_s), end the rest."""
+        await self.capacity.drain_for_shutdown(self.config.worker.drain_grace_s, hurry)
 
     def models_listing(self) -> dict[str, Any]:
         return {

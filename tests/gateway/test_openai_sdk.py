@@ -188,8 +188,8 @@ def test_client_disconnect_aborts_engine_request(worker: WorkerProcess) -> None:
     ports = worker.engine_ports(SLOW)
     body = {"model": SLOW, "messages": [{"role": "user", "content": "long"}], "max_tokens": 2000, "stream": True}
     with httpx.stream("POST", f"{worker.base_url}/v1/chat/completions", json=body) as response:
-        for _ in response.iter_bytes():
-            break
+        chunks = response.iter_bytes()  # kept referenced: a closed iterator would close the connection
+        next(chunks)
         assert sum(_engine_metric(p, "vllm:num_requests_running") for p in ports) == 1
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:

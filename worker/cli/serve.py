@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import signal
+from collections.abc import Awaitable, Callable
+from types import FrameType
 
 import uvicorn
 
@@ -37,6 +41,52 @@ def resolve_engines(config: NodeConfig, engine_choice: str, gpu_count: int, no_g
     return config
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but the first SIGTERM/SIGINT drains the worker before the server stops.
+
+    uvicorn's own handling closes the listening socket at once; here it stays open while draining, so
+    new requests get a clean 503 instead of a refused connection. A second signal cuts the drain's
+    grace period short; a third exits without waiting for anything.
+    """
+
+    def __init__(self, config: uvicorn.Config, drain: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+        super().__init__(config)
+        self._drain = drain
+        self._signals = 0
+        self._hurry = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_task: asyncio.Task[None] | None = None
+
+    async def serve(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Not uvicorn's handler: it would also re-raise the signal after shutdown (exit status -15).
+        # A signal handler only hands over to the event loop.
+        self._signals += 1
+        if self._loop is None or not self.started or self._signals >= 3:
+            self.should_exit = True
+            self.force_exit = self._signals >= 3
+        else:
+            self._loop.call_soon_threadsafe(self._on_signal, sig, self._signals)
+
+    def _on_signal(self, sig: int, count: int) -> None:
+        logger.warning("shutdown signal received", extra={"signal": signal.Signals(sig).name, "count": count})
+        if count == 1:
+            self._drain_task = asyncio.get_running_loop().create_task(self._drain_then_exit(), name="drain")
+        else:
+            self._hurry.set()
+
+    async def _drain_then_exit(self) -> None:
+        try:
+            await self._drain(self._hurry)
+        except Exception:
+            logger.exception("drain failed; shutting down anyway")
+        finally:
+            self.should_exit = True
+
+
 def run(args: argparse.Namespace) -> int:
     overrides = {key: value for key, value in (("config", args.config), ("engine", args.engine)) if value}
     settings = Settings.from_env(**overrides)
@@ -54,10 +104,11 @@ def run(args: argparse.Namespace) -> int:
     from worker.node import WorkerNode
 
     node = WorkerNode(config, settings, gpu_count=inventory.count)
-    server = uvicorn.Server(uvicorn.Config(
+    # The drain has already ended every request when uvicorn shuts down; its own wait is only a backstop.
+    server = DrainingServer(uvicorn.Config(
         node.app, host=config.worker.host, port=config.worker.port, loop="uvloop", http="httptools",
-        access_log=False, log_config=None, timeout_graceful_shutdown=None, lifespan="on",
-    ))
+        access_log=False, log_config=None, timeout_graceful_shutdown=5, lifespan="on",
+    ), drain=node.drain)
     logger.info("listening", extra={"host": config.worker.host, "port": config.worker.port})
     server.run()
     return 0

@@ -29,6 +29,25 @@ class DatacenterConfig(StrictModel):
     region: str | None = None
 
 
+class EngineHealthConfig(StrictModel):
+    """How the worker watches each engine replica's load and proves it still makes progress."""
+
+    # The engine's /metrics is polled this often; admission decides on these numbers.
+    stats_interval_s: float = Field(default=0.2, gt=0, le=10)
+    # Older stats count as saturated (default: three polls).
+    stats_stale_after_s: float | None = Field(default=None, gt=0)
+    # A replica with work whose token counters stand still this long is hung and gets restarted.
+    hang_after_s: float = Field(default=30.0, gt=0)
+    # An idle replica is probed with a one-token request this often (null: never) ...
+    probe_interval_s: float | None = Field(default=30.0, gt=0)
+    # ... and is hung when the probe gets no answer in this time.
+    probe_timeout_s: float = Field(default=20.0, gt=0)
+
+    @property
+    def stale_after_s(self) -> float:
+        return self.stats_stale_after_s if self.stats_stale_after_s is not None else 3 * self.stats_interval_s
+
+
 class WorkerSection(StrictModel):
     id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
     host: str = "0.0.0.0"
@@ -43,6 +62,11 @@ class WorkerSection(StrictModel):
     restart_backoff_initial_s: float = Field(default=1.0, gt=0)
     restart_backoff_max_s: float = Field(default=60.0, gt=0)
     engine_stop_timeout_s: float = Field(default=15.0, gt=0)
+    engine_health: EngineHealthConfig = Field(default_factory=EngineHealthConfig)
+    # On SIGTERM, in-flight requests get this long to finish before they are ended.
+    drain_grace_s: float = Field(default=30.0, ge=0)
+    # A stream whose first token is slower than this gets SSE comment keep-alives meanwhile.
+    sse_keepalive_interval_s: float = Field(default=5.0, gt=0)
 
 
 class Pricing(StrictModel):
@@ -74,6 +98,23 @@ class MockEngineConfig(StrictModel):
     embedding_dim: int = Field(default=64, ge=1)
 
 
+class AdmissionConfig(StrictModel):
+    """When a replica takes one more request; over these limits the gateway answers 429 at once.
+
+    Unset limits derive from the model's `max_num_seqs`, so a request is only admitted while the
+    engine can put it into a batch soon.
+    """
+
+    enabled: bool = True
+    # Requests the gateway keeps open on one replica (default: max_num_seqs + queue_allowance).
+    max_in_flight: int | None = Field(default=None, ge=1)
+    # How many requests may wait for a batch slot (default: max(2, max_num_seqs // 8)).
+    queue_allowance: int | None = Field(default=None, ge=0)
+    # The engine's own waiting queue must be shorter than this (default: queue_allowance, at least 1).
+    max_waiting: int | None = Field(default=None, ge=1)
+    max_kv_cache_usage: float = Field(default=0.95, gt=0, le=1)
+
+
 class ModelConfig(StrictModel):
     id: str = Field(min_length=1, max_length=256)
     engine: EngineKind = EngineKind.vllm
@@ -88,6 +129,7 @@ class ModelConfig(StrictModel):
     quantization: str | None = None
     hugging_face_id: str | None = None
     mock: MockEngineConfig = Field(default_factory=MockEngineConfig)
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
 
     @field_validator("engine_args")
     @classmethod

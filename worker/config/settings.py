@@ -6,10 +6,10 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, HttpUrl, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from worker.config.loader import ConfigError, format_validation_error
+from worker.config.loader import ConfigError
 
 
 class Settings(BaseSettings):
@@ -28,10 +28,23 @@ class Settings(BaseSettings):
     auth: bool = Field(default=True, description="require API keys; switch off only for private deployments")
     db_url: str = Field(default="sqlite:///worker-ledger.db", description="sqlite:///PATH or postgresql://...")
     admin_token: SecretStr | None = Field(default=None, description="bearer token for /admin/*")
+    db_synchronous: Literal["full", "normal"] = Field(
+        default="full",
+        description="SQLite only. full: every commit is fsynced (records survive a power loss); normal: "
+        "records survive the worker process being killed, not a power loss or OS crash",
+    )
+    usage_webhook_url: HttpUrl | None = Field(
+        default=None, description="POST every ledger record here, in order (Idempotency-Key: request id)"
+    )
+    usage_webhook_token: SecretStr | None = Field(default=None, description="bearer token for the usage webhook")
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
         try:
             return cls(**overrides)  # type: ignore[arg-type]
         except ValidationError as error:
-            raise ConfigError(format_validation_error("WORKER_* environment", error)) from None
+            lines = ["WORKER_* environment is invalid:"]
+            for item in error.errors():
+                name = "WORKER_" + "_".join(str(part) for part in item["loc"]).upper()
+                lines.append(f"  {name}: {item['msg']}")
+            raise ConfigError("\n".join(lines)) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from enum import Enum
 
@@ -27,6 +28,41 @@ def make_engine_client(base_url: str) -> httpx.AsyncClient:
     )
 
 
+class _Interruption:
+    """Shared by the requests leased in one period; set when they must end now (restart, shutdown)."""
+
+    __slots__ = ("event", "reason")
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.reason = ""
+
+
+class ReplicaLease:
+    """One request the gateway admitted to a replica: counted in its `in_flight` until released."""
+
+    __slots__ = ("replica", "_interruption", "_released")
+
+    def __init__(self, replica: Replica, interruption: _Interruption) -> None:
+        self.replica = replica
+        self._interruption = interruption
+        self._released = False
+
+    @property
+    def interrupted(self) -> asyncio.Event:
+        """Set when the request must end now; `interruption_reason` says why."""
+        return self._interruption.event
+
+    @property
+    def interruption_reason(self) -> str:
+        return self._interruption.reason
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.replica.in_flight -= 1
+
+
 class Replica:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -38,7 +74,21 @@ class Replica:
         self.in_flight = 0
         self.restarts = 0
         self.last_exit: EngineExited | None = None
+        # Set when the replica's hardware failed: it stays out of service until the worker restarts.
+        self.quarantine_reason: str | None = None
         self.client = make_engine_client(engine.base_url)
+        self._interruption = _Interruption()
+
+    def lease(self) -> ReplicaLease:
+        """Count one more request in flight; the caller must `release()` the lease when it ends."""
+        self.in_flight += 1
+        return ReplicaLease(self, self._interruption)
+
+    def interrupt_requests(self, reason: str) -> None:
+        """End every request leased so far (streams close with an error chunk); later leases are unaffected."""
+        interruption, self._interruption = self._interruption, _Interruption()
+        interruption.reason = reason
+        interruption.event.set()
 
     def set_state(self, state: ReplicaState) -> None:
         if state is not self.state:
@@ -58,4 +108,5 @@ class Replica:
             "restarts": self.restarts,
             "engine": self.engine.describe(),
             "last_exit_code": self.last_exit.returncode if self.last_exit else None,
+            "quarantine_reason": self.quarantine_reason,
         }

@@ -34,6 +34,7 @@ def plan_replicas(config: NodeConfig, gpu_count: int) -> list[ReplicaSpec]:
     worker = config.worker
     next_port = worker.engine_port_start
     next_gpu = 0
+    next_spare_gpu = config.gpus_needed
     specs: list[ReplicaSpec] = []
     for model in config.models:
         for index in range(model.replicas):
@@ -41,6 +42,10 @@ def plan_replicas(config: NodeConfig, gpu_count: int) -> list[ReplicaSpec]:
             if model.engine is EngineKind.vllm and gpu_count > 0:
                 gpu_ids = tuple(range(next_gpu, next_gpu + model.gpus_per_replica))
                 next_gpu += model.gpus_per_replica
+            elif model.engine is EngineKind.mock and next_spare_gpu + model.gpus_per_replica <= gpu_count:
+                # Mock replicas take the GPUs no vLLM replica needs, so a GPU node can be simulated.
+                gpu_ids = tuple(range(next_spare_gpu, next_spare_gpu + model.gpus_per_replica))
+                next_spare_gpu += model.gpus_per_replica
             if model.engine is EngineKind.external:
                 port = 0
             elif next_port is not None:
@@ -93,12 +98,28 @@ class EngineSupervisor:
         """Take a replica out of service now and let its supervisor start it again."""
         logger.warning("restarting replica", extra={"replica": replica.replica_id, "reason": reason})
         self._set_state(replica, ReplicaState.restarting)
+        # Its requests end now (streams with the router's error chunk), not when the engine finally exits.
+        replica.interrupt_requests(f"engine replica {replica.replica_id} is restarting: {reason}")
         await replica.engine.stop(self.config.worker.engine_stop_timeout_s)
+
+    async def quarantine_gpu(self, gpu_index: int, reason: str) -> None:
+        """Take every replica on a failed GPU out of service for good."""
+        for replica in self.replicas:
+            if gpu_index in replica.spec.gpu_ids and replica.quarantine_reason is None:
+                replica.quarantine_reason = reason
+                logger.error("replica quarantined", extra={"replica": replica.replica_id, "reason": reason})
+                self._set_state(replica, ReplicaState.unhealthy)
+                replica.interrupt_requests(f"engine replica {replica.replica_id} was taken out of service: {reason}")
+                await replica.engine.stop(self.config.worker.engine_stop_timeout_s)
 
     async def _supervise(self, replica: Replica) -> None:
         worker = self.config.worker
         failures = 0
         while not self._stopping:
+            if replica.quarantine_reason is not None:
+                self._set_state(replica, ReplicaState.unhealthy)
+                await asyncio.sleep(1.0)
+                continue
             self._set_state(replica, ReplicaState.starting)
             started_at = time.monotonic()
             try:
@@ -116,13 +137,14 @@ class EngineSupervisor:
                 exited = await exit_task
             except asyncio.CancelledError:
                 raise
-            except Exception as error:  # a broken launch must not take the worker down
+            except Exception:  # a broken launch must not take the worker down
                 logger.exception("replica launch failed", extra={"replica": replica.replica_id})
+                await replica.engine.stop(worker.engine_stop_timeout_s)
                 exited = None
-                await asyncio.sleep(0)
-                del error
             if self._stopping:
                 break
+            if replica.quarantine_reason is not None:
+                continue
             replica.last_exit = exited
             replica.restarts += 1
             self._set_state(replica, ReplicaState.restarting)

@@ -19,7 +19,13 @@ VLLM_SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
 # Boolean flags vLLM declares with `store_true` only: there is no `--no-...` form, and False is
 # their default, so False is expressed by leaving them out. Every other vLLM boolean accepts `--no-...`.
 STORE_TRUE_ONLY_FLAGS = frozenset(
-    {"headless", "grpc", "data_parallel_multi_port_external_lb", "disable_log_stats", "aggregate_engine_logging"}
+    {
+        "headless",
+        "grpc",
+        "data_parallel_multi_port_external_lb",
+        "disable_log_stats",
+        "aggregate_engine_logging",
+    }
 )
 
 # KV cache size for CPU engines when the model sets none: vLLM's own default (0 = auto) claims a
@@ -63,8 +69,8 @@ def build_vllm_args(model: ModelConfig, host: str, port: int) -> list[str]:
     ]  # fmt: skip
     if model.revision:
         args += ["--revision", model.revision]
-    if model.quantization and "quantization" not in model.engine_args:
-        args += ["--quantization", model.quantization]
+    # `model.quantization` is the listing label routers read (bf16, fp8, ...); vLLM detects the
+    # checkpoint's method itself, and on-the-fly quantization is set with engine_args.quantization.
     if model.task == "embed" and "runner" not in model.engine_args:
         # A pooling runner serves /v1/embeddings; vLLM picks the adapter (`--convert auto`), so both
         # native encoders and generative checkpoints used as embedders work.
@@ -90,8 +96,8 @@ def vllm_env(model: ModelConfig, gpu_ids: tuple[int, ...], cpu: bool) -> dict[st
     env = {"VLLM_NO_USAGE_STATS": "1"}
     if cpu:
         env["VLLM_CPU_KVCACHE_SPACE"] = DEFAULT_CPU_KVCACHE_GIB
-        # vLLM's `auto` binding pins each engine's threads to the first core of a NUMA node, so two
-        # CPU engines on one machine would share one core; let the kernel place threads instead.
+        # vLLM's `auto` binding pins every single-rank engine to the cores of the first NUMA node (and
+        # reserves one), so two CPU engines on one machine would fight over the same cores.
         env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
     else:
         if len(gpu_ids) != model.gpus_per_replica:

@@ -1,9 +1,10 @@
-"""The inference request path: check, route, relay, meter."""
+"""The inference request path: check, admit, relay, meter."""
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import httpx
@@ -12,13 +13,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from worker.config import NodeConfig
-from worker.engines.replica import Replica
+from worker.engines.replica import Replica, ReplicaLease
 from worker.gateway.context import RequestContext, Usage
 from worker.gateway.errors import ApiError, normalise_engine_error
 from worker.gateway.hooks import RequestHooks
-from worker.gateway.relay import Finalizer, RelayStreamResponse, open_upstream, race_disconnect
+from worker.gateway.relay import Finalizer, Outcome, RelayStreamResponse, open_upstream, race
 from worker.gateway.requests import parse_body, read_body
-from worker.gateway.routing import ReplicaRouter
 
 ENDPOINT_PATHS = {
     "chat.completions": "/v1/chat/completions",
@@ -27,16 +27,18 @@ ENDPOINT_PATHS = {
 }
 
 
-class ReplicaSource(Protocol):
-    by_model: Mapping[str, Sequence[Replica]]
+class ReplicaAdmission(Protocol):
+    def admit(self, ctx: RequestContext, exclude: Replica | None = None) -> ReplicaLease:
+        """Lease the replica that serves `ctx`, or raise the ApiError that refuses it (400/429/503)."""
+        ...
 
 
 class Gateway:
-    def __init__(self, config: NodeConfig, replicas: ReplicaSource, hooks: Sequence[RequestHooks]) -> None:
+    def __init__(self, config: NodeConfig, admission: ReplicaAdmission, hooks: Sequence[RequestHooks]) -> None:
         self.config = config
-        self.replicas = replicas
+        self.admission = admission
         self.hooks = list(hooks)
-        self.router = ReplicaRouter()
+        self.keepalive_s = config.worker.sse_keepalive_interval_s
 
     async def handle(self, request: Request, endpoint: str) -> Response:
         raw = await read_body(request, self.config.worker.max_body_bytes)
@@ -72,41 +74,63 @@ class Gateway:
             raise
 
     async def _serve(self, request: Request, ctx: RequestContext, finalizer: Finalizer) -> Response:
-        replicas = self.replicas.by_model.get(ctx.model.id, ())
-        replica = self.router.choose(replicas)
-        if replica is None:
-            raise ApiError(503, f"no replica of model '{ctx.model.id}' is ready; retry shortly",
-                           headers={"retry-after": "5"})
         if ctx.stream:
             ctx.body["stream_options"] = {**(ctx.body.get("stream_options") or {}), "include_usage": True}
         payload = orjson.dumps(ctx.body)
+        lease = self.admission.admit(ctx)
         try:
-            upstream = await self._open(replica, ctx, payload)
+            outcome, opening = await self._open(request, lease, ctx, payload)
         except ApiError as error:
-            # The replica died between health checks: shed to a sibling before any byte was sent.
-            retry = self.router.choose(replicas, exclude=replica) if error.status == 503 else None
-            if retry is None:
+            lease.release()
+            if error.status != 503:
                 raise
-            replica = retry
-            upstream = await self._open(replica, ctx, payload)
+            # The replica died or is restarting: shed to a sibling before any byte was sent.
+            try:
+                lease = self.admission.admit(ctx, exclude=lease.replica)
+            except ApiError:
+                raise error from None
+            try:
+                outcome, opening = await self._open(request, lease, ctx, payload)
+            except ApiError:
+                lease.release()
+                raise
+        replica = lease.replica
         ctx.replica = replica
-        replica.in_flight += 1
         headers = {"x-worker-replica": replica.replica_id, **ctx.response_headers}
-
-        def release() -> None:
-            replica.in_flight -= 1
-
-        handed_off = False
+        if outcome is Outcome.timed_out:
+            # The engine is slow to answer a stream: send headers now, keep-alives until it does.
+            return RelayStreamResponse(opening, ctx, finalizer, headers, lease, self.keepalive_s)
+        if outcome is Outcome.disconnected:
+            lease.release()
+            ctx.outcome = "client_disconnected"
+            await finalizer()
+            return Response(status_code=499)
+        upstream = opening.result()
+        if upstream.status_code == 200 and ctx.stream:
+            return RelayStreamResponse(opening, ctx, finalizer, headers, lease, self.keepalive_s)
         try:
             if upstream.status_code != 200:
                 return await self._engine_error(upstream, ctx, finalizer, headers)
-            if ctx.stream:
-                handed_off = True  # the streaming response releases the replica when it ends
-                return RelayStreamResponse(upstream, ctx, finalizer, headers, on_done=release)
-            return await self._complete(request, upstream, ctx, finalizer, headers)
+            return await self._complete(request, upstream, lease, ctx, finalizer, headers)
         finally:
-            if not handed_off:
-                release()
+            lease.release()
+
+    async def _open(self, request: Request, lease: ReplicaLease, ctx: RequestContext,
+                    payload: bytes) -> tuple[Outcome, asyncio.Future[httpx.Response]]:
+        """Send the request to the engine and wait for its headers (for a stream, at most the keep-alive interval).
+
+        Raises ApiError 503 when the replica cannot take it after all (unreachable, or restarting).
+        """
+        replica = lease.replica
+        opening = asyncio.ensure_future(open_upstream(replica, ENDPOINT_PATHS[ctx.endpoint], payload, ctx))
+        outcome = await race(opening, receive=request.receive, interrupted=lease.interrupted,
+                             timeout_s=self.keepalive_s if ctx.stream else None)
+        if outcome is Outcome.interrupted:
+            raise ApiError(503, f"model '{ctx.model.id}' replica {replica.replica_id} is restarting; retry shortly",
+                           headers={"retry-after": "1"})
+        if outcome is Outcome.done:
+            opening.result()  # raises the ApiError of a connection failure
+        return outcome, opening
 
     async def _engine_error(self, upstream: Any, ctx: RequestContext, finalizer: Finalizer,
                             headers: dict[str, str]) -> Response:
@@ -119,18 +143,28 @@ class Gateway:
         return Response(normalise_engine_error(upstream.status_code, payload),
                         status_code=upstream.status_code, media_type="application/json", headers=headers)
 
-    async def _open(self, replica: Replica, ctx: RequestContext, payload: bytes) -> httpx.Response:
-        return await open_upstream(replica, ENDPOINT_PATHS[ctx.endpoint], payload, ctx)
-
-    async def _complete(self, request: Request, upstream: Any, ctx: RequestContext, finalizer: Finalizer,
-                        headers: dict[str, str]) -> Response:
-        disconnected, payload = await race_disconnect(request.receive, upstream.aread())
-        await upstream.aclose()
+    async def _complete(self, request: Request, upstream: httpx.Response, lease: ReplicaLease,
+                        ctx: RequestContext, finalizer: Finalizer, headers: dict[str, str]) -> Response:
+        reading = asyncio.ensure_future(upstream.aread())
+        try:
+            outcome = await race(reading, receive=request.receive, interrupted=lease.interrupted)
+            payload = reading.result() if outcome is Outcome.done else b""
+        except httpx.TransportError as error:
+            outcome, payload = Outcome.interrupted, b""
+            ctx.error_message = f"engine connection failed: {type(error).__name__}"
+        finally:
+            await upstream.aclose()
         ctx.first_byte_monotonic = time.monotonic()
-        if disconnected:
+        if outcome is Outcome.disconnected:
             ctx.outcome = "client_disconnected"
             await finalizer()
             return Response(status_code=499)
+        if outcome is Outcome.interrupted:
+            message = ctx.error_message or lease.interruption_reason or "the engine stopped before answering"
+            error = ApiError(502, f"engine replica {lease.replica.replica_id} failed before answering: {message}")
+            ctx.outcome, ctx.status_code, ctx.error_message = "upstream_failed", 502, error.message
+            await finalizer()
+            raise error
         ctx.status_code = 200
         try:
             data = orjson.loads(payload)

@@ -7,10 +7,11 @@ finish reason, an engine error or `[DONE]` are looked into.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import httpx
@@ -18,7 +19,7 @@ import orjson
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from worker.engines.replica import Replica
+from worker.engines.replica import Replica, ReplicaLease
 from worker.gateway.context import RequestContext, Usage
 from worker.gateway.errors import ApiError, normalise_engine_error
 from worker.gateway.hooks import RequestHooks
@@ -26,6 +27,7 @@ from worker.gateway.hooks import RequestHooks
 logger = logging.getLogger(__name__)
 
 SSE_DONE = b"data: [DONE]\n\n"
+SSE_KEEPALIVE = b": keep-alive\n\n"
 _FINISH_REASON = re.compile(rb'"finish_reason":"([a-z_]+)"')
 _STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
@@ -85,19 +87,41 @@ async def wait_for_disconnect(receive: Receive) -> None:
             return
 
 
-async def race_disconnect(receive: Receive, work: Awaitable[Any]) -> tuple[bool, Any]:
-    """Run `work` unless the client goes away first; returns (disconnected, result)."""
-    work_task = asyncio.ensure_future(work)
-    watch_task = asyncio.ensure_future(wait_for_disconnect(receive))
+class Outcome(enum.Enum):
+    done = "done"
+    disconnected = "disconnected"  # the client went away
+    interrupted = "interrupted"  # the worker ended the request (replica restart, shutdown)
+    timed_out = "timed_out"
+
+
+async def race(work: asyncio.Future[Any], *, receive: Receive | None = None,
+               interrupted: asyncio.Event | None = None, timeout_s: float | None = None) -> Outcome:
+    """Wait for `work` unless the client disconnects or the request is interrupted first.
+
+    Then `work` is cancelled; after `timeout_s` it is left running. The caller reads `work.result()`.
+    """
+    if interrupted is not None and interrupted.is_set():
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        return Outcome.interrupted
+    disconnect = asyncio.ensure_future(wait_for_disconnect(receive)) if receive is not None else None
+    interruption = asyncio.ensure_future(interrupted.wait()) if interrupted is not None else None
+    watchers = {task for task in (disconnect, interruption) if task is not None}
     try:
-        done, _ = await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({work, *watchers}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        work.cancel()
+        raise
     finally:
-        watch_task.cancel()
-    if work_task in done:
-        return False, work_task.result()
-    work_task.cancel()
-    await asyncio.gather(work_task, return_exceptions=True)
-    return True, None
+        for task in watchers:
+            task.cancel()
+    if work in done:
+        return Outcome.done
+    if not done:
+        return Outcome.timed_out
+    work.cancel()
+    await asyncio.gather(work, return_exceptions=True)
+    return Outcome.disconnected if disconnect in done else Outcome.interrupted
 
 
 def router_error_chunk(ctx: RequestContext, code: str, message: str) -> bytes:
@@ -195,61 +219,128 @@ class SseRelay:
             self.ctx.usage_estimated = True
 
 
-class RelayStreamResponse(Response):
-    """A streaming response that closes the engine request the moment the client goes away."""
+async def _next_chunk(chunks: AsyncIterator[bytes]) -> bytes | None:
+    try:
+        return await chunks.__anext__()
+    except StopAsyncIteration:
+        return None
 
-    def __init__(self, upstream: httpx.Response, ctx: RequestContext, finalizer: Finalizer,
-                 headers: dict[str, str], on_done: Callable[[], None]) -> None:
+
+class RelayStreamResponse(Response):
+    """A streaming response: headers at once, keep-alives until the engine's first byte, then its bytes.
+
+    `opening` is the engine request, possibly still waiting for the engine's headers. The engine
+    request is closed (so the engine aborts it) the moment the client goes away, and a stream the
+    engine or the worker ends early closes with the router's error chunk and `[DONE]`.
+    """
+
+    def __init__(self, opening: asyncio.Future[httpx.Response], ctx: RequestContext, finalizer: Finalizer,
+                 headers: dict[str, str], lease: ReplicaLease, keepalive_s: float) -> None:
         super().__init__(status_code=200, media_type="text/event-stream", headers={**_STREAM_HEADERS, **headers})
-        self.upstream = upstream
+        self.raw_headers = [(name, value) for name, value in self.raw_headers if name != b"content-length"]
+        self.opening = opening
         self.ctx = ctx
         self.finalizer = finalizer
-        self.on_done = on_done
+        self.lease = lease
+        self.keepalive_s = keepalive_s
+        self.error_code = "engine_unavailable"
 
-    async def _pump(self, send: Send) -> None:
+    async def _keepalive_while(self, work: Any, send: Send) -> Any:
+        """Await `work`, sending an SSE comment every `keepalive_s` meanwhile so routers do not time out."""
+        task = asyncio.ensure_future(work)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=self.keepalive_s)
+                if done:
+                    return task.result()
+                await send({"type": "http.response.body", "body": SSE_KEEPALIVE, "more_body": True})
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    async def _pump(self, send: Send, relay: SseRelay) -> None:
         ctx = self.ctx
-        relay = SseRelay(ctx, self.finalizer)
+        try:
+            upstream: httpx.Response = await self._keepalive_while(self.opening, send)
+        except ApiError as error:  # the engine could not be reached, after the client got its headers
+            ctx.outcome = "upstream_failed"
+            ctx.error_message = error.message
+            return
+        if upstream.status_code != 200:
+            await self._engine_refused(upstream)
+            return
+        chunks = upstream.aiter_raw()
         pending = b""
         try:
-            async for raw in self.upstream.aiter_raw():
+            raw = await self._keepalive_while(_next_chunk(chunks), send)
+            while raw is not None:
                 if ctx.first_byte_monotonic is None:
                     ctx.first_byte_monotonic = time.monotonic()
                 pending += raw
                 end = pending.rfind(b"\n\n")
-                if end < 0:
-                    continue
-                block, pending = pending[: end + 2], pending[end + 2:]
-                async for piece in relay.process(block):
-                    await send({"type": "http.response.body", "body": piece, "more_body": True})
-                if relay.saw_done:
-                    break
+                if end >= 0:
+                    block, pending = pending[: end + 2], pending[end + 2:]
+                    async for piece in relay.process(block):
+                        await send({"type": "http.response.body", "body": piece, "more_body": True})
+                    if relay.saw_done:
+                        return
+                raw = await _next_chunk(chunks)
         except httpx.TransportError as error:
             ctx.error_message = f"engine connection failed mid-stream: {type(error).__name__}"
-        if not relay.saw_done:
-            # The engine went away without finishing: tell the router plainly instead of cutting the stream.
-            if ctx.outcome == "ok":
-                ctx.outcome = "upstream_failed"
-                ctx.finish_reason = "error"
-            relay.estimate_usage_if_missing()
-            message = ctx.error_message or "the engine stopped before finishing the response"
-            await send({"type": "http.response.body", "more_body": True,
-                        "body": router_error_chunk(ctx, "engine_unavailable", message)})
-            await self.finalizer()
-            await send({"type": "http.response.body", "body": SSE_DONE, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _engine_refused(self, upstream: httpx.Response) -> None:
+        """The engine answered with an error status after the client already got 200 (a slow engine)."""
+        payload = await upstream.aread()
+        error = orjson.loads(normalise_engine_error(upstream.status_code, payload))["error"]
+        self.ctx.outcome = "invalid_request" if upstream.status_code < 500 else "engine_error"
+        self.ctx.error_message = error["message"]
+        self.error_code = error["code"] or self.error_code
+
+    async def _end_broken(self, send: Send, relay: SseRelay) -> None:
+        """Tell the router plainly that the stream failed, instead of just cutting it."""
+        ctx = self.ctx
+        if ctx.outcome == "ok":
+            ctx.outcome = "upstream_failed"
+        ctx.finish_reason = "error"
+        relay.estimate_usage_if_missing()
+        message = ctx.error_message or "the engine stopped before finishing the response"
+        await send({"type": "http.response.body", "more_body": True,
+                    "body": router_error_chunk(ctx, self.error_code, message)})
+        await self.finalizer()
+        await send({"type": "http.response.body", "body": SSE_DONE, "more_body": True})
+
+    async def _close_upstream(self) -> None:
+        opening = self.opening
+        if not opening.done():
+            opening.cancel()
+            await asyncio.gather(opening, return_exceptions=True)
+        elif not opening.cancelled() and opening.exception() is None:
+            await opening.result().aclose()  # closing the engine connection makes it abort the request
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self.ctx.status_code = 200
+        ctx = self.ctx
+        ctx.status_code = 200
+        relay = SseRelay(ctx, self.finalizer)
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            disconnected, _ = await race_disconnect(receive, self._pump(send))
-            if disconnected:
-                self.ctx.outcome = "client_disconnected"
+            pump = asyncio.ensure_future(self._pump(send, relay))
+            outcome = await race(pump, receive=receive, interrupted=self.lease.interrupted)
+            if outcome is Outcome.done:
+                pump.result()
+            if outcome is Outcome.disconnected:
+                ctx.outcome = "client_disconnected"
+            else:
+                if outcome is Outcome.interrupted:
+                    ctx.error_message = self.lease.interruption_reason or "the worker ended the request"
+                if not relay.saw_done:
+                    await self._end_broken(send, relay)
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:  # the client vanished while we were writing
-            self.ctx.outcome = "client_disconnected"
+            ctx.outcome = "client_disconnected"
         finally:
-            await self.upstream.aclose()  # closing the engine connection makes it abort the request
+            await self._close_upstream()
             if not self.finalizer.done:
-                SseRelay(self.ctx, self.finalizer).estimate_usage_if_missing()
+                relay.estimate_usage_if_missing()
                 await self.finalizer()
-            self.on_done()
+            self.lease.release()

@@ -1,22 +1,26 @@
-"""Choose the replica that serves a request: the least-loaded routable replica of the model."""
+"""Pick the replica that serves a request: the lowest load score, equal scores taking turns."""
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import TypeVar
 
-from worker.engines.replica import Replica
+T = TypeVar("T")
 
 
 class ReplicaRouter:
     def __init__(self) -> None:
-        self._tiebreak = itertools.count()
+        self._turn = itertools.count()
 
-    def choose(self, replicas: Sequence[Replica], exclude: Replica | None = None) -> Replica | None:
-        candidates = [r for r in replicas if r.routable and r is not exclude]
-        if not candidates:
+    def choose(self, scored: Sequence[tuple[float, T]]) -> T | None:
+        """The item with the lowest score; among equal scores, the starting point rotates per call."""
+        if not scored:
             return None
-        # Rotate the starting point so equally loaded replicas share traffic.
-        offset = next(self._tiebreak) % len(candidates)
-        rotated = candidates[offset:] + candidates[:offset]
-        return min(rotated, key=lambda r: r.in_flight)
+        offset = next(self._turn) % len(scored)
+        best_score, best = scored[offset]
+        for index in range(1, len(scored)):
+            score, item = scored[(offset + index) % len(scored)]
+            if score < best_score:
+                best_score, best = score, item
+        return best

@@ -68,18 +68,17 @@ class Scheduler:
     async def run(self) -> None:
         while True:
             await self._faults.wait_until_progress_allowed()
-            plan, prefill_tokens = self._schedule(time.monotonic())
-            self._publish_load()
+            plan, prefill_tokens = self.schedule(time.monotonic())
             if not plan:
                 self._work_arrived.clear()
                 await self._work_arrived.wait()
                 continue
             delay = self._latency.step_seconds(len(plan), prefill_tokens, self._faults.slowdown)
             await asyncio.sleep(delay)
-            self._complete(plan, time.monotonic())
-            self._publish_load()
+            self.complete(plan, time.monotonic())
 
-    def _schedule(self, now: float) -> tuple[list[tuple[Sequence, int]], int]:
+    def schedule(self, now: float) -> tuple[list[tuple[Sequence, int]], int]:
+        """First half of a step: which sequences compute how many tokens, and how many are prefill."""
         budget = self.limits.max_num_batched_tokens
         plan: list[tuple[Sequence, int]] = []
         prefill_tokens = 0
@@ -120,9 +119,11 @@ class Scheduler:
             plan.append((sequence, new_tokens))
             budget -= new_tokens
             prefill_tokens += new_tokens
+        self._publish_load()
         return plan, prefill_tokens
 
-    def _complete(self, plan: list[tuple[Sequence, int]], now: float) -> None:
+    def complete(self, plan: list[tuple[Sequence, int]], now: float) -> None:
+        """Second half of a step: the planned tokens are computed; finished prompts sample a token."""
         generated = 0
         any_finished = False
         for sequence, new_tokens in plan:
@@ -152,6 +153,7 @@ class Scheduler:
             self._metrics.generated(generated)
         if any_finished:
             self.running = [s for s in self.running if s.status is SequenceStatus.RUNNING]
+        self._publish_load()
 
     # -- KV blocks ------------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ class StopMatcher:
     token, so holding back that many characters is enough (vLLM's detokenizer does the same).
     """
 
-    __slots__ = ("_stops", "_include", "_hold", "_held")
+    __slots__ = ("_held", "_hold", "_include", "_stops")
 
     def __init__(self, stops: tuple[str, ...], include_stop_str_in_output: bool) -> None:
         self._stops = stops

@@ -21,12 +21,15 @@ _FIRST_WORD_ID = 16
 
 
 _WORDS = (
-    "the of and to in is was for on that with as by at from it an be this are or his which her had "
-    "not but were they have one all their has been more time can would there about when who will "
-    "so up out into some could them only other than then its new these two may first also after "
-    "any many most over such where through back years way even because good each those people "
-    "model token engine batch stream queue river stone light garden window paper signal music"
-).split()
+    "the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at", "from",
+    "it", "an", "be", "this", "are", "or", "his", "which", "her", "had", "not", "but", "were", "they",
+    "have", "one", "all", "their", "has", "been", "more", "time", "can", "would", "there", "about", "when",
+    "who", "will", "so", "up", "out", "into", "some", "could", "them", "only", "other", "than", "then",
+    "its", "new", "these", "two", "may", "first", "also", "after", "any", "many", "most", "over", "such",
+    "where", "through", "back", "years", "way", "even", "because", "good", "each", "those", "people",
+    "model", "token", "engine", "batch", "stream", "queue", "river", "stone", "light", "garden", "window",
+    "paper", "signal", "music",
+)
 
 
 def token_id(piece: str) -> int:

@@ -35,11 +35,14 @@ def error_event(message: str, error_type: str, status: int) -> bytes:
 class ChunkWriter:
     """SSE chunks of one streaming chat or text completion."""
 
-    def __init__(self, *, chat: bool, response_id: str, created: int, model: str, prompt_tokens: int,
-                 continuous_usage: bool) -> None:
+    def __init__(self, *, chat: bool, response_id: str, created: int, model: str, fingerprint: str,
+                 include_usage: bool, continuous_usage: bool) -> None:
         self._chat = chat
-        self._prompt_tokens = prompt_tokens
         self._continuous_usage = continuous_usage
+        # vLLM stamps its fingerprint on the last chunk only: the usage chunk, or else each finish chunk.
+        stamp = b',"system_fingerprint":' + orjson.dumps(fingerprint)
+        self._usage_stamp = stamp
+        self._finish_stamp = b"" if include_usage else stamp
         object_type = "chat.completion.chunk" if chat else "text_completion"
         header = orjson.dumps({"id": response_id, "object": object_type, "created": created, "model": model})
         self._head = b"data: " + header[:-1] + b',"choices":['
@@ -52,28 +55,28 @@ class ChunkWriter:
             self._tail = b',"logprobs":null,"finish_reason":null,"stop_reason":null,"prompt_token_ids":null,' \
                          b'"token_ids":null}]'
 
-    def role(self, index: int) -> bytes:
+    def role(self, index: int, prompt_tokens: int) -> bytes:
         """The first chat chunk of a choice: the assistant role and empty content."""
         usage = b""
         if self._continuous_usage:
-            usage = b',"usage":' + _continuous_usage(self._prompt_tokens, 0, True)
+            usage = b',"usage":' + _continuous_usage(prompt_tokens, 0, True)
         return (self._head + b'{"index":' + str(index).encode()
                 + b',"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]'
                 + usage + b',"prompt_token_ids":null,"prompt_text":null}\n\n')
 
-    def text(self, index: int, text: str, completion_tokens: int) -> bytes:
+    def text(self, index: int, text: str, prompt_tokens: int, completion_tokens: int) -> bytes:
         usage = b""
         if self._continuous_usage:
-            usage = b',"usage":' + _continuous_usage(self._prompt_tokens, completion_tokens, self._chat)
+            usage = b',"usage":' + _continuous_usage(prompt_tokens, completion_tokens, self._chat)
         return (self._head + b'{"index":' + str(index).encode() + self._text_key + orjson.dumps(text)
                 + self._tail + usage + b"}\n\n")
 
-    def final(self, index: int, text: str, completion_tokens: int, finish_reason: str,
+    def final(self, index: int, text: str, prompt_tokens: int, completion_tokens: int, finish_reason: str,
               stop_reason: str | None) -> bytes:
         """A choice's last chunk: its remaining text together with the finish reason."""
         usage = b""
         if self._continuous_usage:
-            usage = b',"usage":' + _continuous_usage(self._prompt_tokens, completion_tokens, self._chat)
+            usage = b',"usage":' + _continuous_usage(prompt_tokens, completion_tokens, self._chat)
         reasons = (b',"finish_reason":' + orjson.dumps(finish_reason)
                    + b',"stop_reason":' + orjson.dumps(stop_reason))
         if self._chat:
@@ -82,11 +85,12 @@ class ChunkWriter:
         else:
             choice = (b'{"index":' + str(index).encode() + self._text_key + orjson.dumps(text)
                       + b',"logprobs":null' + reasons + b',"prompt_token_ids":null,"token_ids":null}]')
-        return self._head + choice + usage + b"}\n\n"
+        return self._head + choice + usage + self._finish_stamp + b"}\n\n"
 
-    def usage(self, completion_tokens: int) -> bytes:
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
         """The closing `include_usage` chunk: no choices, usage of all choices together."""
-        return self._usage_head + orjson.dumps(usage_dict(self._prompt_tokens, completion_tokens)) + b"}\n\n"
+        return (self._usage_head + orjson.dumps(usage_dict(prompt_tokens, completion_tokens)) + self._usage_stamp
+                + b"}\n\n")
 
 
 def _full_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
@@ -94,8 +98,8 @@ def _full_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
             "completion_tokens_details": None}
 
 
-def chat_response(response_id: str, created: int, model: str, choices: list[tuple[str, str, str | None]],
-                  prompt_tokens: int, completion_tokens: int) -> bytes:
+def chat_response(response_id: str, created: int, model: str, fingerprint: str,
+                  choices: list[tuple[str, str, str | None]], prompt_tokens: int, completion_tokens: int) -> bytes:
     """`choices`: (text, finish_reason, stop_reason) per choice index."""
     return orjson.dumps({
         "id": response_id, "object": "chat.completion", "created": created, "model": model,
@@ -107,14 +111,15 @@ def chat_response(response_id: str, created: int, model: str, choices: list[tupl
              "routed_experts": None}
             for index, (text, finish_reason, stop_reason) in enumerate(choices)
         ],
-        "service_tier": None, "system_fingerprint": None, "usage": _full_usage(prompt_tokens, completion_tokens),
+        "service_tier": None, "system_fingerprint": fingerprint, "usage": _full_usage(prompt_tokens, completion_tokens),
         "prompt_logprobs": None, "prompt_token_ids": None, "prompt_text": None, "kv_transfer_params": None,
         "ec_transfer_params": None, "metrics": None,
     })
 
 
-def completion_response(response_id: str, created: int, model: str, choices: list[tuple[str, str, str | None]],
-                        prompt_tokens: int, completion_tokens: int) -> bytes:
+def completion_response(response_id: str, created: int, model: str, fingerprint: str,
+                        choices: list[tuple[str, str, str | None]], prompt_tokens: int,
+                        completion_tokens: int) -> bytes:
     return orjson.dumps({
         "id": response_id, "object": "text_completion", "created": created, "model": model,
         "choices": [
@@ -123,7 +128,7 @@ def completion_response(response_id: str, created: int, model: str, choices: lis
              "routed_experts": None}
             for index, (text, finish_reason, stop_reason) in enumerate(choices)
         ],
-        "service_tier": None, "system_fingerprint": None, "usage": _full_usage(prompt_tokens, completion_tokens),
+        "service_tier": None, "system_fingerprint": fingerprint, "usage": _full_usage(prompt_tokens, completion_tokens),
         "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None,
     })
 

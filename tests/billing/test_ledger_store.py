@@ -1,0 +1,252 @@
+"""The billing store, on SQLite and on PostgreSQL alike: migrations, keys, reservations, the ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from tests.billing.conftest import make_key
+from worker.billing.issuing import issue_key
+from worker.billing.records import (
+    ApiKey,
+    KeyLimits,
+    LedgerFilter,
+    LedgerRecord,
+    Reservation,
+    ReserveOutcome,
+    utc_month,
+)
+from worker.billing.store import LATEST_VERSION, DuplicateRequestId, LedgerStore, UnknownAccount, open_store
+
+
+def reservation(key: ApiKey, amount: int, *, holder: str = "worker-1", request_id: str | None = None,
+                created_at: float | None = None) -> Reservation:
+    now = time.time() if created_at is None else created_at
+    return Reservation(request_id=request_id or f"req-{uuid.uuid4().hex}", account_id=key.account_id,
+                       key_id=key.id, amount_micro=amount, holder=holder, month=utc_month(now), created_at=now)
+
+
+def ledger_record(request_id: str, *, key: ApiKey | None = None, cost: int = 0, worker_id: str = "worker-1",
+                  model: str = "acme/chat", received_at: datetime | None = None) -> LedgerRecord:
+    return LedgerRecord(
+        request_id=request_id, worker_id=worker_id, key_id=key.id if key else None,
+        account_id=key.account_id if key else None, model=model, endpoint="chat.completions",
+        replica_id="acme-chat-0", gpu_uuids=("GPU-a", "GPU-b"), prompt_tokens=10, completion_tokens=5,
+        cached_tokens=2, cost_micro=cost, status_code=200, outcome="ok", finish_reason="stop", stream=True,
+        received_at=received_at or datetime.now(UTC), ttft_ms=12.5, duration_ms=40.0,
+    )
+
+
+async def test_migrations_are_recorded_and_reopening_is_harmless(db_url: str) -> None:
+    first = await open_store(db_url)
+    funded = await make_key(first)
+    await first.close()
+    second = await open_store(db_url)
+    try:
+        assert (await second.get_key(funded.key.id)) == funded.key
+    finally:
+        await second.close()
+    assert LATEST_VERSION >= 1
+
+
+async def test_accounts_and_top_ups(store: LedgerStore) -> None:
+    account = await store.create_account("acct_1", "acme", 5_000_000, time.time())
+    assert account.balance_micro == 5_000_000 and account.reserved_micro == 0
+    topped = await store.top_up("acct_1", 1_500_000)
+    assert topped.balance_micro == 6_500_000
+    assert [a.id for a in await store.list_accounts()] == ["acct_1"]
+    with pytest.raises(UnknownAccount):
+        await store.top_up("acct_missing", 1)
+
+
+async def test_keys_are_found_by_hash_and_revoked_once(store: LedgerStore) -> None:
+    funded = await make_key(store, allowed_models=("acme/chat",), requests_per_minute=5, tokens_per_minute=900,
+                            monthly_spend_cap_micro=2_000_000)
+    found = await store.find_key_by_hash(funded.key.key_hash)
+    assert found == funded.key
+    assert found.limits.allowed_models == ("acme/chat",)
+    assert found.limits.requests_per_minute == 5 and found.limits.tokens_per_minute == 900
+    assert await store.find_key_by_hash("0" * 64) is None
+    assert [k.id for k in await store.list_keys(funded.account.id)] == [funded.key.id]
+    assert await store.list_keys("acct_other") == []
+
+    revoked = await store.revoke_key(funded.key.id, 1000.0)
+    assert revoked is not None and revoked.revoked_at is not None
+    again = await store.revoke_key(funded.key.id, 2000.0)
+    assert again is not None and again.revoked_at == revoked.revoked_at
+    assert await store.revoke_key("key_missing", 1.0) is None
+
+
+async def test_a_key_needs_an_existing_account(store: LedgerStore) -> None:
+    with pytest.raises(UnknownAccount):
+        await issue_key(store, account_id="acct_missing", name="x", limits=KeyLimits())
+    assert await store.list_keys() == []
+
+
+async def test_reserve_then_settle_charges_the_real_cost(store: LedgerStore) -> None:
+    funded = await make_key(store, balance_micro=1_000)
+    held = reservation(funded.key, 400)
+    assert await store.reserve(held) is ReserveOutcome.reserved
+    account = await store.get_account(funded.account.id)
+    assert account is not None and account.reserved_micro == 400 and account.available_micro == 600
+
+    settled = await store.settle(ledger_record(held.request_id, key=funded.key, cost=123))
+    assert settled.seq is not None
+    account = await store.get_account(funded.account.id)
+    assert account is not None and (account.balance_micro, account.reserved_micro) == (877, 0)
+    key = await store.get_key(funded.key.id)
+    assert key is not None and key.reserved_micro == 0
+    assert key.spent_in(utc_month(time.time())) == 123
+
+
+async def test_concurrent_reservations_never_overdraw(store: LedgerStore) -> None:
+    funded = await make_key(store, balance_micro=1_000)
+    outcomes = await asyncio.gather(*(store.reserve(reservation(funded.key, 100)) for _ in range(50)))
+    assert outcomes.count(ReserveOutcome.reserved) == 10
+    assert outcomes.count(ReserveOutcome.insufficient_balance) == 40
+    account = await store.get_account(funded.account.id)
+    assert account is not None and account.reserved_micro == 1_000 and account.available_micro == 0
+
+
+async def test_two_workers_sharing_the_database_never_overdraw(store: LedgerStore, db_url: str) -> None:
+    funded = await make_key(store, balance_micro=1_000)
+    other_worker = await open_store(db_url)
+    try:
+        outcomes = await asyncio.gather(*(
+            (store if i % 2 else other_worker).reserve(reservation(funded.key, 100, holder=f"worker-{i % 2}"))
+            for i in range(50)
+        ))
+    finally:
+        await other_worker.close()
+    assert outcomes.count(ReserveOutcome.reserved) == 10
+
+
+async def test_monthly_spend_cap_counts_spent_and_reserved(store: LedgerStore) -> None:
+    funded = await make_key(store, balance_micro=10_000, monthly_spend_cap_micro=500)
+    first = reservation(funded.key, 300)
+    assert await store.reserve(first) is ReserveOutcome.reserved
+    assert await store.reserve(reservation(funded.key, 300)) is ReserveOutcome.spend_cap_reached
+    await store.settle(ledger_record(first.request_id, key=funded.key, cost=250))
+    assert await store.reserve(reservation(funded.key, 250)) is ReserveOutcome.reserved
+    assert await store.reserve(reservation(funded.key, 1)) is ReserveOutcome.spend_cap_reached
+
+
+async def test_a_late_charge_for_last_month_does_not_reset_this_month(store: LedgerStore) -> None:
+    funded = await make_key(store)
+    now = datetime.now(UTC)
+    await store.settle(ledger_record("req-now", key=funded.key, cost=100, received_at=now))
+    await store.settle(ledger_record("req-old", key=funded.key, cost=7, received_at=now - timedelta(days=40)))
+    key = await store.get_key(funded.key.id)
+    assert key is not None and key.spent_in(utc_month(now.timestamp())) == 100
+
+
+async def test_revoked_key_cannot_reserve(store: LedgerStore) -> None:
+    funded = await make_key(store)
+    await store.revoke_key(funded.key.id, time.time())
+    assert await store.reserve(reservation(funded.key, 1)) is ReserveOutcome.key_revoked
+
+
+async def test_request_ids_are_unique(store: LedgerStore) -> None:
+    funded = await make_key(store, balance_micro=1_000)
+    held = reservation(funded.key, 100, request_id="req-same")
+    assert await store.reserve(held) is ReserveOutcome.reserved
+    assert await store.reserve(reservation(funded.key, 100, request_id="req-same")) \
+        is ReserveOutcome.duplicate_request
+    await store.settle(ledger_record("req-same", key=funded.key, cost=10))
+    # Recorded already: neither a new reservation nor a second record is accepted, and nothing is charged.
+    assert await store.reserve(reservation(funded.key, 100, request_id="req-same")) \
+        is ReserveOutcome.duplicate_request
+    with pytest.raises(DuplicateRequestId):
+        await store.settle(ledger_record("req-same", key=funded.key, cost=10))
+    account = await store.get_account(funded.account.id)
+    assert account is not None and (account.balance_micro, account.reserved_micro) == (990, 0)
+    assert await store.count_ledger(LedgerFilter()) == 1
+
+
+async def test_concurrent_settles_are_batched_and_all_recorded(store: LedgerStore) -> None:
+    funded = await make_key(store, balance_micro=100_000)
+    held = [reservation(funded.key, 100) for _ in range(40)]
+    assert set(await asyncio.gather(*(store.reserve(r) for r in held))) == {ReserveOutcome.reserved}
+    records = await asyncio.gather(*(store.settle(ledger_record(r.request_id, key=funded.key, cost=7))
+                                     for r in held))
+    assert len({r.seq for r in records}) == 40
+    account = await store.get_account(funded.account.id)
+    assert account is not None and (account.balance_micro, account.reserved_micro) == (100_000 - 280, 0)
+
+
+async def test_the_ledger_is_append_only(store: LedgerStore, db_url: str) -> None:
+    await store.settle(ledger_record("req-1", cost=5))
+    if db_url.startswith("sqlite"):
+        import sqlite3
+
+        path = db_url[len("sqlite:///"):]
+        with sqlite3.connect(path) as connection, pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            connection.execute("UPDATE ledger SET cost_micro = 0")
+        with sqlite3.connect(path) as connection, pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            connection.execute("DELETE FROM ledger")
+    else:
+        import asyncpg
+
+        connection = await asyncpg.connect(db_url)
+        try:
+            with pytest.raises(asyncpg.RaiseError, match="append-only"):
+                await connection.execute("UPDATE ledger SET cost_micro = 0")
+            with pytest.raises(asyncpg.RaiseError, match="append-only"):
+                await connection.execute("DELETE FROM ledger")
+        finally:
+            await connection.close()
+
+
+async def test_restarted_worker_releases_what_it_held(store: LedgerStore) -> None:
+    funded = await make_key(store, balance_micro=1_000)
+    assert await store.reserve(reservation(funded.key, 300, holder="worker-1")) is ReserveOutcome.reserved
+    assert await store.reserve(reservation(funded.key, 200, holder="worker-2")) is ReserveOutcome.reserved
+    old = reservation(funded.key, 100, holder="worker-3", created_at=time.time() - 7200)
+    assert await store.reserve(old) is ReserveOutcome.reserved
+
+    assert await store.release_reservations("worker-1", older_than=time.time() - 3600) == 2
+    account = await store.get_account(funded.account.id)
+    assert account is not None and account.reserved_micro == 200
+    key = await store.get_key(funded.key.id)
+    assert key is not None and key.reserved_micro == 200
+    # Settling a request whose reservation was released charges it and releases nothing more.
+    await store.settle(ledger_record(old.request_id, key=funded.key, cost=50))
+    account = await store.get_account(funded.account.id)
+    assert account is not None and (account.balance_micro, account.reserved_micro) == (950, 200)
+
+
+async def test_query_filters_and_pages(store: LedgerStore) -> None:
+    funded = await make_key(store)
+    base = datetime(2026, 11, 1, tzinfo=UTC)
+    for i in range(7):
+        await store.settle(ledger_record(f"req-{i}", key=funded.key, cost=i, model="a" if i % 2 else "b",
+                                         received_at=base + timedelta(hours=i)))
+    await store.settle(ledger_record("req-other", cost=1, worker_id="worker-2", received_at=base))
+
+    newest = await store.query_ledger(LedgerFilter(key_id=funded.key.id), limit=3)
+    assert [r.request_id for r in newest] == ["req-6", "req-5", "req-4"]
+    older = await store.query_ledger(LedgerFilter(key_id=funded.key.id), limit=3, cursor=newest[-1].seq)
+    assert [r.request_id for r in older] == ["req-3", "req-2", "req-1"]
+    oldest_first = await store.query_ledger(LedgerFilter(), limit=100, order="asc")
+    assert [r.request_id for r in oldest_first] == [f"req-{i}" for i in range(7)] + ["req-other"]
+
+    window = LedgerFilter(since=base + timedelta(hours=2), until=base + timedelta(hours=5), model="a")
+    assert [r.request_id for r in await store.query_ledger(window, limit=10, order="asc")] == ["req-3"]
+    assert await store.count_ledger(LedgerFilter(worker_id="worker-1")) == 7
+    assert await store.count_ledger(LedgerFilter(worker_id="worker-1"), after_seq=newest[0].seq) == 0
+
+    record = newest[0]
+    assert record.gpu_uuids == ("GPU-a", "GPU-b") and record.stream is True and record.ttft_ms == 12.5
+    assert record.received_at == base + timedelta(hours=6)
+
+
+async def test_outbox_cursor_only_moves_forward(store: LedgerStore) -> None:
+    assert await store.outbox_cursor("worker-1") == 0
+    await store.advance_outbox("worker-1", 5, time.time())
+    await store.advance_outbox("worker-1", 3, time.time())
+    assert await store.outbox_cursor("worker-1") == 5
+    assert await store.outbox_cursor("worker-2") == 0

@@ -1,0 +1,157 @@
+"""The usage outbox against a real HTTP receiver on 127.0.0.1 that fails every third attempt."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import orjson
+import pytest
+import uvicorn
+from starlette.types import Receive, Scope, Send
+
+from worker.billing.outbox import UsageOutbox
+from worker.billing.records import LedgerFilter, LedgerRecord
+from worker.billing.store import LedgerStore
+
+
+@dataclass
+class Receiver:
+    """A webhook that honours Idempotency-Key and answers 503 to every `fail_every`-th attempt."""
+
+    fail_every: int = 3
+    attempts: int = 0
+    accepted: list[str] = field(default_factory=list)
+    acknowledged_twice: list[str] = field(default_factory=list)
+    authorizations: set[str] = field(default_factory=set)
+    bodies: dict[str, dict] = field(default_factory=dict)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        assert scope["type"] == "http"
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = {name.decode(): value.decode() for name, value in scope["headers"]}
+        self.attempts += 1
+        self.authorizations.add(headers.get("authorization", ""))
+        status = 503 if self.attempts % self.fail_every == 0 else 200
+        if status == 200:
+            key = headers["idempotency-key"]
+            if key in self.bodies:
+                self.acknowledged_twice.append(key)
+            else:
+                self.accepted.append(key)
+                self.bodies[key] = orjson.loads(body)
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
+    app = Receiver()
+    # IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY only then (else every answer waits on delayed ACKs).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        yield app, f"http://127.0.0.1:{sock.getsockname()[1]}/usage"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+def record(request_id: str, worker_id: str = "worker-1") -> LedgerRecord:
+    return LedgerRecord(
+        request_id=request_id, worker_id=worker_id, key_id=None, account_id=None, model="acme/chat",
+        endpoint="chat.completions", replica_id="acme-chat-0", prompt_tokens=3, completion_tokens=4,
+        cached_tokens=0, cost_micro=11, status_code=200, outcome="ok", finish_reason="stop", stream=False,
+        received_at=datetime.now(UTC), ttft_ms=1.0, duration_ms=2.0,
+    )
+
+
+def outbox_for(store: LedgerStore, url: str) -> UsageOutbox:
+    return UsageOutbox(store, "worker-1", url, token="hook-token", backoff_initial_s=0.01, backoff_max_s=0.05,
+                       poll_interval_s=0.05)
+
+
+async def delivered(outbox: UsageOutbox, receiver: Receiver, count: int) -> None:
+    async def wait() -> None:
+        while len(receiver.accepted) < count or outbox.pending:
+            await asyncio.sleep(0.01)
+    await asyncio.wait_for(wait(), timeout=30)
+
+
+async def test_records_arrive_in_order_once_and_delivery_resumes_after_restart(
+        store: LedgerStore, receiver: tuple[Receiver, str]) -> None:
+    app, url = receiver
+    first_ids = [f"req-{i:03d}" for i in range(12)]
+    for request_id in first_ids:
+        await store.settle(record(request_id))
+    await store.settle(record("req-of-another-worker", worker_id="worker-2"))
+
+    outbox = outbox_for(store, url)
+    await outbox.start()
+    assert outbox.pending == 12
+    await delivered(outbox, app, 12)
+    await outbox.close()
+    assert app.accepted == first_ids
+    assert app.attempts > 12  # some deliveries failed and were retried
+    assert await store.outbox_cursor("worker-1") == max(r.seq for r in await _all(store, "worker-1"))
+
+    # Written while no outbox runs, delivered by the next one (as after a restart).
+    later_ids = [f"req-{i:03d}" for i in range(12, 20)]
+    for request_id in later_ids:
+        await store.settle(record(request_id))
+    restarted = outbox_for(store, url)
+    await restarted.start()
+    assert restarted.pending == 8
+    await delivered(restarted, app, 20)
+    await restarted.close()
+
+    assert app.accepted == first_ids + later_ids
+    assert app.acknowledged_twice == []
+    assert "req-of-another-worker" not in app.accepted
+    assert app.authorizations == {"Bearer hook-token"}
+    body = app.bodies["req-005"]
+    assert body["object"] == "usage.record" and body["cost_usd"] == "0.000011" and body["cost_micro"] == 11
+
+
+async def test_new_records_are_delivered_while_running(store: LedgerStore, receiver: tuple[Receiver, str]) -> None:
+    app, url = receiver
+    outbox = outbox_for(store, url)
+    await outbox.start()
+    try:
+        for i in range(5):
+            await store.settle(record(f"req-live-{i}"))
+            outbox.notify()
+        await delivered(outbox, app, 5)
+    finally:
+        await outbox.close()
+    assert app.accepted == [f"req-live-{i}" for i in range(5)]
+
+
+async def test_an_unreachable_receiver_holds_records_back(store: LedgerStore) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/usage"
+    await store.settle(record("req-waiting"))
+    outbox = outbox_for(store, url)
+    await outbox.start()
+    await asyncio.sleep(0.2)
+    await outbox.close()
+    assert outbox.pending == 1 and outbox.delivered == 0
+    assert await store.outbox_cursor("worker-1") == 0
+
+
+async def _all(store: LedgerStore, worker_id: str) -> list[LedgerRecord]:
+    return await store.query_ledger(LedgerFilter(worker_id=worker_id), limit=1000, order="asc")

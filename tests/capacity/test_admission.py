@@ -1,0 +1,205 @@
+"""Admission decisions on in-memory state: which replica, or which refusal, and never a wasted await."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from worker.capacity import Admission, AdmissionLimits, EngineStats
+from worker.capacity.drain import DrainState
+from worker.capacity.watchdog import ReplicaWatch
+from worker.config import ModelConfig, Pricing
+from worker.config.models import AdmissionConfig, EngineHealthConfig
+from worker.engines.base import Engine, EngineExited, ReplicaSpec
+from worker.engines.replica import Replica, ReplicaState
+from worker.gateway.context import RequestContext
+from worker.gateway.errors import ApiError
+
+
+class IdleEngine(Engine):
+    kind = "mock"
+
+    async def start(self) -> None: ...
+
+    async def wait_exit(self) -> EngineExited:
+        raise NotImplementedError
+
+    async def stop(self, timeout_s: float) -> None: ...
+
+    @property
+    def pid(self) -> int | None:
+        return None
+
+
+def _model(**admission: object) -> ModelConfig:
+    return ModelConfig(id="acme/m", engine="mock", source="x", engine_args={"max_model_len": 512, "max_num_seqs": 8},
+                       pricing=Pricing(prompt_per_mtok=1, completion_per_mtok=1),
+                       admission=AdmissionConfig(**admission))
+
+
+async def _never_hung(replica: Replica, reason: str) -> None:
+    raise AssertionError("not expected")
+
+
+def _watch(model: ModelConfig, index: int, *, running: int = 0, waiting: int = 0, kv: float = 0.0,
+           age_s: float = 0.0, drain_rate: float | None = None) -> ReplicaWatch:
+    replica = Replica(IdleEngine(ReplicaSpec(model=model, index=index, host="127.0.0.1", port=1)))
+    replica.set_state(ReplicaState.ready)
+    health = EngineHealthConfig(stats_interval_s=0.2)
+    watch = ReplicaWatch(replica, health, AdmissionLimits.for_model(model, health.stale_after_s), _never_hung)
+    now = time.monotonic()
+    if drain_rate is not None:  # two scrapes a second apart that finished `drain_rate` requests
+        watch.load.record(EngineStats(running, waiting, kv, 0, 0, 0, 0, now - age_s - 1))
+        watch.load.record(EngineStats(running, waiting, kv, 1, 0, 0, drain_rate, now - age_s))
+    else:
+        watch.load.record(EngineStats(running, waiting, kv, 0, 0, 0, 0, now - age_s))
+    return watch
+
+
+def _ctx(model: ModelConfig, **body: object) -> RequestContext:
+    body = {"model": model.id, "messages": [{"role": "user", "content": "hi"}], **body}
+    return RequestContext(request_id="r", endpoint="chat.completions", model=model, body=body, stream=False,
+                          client_wants_usage=False, headers={})
+
+
+def _admission(*watches: ReplicaWatch) -> Admission:
+    return Admission({"acme/m": list(watches)}, DrainState())
+
+
+def test_default_limits_derive_from_max_num_seqs() -> None:
+    limits = AdmissionLimits.for_model(_model(), stale_after_s=0.6)
+    assert (limits.max_num_seqs, limits.max_in_flight, limits.max_waiting) == (8, 10, 2)
+    custom = AdmissionLimits.for_model(_model(max_in_flight=3, max_waiting=5, max_kv_cache_usage=0.5), 1.0)
+    assert (custom.max_in_flight, custom.max_waiting, custom.max_kv_cache_usage) == (3, 5, 0.5)
+
+
+def test_lease_counts_in_flight_until_released() -> None:
+    model = _model()
+    watch = _watch(model, 0, running=1)
+    ctx = _ctx(model)
+    lease = _admission(watch).admit(ctx)
+    assert lease.replica is watch.replica and watch.replica.in_flight == 1
+    assert ctx.response_headers["x-worker-running"] == "1"
+    assert ctx.response_headers["x-worker-queue-depth"] == "0"
+    assert ctx.response_headers["x-worker-kv-cache-usage"] == "0.000"
+    lease.release()
+    lease.release()
+    assert watch.replica.in_flight == 0
+
+
+def test_least_loaded_replica_wins() -> None:
+    model = _model()
+    busy, calm = _watch(model, 0), _watch(model, 1, kv=0.2)
+    busy.replica.in_flight = 5
+    admission = _admission(busy, calm)
+    assert {admission.admit(_ctx(model)).replica for _ in range(3)} == {calm.replica}
+
+
+def test_equal_replicas_take_turns() -> None:
+    model = _model()
+    first, second = _watch(model, 0), _watch(model, 1)
+    admission = _admission(first, second)
+    chosen = []
+    for _ in range(4):
+        lease = admission.admit(_ctx(model))
+        chosen.append(lease.replica)
+        lease.release()
+    assert set(chosen) == {first.replica, second.replica}
+
+
+@pytest.mark.parametrize(("state", "reason"), [
+    ({"in_flight": 10}, "in_flight"),
+    ({"running": 8, "waiting": 2}, "waiting"),
+    ({"kv": 0.96}, "kv_cache"),
+    ({"age_s": 5.0}, "stale_stats"),
+])
+def test_saturated_replica_is_refused_with_429_and_retry_after(state: dict, reason: str) -> None:
+    model = _model()
+    in_flight = state.pop("in_flight", 0)
+    watch = _watch(model, 0, drain_rate=0.5, **state)
+    watch.replica.in_flight = in_flight
+    limits = watch.limits
+    assert limits.saturation(in_flight, watch.load, time.monotonic()) == reason
+    admission = _admission(watch)
+    with pytest.raises(ApiError) as caught:
+        admission.admit(_ctx(model))
+    error = caught.value
+    assert error.status == 429 and error.code == "rate_limit_exceeded"
+    assert int(error.headers["retry-after"]) >= 1
+    assert admission.rejections[("acme/m", "saturated")] == 1
+    assert watch.replica.in_flight == in_flight  # nothing leased
+
+
+def test_retry_after_follows_the_drain_rate() -> None:
+    model = _model()
+    slow = _watch(model, 0, running=8, waiting=8, drain_rate=0.25)  # 7 to finish first, at 0.25 req/s
+    assert slow.limits.retry_after_s(0, slow.load) == 28
+    fast = _watch(model, 1, running=8, waiting=8, drain_rate=100.0)
+    assert fast.limits.retry_after_s(0, fast.load) == 1
+
+
+def test_waiting_with_free_batch_slots_is_no_queue() -> None:
+    model = _model()
+    watch = _watch(model, 0, running=2, waiting=5)  # 6 free slots: they join the next step
+    assert watch.limits.saturation(0, watch.load, time.monotonic()) is None
+
+
+def test_one_saturated_replica_sends_work_to_the_other() -> None:
+    model = _model()
+    full, free = _watch(model, 0, kv=0.99), _watch(model, 1)
+    assert _admission(full, free).admit(_ctx(model)).replica is free.replica
+
+
+def test_admission_off_lets_the_engine_queue() -> None:
+    model = _model(enabled=False)
+    watch = _watch(model, 0, running=8, waiting=50, kv=0.99)
+    watch.replica.in_flight = 100
+    assert _admission(watch).admit(_ctx(model)).replica is watch.replica
+
+
+def test_no_ready_replica_is_503() -> None:
+    model = _model()
+    down = _watch(model, 0)
+    down.replica.set_state(ReplicaState.restarting)
+    unread = _watch(model, 1)
+    unread.load.reset(time.monotonic())  # up, but its load not read yet
+    admission = _admission(down, unread)
+    with pytest.raises(ApiError) as caught:
+        admission.admit(_ctx(model))
+    assert caught.value.status == 503 and caught.value.headers["retry-after"]
+    assert admission.rejections[("acme/m", "unavailable")] == 1
+
+
+def test_excluded_replica_is_skipped() -> None:
+    model = _model()
+    first, second = _watch(model, 0), _watch(model, 1)
+    admission = _admission(first, second)
+    assert all(admission.admit(_ctx(model), exclude=first.replica).replica is second.replica for _ in range(3))
+
+
+def test_draining_is_503() -> None:
+    model = _model()
+    admission = _admission(_watch(model, 0))
+    admission.drain.begin()
+    with pytest.raises(ApiError) as caught:
+        admission.admit(_ctx(model))
+    assert caught.value.status == 503 and caught.value.headers["retry-after"]
+    assert admission.rejections[("acme/m", "draining")] == 1
+    admission.drain.end()
+    admission.admit(_ctx(model))
+
+
+def test_shutdown_drain_cannot_be_lifted() -> None:
+    drain = DrainState()
+    drain.begin(shutting_down=True)
+    assert not drain.end() and drain.draining
+
+
+def test_context_length_refusals_are_counted() -> None:
+    model = _model()
+    admission = _admission(_watch(model, 0))
+    with pytest.raises(ApiError) as caught:
+        admission.admit(_ctx(model, max_tokens=100_000))
+    assert caught.value.status == 400 and caught.value.code == "context_length_exceeded"
+    assert admission.rejections[("acme/m", "context_length")] == 1

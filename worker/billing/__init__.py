@@ -1,0 +1,22 @@
+"""API keys, prepaid balances, the usage ledger and its outbox.
+
+`BillingService` plugs into the gateway as request hooks: it authenticates and rate-limits each request,
+reserves its worst-case cost before the engine sees it, and settles the real cost into an append-only
+ledger before the response ends.
+"""
+
+from worker.billing.admin_api import require_admin_token
+from worker.billing.provenance import Provenance, ProvenanceSource
+from worker.billing.service import BillingBacklog, BillingService, Principal
+from worker.billing.store import LedgerStore, open_store
+
+__all__ = [
+    "BillingBacklog",
+    "BillingService",
+    "LedgerStore",
+    "Principal",
+    "Provenance",
+    "ProvenanceSource",
+    "open_store",
+    "require_admin_token",
+]

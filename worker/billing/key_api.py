@@ -1,0 +1,53 @@
+"""`GET /v1/key` and `GET /v1/usage`: what a key holder may see of their own key and requests."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Depends, Query
+from starlette.requests import Request
+
+from worker.billing.export import record_json
+from worker.billing.records import ApiKey, LedgerFilter, utc_month
+from worker.billing.views import OwnKeyView
+from worker.gateway.errors import ApiError
+
+if TYPE_CHECKING:
+    from worker.billing.service import BillingService
+
+
+def build_key_router(service: BillingService) -> APIRouter:
+    router = APIRouter(tags=["key"])
+
+    async def current_key(request: Request) -> ApiKey:
+        return await service.authenticate(request.headers)
+
+    @router.get("/v1/key")
+    async def own_key(key: ApiKey = Depends(current_key)) -> dict[str, Any]:
+        account = await service.store.get_account(key.account_id)
+        if account is None:  # keys are never orphaned; this would be a damaged database
+            raise ApiError(500, "the account of this key is missing")
+        return {"data": OwnKeyView.of_key(key, account, utc_month(time.time()))}
+
+    @router.get("/v1/usage")
+    async def own_usage(
+        key: ApiKey = Depends(current_key),
+        limit: int = Query(default=50, ge=1, le=500),
+        cursor: str | None = Query(default=None, description="next_cursor of the previous page"),
+        since: datetime | None = None,
+        until: datetime | None = None,
+        model: str | None = None,
+    ) -> dict[str, Any]:
+        before: int | None = None
+        if cursor is not None:
+            if not cursor.isdigit():
+                raise ApiError(400, "invalid cursor: pass next_cursor from the previous page", param="cursor")
+            before = int(cursor)
+        where = LedgerFilter(key_id=key.id, model=model, since=since, until=until)
+        records = await service.store.query_ledger(where, limit=limit, order="desc", cursor=before)
+        next_cursor = str(records[-1].seq) if len(records) == limit else None
+        return {"object": "list", "data": [record_json(r) for r in records], "next_cursor": next_cursor}
+
+    return router

@@ -1,0 +1,317 @@
+"""The billing store on PostgreSQL (asyncpg), for several workers sharing one ledger and one set of balances.
+
+Reservations are single conditional UPDATEs, so workers racing for one account can never overdraw it.
+They commit without waiting for the WAL flush: a reservation lost to a server crash is harmless, since
+the restarted worker releases whatever it held anyway. Ledger records commit in batches with the
+server's durable default. Every transaction locks key rows before account rows, each set in id order,
+so concurrent reservations and settlements cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import asyncpg
+
+from worker.billing.records import (
+    Account,
+    ApiKey,
+    LedgerFilter,
+    LedgerRecord,
+    NewApiKey,
+    Reservation,
+    ReserveOutcome,
+    utc_month,
+)
+from worker.billing.store.base import DuplicateRequestId, LedgerStore, UnknownAccount
+from worker.billing.store.rows import (
+    ACCOUNT_COLUMNS,
+    KEY_COLUMNS,
+    KEY_INSERT_COLUMNS,
+    LEDGER_COLUMNS,
+    LEDGER_INSERT_COLUMNS,
+    account_from_row,
+    key_from_row,
+    ledger_conditions,
+    ledger_from_row,
+    ledger_params,
+    new_key_params,
+)
+from worker.billing.store.schema import SCHEMA_VERSION_TABLE, pending_migrations
+from worker.billing.store.sql import (
+    ACCOUNT_CHARGE,
+    ACCOUNT_RESERVE,
+    KEY_CHARGE,
+    KEY_RESERVE,
+    KEY_STATE,
+    for_postgres,
+)
+
+logger = logging.getLogger(__name__)
+
+# Any constant works; it only has to be the same for every worker migrating the same database.
+_MIGRATION_LOCK_ID = 0x10_7E_B1_11
+_KEY_RESERVE = for_postgres(KEY_RESERVE) + " RETURNING id"
+_KEY_STATE = for_postgres(KEY_STATE)
+_ACCOUNT_RESERVE = for_postgres(ACCOUNT_RESERVE) + " RETURNING id"
+_KEY_CHARGE = for_postgres(KEY_CHARGE)
+_ACCOUNT_CHARGE = for_postgres(ACCOUNT_CHARGE)
+_INSERT_LEDGER = (f"INSERT INTO ledger ({', '.join(LEDGER_INSERT_COLUMNS)}) "
+                  f"VALUES ({', '.join(f'${i}' for i in range(1, len(LEDGER_INSERT_COLUMNS) + 1))}) "
+                  "ON CONFLICT (request_id) DO NOTHING RETURNING seq")
+_INSERT_RESERVATION = """
+INSERT INTO reservations (request_id, account_id, key_id, amount_micro, holder, created_at)
+SELECT $1, $2, $3, $4, $5, $6 WHERE NOT EXISTS (SELECT 1 FROM ledger WHERE request_id = $1)
+ON CONFLICT (request_id) DO NOTHING RETURNING request_id"""
+
+
+class _Refused(Exception):
+    def __init__(self, outcome: ReserveOutcome) -> None:
+        self.outcome = outcome
+
+
+@dataclass
+class _SettleJob:
+    record: LedgerRecord
+    future: asyncio.Future[int | None]
+
+
+class PostgresStore(LedgerStore):
+    dialect = "postgresql"
+
+    def __init__(self, pool: asyncpg.Pool, *, max_batch: int = 256) -> None:
+        self._pool = pool
+        self._max_batch = max_batch
+        self._jobs: asyncio.Queue[_SettleJob | None] = asyncio.Queue()
+        self._writer = asyncio.create_task(self._write_loop(), name="billing-postgres-writer")
+        self._closed = False
+
+    @classmethod
+    async def open(cls, dsn: str, *, pool_size: int = 8) -> PostgresStore:
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=pool_size)
+        try:
+            async with pool.acquire() as connection, connection.transaction():
+                await connection.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK_ID)
+                await connection.execute(SCHEMA_VERSION_TABLE)
+                applied = await connection.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+                for migration in pending_migrations(applied):
+                    for statement in migration.postgres:
+                        await connection.execute(statement)
+                    await connection.execute("INSERT INTO schema_version VALUES ($1, $2, $3)",
+                                             migration.version, migration.description, time.time())
+        except BaseException:
+            await pool.close()
+            raise
+        return cls(pool)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self._jobs.put(None)
+        await self._writer
+        await self._pool.close()
+
+    @property
+    def pending_writes(self) -> int:
+        return self._jobs.qsize()
+
+    # Accounts and keys.
+    async def create_account(self, account_id: str, name: str, balance_micro: int, created_at: float) -> Account:
+        row = await self._pool.fetchrow(
+            f"INSERT INTO accounts (id, name, balance_micro, created_at) VALUES ($1, $2, $3, $4) "
+            f"RETURNING {ACCOUNT_COLUMNS}", account_id, name, balance_micro, created_at)
+        return account_from_row(row)
+
+    async def get_account(self, account_id: str) -> Account | None:
+        row = await self._pool.fetchrow(f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = $1", account_id)
+        return account_from_row(row) if row else None
+
+    async def list_accounts(self) -> list[Account]:
+        rows = await self._pool.fetch(f"SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY created_at, id")
+        return [account_from_row(row) for row in rows]
+
+    async def top_up(self, account_id: str, amount_micro: int) -> Account:
+        row = await self._pool.fetchrow(f"UPDATE accounts SET balance_micro = balance_micro + $1 WHERE id = $2 "
+                                        f"RETURNING {ACCOUNT_COLUMNS}", amount_micro, account_id)
+        if row is None:
+            raise UnknownAccount(account_id)
+        return account_from_row(row)
+
+    async def create_key(self, key: NewApiKey) -> ApiKey:
+        placeholders = ", ".join(f"${i}" for i in range(1, 13))
+        try:
+            row = await self._pool.fetchrow(f"INSERT INTO api_keys ({KEY_INSERT_COLUMNS}) VALUES ({placeholders}) "
+                                            f"RETURNING {KEY_COLUMNS}", *new_key_params(key))
+        except asyncpg.ForeignKeyViolationError:
+            raise UnknownAccount(key.account_id) from None
+        return key_from_row(row)
+
+    async def find_key_by_hash(self, key_hash: str) -> ApiKey | None:
+        row = await self._pool.fetchrow(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE key_hash = $1", key_hash)
+        return key_from_row(row) if row else None
+
+    async def get_key(self, key_id: str) -> ApiKey | None:
+        row = await self._pool.fetchrow(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1", key_id)
+        return key_from_row(row) if row else None
+
+    async def list_keys(self, account_id: str | None = None) -> list[ApiKey]:
+        if account_id is None:
+            rows = await self._pool.fetch(f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at, id")
+        else:
+            rows = await self._pool.fetch(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE account_id = $1 "
+                                          "ORDER BY created_at, id", account_id)
+        return [key_from_row(row) for row in rows]
+
+    async def revoke_key(self, key_id: str, revoked_at: float) -> ApiKey | None:
+        row = await self._pool.fetchrow(f"UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $1) WHERE id = $2 "
+                                        f"RETURNING {KEY_COLUMNS}", revoked_at, key_id)
+        return key_from_row(row) if row else None
+
+    # Money on the request path.
+    async def reserve(self, reservation: Reservation) -> ReserveOutcome:
+        r = reservation
+        try:
+            async with self._pool.acquire() as connection, connection.transaction():
+                await connection.execute("SET LOCAL synchronous_commit TO OFF")
+                if await connection.fetchval(_INSERT_RESERVATION, r.request_id, r.account_id, r.key_id,
+                                             r.amount_micro, r.holder, r.created_at) is None:
+                    raise _Refused(ReserveOutcome.duplicate_request)
+                if await connection.fetchval(_KEY_RESERVE, r.amount_micro, r.key_id, r.month) is None:
+                    state = await connection.fetchrow(_KEY_STATE, r.key_id)
+                    raise _Refused(ReserveOutcome.key_revoked if state is None or state[0] is not None
+                                   else ReserveOutcome.spend_cap_reached)
+                if await connection.fetchval(_ACCOUNT_RESERVE, r.amount_micro, r.account_id) is None:
+                    raise _Refused(ReserveOutcome.insufficient_balance)
+        except _Refused as refused:
+            return refused.outcome
+        return ReserveOutcome.reserved
+
+    async def settle(self, record: LedgerRecord) -> LedgerRecord:
+        if self._closed:
+            raise RuntimeError("the billing store is closed")
+        future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        await self._jobs.put(_SettleJob(record, future))
+        seq = await future
+        if seq is None:
+            raise DuplicateRequestId(record.request_id)
+        return record.model_copy(update={"seq": seq})
+
+    async def _write_loop(self) -> None:
+        while True:
+            job = await self._jobs.get()
+            if job is None:
+                return
+            batch, stop = [job], False
+            while len(batch) < self._max_batch and not self._jobs.empty():
+                follower = self._jobs.get_nowait()
+                if follower is None:
+                    stop = True
+                    break
+                batch.append(follower)
+            await self._commit(batch)
+            if stop:
+                return
+
+    async def _commit(self, batch: list[_SettleJob]) -> None:
+        try:
+            async with self._pool.acquire() as connection, connection.transaction():
+                seqs = await _settle_all(connection, [job.record for job in batch])
+        except Exception as error:
+            if len(batch) > 1:  # one bad record must not fail its neighbours: retry each on its own
+                for job in batch:
+                    await self._commit([job])
+                return
+            logger.error("ledger write failed", extra={"request_id": batch[0].record.request_id,
+                                                       "error": repr(error)})
+            _resolve(batch[0].future, None, error)
+            return
+        for job, seq in zip(batch, seqs, strict=True):
+            _resolve(job.future, seq, None)
+
+    async def release_reservations(self, holder: str, older_than: float | None = None) -> int:
+        async with self._pool.acquire() as connection, connection.transaction():
+            rows = await connection.fetch(
+                "DELETE FROM reservations WHERE holder = $1 OR created_at < $2 "
+                "RETURNING key_id, account_id, amount_micro",
+                holder, older_than if older_than is not None else float("-inf"))
+            keys: dict[str, int] = {}
+            accounts: dict[str, int] = {}
+            for row in rows:
+                keys[row["key_id"]] = keys.get(row["key_id"], 0) + row["amount_micro"]
+                accounts[row["account_id"]] = accounts.get(row["account_id"], 0) + row["amount_micro"]
+            await connection.executemany("UPDATE api_keys SET reserved_micro = reserved_micro - $1 WHERE id = $2",
+                                         [(amount, key_id) for key_id, amount in sorted(keys.items())])
+            await connection.executemany("UPDATE accounts SET reserved_micro = reserved_micro - $1 WHERE id = $2",
+                                         [(amount, account_id) for account_id, amount in sorted(accounts.items())])
+        return len(rows)
+
+    # The ledger.
+    async def query_ledger(self, where: LedgerFilter, *, limit: int, order: Literal["asc", "desc"] = "desc",
+                           cursor: int | None = None) -> list[LedgerRecord]:
+        conditions = ledger_conditions(where)
+        if cursor is not None:
+            conditions.append(("seq > {}" if order == "asc" else "seq < {}", cursor))
+        clause, params = _where(conditions)
+        rows = await self._pool.fetch(
+            f"SELECT {LEDGER_COLUMNS} FROM ledger{clause} ORDER BY seq {order.upper()} LIMIT ${len(params) + 1}",
+            *params, limit)
+        return [ledger_from_row(row) for row in rows]
+
+    async def count_ledger(self, where: LedgerFilter, after_seq: int = 0) -> int:
+        clause, params = _where([*ledger_conditions(where), ("seq > {}", after_seq)])
+        return int(await self._pool.fetchval(f"SELECT COUNT(*) FROM ledger{clause}", *params))
+
+    # The outbox.
+    async def outbox_cursor(self, worker_id: str) -> int:
+        value = await self._pool.fetchval("SELECT last_seq FROM outbox_cursors WHERE worker_id = $1", worker_id)
+        return int(value) if value is not None else 0
+
+    async def advance_outbox(self, worker_id: str, seq: int, now: float) -> None:
+        await self._pool.execute(
+            "INSERT INTO outbox_cursors (worker_id, last_seq, updated_at) VALUES ($1, $2, $3) "
+            "ON CONFLICT (worker_id) DO UPDATE SET last_seq = excluded.last_seq, updated_at = excluded.updated_at "
+            "WHERE outbox_cursors.last_seq < excluded.last_seq", worker_id, seq, now)
+
+
+async def _settle_all(connection: asyncpg.Connection, records: list[LedgerRecord]) -> list[int | None]:
+    seqs: list[int | None] = []
+    for record in records:
+        seqs.append(await connection.fetchval(_INSERT_LEDGER, *ledger_params(record)))
+    fresh = [record for record, seq in zip(records, seqs, strict=True) if seq is not None]
+    held = {row["request_id"]: row["amount_micro"] for row in await connection.fetch(
+        "DELETE FROM reservations WHERE request_id = ANY($1::text[]) RETURNING request_id, amount_micro",
+        [record.request_id for record in fresh])}
+    key_updates: list[tuple[int, str, int, str]] = []
+    account_updates: list[tuple[int, int, str]] = []
+    for record in fresh:
+        released = held.get(record.request_id, 0)
+        if record.key_id is not None:
+            key_updates.append((released, utc_month(record.received_at.timestamp()), record.cost_micro,
+                                record.key_id))
+        if record.account_id is not None:
+            account_updates.append((record.cost_micro, released, record.account_id))
+    # Keys before accounts, each in id order: the same lock order as every other transaction.
+    await connection.executemany(_KEY_CHARGE, sorted(key_updates, key=lambda u: (u[3], u[1])))
+    await connection.executemany(_ACCOUNT_CHARGE, sorted(account_updates, key=lambda u: u[2]))
+    return seqs
+
+
+def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _where(conditions: list[tuple[str, Any]]) -> tuple[str, list[Any]]:
+    if not conditions:
+        return "", []
+    parts = [sql.format(f"${index}") for index, (sql, _) in enumerate(conditions, start=1)]
+    return " WHERE " + " AND ".join(parts), [value for _, value in conditions]

@@ -1,0 +1,48 @@
+"""Statements both dialects share, written once with `{0}`, `{1}`... for parameters.
+
+SQLite and PostgreSQL both accept numbered parameters (`?1` and `$1`), so a parameter used twice is
+passed once and the same argument tuple serves both.
+"""
+
+from __future__ import annotations
+
+# The key's part of a reservation: refused once revoked or when the monthly cap cannot cover it.
+KEY_RESERVE = """
+UPDATE api_keys SET reserved_micro = reserved_micro + {0}
+WHERE id = {1} AND revoked_at IS NULL AND (
+    monthly_cap_micro IS NULL
+    OR (CASE WHEN spend_month = {2} THEN month_spent_micro ELSE 0 END) + reserved_micro + {0} <= monthly_cap_micro
+)"""
+
+KEY_STATE = "SELECT revoked_at FROM api_keys WHERE id = {0}"
+
+# The account's part: refused when what is left after other reservations cannot cover it.
+ACCOUNT_RESERVE = """
+UPDATE accounts SET reserved_micro = reserved_micro + {0}
+WHERE id = {1} AND balance_micro - reserved_micro >= {0}"""
+
+# Settling: release the reservation, count the cost in its month (an older month's late charge does
+# not reset the current month's counter).
+KEY_CHARGE = """
+UPDATE api_keys SET
+    reserved_micro = reserved_micro - {0},
+    month_spent_micro = CASE
+        WHEN spend_month = {1} THEN month_spent_micro + {2}
+        WHEN spend_month IS NULL OR spend_month < {1} THEN {2}
+        ELSE month_spent_micro END,
+    spend_month = CASE WHEN spend_month IS NULL OR spend_month < {1} THEN {1} ELSE spend_month END
+WHERE id = {3}"""
+
+ACCOUNT_CHARGE = """
+UPDATE accounts SET balance_micro = balance_micro - {0}, reserved_micro = reserved_micro - {1}
+WHERE id = {2}"""
+
+_MAX_PARAMETERS = 32
+
+
+def for_sqlite(template: str) -> str:
+    return template.format(*(f"?{i}" for i in range(1, _MAX_PARAMETERS + 1)))
+
+
+def for_postgres(template: str) -> str:
+    return template.format(*(f"${i}" for i in range(1, _MAX_PARAMETERS + 1)))

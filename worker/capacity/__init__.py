@@ -1,0 +1,19 @@
+"""Capacity: engine load and health signals, admission control, readiness, `/capacity` and draining."""
+
+from worker.capacity.admission import Admission, AdmissionLimits
+from worker.capacity.document import CapacityDocument, CapacityState
+from worker.capacity.load import EngineLoad
+from worker.capacity.monitor import CapacityMonitor
+from worker.capacity.routes import build_capacity_router
+from worker.capacity.stats import EngineStats
+
+__all__ = [
+    "Admission",
+    "AdmissionLimits",
+    "CapacityDocument",
+    "CapacityMonitor",
+    "CapacityState",
+    "EngineLoad",
+    "EngineStats",
+    "build_capacity_router",
+]

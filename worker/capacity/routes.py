@@ -1,0 +1,46 @@
+"""`GET /capacity` and the maintenance switches `POST /admin/drain` / `POST /admin/undrain`."""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+from fastapi import APIRouter, Depends
+from pydantic import SecretStr
+from starlette.responses import Response
+
+from worker.billing.admin_api import require_admin_token
+from worker.capacity.monitor import CapacityMonitor
+from worker.gateway.errors import ApiError
+
+logger = logging.getLogger(__name__)
+
+
+def _json(content: object) -> Response:
+    return Response(orjson.dumps(content), media_type="application/json")
+
+
+def build_capacity_router(capacity: CapacityMonitor, admin_token: SecretStr | None) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/capacity")
+    async def capacity_document() -> Response:
+        return Response(capacity.document().model_dump_json(), media_type="application/json")
+
+    admin = APIRouter(prefix="/admin", dependencies=[Depends(require_admin_token(admin_token))])
+
+    @admin.post("/drain")
+    async def drain() -> Response:
+        capacity.drain.begin()
+        logger.warning("drain requested", extra={"in_flight": capacity.in_flight})
+        return _json({"draining": True, "in_flight": capacity.in_flight})
+
+    @admin.post("/undrain")
+    async def undrain() -> Response:
+        if not capacity.drain.end():
+            raise ApiError(409, "the worker is shutting down and cannot take work again", code="shutting_down")
+        logger.warning("drain lifted")
+        return _json({"draining": False, "in_flight": capacity.in_flight})
+
+    router.include_router(admin)
+    return router

@@ -1,0 +1,40 @@
+"""Readiness, draining and admission refusals of the node, read from the capacity monitor at scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+
+if TYPE_CHECKING:
+    from worker.capacity import CapacityMonitor
+
+
+class CapacityCollector:
+    def __init__(self, capacity: CapacityMonitor) -> None:
+        self.capacity = capacity
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        capacity = self.capacity
+        yield GaugeMetricFamily("worker_ready", "1 while every model has a replica that takes work",
+                                value=1.0 if capacity.is_ready() else 0.0)
+        yield GaugeMetricFamily("worker_draining", "1 while the worker refuses new requests",
+                                value=1.0 if capacity.drain.draining else 0.0)
+        rejections = CounterMetricFamily("worker_admission_rejections",
+                                         "Requests refused before reaching an engine, by reason",
+                                         labels=["model", "reason"])
+        for (model, reason), count in sorted(capacity.admission.rejections.items()):
+            rejections.add_metric([model, reason], count)
+        yield rejections
+        hangs = CounterMetricFamily("worker_replica_hang_restarts",
+                                    "Restarts of a replica found hung (no progress, or no answer to a probe)",
+                                    labels=["model", "replica"])
+        for watches in capacity.watches.values():
+            for watch in watches:
+                hangs.add_metric([watch.replica.model_id, watch.replica.replica_id], watch.hang_restarts)
+        yield hangs
