@@ -14,8 +14,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.responses import Response
 
 from worker import __version__
+from worker.billing import BillingService, Provenance
 from worker.capacity import CapacityMonitor, CapacityState, build_capacity_router
 from worker.config import NodeConfig, Settings
+from worker.engines.replica import Replica
 from worker.engines.supervisor import EngineSupervisor
 from worker.gateway.access_log import AccessLog
 from worker.gateway.app import create_app
@@ -59,6 +61,10 @@ class WorkerNode:
     async def start(self) -> None:
         logger.info("worker starting", extra={"worker_id": self.config.worker.id, "version": __version__,
                                               "replicas": [r.replica_id for r in self.supervisor.replicas]})
+        self.billing = await BillingService.open(self.settings, self.config, self.provenance)
+        self.gateway.hooks.append(self.billing)  # last: metrics and the access log also see its refusals
+        self.app.include_router(self.billing.key_router())
+        self.app.include_router(self.billing.admin_router())
         await self.gpu_monitor.start()
         self.gpu_monitor.subscribe(self._on_gpu_change)
         await self.supervisor.start()
@@ -69,6 +75,18 @@ class WorkerNode:
         await self.capacity.stop()
         await self.supervisor.stop()
         await self.gpu_monitor.stop()
+        await self.billing.close()
+
+    def provenance(self, replica: Replica | None) -> Provenance:
+        """Where a request ran, for response headers and the ledger (cached per replica and GPU state)."""
+        worker_id = self.config.worker.id
+        if replica is None:
+            return Provenance(worker_id=worker_id, engine_version=f"worker {__version__}")
+        snapshot = self.gpu_monitor.snapshot()
+        gpus = [g for g in (snapshot.gpu(i) for i in replica.spec.gpu_ids) if g is not None]
+        return Provenance(worker_id=worker_id, replica_id=replica.replica_id,
+                          gpu_model=gpus[0].name if gpus else None, gpu_uuids=tuple(g.uuid for g in gpus),
+                          model_revision=replica.spec.model.revision, engine_version=replica.engine.version)
 
     async def _on_gpu_change(self, change: GpuHealthChange) -> None:
         if change.current is GpuHealth.FAILED:

@@ -30,7 +30,7 @@ def test_malformed_keys_are_recognised_without_a_lookup() -> None:
     key = generate_api_key()
     assert not looks_like_api_key(key[:-1])
     assert not looks_like_api_key(key + "x")
-    assert not looks_like_api_key("sk-" + key[len(KEY_PREFIX):])
+    assert not looks_like_api_key("sk-" + key[len(KEY_PREFIX) :])
     assert not looks_like_api_key(key[:-1] + "!")
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.billing.conftest import (
+from tests.billing.support import (
     bearer,
     chat_model,
     fake_replica,
@@ -20,9 +20,10 @@ from tests.billing.conftest import (
     provenance_for,
 )
 from worker.billing.keys import generate_api_key
-from worker.billing.pricing import prompt_token_bound, worst_case_micro
+from worker.billing.metering import Principal
+from worker.billing.pricing import RequestShape, worst_case_micro
 from worker.billing.records import LedgerFilter, LedgerRecord
-from worker.billing.service import BillingService, Principal
+from worker.billing.service import BillingService
 from worker.billing.store import LedgerStore
 from worker.gateway.context import RequestContext, Usage
 from worker.gateway.errors import ApiError
@@ -40,8 +41,14 @@ async def only_record(store: LedgerStore) -> LedgerRecord:
     return records[0]
 
 
-def finish(ctx: RequestContext, usage: Usage | None, *, finish_reason: str | None = "stop", outcome: str = "ok",
-           status: int = 200) -> None:
+def finish(
+    ctx: RequestContext,
+    usage: Usage | None,
+    *,
+    finish_reason: str | None = "stop",
+    outcome: str = "ok",
+    status: int = 200,
+) -> None:
     """What the relay fills in before it calls finalize."""
     ctx.replica = fake_replica()
     ctx.status_code = status
@@ -52,19 +59,24 @@ def finish(ctx: RequestContext, usage: Usage | None, *, finish_reason: str | Non
     ctx.finished_monotonic = ctx.started_monotonic + 0.050
 
 
-@pytest.mark.parametrize("headers", [
-    {},
-    {"Authorization": "Bearer not-a-key"},
-    {"Authorization": f"Bearer {generate_api_key()}"},  # well-formed but unknown
-    {"x-api-key": generate_api_key()},
-])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer not-a-key"},
+        {"Authorization": f"Bearer {generate_api_key()}"},  # well-formed but unknown
+        {"x-api-key": generate_api_key()},
+    ],
+)
 async def test_requests_without_a_valid_key_get_401(service: BillingService, headers: dict[str, str]) -> None:
     error = await refused(service, make_context(), headers)
     assert (error.status, error.code, error.error_type) == (401, "invalid_api_key", "authentication_error")
     assert error.headers["x-worker-id"] == "worker-1"
 
 
-async def test_revocation_applies_to_the_very_next_request(service: BillingService, store: LedgerStore) -> None:
+async def test_revocation_applies_to_the_very_next_request(
+    service: BillingService, store: LedgerStore
+) -> None:
     funded = await make_key(store)
     ctx = make_context()
     await service.before_request(ctx, make_request(bearer(funded.plaintext)))
@@ -99,7 +111,7 @@ async def test_balance_below_the_worst_case_gets_402(service: BillingService, st
 async def test_concurrent_requests_never_overdraw(service: BillingService, store: LedgerStore) -> None:
     model = chat_model()
     probe = make_context(model, max_tokens=100)
-    worst = worst_case_micro(model, "chat.completions", prompt_token_bound("chat.completions", probe.body), 100)
+    worst = worst_case_micro(model, RequestShape.of("chat.completions", probe.body, 100))
     funded = await make_key(store, balance_micro=worst * 10 + worst // 2)
     contexts = [make_context(model, max_tokens=100) for _ in range(50)]
 
@@ -150,8 +162,9 @@ async def test_rate_limit_gets_429_with_openai_headers(service: BillingService, 
     assert service.backlog().reservations_held == 2
 
 
-async def test_completed_request_is_recorded_and_charged_its_real_cost(service: BillingService,
-                                                                       store: LedgerStore) -> None:
+async def test_completed_request_is_recorded_and_charged_its_real_cost(
+    service: BillingService, store: LedgerStore
+) -> None:
     funded = await make_key(store, balance_micro=1_000_000)
     ctx = make_context(max_tokens=100)
     await service.before_request(ctx, make_request(bearer(funded.plaintext)))
@@ -165,7 +178,11 @@ async def test_completed_request_is_recorded_and_charged_its_real_cost(service: 
     record = await only_record(store)
     assert record.request_id == ctx.request_id
     assert (record.key_id, record.account_id) == (funded.key.id, funded.account.id)
-    assert (record.model, record.endpoint, record.replica_id) == ("acme/chat", "chat.completions", "acme-chat-0")
+    assert (record.model, record.endpoint, record.replica_id) == (
+        "acme/chat",
+        "chat.completions",
+        "acme-chat-0",
+    )
     assert record.gpu_uuids == ("GPU-0", "GPU-1")
     assert (record.prompt_tokens, record.completion_tokens, record.cost_micro) == (120, 40, 200)
     assert (record.status_code, record.outcome, record.finish_reason) == (200, "ok", "stop")
@@ -174,16 +191,24 @@ async def test_completed_request_is_recorded_and_charged_its_real_cost(service: 
     assert record.worker_id == "worker-1"
 
 
-@pytest.mark.parametrize(("usage", "finish_reason", "outcome", "cost"), [
-    (Usage(prompt_tokens=50, completion_tokens=5), "error", "engine_error", 0),
-    (None, None, "upstream_failed", 0),
-    (Usage(prompt_tokens=50, completion_tokens=0), "stop", "ok", 0),
-    (Usage(prompt_tokens=0, completion_tokens=7), None, "client_disconnected", 14),
-    (None, None, "client_disconnected", 0),
-])
+@pytest.mark.parametrize(
+    ("usage", "finish_reason", "outcome", "cost"),
+    [
+        (Usage(prompt_tokens=50, completion_tokens=5), "error", "engine_error", 0),
+        (None, None, "upstream_failed", 0),
+        (Usage(prompt_tokens=50, completion_tokens=0), "stop", "ok", 0),
+        (Usage(prompt_tokens=0, completion_tokens=7), None, "client_disconnected", 14),
+        (None, None, "client_disconnected", 0),
+    ],
+)
 async def test_failed_or_empty_requests_are_recorded_and_cost_what_was_generated(
-        service: BillingService, store: LedgerStore, usage: Usage | None, finish_reason: str | None,
-        outcome: str, cost: int) -> None:
+    service: BillingService,
+    store: LedgerStore,
+    usage: Usage | None,
+    finish_reason: str | None,
+    outcome: str,
+    cost: int,
+) -> None:
     funded = await make_key(store, balance_micro=1_000_000)
     ctx = make_context()
     await service.before_request(ctx, make_request(bearer(funded.plaintext)))
@@ -196,8 +221,9 @@ async def test_failed_or_empty_requests_are_recorded_and_cost_what_was_generated
 
 
 async def test_requests_refused_after_billing_admitted_them_release_the_reservation(
-        service: BillingService, store: LedgerStore) -> None:
-    """E.g. capacity answers 429 after billing reserved: the gateway still finalizes with outcome 'rejected'."""
+    service: BillingService, store: LedgerStore
+) -> None:
+    """E.g. capacity answers 429 after billing reserved: the gateway finalizes with outcome 'rejected'."""
     funded = await make_key(store, balance_micro=1_000_000)
     ctx = make_context()
     await service.before_request(ctx, make_request(bearer(funded.plaintext)))
@@ -218,7 +244,9 @@ async def test_a_reused_request_id_is_refused(service: BillingService, store: Le
 
 
 async def test_without_auth_every_request_is_still_recorded(store: LedgerStore) -> None:
-    service = BillingService(store=store, worker_id="worker-1", auth_required=False, provenance=provenance_for)
+    service = BillingService(
+        store=store, worker_id="worker-1", auth_required=False, provenance=provenance_for
+    )
     ctx = make_context()
     await service.before_request(ctx, make_request({}))
     assert ctx.principal is None
@@ -251,8 +279,9 @@ async def test_byok_keys_mark_usage(service: BillingService, store: LedgerStore)
     assert service.usage_extras(ctx)["is_byok"] is True
 
 
-async def test_tokens_per_minute_are_corrected_to_the_real_count(service: BillingService,
-                                                                 store: LedgerStore) -> None:
+async def test_tokens_per_minute_are_corrected_to_the_real_count(
+    service: BillingService, store: LedgerStore
+) -> None:
     funded = await make_key(store, tokens_per_minute=300)
     ctx = make_context(max_tokens=250)  # estimated about 270 tokens up front
     await service.before_request(ctx, make_request(bearer(funded.plaintext)))
@@ -263,9 +292,12 @@ async def test_tokens_per_minute_are_corrected_to_the_real_count(service: Billin
     await service.before_request(make_context(max_tokens=250), make_request(bearer(funded.plaintext)))
 
 
-async def test_finalize_never_raises_when_the_ledger_write_fails(service: BillingService, store: LedgerStore,
-                                                                 monkeypatch: pytest.MonkeyPatch,
-                                                                 caplog: pytest.LogCaptureFixture) -> None:
+async def test_finalize_never_raises_when_the_ledger_write_fails(
+    service: BillingService,
+    store: LedgerStore,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     funded = await make_key(store)
     ctx = make_context()
     await service.before_request(ctx, make_request(bearer(funded.plaintext)))
@@ -281,8 +313,9 @@ async def test_finalize_never_raises_when_the_ledger_write_fails(service: Billin
     assert funded.plaintext not in caplog.text
 
 
-async def test_the_key_never_appears_in_logs(service: BillingService, store: LedgerStore,
-                                             caplog: pytest.LogCaptureFixture) -> None:
+async def test_the_key_never_appears_in_logs(
+    service: BillingService, store: LedgerStore, caplog: pytest.LogCaptureFixture
+) -> None:
     funded = await make_key(store, balance_micro=1)
     with caplog.at_level(logging.DEBUG):
         await refused(service, make_context(), bearer(funded.plaintext))
@@ -290,3 +323,32 @@ async def test_the_key_never_appears_in_logs(service: BillingService, store: Led
         await refused(service, ctx, bearer(funded.plaintext[:-1] + "A"))
     assert funded.plaintext not in caplog.text
     assert funded.plaintext[:-1] not in caplog.text
+
+
+async def test_a_request_abandoned_while_reserving_leaves_nothing_held(
+    service: BillingService, store: LedgerStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    funded = await make_key(store)
+    reserved = asyncio.Event()
+    real_reserve = store.reserve
+
+    async def reserve_then_hang(reservation: Any) -> Any:
+        outcome = await real_reserve(reservation)
+        reserved.set()
+        await asyncio.Event().wait()  # the answer never comes back: the caller gives up first
+        return outcome
+
+    monkeypatch.setattr(store, "reserve", reserve_then_hang)
+    task = asyncio.create_task(service.before_request(make_context(), make_request(bearer(funded.plaintext))))
+    await reserved.wait()
+    account = await store.get_account(funded.account.id)
+    assert account is not None and account.reserved_micro > 0
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    async def released() -> None:
+        while (account := await store.get_account(funded.account.id)) is None or account.reserved_micro:
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(released(), timeout=10)

@@ -14,7 +14,7 @@ from pydantic import SecretStr
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tests.billing.conftest import bearer, fake_replica, make_context, make_request, provenance_for
+from tests.billing.support import bearer, fake_replica, make_context, make_request, provenance_for
 from worker.billing.keys import hash_api_key
 from worker.billing.service import BillingService
 from worker.billing.store import LedgerStore
@@ -39,8 +39,13 @@ def build_app(service: BillingService) -> FastAPI:
 
 @pytest.fixture
 async def http(store: LedgerStore) -> AsyncIterator[tuple[httpx.AsyncClient, BillingService]]:
-    service = BillingService(store=store, worker_id="worker-1", auth_required=True, provenance=provenance_for,
-                             admin_token=SecretStr(ADMIN_TOKEN))
+    service = BillingService(
+        store=store,
+        worker_id="worker-1",
+        auth_required=True,
+        provenance=provenance_for,
+        admin_token=SecretStr(ADMIN_TOKEN),
+    )
     transport = httpx.ASGITransport(app=build_app(service))
     async with httpx.AsyncClient(transport=transport, base_url="http://worker") as client:
         yield client, service
@@ -48,16 +53,18 @@ async def http(store: LedgerStore) -> AsyncIterator[tuple[httpx.AsyncClient, Bil
 
 async def test_admin_api_is_disabled_without_a_token(store: LedgerStore) -> None:
     service = BillingService(store=store, worker_id="worker-1", auth_required=True, provenance=provenance_for)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(service)),
-                                 base_url="http://worker") as client:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=build_app(service)), base_url="http://worker"
+    ) as client:
         response = await client.get("/admin/keys", headers=ADMIN)
     assert response.status_code == 503
     assert "admin API disabled" in response.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": ADMIN_TOKEN}])
-async def test_admin_api_needs_the_right_token(http: tuple[httpx.AsyncClient, BillingService],
-                                               headers: dict[str, str]) -> None:
+async def test_admin_api_needs_the_right_token(
+    http: tuple[httpx.AsyncClient, BillingService], headers: dict[str, str]
+) -> None:
     client, _ = http
     response = await client.post("/admin/accounts", json={"name": "acme"}, headers=headers)
     assert response.status_code == 401
@@ -65,25 +72,42 @@ async def test_admin_api_needs_the_right_token(http: tuple[httpx.AsyncClient, Bi
     assert response.headers["www-authenticate"] == "Bearer"
 
 
-async def test_accounts_keys_and_revocation(http: tuple[httpx.AsyncClient, BillingService],
-                                            store: LedgerStore) -> None:
+async def test_accounts_keys_and_revocation(
+    http: tuple[httpx.AsyncClient, BillingService], store: LedgerStore
+) -> None:
     client, _ = http
-    created = await client.post("/admin/accounts", json={"name": "acme", "initial_balance_usd": "10.5"},
-                                headers=ADMIN)
+    created = await client.post(
+        "/admin/accounts", json={"name": "acme", "initial_balance_usd": "10.5"}, headers=ADMIN
+    )
     assert created.status_code == 201
     account = created.json()["data"]
     assert (account["balance_usd"], account["balance_micro"]) == ("10.500000", 10_500_000)
 
-    topped = await client.post(f"/admin/accounts/{account['id']}/topup", json={"amount_usd": 0.1}, headers=ADMIN)
+    topped = await client.post(
+        f"/admin/accounts/{account['id']}/topup", json={"amount_usd": 0.1}, headers=ADMIN
+    )
     assert topped.json()["data"]["balance_micro"] == 10_600_000  # 0.1 as a JSON number stays exactly 0.1
-    assert (await client.post("/admin/accounts/acct_missing/topup", json={"amount_usd": "1"},
-                              headers=ADMIN)).status_code == 404
-    assert (await client.post(f"/admin/accounts/{account['id']}/topup", json={"amount_usd": "0.0000001"},
-                              headers=ADMIN)).status_code == 422
+    assert (
+        await client.post("/admin/accounts/acct_missing/topup", json={"amount_usd": "1"}, headers=ADMIN)
+    ).status_code == 404
+    assert (
+        await client.post(
+            f"/admin/accounts/{account['id']}/topup", json={"amount_usd": "0.0000001"}, headers=ADMIN
+        )
+    ).status_code == 422
 
-    issued = await client.post("/admin/keys", headers=ADMIN, json={
-        "account_id": account["id"], "name": "prod", "allowed_models": ["acme/chat"], "requests_per_minute": 60,
-        "monthly_spend_cap_usd": "5", "expires_in_days": 30})
+    issued = await client.post(
+        "/admin/keys",
+        headers=ADMIN,
+        json={
+            "account_id": account["id"],
+            "name": "prod",
+            "allowed_models": ["acme/chat"],
+            "requests_per_minute": 60,
+            "monthly_spend_cap_usd": "5",
+            "expires_in_days": 30,
+        },
+    )
     assert issued.status_code == 201
     body = issued.json()
     plaintext, key = body["key"], body["data"]
@@ -95,7 +119,9 @@ async def test_accounts_keys_and_revocation(http: tuple[httpx.AsyncClient, Billi
     listing = await client.get("/admin/keys", headers=ADMIN)
     assert [k["id"] for k in listing.json()["data"]] == [key["id"]]
     assert plaintext not in listing.text and stored.key_hash not in listing.text
-    assert (await client.post("/admin/keys", headers=ADMIN, json={"account_id": "acct_missing"})).status_code == 404
+    assert (
+        await client.post("/admin/keys", headers=ADMIN, json={"account_id": "acct_missing"})
+    ).status_code == 404
 
     assert (await client.get("/v1/key", headers=bearer(plaintext))).status_code == 200
     revoked = await client.post(f"/admin/keys/{key['id']}/revoke", headers=ADMIN)
@@ -118,12 +144,18 @@ async def serve_requests(service: BillingService, plaintext: str, count: int) ->
     return ids
 
 
-async def test_key_holder_sees_own_key_and_usage_in_pages(http: tuple[httpx.AsyncClient, BillingService]) -> None:
+async def test_key_holder_sees_own_key_and_usage_in_pages(
+    http: tuple[httpx.AsyncClient, BillingService],
+) -> None:
     client, service = http
-    account = (await client.post("/admin/accounts", json={"name": "acme", "initial_balance_usd": "1"},
-                                 headers=ADMIN)).json()["data"]
-    first = (await client.post("/admin/keys", json={"account_id": account["id"], "tokens_per_minute": 10_000},
-                               headers=ADMIN)).json()
+    account = (
+        await client.post("/admin/accounts", json={"name": "acme", "initial_balance_usd": "1"}, headers=ADMIN)
+    ).json()["data"]
+    first = (
+        await client.post(
+            "/admin/keys", json={"account_id": account["id"], "tokens_per_minute": 10_000}, headers=ADMIN
+        )
+    ).json()
     second = (await client.post("/admin/keys", json={"account_id": account["id"]}, headers=ADMIN)).json()
     mine = await serve_requests(service, first["key"], 5)
     await serve_requests(service, second["key"], 2)
@@ -138,8 +170,9 @@ async def test_key_holder_sees_own_key_and_usage_in_pages(http: tuple[httpx.Asyn
     page = (await client.get("/v1/usage?limit=2", headers=bearer(first["key"]))).json()
     seen = [r["request_id"] for r in page["data"]]
     while page["next_cursor"]:
-        page = (await client.get(f"/v1/usage?limit=2&cursor={page['next_cursor']}",
-                                 headers=bearer(first["key"]))).json()
+        page = (
+            await client.get(f"/v1/usage?limit=2&cursor={page['next_cursor']}", headers=bearer(first["key"]))
+        ).json()
         seen += [r["request_id"] for r in page["data"]]
     assert seen == list(reversed(mine))  # newest first, nobody else's
     record = (await client.get("/v1/usage?limit=1", headers=bearer(first["key"]))).json()["data"][0]
@@ -156,8 +189,9 @@ async def test_key_holder_sees_own_key_and_usage_in_pages(http: tuple[httpx.Asyn
 @pytest.mark.parametrize("export_format", ["csv", "jsonl"])
 async def test_usage_export(http: tuple[httpx.AsyncClient, BillingService], export_format: str) -> None:
     client, service = http
-    account = (await client.post("/admin/accounts", json={"name": "acme", "initial_balance_usd": "1"},
-                                 headers=ADMIN)).json()["data"]
+    account = (
+        await client.post("/admin/accounts", json={"name": "acme", "initial_balance_usd": "1"}, headers=ADMIN)
+    ).json()["data"]
     key = (await client.post("/admin/keys", json={"account_id": account["id"]}, headers=ADMIN)).json()
     ids = await serve_requests(service, key["key"], 3)
 

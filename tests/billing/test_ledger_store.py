@@ -3,41 +3,53 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import sys
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import asyncpg
 import pytest
 
-from tests.billing.conftest import make_key
+from tests.billing.support import ledger_record, make_key
 from worker.billing.issuing import issue_key
 from worker.billing.records import (
     ApiKey,
     KeyLimits,
     LedgerFilter,
-    LedgerRecord,
     Reservation,
     ReserveOutcome,
     utc_month,
 )
-from worker.billing.store import LATEST_VERSION, DuplicateRequestId, LedgerStore, UnknownAccount, open_store
+from worker.billing.store import (
+    LATEST_VERSION,
+    DuplicateRequestId,
+    LedgerStore,
+    SchemaTooNew,
+    UnknownAccount,
+    open_store,
+)
 
 
-def reservation(key: ApiKey, amount: int, *, holder: str = "worker-1", request_id: str | None = None,
-                created_at: float | None = None) -> Reservation:
+def reservation(
+    key: ApiKey,
+    amount: int,
+    *,
+    holder: str = "worker-1",
+    request_id: str | None = None,
+    created_at: float | None = None,
+) -> Reservation:
     now = time.time() if created_at is None else created_at
-    return Reservation(request_id=request_id or f"req-{uuid.uuid4().hex}", account_id=key.account_id,
-                       key_id=key.id, amount_micro=amount, holder=holder, month=utc_month(now), created_at=now)
-
-
-def ledger_record(request_id: str, *, key: ApiKey | None = None, cost: int = 0, worker_id: str = "worker-1",
-                  model: str = "acme/chat", received_at: datetime | None = None) -> LedgerRecord:
-    return LedgerRecord(
-        request_id=request_id, worker_id=worker_id, key_id=key.id if key else None,
-        account_id=key.account_id if key else None, model=model, endpoint="chat.completions",
-        replica_id="acme-chat-0", gpu_uuids=("GPU-a", "GPU-b"), prompt_tokens=10, completion_tokens=5,
-        cached_tokens=2, cost_micro=cost, status_code=200, outcome="ok", finish_reason="stop", stream=True,
-        received_at=received_at or datetime.now(UTC), ttft_ms=12.5, duration_ms=40.0,
+    return Reservation(
+        request_id=request_id or f"req-{uuid.uuid4().hex}",
+        account_id=key.account_id,
+        key_id=key.id,
+        amount_micro=amount,
+        holder=holder,
+        month=utc_month(now),
+        created_at=now,
     )
 
 
@@ -64,8 +76,13 @@ async def test_accounts_and_top_ups(store: LedgerStore) -> None:
 
 
 async def test_keys_are_found_by_hash_and_revoked_once(store: LedgerStore) -> None:
-    funded = await make_key(store, allowed_models=("acme/chat",), requests_per_minute=5, tokens_per_minute=900,
-                            monthly_spend_cap_micro=2_000_000)
+    funded = await make_key(
+        store,
+        allowed_models=("acme/chat",),
+        requests_per_minute=5,
+        tokens_per_minute=900,
+        monthly_spend_cap_micro=2_000_000,
+    )
     found = await store.find_key_by_hash(funded.key.key_hash)
     assert found == funded.key
     assert found.limits.allowed_models == ("acme/chat",)
@@ -116,10 +133,14 @@ async def test_two_workers_sharing_the_database_never_overdraw(store: LedgerStor
     funded = await make_key(store, balance_micro=1_000)
     other_worker = await open_store(db_url)
     try:
-        outcomes = await asyncio.gather(*(
-            (store if i % 2 else other_worker).reserve(reservation(funded.key, 100, holder=f"worker-{i % 2}"))
-            for i in range(50)
-        ))
+        outcomes = await asyncio.gather(
+            *(
+                (store if i % 2 else other_worker).reserve(
+                    reservation(funded.key, 100, holder=f"worker-{i % 2}")
+                )
+                for i in range(50)
+            )
+        )
     finally:
         await other_worker.close()
     assert outcomes.count(ReserveOutcome.reserved) == 10
@@ -154,12 +175,16 @@ async def test_request_ids_are_unique(store: LedgerStore) -> None:
     funded = await make_key(store, balance_micro=1_000)
     held = reservation(funded.key, 100, request_id="req-same")
     assert await store.reserve(held) is ReserveOutcome.reserved
-    assert await store.reserve(reservation(funded.key, 100, request_id="req-same")) \
+    assert (
+        await store.reserve(reservation(funded.key, 100, request_id="req-same"))
         is ReserveOutcome.duplicate_request
+    )
     await store.settle(ledger_record("req-same", key=funded.key, cost=10))
     # Recorded already: neither a new reservation nor a second record is accepted, and nothing is charged.
-    assert await store.reserve(reservation(funded.key, 100, request_id="req-same")) \
+    assert (
+        await store.reserve(reservation(funded.key, 100, request_id="req-same"))
         is ReserveOutcome.duplicate_request
+    )
     with pytest.raises(DuplicateRequestId):
         await store.settle(ledger_record("req-same", key=funded.key, cost=10))
     account = await store.get_account(funded.account.id)
@@ -171,8 +196,9 @@ async def test_concurrent_settles_are_batched_and_all_recorded(store: LedgerStor
     funded = await make_key(store, balance_micro=100_000)
     held = [reservation(funded.key, 100) for _ in range(40)]
     assert set(await asyncio.gather(*(store.reserve(r) for r in held))) == {ReserveOutcome.reserved}
-    records = await asyncio.gather(*(store.settle(ledger_record(r.request_id, key=funded.key, cost=7))
-                                     for r in held))
+    records = await asyncio.gather(
+        *(store.settle(ledger_record(r.request_id, key=funded.key, cost=7)) for r in held)
+    )
     assert len({r.seq for r in records}) == 40
     account = await store.get_account(funded.account.id)
     assert account is not None and (account.balance_micro, account.reserved_micro) == (100_000 - 280, 0)
@@ -181,16 +207,12 @@ async def test_concurrent_settles_are_batched_and_all_recorded(store: LedgerStor
 async def test_the_ledger_is_append_only(store: LedgerStore, db_url: str) -> None:
     await store.settle(ledger_record("req-1", cost=5))
     if db_url.startswith("sqlite"):
-        import sqlite3
-
-        path = db_url[len("sqlite:///"):]
+        path = db_url[len("sqlite:///") :]
         with sqlite3.connect(path) as connection, pytest.raises(sqlite3.DatabaseError, match="append-only"):
             connection.execute("UPDATE ledger SET cost_micro = 0")
         with sqlite3.connect(path) as connection, pytest.raises(sqlite3.DatabaseError, match="append-only"):
             connection.execute("DELETE FROM ledger")
     else:
-        import asyncpg
-
         connection = await asyncpg.connect(db_url)
         try:
             with pytest.raises(asyncpg.RaiseError, match="append-only"):
@@ -223,8 +245,15 @@ async def test_query_filters_and_pages(store: LedgerStore) -> None:
     funded = await make_key(store)
     base = datetime(2026, 11, 1, tzinfo=UTC)
     for i in range(7):
-        await store.settle(ledger_record(f"req-{i}", key=funded.key, cost=i, model="a" if i % 2 else "b",
-                                         received_at=base + timedelta(hours=i)))
+        await store.settle(
+            ledger_record(
+                f"req-{i}",
+                key=funded.key,
+                cost=i,
+                model="a" if i % 2 else "b",
+                received_at=base + timedelta(hours=i),
+            )
+        )
     await store.settle(ledger_record("req-other", cost=1, worker_id="worker-2", received_at=base))
 
     newest = await store.query_ledger(LedgerFilter(key_id=funded.key.id), limit=3)
@@ -237,7 +266,7 @@ async def test_query_filters_and_pages(store: LedgerStore) -> None:
     window = LedgerFilter(since=base + timedelta(hours=2), until=base + timedelta(hours=5), model="a")
     assert [r.request_id for r in await store.query_ledger(window, limit=10, order="asc")] == ["req-3"]
     assert await store.count_ledger(LedgerFilter(worker_id="worker-1")) == 7
-    assert await store.count_ledger(LedgerFilter(worker_id="worker-1"), after_seq=newest[0].seq) == 0
+    assert await store.count_ledger(LedgerFilter(worker_id="worker-1"), after_seq=newest[0].seq or 0) == 0
 
     record = newest[0]
     assert record.gpu_uuids == ("GPU-a", "GPU-b") and record.stream is True and record.ttft_ms == 12.5
@@ -250,3 +279,76 @@ async def test_outbox_cursor_only_moves_forward(store: LedgerStore) -> None:
     await store.advance_outbox("worker-1", 3, time.time())
     assert await store.outbox_cursor("worker-1") == 5
     assert await store.outbox_cursor("worker-2") == 0
+
+
+async def test_one_reservation_can_be_dropped_without_a_charge(store: LedgerStore) -> None:
+    funded = await make_key(store, balance_micro=1_000)
+    held = reservation(funded.key, 300)
+    assert await store.reserve(held) is ReserveOutcome.reserved
+    assert await store.release_reservation(held.request_id) is True
+    assert await store.release_reservation(held.request_id) is False
+    account = await store.get_account(funded.account.id)
+    assert account is not None and (account.balance_micro, account.reserved_micro) == (1_000, 0)
+
+
+_WRITER = """
+import asyncio, sys
+from tests.billing.support import ledger_record
+from worker.billing.store import open_store
+
+async def main():
+    store = await open_store(sys.argv[1], sqlite_synchronous=sys.argv[2])
+    batch = 0
+    while True:
+        ids = [f"req-{batch}-{i}" for i in range(8)]
+        await asyncio.gather(*(store.settle(ledger_record(request_id)) for request_id in ids))
+        print(*ids, sep="\\n", flush=True)  # acknowledged: each write above has committed
+        batch += 1
+
+asyncio.run(main())
+"""
+
+
+async def test_acknowledged_records_survive_sigkill(db_url: str) -> None:
+    # SQLite's weaker setting: with synchronous=NORMAL a killed process still loses nothing committed.
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _WRITER,
+        db_url,
+        "normal",
+        stdout=asyncio.subprocess.PIPE,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    acknowledged: list[str] = []
+    try:
+        assert process.stdout is not None
+        while len(acknowledged) < 200:
+            line = await asyncio.wait_for(process.stdout.readline(), timeout=60)
+            assert line, "the writer process ended early"
+            acknowledged.append(line.decode().strip())
+    finally:
+        process.kill()
+        await process.wait()
+    store = await open_store(db_url)
+    try:
+        recorded = {r.request_id for r in await store.query_ledger(LedgerFilter(), limit=100_000)}
+    finally:
+        await store.close()
+    assert set(acknowledged) <= recorded
+
+
+async def test_a_database_from_a_newer_worker_is_refused(db_url: str) -> None:
+    await (await open_store(db_url)).close()
+    statement = "INSERT INTO schema_version VALUES (999, 'from the future', 0)"
+    if db_url.startswith("sqlite"):
+        with sqlite3.connect(db_url[len("sqlite:///") :]) as connection:
+            connection.execute(statement)
+    else:
+        connection = await asyncpg.connect(db_url)
+        try:
+            await connection.execute(statement)
+        finally:
+            await connection.close()
+    with pytest.raises(SchemaTooNew):
+        await open_store(db_url)

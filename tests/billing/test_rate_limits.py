@@ -74,10 +74,20 @@ def test_a_changed_limit_takes_effect() -> None:
     assert limiter.acquire("k", rpm=5, tpm=None, tokens=1).allowed
 
 
-@pytest.mark.parametrize(("seconds", "text"), [
-    (0, "0s"), (0.017, "17ms"), (0.0001, "1ms"), (1, "1s"), (1.5, "1.5s"), (60, "1m0s"), (360, "6m0s"),
-    (3723.5, "1h2m3.5s"), (59.9999, "1m0s"),
-])
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0, "0s"),
+        (0.017, "17ms"),
+        (0.0001, "1ms"),
+        (1, "1s"),
+        (1.5, "1.5s"),
+        (60, "1m0s"),
+        (360, "6m0s"),
+        (3723.5, "1h2m3.5s"),
+        (59.9999, "1m0s"),
+    ],
+)
 def test_reset_durations_look_like_openais(seconds: float, text: str) -> None:
     assert format_reset(seconds) == text
 

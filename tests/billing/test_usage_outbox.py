@@ -6,13 +6,13 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 import orjson
 import pytest
 import uvicorn
 from starlette.types import Receive, Scope, Send
 
+from tests.billing.support import ledger_record
 from worker.billing.outbox import UsageOutbox
 from worker.billing.records import LedgerFilter, LedgerRecord
 from worker.billing.store import LedgerStore
@@ -70,34 +70,34 @@ async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
         sock.close()
 
 
-def record(request_id: str, worker_id: str = "worker-1") -> LedgerRecord:
-    return LedgerRecord(
-        request_id=request_id, worker_id=worker_id, key_id=None, account_id=None, model="acme/chat",
-        endpoint="chat.completions", replica_id="acme-chat-0", prompt_tokens=3, completion_tokens=4,
-        cached_tokens=0, cost_micro=11, status_code=200, outcome="ok", finish_reason="stop", stream=False,
-        received_at=datetime.now(UTC), ttft_ms=1.0, duration_ms=2.0,
-    )
-
-
 def outbox_for(store: LedgerStore, url: str) -> UsageOutbox:
-    return UsageOutbox(store, "worker-1", url, token="hook-token", backoff_initial_s=0.01, backoff_max_s=0.05,
-                       poll_interval_s=0.05)
+    return UsageOutbox(
+        store,
+        "worker-1",
+        url,
+        token="hook-token",
+        backoff_initial_s=0.01,
+        backoff_max_s=0.05,
+        poll_interval_s=0.05,
+    )
 
 
 async def delivered(outbox: UsageOutbox, receiver: Receiver, count: int) -> None:
     async def wait() -> None:
         while len(receiver.accepted) < count or outbox.pending:
             await asyncio.sleep(0.01)
+
     await asyncio.wait_for(wait(), timeout=30)
 
 
 async def test_records_arrive_in_order_once_and_delivery_resumes_after_restart(
-        store: LedgerStore, receiver: tuple[Receiver, str]) -> None:
+    store: LedgerStore, receiver: tuple[Receiver, str]
+) -> None:
     app, url = receiver
     first_ids = [f"req-{i:03d}" for i in range(12)]
     for request_id in first_ids:
-        await store.settle(record(request_id))
-    await store.settle(record("req-of-another-worker", worker_id="worker-2"))
+        await store.settle(ledger_record(request_id, cost=11))
+    await store.settle(ledger_record("req-of-another-worker", worker_id="worker-2"))
 
     outbox = outbox_for(store, url)
     await outbox.start()
@@ -106,12 +106,12 @@ async def test_records_arrive_in_order_once_and_delivery_resumes_after_restart(
     await outbox.close()
     assert app.accepted == first_ids
     assert app.attempts > 12  # some deliveries failed and were retried
-    assert await store.outbox_cursor("worker-1") == max(r.seq for r in await _all(store, "worker-1"))
+    assert await store.outbox_cursor("worker-1") == max(r.seq or 0 for r in await _all(store, "worker-1"))
 
     # Written while no outbox runs, delivered by the next one (as after a restart).
     later_ids = [f"req-{i:03d}" for i in range(12, 20)]
     for request_id in later_ids:
-        await store.settle(record(request_id))
+        await store.settle(ledger_record(request_id, cost=11))
     restarted = outbox_for(store, url)
     await restarted.start()
     assert restarted.pending == 8
@@ -126,13 +126,15 @@ async def test_records_arrive_in_order_once_and_delivery_resumes_after_restart(
     assert body["object"] == "usage.record" and body["cost_usd"] == "0.000011" and body["cost_micro"] == 11
 
 
-async def test_new_records_are_delivered_while_running(store: LedgerStore, receiver: tuple[Receiver, str]) -> None:
+async def test_new_records_are_delivered_while_running(
+    store: LedgerStore, receiver: tuple[Receiver, str]
+) -> None:
     app, url = receiver
     outbox = outbox_for(store, url)
     await outbox.start()
     try:
         for i in range(5):
-            await store.settle(record(f"req-live-{i}"))
+            await store.settle(ledger_record(f"req-live-{i}"))
             outbox.notify()
         await delivered(outbox, app, 5)
     finally:
@@ -144,7 +146,7 @@ async def test_an_unreachable_receiver_holds_records_back(store: LedgerStore) ->
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{sock.getsockname()[1]}/usage"
-    await store.settle(record("req-waiting"))
+    await store.settle(ledger_record("req-waiting"))
     outbox = outbox_for(store, url)
     await outbox.start()
     await asyncio.sleep(0.2)

@@ -69,7 +69,9 @@ def _admission(*watches: ReplicaWatch) -> Admission:
 
 def test_default_limits_derive_from_max_num_seqs() -> None:
     limits = AdmissionLimits.for_model(_model(), stale_after_s=0.6)
-    assert (limits.max_num_seqs, limits.max_in_flight, limits.max_waiting) == (8, 10, 2)
+    assert (limits.max_num_seqs, limits.max_in_flight, limits.max_waiting) == (8, 8, 1)
+    big = AdmissionLimits.for_model(_model().model_copy(update={"engine_args": {"max_num_seqs": 256}}), 0.6)
+    assert (big.max_in_flight, big.max_waiting) == (264, 8)
     custom = AdmissionLimits.for_model(_model(max_in_flight=3, max_waiting=5, max_kv_cache_usage=0.5), 1.0)
     assert (custom.max_in_flight, custom.max_waiting, custom.max_kv_cache_usage) == (3, 5, 0.5)
 
@@ -109,8 +111,8 @@ def test_equal_replicas_take_turns() -> None:
 
 
 @pytest.mark.parametrize(("state", "reason"), [
-    ({"in_flight": 10}, "in_flight"),
-    ({"running": 8, "waiting": 2}, "waiting"),
+    ({"in_flight": 8}, "in_flight"),
+    ({"running": 8, "waiting": 1}, "waiting"),
     ({"kv": 0.96}, "kv_cache"),
     ({"age_s": 5.0}, "stale_stats"),
 ])
@@ -133,7 +135,7 @@ def test_saturated_replica_is_refused_with_429_and_retry_after(state: dict, reas
 
 def test_retry_after_follows_the_drain_rate() -> None:
     model = _model()
-    slow = _watch(model, 0, running=8, waiting=8, drain_rate=0.25)  # 7 to finish first, at 0.25 req/s
+    slow = _watch(model, 0, running=8, waiting=7, drain_rate=0.25)  # 7 to finish first, at 0.25 req/s
     assert slow.limits.retry_after_s(0, slow.load) == 28
     fast = _watch(model, 1, running=8, waiting=8, drain_rate=100.0)
     assert fast.limits.retry_after_s(0, fast.load) == 1

@@ -6,8 +6,9 @@ ledger before the response ends.
 """
 
 from worker.billing.admin_api import require_admin_token
+from worker.billing.metering import Principal
 from worker.billing.provenance import Provenance, ProvenanceSource
-from worker.billing.service import BillingBacklog, BillingService, Principal
+from worker.billing.service import BillingBacklog, BillingService
 from worker.billing.store import LedgerStore, open_store
 
 __all__ = [

@@ -21,8 +21,8 @@ from worker.billing.store import LedgerStore, UnknownAccount
 from worker.billing.views import (
     AccountView,
     CreateAccountRequest,
-    CreateKeyRequest,
     CreatedKey,
+    CreateKeyRequest,
     KeyView,
     TopUpRequest,
 )
@@ -35,22 +35,31 @@ def require_admin_token(admin_token: SecretStr | None) -> Callable[[Request], Aw
     Use as `APIRouter(dependencies=[Depends(require_admin_token(settings.admin_token))])`. Without a
     configured token every admin route answers 503, so an unset token never means "open".
     """
-    expected = admin_token.get_secret_value().encode() if admin_token and admin_token.get_secret_value() else None
+    expected = (
+        admin_token.get_secret_value().encode() if admin_token and admin_token.get_secret_value() else None
+    )
 
     async def check_admin_token(request: Request) -> None:
         if expected is None:
-            raise ApiError(503, "admin API disabled: set WORKER_ADMIN_TOKEN to enable it", code="admin_disabled")
+            raise ApiError(
+                503, "admin API disabled: set WORKER_ADMIN_TOKEN to enable it", code="admin_disabled"
+            )
         scheme, _, presented = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), expected):
-            raise ApiError(401, "missing or wrong admin token", code="invalid_admin_token",
-                           headers={"www-authenticate": "Bearer"})
+            raise ApiError(
+                401,
+                "missing or wrong admin token",
+                code="invalid_admin_token",
+                headers={"www-authenticate": "Bearer"},
+            )
 
     return check_admin_token
 
 
 def build_admin_router(store: LedgerStore, admin_token: SecretStr | None) -> APIRouter:
-    router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin_token(admin_token))],
-                       tags=["admin"])
+    router = APIRouter(
+        prefix="/admin", dependencies=[Depends(require_admin_token(admin_token))], tags=["admin"]
+    )
 
     @router.post("/accounts", status_code=201)
     async def create_account(body: CreateAccountRequest) -> dict[str, Any]:
@@ -82,15 +91,25 @@ def build_admin_router(store: LedgerStore, admin_token: SecretStr | None) -> API
         if body.expires_in_days is not None:
             expires_at = datetime.now(UTC) + timedelta(days=body.expires_in_days)
         cap = body.monthly_spend_cap_usd
-        limits = KeyLimits(allowed_models=tuple(body.allowed_models), requests_per_minute=body.requests_per_minute,
-                           tokens_per_minute=body.tokens_per_minute,
-                           monthly_spend_cap_micro=usd_to_micro(cap) if cap is not None else None)
+        limits = KeyLimits(
+            allowed_models=tuple(body.allowed_models),
+            requests_per_minute=body.requests_per_minute,
+            tokens_per_minute=body.tokens_per_minute,
+            monthly_spend_cap_micro=usd_to_micro(cap) if cap is not None else None,
+        )
         try:
-            issued = await issue_key(store, account_id=body.account_id, name=body.name, limits=limits,
-                                     byok=body.is_byok, expires_at=expires_at)
+            issued = await issue_key(
+                store,
+                account_id=body.account_id,
+                name=body.name,
+                limits=limits,
+                byok=body.is_byok,
+                expires_at=expires_at,
+            )
         except UnknownAccount:
-            raise ApiError(404, f"no account '{body.account_id}'", code="account_not_found",
-                           param="account_id") from None
+            raise ApiError(
+                404, f"no account '{body.account_id}'", code="account_not_found", param="account_id"
+            ) from None
         return CreatedKey(key=issued.plaintext.get_secret_value(), data=KeyView.of(issued.key, _month()))
 
     @router.get("/keys")
@@ -106,13 +125,21 @@ def build_admin_router(store: LedgerStore, admin_token: SecretStr | None) -> API
         return {"data": KeyView.of(key, _month())}
 
     @router.get("/usage/export")
-    async def export_usage(format: Literal["csv", "jsonl"] = "jsonl", since: datetime | None = None,
-                           until: datetime | None = None, model: str | None = None, account_id: str | None = None,
-                           key_id: str | None = None) -> StreamingResponse:
+    async def export_usage(
+        format: Literal["csv", "jsonl"] = "jsonl",
+        since: datetime | None = None,
+        until: datetime | None = None,
+        model: str | None = None,
+        account_id: str | None = None,
+        key_id: str | None = None,
+    ) -> StreamingResponse:
         where = LedgerFilter(since=since, until=until, model=model, account_id=account_id, key_id=key_id)
         filename = f"usage-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.{format}"
-        return StreamingResponse(export_lines(store, where, format), media_type=MEDIA_TYPES[format],
-                                 headers={"content-disposition": f'attachment; filename="{filename}"'})
+        return StreamingResponse(
+            export_lines(store, where, format),
+            media_type=MEDIA_TYPES[format],
+            headers={"content-disposition": f'attachment; filename="{filename}"'},
+        )
 
     return router
 

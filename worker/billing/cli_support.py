@@ -14,7 +14,9 @@ StoreCommand = Callable[[LedgerStore, argparse.Namespace], Awaitable[int]]
 
 def database_options() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument("--db-url", help="billing database: sqlite:///PATH or postgresql://... (env WORKER_DB_URL)")
+    parent.add_argument(
+        "--db-url", help="billing database: sqlite:///PATH or postgresql://... (env WORKER_DB_URL)"
+    )
     return parent
 
 

@@ -16,9 +16,28 @@ from worker.billing.store import LedgerStore
 ExportFormat = Literal["csv", "jsonl"]
 MEDIA_TYPES: dict[str, str] = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson"}
 CSV_COLUMNS = (
-    "seq", "request_id", "received_at", "worker_id", "key_id", "account_id", "model", "endpoint", "replica_id",
-    "gpu_uuids", "prompt_tokens", "completion_tokens", "cached_tokens", "usage_estimated", "cost_micro",
-    "cost_usd", "status_code", "outcome", "finish_reason", "stream", "ttft_ms", "duration_ms",
+    "seq",
+    "request_id",
+    "received_at",
+    "worker_id",
+    "key_id",
+    "account_id",
+    "model",
+    "endpoint",
+    "replica_id",
+    "gpu_uuids",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "usage_estimated",
+    "cost_micro",
+    "cost_usd",
+    "status_code",
+    "outcome",
+    "finish_reason",
+    "stream",
+    "ttft_ms",
+    "duration_ms",
 )
 _PAGE = 1000
 
@@ -49,7 +68,9 @@ def _csv_line(values: Iterable[Any]) -> str:
     return buffer.getvalue()
 
 
-async def export_lines(store: LedgerStore, where: LedgerFilter, export_format: ExportFormat) -> AsyncIterator[str]:
+async def export_lines(
+    store: LedgerStore, where: LedgerFilter, export_format: ExportFormat
+) -> AsyncIterator[str]:
     """Every matching record, oldest first, read page by page so exports of any size stream."""
     if export_format == "csv":
         yield csv_header()

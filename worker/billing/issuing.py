@@ -25,11 +25,26 @@ async def open_account(store: LedgerStore, name: str, balance_micro: int = 0) ->
     return await store.create_account(new_account_id(), name, balance_micro, time.time())
 
 
-async def issue_key(store: LedgerStore, *, account_id: str, name: str, limits: KeyLimits, byok: bool = False,
-                    expires_at: datetime | None = None) -> IssuedKey:
+async def issue_key(
+    store: LedgerStore,
+    *,
+    account_id: str,
+    name: str,
+    limits: KeyLimits,
+    byok: bool = False,
+    expires_at: datetime | None = None,
+) -> IssuedKey:
     """Raises UnknownAccount when the account does not exist."""
     plaintext = generate_api_key()
-    new_key = NewApiKey(id=new_key_id(), account_id=account_id, name=name, prefix=display_prefix(plaintext),
-                        key_hash=hash_api_key(plaintext), limits=limits, byok=byok, created_at=datetime.now(UTC),
-                        expires_at=expires_at)
+    new_key = NewApiKey(
+        id=new_key_id(),
+        account_id=account_id,
+        name=name,
+        prefix=display_prefix(plaintext),
+        key_hash=hash_api_key(plaintext),
+        limits=limits,
+        byok=byok,
+        created_at=datetime.now(UTC),
+        expires_at=expires_at,
+    )
     return IssuedKey(plaintext=SecretStr(plaintext), key=await store.create_key(new_key))

@@ -1,10 +1,9 @@
 """`GET /v1/key` and `GET /v1/usage`: what a key holder may see of their own key and requests."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI must see the real `Depends(current_key)` annotation.
 import time
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
 from starlette.requests import Request
@@ -18,14 +17,16 @@ if TYPE_CHECKING:
     from worker.billing.service import BillingService
 
 
-def build_key_router(service: BillingService) -> APIRouter:
+def build_key_router(service: "BillingService") -> APIRouter:
     router = APIRouter(tags=["key"])
 
     async def current_key(request: Request) -> ApiKey:
         return await service.authenticate(request.headers)
 
+    OwnKey = Annotated[ApiKey, Depends(current_key)]
+
     @router.get("/v1/key")
-    async def own_key(key: ApiKey = Depends(current_key)) -> dict[str, Any]:
+    async def own_key(key: OwnKey) -> dict[str, Any]:
         account = await service.store.get_account(key.account_id)
         if account is None:  # keys are never orphaned; this would be a damaged database
             raise ApiError(500, "the account of this key is missing")
@@ -33,7 +34,7 @@ def build_key_router(service: BillingService) -> APIRouter:
 
     @router.get("/v1/usage")
     async def own_usage(
-        key: ApiKey = Depends(current_key),
+        key: OwnKey,
         limit: int = Query(default=50, ge=1, le=500),
         cursor: str | None = Query(default=None, description="next_cursor of the previous page"),
         since: datetime | None = None,

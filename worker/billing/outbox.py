@@ -32,9 +32,19 @@ class DeliveryRefused(Exception):
 
 
 class UsageOutbox:
-    def __init__(self, store: LedgerStore, worker_id: str, url: str, *, token: str | None = None,
-                 client: httpx.AsyncClient | None = None, page_size: int = 100, backoff_initial_s: float = 0.5,
-                 backoff_max_s: float = 60.0, poll_interval_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        store: LedgerStore,
+        worker_id: str,
+        url: str,
+        *,
+        token: str | None = None,
+        client: httpx.AsyncClient | None = None,
+        page_size: int = 100,
+        backoff_initial_s: float = 0.5,
+        backoff_max_s: float = 60.0,
+        poll_interval_s: float = 5.0,
+    ) -> None:
         self._store = store
         self._worker_id = worker_id
         self._where = LedgerFilter(worker_id=worker_id)
@@ -45,7 +55,9 @@ class UsageOutbox:
         self._own_client = client is None
         self._client = client or httpx.AsyncClient(timeout=httpx.Timeout(10.0))
         self._page_size = page_size
-        self._backoff = wait_exponential(multiplier=backoff_initial_s, max=backoff_max_s) + wait_random(0, backoff_initial_s)
+        self._backoff = wait_exponential(multiplier=backoff_initial_s, max=backoff_max_s) + wait_random(
+            0, backoff_initial_s
+        )
         self._poll_interval_s = poll_interval_s
         self._wake = asyncio.Event()
         self._cursor = 0
@@ -86,8 +98,9 @@ class UsageOutbox:
         while True:
             self._wake.clear()
             try:
-                records = await self._store.query_ledger(self._where, limit=self._page_size, order="asc",
-                                                         cursor=self._cursor)
+                records = await self._store.query_ledger(
+                    self._where, limit=self._page_size, order="asc", cursor=self._cursor
+                )
                 self._pending = await self._store.count_ledger(self._where, after_seq=self._cursor)
                 for record in records:
                     await self._deliver(record)
@@ -109,8 +122,12 @@ class UsageOutbox:
     async def _deliver(self, record: LedgerRecord) -> None:
         body = orjson.dumps(record_json(record))
         headers = {**self._headers, "idempotency-key": record.request_id}
-        retrying = AsyncRetrying(wait=self._backoff, retry=retry_if_exception_type((httpx.HTTPError, DeliveryRefused)),
-                                 before_sleep=self._log_retry, reraise=True)
+        retrying = AsyncRetrying(
+            wait=self._backoff,
+            retry=retry_if_exception_type((httpx.HTTPError, DeliveryRefused)),
+            before_sleep=self._log_retry,
+            reraise=True,
+        )
         async for attempt in retrying:
             with attempt:
                 response = await self._client.post(self._url, content=body, headers=headers)
@@ -119,7 +136,12 @@ class UsageOutbox:
 
     def _log_retry(self, state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
-        logger.warning("usage webhook delivery failed; retrying", extra={
-            "attempt": state.attempt_number, "error": str(error), "pending": self._pending,
-            "retry_in_s": round(state.upcoming_sleep, 2),
-        })
+        logger.warning(
+            "usage webhook delivery failed; retrying",
+            extra={
+                "attempt": state.attempt_number,
+                "error": str(error),
+                "pending": self._pending,
+                "retry_in_s": round(state.upcoming_sleep, 2),
+            },
+        )

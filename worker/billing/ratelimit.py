@@ -95,8 +95,12 @@ class RateLimiter:
                 requests.level -= 1
             if token_bucket:
                 token_bucket.level -= tokens
-        return RateDecision(allowed=limited_by is None, retry_after_s=max(waits.values()),
-                            headers=_headers(requests, token_bucket), limited_by=limited_by)
+        return RateDecision(
+            allowed=limited_by is None,
+            retry_after_s=max(waits.values()),
+            headers=_headers(requests, token_bucket),
+            limited_by=limited_by,
+        )
 
     def refund(self, key_id: str, *, requests: int, tokens: int) -> None:
         """Give back what an admitted request took when it was refused later (e.g. no balance)."""

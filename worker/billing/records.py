@@ -24,8 +24,12 @@ def to_epoch(moment: datetime) -> float:
     return moment.timestamp()
 
 
-def from_epoch(epoch_s: float | None) -> datetime | None:
-    return None if epoch_s is None else datetime.fromtimestamp(epoch_s, UTC)
+def from_epoch(epoch_s: float) -> datetime:
+    return datetime.fromtimestamp(epoch_s, UTC)
+
+
+def from_optional_epoch(epoch_s: float | None) -> datetime | None:
+    return None if epoch_s is None else from_epoch(epoch_s)
 
 
 class Account(Record):

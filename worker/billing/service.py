@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter
@@ -15,14 +14,15 @@ from pydantic import SecretStr
 from starlette.requests import Request
 
 from worker.billing.keys import hash_api_key, hashes_match, looks_like_api_key, presented_api_key
+from worker.billing.metering import Principal, ledger_record
 from worker.billing.money import micro_to_json_number, micro_to_usd_text
 from worker.billing.outbox import UsageOutbox
-from worker.billing.pricing import charge_micro, prompt_token_bound, worst_case_micro
-from worker.billing.provenance import Provenance, ProvenanceSource
+from worker.billing.pricing import RequestShape, charge_micro, worst_case_micro
+from worker.billing.provenance import ProvenanceSource
 from worker.billing.ratelimit import RateLimiter, retry_after_header
-from worker.billing.records import ApiKey, LedgerRecord, Reservation, ReserveOutcome, utc_month
+from worker.billing.records import ApiKey, Reservation, ReserveOutcome, utc_month
 from worker.billing.store import DuplicateRequestId, LedgerStore, open_store
-from worker.gateway.context import RequestContext, Usage
+from worker.gateway.context import RequestContext
 from worker.gateway.errors import ApiError
 
 if TYPE_CHECKING:
@@ -32,17 +32,6 @@ logger = logging.getLogger(__name__)
 
 # A reservation this old belongs to a worker that died and never came back; no request runs this long.
 STALE_RESERVATION_S = 6 * 3600
-# OpenAI's estimate for rate limits: about four bytes of text per token.
-_BYTES_PER_TOKEN_ESTIMATE = 4
-
-
-@dataclass(frozen=True)
-class Principal:
-    """Who a request is billed to, and what it holds until it is settled."""
-
-    key: ApiKey
-    reserved_micro: int
-    rate_tokens: int
 
 
 @dataclass(frozen=True)
@@ -61,9 +50,18 @@ _REFUSALS: dict[ReserveOutcome, tuple[int, str | None]] = {
 
 
 class BillingService:
-    def __init__(self, *, store: LedgerStore, worker_id: str, auth_required: bool, provenance: ProvenanceSource,
-                 outbox: UsageOutbox | None = None, admin_token: SecretStr | None = None,
-                 limiter: RateLimiter | None = None, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        *,
+        store: LedgerStore,
+        worker_id: str,
+        auth_required: bool,
+        provenance: ProvenanceSource,
+        outbox: UsageOutbox | None = None,
+        admin_token: SecretStr | None = None,
+        limiter: RateLimiter | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.store = store
         self.worker_id = worker_id
         self.auth_required = auth_required
@@ -73,19 +71,26 @@ class BillingService:
         self._limiter = limiter or RateLimiter()
         self._clock = clock
         self._held = 0
+        self._background: set[asyncio.Task[bool]] = set()
 
     @classmethod
-    async def open(cls, settings: Settings, node_config: NodeConfig, provenance: ProvenanceSource) -> BillingService:
+    async def open(
+        cls, settings: Settings, node_config: NodeConfig, provenance: ProvenanceSource
+    ) -> BillingService:
         worker_id = node_config.worker.id
         store = await open_store(settings.db_url, sqlite_synchronous=settings.db_synchronous)
         try:
             # Whatever this worker held before a crash or restart will never be settled.
-            released = await store.release_reservations(worker_id, older_than=time.time() - STALE_RESERVATION_S)
+            released = await store.release_reservations(
+                worker_id, older_than=time.time() - STALE_RESERVATION_S
+            )
             if released:
                 logger.warning("released reservations of unfinished requests", extra={"count": released})
             outbox = None
             if settings.usage_webhook_url is not None:
-                token = settings.usage_webhook_token.get_secret_value() if settings.usage_webhook_token else None
+                token = (
+                    settings.usage_webhook_token.get_secret_value() if settings.usage_webhook_token else None
+                )
                 outbox = UsageOutbox(store, worker_id, str(settings.usage_webhook_url), token=token)
                 await outbox.start()
         except BaseException:
@@ -93,18 +98,27 @@ class BillingService:
             raise
         if not settings.auth:
             logger.warning("API keys are switched off: every request is served and recorded without a key")
-        return cls(store=store, worker_id=worker_id, auth_required=settings.auth, provenance=provenance,
-                   outbox=outbox, admin_token=settings.admin_token)
+        return cls(
+            store=store,
+            worker_id=worker_id,
+            auth_required=settings.auth,
+            provenance=provenance,
+            outbox=outbox,
+            admin_token=settings.admin_token,
+        )
 
     async def close(self) -> None:
+        await asyncio.gather(*self._background, return_exceptions=True)
         if self.outbox is not None:
             await self.outbox.close()
         await self.store.close()
 
     def backlog(self) -> BillingBacklog:
-        return BillingBacklog(ledger_writes_queued=self.store.pending_writes,
-                              outbox_pending=self.outbox.pending if self.outbox is not None else None,
-                              reservations_held=self._held)
+        return BillingBacklog(
+            ledger_writes_queued=self.store.pending_writes,
+            outbox_pending=self.outbox.pending if self.outbox is not None else None,
+            reservations_held=self._held,
+        )
 
     # Authentication, shared with the key holder's API.
     async def authenticate(self, headers: Mapping[str, str]) -> ApiKey:
@@ -131,33 +145,59 @@ class BillingService:
         key = await self._authenticate_for(ctx, request)
         if not key.allows_model(ctx.model.id):
             raise _refusal(ctx, 403, f"this API key may not use model '{ctx.model.id}'", "model_not_allowed")
-        prompt_bound = prompt_token_bound(ctx.endpoint, ctx.body)
-        rate_tokens = min(math.ceil(prompt_bound / _BYTES_PER_TOKEN_ESTIMATE) + (ctx.max_tokens or 0),
-                          ctx.model.max_model_len)
-        decision = self._limiter.acquire(key.id, rpm=key.limits.requests_per_minute,
-                                         tpm=key.limits.tokens_per_minute, tokens=rate_tokens)
+        shape = RequestShape.of(ctx.endpoint, ctx.body, ctx.max_tokens)
+        rate_tokens = shape.likely_tokens(ctx.model.max_model_len)
+        decision = self._limiter.acquire(
+            key.id, rpm=key.limits.requests_per_minute, tpm=key.limits.tokens_per_minute, tokens=rate_tokens
+        )
         ctx.response_headers.update(decision.headers)
         if not decision.allowed:
-            raise _refusal(ctx, 429, f"rate limit reached: {decision.limited_by} per minute for this API key; "
-                           "retry after the time in the Retry-After header", "rate_limit_exceeded",
-                           {"retry-after": retry_after_header(decision.retry_after_s)})
-        amount = worst_case_micro(ctx.model, ctx.endpoint, prompt_bound, ctx.max_tokens)
+            raise _refusal(
+                ctx,
+                429,
+                f"rate limit reached: {decision.limited_by} per minute for this API key; "
+                "retry after the time in the Retry-After header",
+                "rate_limit_exceeded",
+                {"retry-after": retry_after_header(decision.retry_after_s)},
+            )
+        amount = worst_case_micro(ctx.model, shape)
         now = self._clock()
-        reservation = Reservation(request_id=ctx.request_id, account_id=key.account_id, key_id=key.id,
-                                  amount_micro=amount, holder=self.worker_id, month=utc_month(now), created_at=now)
+        reservation = Reservation(
+            request_id=ctx.request_id,
+            account_id=key.account_id,
+            key_id=key.id,
+            amount_micro=amount,
+            holder=self.worker_id,
+            month=utc_month(now),
+            created_at=now,
+        )
         try:
             outcome = await self.store.reserve(reservation)
+        except asyncio.CancelledError:
+            # The request is abandoned and will never be finalized: do not leave its money held.
+            self._forget_reservation(ctx.request_id)
+            raise
         except Exception as error:
             self._limiter.refund(key.id, requests=1, tokens=rate_tokens)
             logger.error("cannot reserve balance", extra={"request_id": ctx.request_id, "error": repr(error)})
-            raise _refusal(ctx, 503, "billing is temporarily unavailable; retry shortly", "billing_unavailable",
-                           {"retry-after": "5"}) from None
+            raise _refusal(
+                ctx,
+                503,
+                "billing is temporarily unavailable; retry shortly",
+                "billing_unavailable",
+                {"retry-after": "5"},
+            ) from None
         if outcome is not ReserveOutcome.reserved:
             self._limiter.refund(key.id, requests=1, tokens=rate_tokens)
             status, code = _REFUSALS[outcome]
             raise _refusal(ctx, status, _refusal_message(outcome, amount, key), code)
         ctx.principal = Principal(key=key, reserved_micro=amount, rate_tokens=rate_tokens)
         self._held += 1
+
+    def _forget_reservation(self, request_id: str) -> None:
+        task = asyncio.create_task(self.store.release_reservation(request_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def after_route(self, ctx: RequestContext) -> None:
         """Once a replica is chosen: its provenance headers (call before the response starts)."""
@@ -179,7 +219,8 @@ class BillingService:
 
     async def _finalize(self, ctx: RequestContext) -> None:
         principal = ctx.principal if isinstance(ctx.principal, Principal) else None
-        record = self._ledger_record(ctx, principal)
+        gpu_uuids = self._provenance(ctx.replica).gpu_uuids if ctx.replica is not None else ()
+        record = ledger_record(ctx, principal, worker_id=self.worker_id, gpu_uuids=gpu_uuids)
         if principal is not None:
             self._held -= 1
             if principal.key.limits.tokens_per_minute:
@@ -188,36 +229,20 @@ class BillingService:
         try:
             await self.store.settle(record)
         except DuplicateRequestId:
-            logger.error("a ledger record with this request id exists; this request was not recorded",
-                         extra={"request_id": ctx.request_id})
+            logger.error(
+                "a ledger record with this request id exists; this request was not recorded",
+                extra={"request_id": ctx.request_id},
+            )
             return
         except Exception as error:
             # The reservation stays held (so the balance errs on the safe side) until the next restart.
-            logger.error("ledger write failed", extra={"request_id": ctx.request_id, "error": repr(error),
-                                                       "cost_micro": record.cost_micro})
+            logger.error(
+                "ledger write failed",
+                extra={"request_id": ctx.request_id, "error": repr(error), "cost_micro": record.cost_micro},
+            )
             return
         if self.outbox is not None:
             self.outbox.notify()
-
-    def _ledger_record(self, ctx: RequestContext, principal: Principal | None) -> LedgerRecord:
-        usage = ctx.usage or Usage()
-        finished = ctx.finished_monotonic or time.monotonic()
-        ttft = ctx.first_byte_monotonic - ctx.started_monotonic if ctx.first_byte_monotonic else None
-        gpu_uuids = self._provenance(ctx.replica).gpu_uuids if ctx.replica is not None else ()
-        status = ctx.status_code or (499 if ctx.outcome == "client_disconnected" else 0)
-        return LedgerRecord(
-            request_id=ctx.request_id, worker_id=self.worker_id,
-            key_id=principal.key.id if principal else None,
-            account_id=principal.key.account_id if principal else None,
-            model=ctx.model.id, endpoint=ctx.endpoint,
-            replica_id=ctx.replica.replica_id if ctx.replica is not None else None, gpu_uuids=gpu_uuids,
-            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-            cached_tokens=usage.cached_tokens, usage_estimated=bool(getattr(ctx, "usage_estimated", False)),
-            cost_micro=charge_micro(ctx.model, ctx.endpoint, ctx.usage, ctx.finish_reason, ctx.outcome),
-            status_code=status, outcome=ctx.outcome, finish_reason=ctx.finish_reason, stream=ctx.stream,
-            received_at=datetime.fromtimestamp(ctx.received_at, UTC), ttft_ms=round(ttft * 1000, 3) if ttft is not None else None,
-            duration_ms=round((finished - ctx.started_monotonic) * 1000, 3),
-        )
 
     async def _authenticate_for(self, ctx: RequestContext, request: Request) -> ApiKey:
         try:
@@ -227,8 +252,13 @@ class BillingService:
             raise
         except Exception as error:
             logger.error("cannot look up API key", extra={"request_id": ctx.request_id, "error": repr(error)})
-            raise _refusal(ctx, 503, "billing is temporarily unavailable; retry shortly", "billing_unavailable",
-                           {"retry-after": "5"}) from None
+            raise _refusal(
+                ctx,
+                503,
+                "billing is temporarily unavailable; retry shortly",
+                "billing_unavailable",
+                {"retry-after": "5"},
+            ) from None
 
     # HTTP APIs.
     def key_router(self) -> APIRouter:
@@ -242,22 +272,28 @@ class BillingService:
         return build_admin_router(self.store, self._admin_token)
 
 
-def _refusal(ctx: RequestContext, status: int, message: str, code: str | None,
-             extra_headers: dict[str, str] | None = None) -> ApiError:
+def _refusal(
+    ctx: RequestContext,
+    status: int,
+    message: str,
+    code: str | None,
+    extra_headers: dict[str, str] | None = None,
+) -> ApiError:
     return ApiError(status, message, code=code, headers={**ctx.response_headers, **(extra_headers or {})})
 
 
 def _refusal_message(outcome: ReserveOutcome, amount_micro: int, key: ApiKey) -> str:
     if outcome is ReserveOutcome.insufficient_balance:
-        return (f"insufficient balance: this request may cost up to {micro_to_usd_text(amount_micro)} USD (prompt "
-                "plus max_tokens at this model's prices); top up the account or lower max_tokens")
+        return (
+            f"insufficient balance: this request may cost up to {micro_to_usd_text(amount_micro)} USD "
+            "(prompt plus max_tokens at this model's prices); top up the account or lower max_tokens"
+        )
     if outcome is ReserveOutcome.spend_cap_reached:
         cap = key.limits.monthly_spend_cap_micro or 0
-        return (f"this API key's monthly spend cap of {micro_to_usd_text(cap)} USD cannot cover this request "
-                f"(up to {micro_to_usd_text(amount_micro)} USD)")
+        return (
+            f"this API key's monthly spend cap of {micro_to_usd_text(cap)} USD cannot cover this request "
+            f"(up to {micro_to_usd_text(amount_micro)} USD)"
+        )
     if outcome is ReserveOutcome.duplicate_request:
         return "a request with this x-request-id was already received; send a unique x-request-id"
     return "this API key has been revoked"
-
-
-__all__ = ["BillingBacklog", "BillingService", "Principal", "Provenance"]

@@ -1,4 +1,4 @@
-"""Wire shapes of the key holder's and the admin's APIs. Money goes out as USD strings plus integer micro-USD."""
+"""Wire shapes of the key holder's and the admin's APIs. Money: USD strings plus integer micro-USD."""
 
 from __future__ import annotations
 
@@ -40,9 +40,15 @@ class AccountView(View):
 
     @classmethod
     def of(cls, account: Account) -> AccountView:
-        return cls(id=account.id, name=account.name, balance_usd=micro_to_usd_text(account.balance_micro),
-                   balance_micro=account.balance_micro, reserved_micro=account.reserved_micro,
-                   available_usd=micro_to_usd_text(account.available_micro), created_at=account.created_at)
+        return cls(
+            id=account.id,
+            name=account.name,
+            balance_usd=micro_to_usd_text(account.balance_micro),
+            balance_micro=account.balance_micro,
+            reserved_micro=account.reserved_micro,
+            available_usd=micro_to_usd_text(account.available_micro),
+            created_at=account.created_at,
+        )
 
 
 class KeyView(View):
@@ -65,14 +71,22 @@ class KeyView(View):
     def fields_of(cls, key: ApiKey, month: str) -> dict[str, Any]:
         cap = key.limits.monthly_spend_cap_micro
         spent = key.spent_in(month)
-        return dict(
-            id=key.id, account_id=key.account_id, name=key.name, prefix=key.prefix,
-            allowed_models=list(key.limits.allowed_models), requests_per_minute=key.limits.requests_per_minute,
-            tokens_per_minute=key.limits.tokens_per_minute,
-            monthly_spend_cap_usd=micro_to_usd_text(cap) if cap is not None else None, is_byok=key.byok,
-            created_at=key.created_at, expires_at=key.expires_at, revoked_at=key.revoked_at,
-            spend_this_month_usd=micro_to_usd_text(spent), spend_this_month_micro=spent,
-        )
+        return {
+            "id": key.id,
+            "account_id": key.account_id,
+            "name": key.name,
+            "prefix": key.prefix,
+            "allowed_models": list(key.limits.allowed_models),
+            "requests_per_minute": key.limits.requests_per_minute,
+            "tokens_per_minute": key.limits.tokens_per_minute,
+            "monthly_spend_cap_usd": micro_to_usd_text(cap) if cap is not None else None,
+            "is_byok": key.byok,
+            "created_at": key.created_at,
+            "expires_at": key.expires_at,
+            "revoked_at": key.revoked_at,
+            "spend_this_month_usd": micro_to_usd_text(spent),
+            "spend_this_month_micro": spent,
+        }
 
     @classmethod
     def of(cls, key: ApiKey, month: str) -> KeyView:
@@ -87,8 +101,11 @@ class OwnKeyView(KeyView):
 
     @classmethod
     def of_key(cls, key: ApiKey, account: Account, month: str) -> OwnKeyView:
-        return cls(**cls.fields_of(key, month), balance_usd=micro_to_usd_text(account.available_micro),
-                   balance_micro=account.available_micro)
+        return cls(
+            **cls.fields_of(key, month),
+            balance_usd=micro_to_usd_text(account.available_micro),
+            balance_micro=account.available_micro,
+        )
 
 
 class CreateAccountRequest(View):

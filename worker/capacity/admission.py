@@ -44,7 +44,7 @@ class AdmissionLimits:
     def for_model(cls, model: ModelConfig, stale_after_s: float) -> AdmissionLimits:
         config = model.admission
         seqs = model.max_num_seqs
-        allowance = config.queue_allowance if config.queue_allowance is not None else max(2, seqs // 8)
+        allowance = config.queue_allowance if config.queue_allowance is not None else seqs // 32
         return cls(
             enabled=config.enabled,
             max_num_seqs=seqs,

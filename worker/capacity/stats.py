@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -59,7 +60,7 @@ class EngineStats:
             except (IndexError, ValueError):
                 continue
             seen.add(name)
-            if value != value:  # NaN: an engine that has not reported yet
+            if math.isnan(value):  # an engine that has not reported yet
                 continue
             if field is not None:
                 sums[field] += value

@@ -34,12 +34,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     create = commands.add_parser("create", parents=[db], help="issue an API key (printed once, never stored)")
     create.add_argument("--account", required=True, help="account id the key spends from")
     create.add_argument("--name", default="", help="a label for the key")
-    create.add_argument("--models", default="", help="comma-separated model ids the key may use (default: all)")
+    create.add_argument(
+        "--models", default="", help="comma-separated model ids the key may use (default: all)"
+    )
     create.add_argument("--rpm", type=int, help="requests per minute")
     create.add_argument("--tpm", type=int, help="tokens per minute")
     create.add_argument("--monthly-cap-usd", help="monthly spend cap in USD")
     create.add_argument("--expires-in-days", type=float, help="expire the key after this many days")
-    create.add_argument("--byok", action="store_true", help="mark responses as bring-your-own-key (usage.is_byok)")
+    create.add_argument(
+        "--byok", action="store_true", help="mark responses as bring-your-own-key (usage.is_byok)"
+    )
     create.add_argument("--json", action="store_true", help="print the key and its record as JSON")
     create.set_defaults(handler=store_handler(_create_key))
 
@@ -76,8 +80,10 @@ async def _list_accounts(store: LedgerStore, args: argparse.Namespace) -> int:
         if args.json:
             print(AccountView.of(account).model_dump_json())
         else:
-            print(f"{account.id}  {micro_to_usd_text(account.balance_micro):>14} USD  "
-                  f"reserved {micro_to_usd_text(account.reserved_micro)}  {account.name}")
+            print(
+                f"{account.id}  {micro_to_usd_text(account.balance_micro):>14} USD  "
+                f"reserved {micro_to_usd_text(account.reserved_micro)}  {account.name}"
+            )
     return 0
 
 
@@ -86,12 +92,22 @@ async def _create_key(store: LedgerStore, args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise SystemExit(f"worker keys: {flag} must be at least 1")
     cap = _usd(args.monthly_cap_usd, "--monthly-cap-usd") if args.monthly_cap_usd is not None else None
-    limits = KeyLimits(allowed_models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
-                       requests_per_minute=args.rpm, tokens_per_minute=args.tpm, monthly_spend_cap_micro=cap)
+    limits = KeyLimits(
+        allowed_models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
+        requests_per_minute=args.rpm,
+        tokens_per_minute=args.tpm,
+        monthly_spend_cap_micro=cap,
+    )
     expires_at = datetime.now(UTC) + timedelta(days=args.expires_in_days) if args.expires_in_days else None
     try:
-        issued = await issue_key(store, account_id=args.account, name=args.name, limits=limits, byok=args.byok,
-                                 expires_at=expires_at)
+        issued = await issue_key(
+            store,
+            account_id=args.account,
+            name=args.name,
+            limits=limits,
+            byok=args.byok,
+            expires_at=expires_at,
+        )
     except UnknownAccount:
         print(f"worker keys: no account '{args.account}' (see `worker keys accounts`)", file=sys.stderr)
         return 1
@@ -114,8 +130,10 @@ async def _list_keys(store: LedgerStore, args: argparse.Namespace) -> int:
             continue
         state = "revoked" if key.revoked_at else ("expired" if key.is_expired(time.time()) else "active")
         models = ",".join(key.limits.allowed_models) or "*"
-        print(f"{key.id}  {key.prefix}...  {state:<7}  account {key.account_id}  models {models}  "
-              f"spent this month {micro_to_usd_text(key.spent_in(month))} USD  {key.name}")
+        print(
+            f"{key.id}  {key.prefix}...  {state:<7}  account {key.account_id}  models {models}  "
+            f"spent this month {micro_to_usd_text(key.spent_in(month))} USD  {key.name}"
+        )
     return 0
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from datetime import UTC, datetime
+from typing import TextIO
 
 from worker.billing.cli_support import database_options, store_handler
 from worker.billing.export import export_lines
@@ -15,9 +17,13 @@ from worker.billing.store import LedgerStore
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("usage", help="the usage ledger")
     commands = parser.add_subparsers(dest="usage_command", required=True, metavar="COMMAND")
-    export = commands.add_parser("export", parents=[database_options()], help="export ledger records, oldest first")
+    export = commands.add_parser(
+        "export", parents=[database_options()], help="export ledger records, oldest first"
+    )
     export.add_argument("--format", choices=["csv", "jsonl"], default="csv")
-    export.add_argument("--since", type=_moment, help="ISO 8601 time (UTC unless it says otherwise), inclusive")
+    export.add_argument(
+        "--since", type=_moment, help="ISO 8601 time (UTC unless it says otherwise), inclusive"
+    )
     export.add_argument("--until", type=_moment, help="ISO 8601 time, exclusive")
     export.add_argument("--model", help="only this model")
     export.add_argument("--account", help="only this account")
@@ -34,18 +40,21 @@ def _moment(text: str) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+def _output(path: str) -> TextIO:
+    # A command-line process: nothing else waits on its event loop, so plain file writes are fine.
+    return open(path, "w", encoding="utf-8", newline="")
+
+
 async def _export(store: LedgerStore, args: argparse.Namespace) -> int:
-    where = LedgerFilter(since=args.since, until=args.until, model=args.model, account_id=args.account,
-                         key_id=args.key)
-    out = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout
+    where = LedgerFilter(
+        since=args.since, until=args.until, model=args.model, account_id=args.account, key_id=args.key
+    )
     count = 0
-    try:
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(_output(args.output)) if args.output else sys.stdout
         async for line in export_lines(store, where, args.format):
             out.write(line)
             count += 1
-    finally:
-        if out is not sys.stdout:
-            out.close()
     records = count - 1 if args.format == "csv" else count
     print(f"exported {records} records", file=sys.stderr)
     return 0

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import date
 from decimal import Decimal
 from enum import Enum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
@@ -108,11 +109,44 @@ class AdmissionConfig(StrictModel):
     enabled: bool = True
     # Requests the gateway keeps open on one replica (default: max_num_seqs + queue_allowance).
     max_in_flight: int | None = Field(default=None, ge=1)
-    # How many requests may wait for a batch slot (default: max(2, max_num_seqs // 8)).
+    # How many requests may wait for a batch slot (default: max_num_seqs // 32, so 8 for 256 and none
+    # below 32): each waiting request adds about one request duration / max_num_seqs to TTFT.
     queue_allowance: int | None = Field(default=None, ge=0)
     # The engine's own waiting queue must be shorter than this (default: queue_allowance, at least 1).
     max_waiting: int | None = Field(default=None, ge=1)
     max_kv_cache_usage: float = Field(default=0.95, gt=0, le=1)
+
+
+# What OpenRouter's listing format allows in each list (names as the router spells them).
+SamplingParameter = Literal[
+    "temperature", "top_p", "top_k", "min_p", "top_a", "frequency_penalty", "presence_penalty",
+    "repetition_penalty", "stop", "seed", "max_tokens", "logit_bias", "logprobs", "top_logprobs",
+]
+ListingFeature = Literal["tools", "json_mode", "structured_outputs", "logprobs", "web_search", "reasoning"]
+InputModality = Literal["text", "image", "file", "audio", "video"]
+OutputModality = Literal["text", "image", "audio", "embeddings"]
+
+
+class ModelListingConfig(StrictModel):
+    """How the model is described to routers (`GET /v1/models`, `/openrouter/models`, the registry).
+
+    Every field is optional; unset ones are derived from the rest of the model's configuration.
+    """
+
+    name: str | None = Field(default=None, min_length=1)  # display name (default: the model id)
+    description: str | None = None
+    input_modalities: list[InputModality] = Field(default_factory=lambda: ["text"], min_length=1)
+    # Default: ["text"], or ["embeddings"] for task embed.
+    output_modalities: list[OutputModality] | None = Field(default=None, min_length=1)
+    # Longest completion a request may ask for (default: the context length).
+    max_output_length: int | None = Field(default=None, ge=1)
+    # Default: every sampling parameter vLLM accepts (none for embedding models).
+    supported_sampling_parameters: list[SamplingParameter] | None = None
+    # Default: json_mode, structured_outputs and logprobs; tools when engine_args enable automatic tool
+    # choice with a tool_call_parser; reasoning when engine_args set a reasoning_parser.
+    supported_features: list[ListingFeature] | None = None
+    deprecation_date: date | None = None
+    openrouter_slug: str | None = Field(default=None, min_length=1)
 
 
 class ModelConfig(StrictModel):
@@ -130,6 +164,7 @@ class ModelConfig(StrictModel):
     hugging_face_id: str | None = None
     mock: MockEngineConfig = Field(default_factory=MockEngineConfig)
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
+    listing: ModelListingConfig = Field(default_factory=ModelListingConfig)
 
     @field_validator("engine_args")
     @classmethod

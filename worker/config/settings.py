@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, HttpUrl, SecretStr, ValidationError
+from pydantic import Field, HttpUrl, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.config.loader import ConfigError
@@ -37,6 +37,23 @@ class Settings(BaseSettings):
         default=None, description="POST every ledger record here, in order (Idempotency-Key: request id)"
     )
     usage_webhook_token: SecretStr | None = Field(default=None, description="bearer token for the usage webhook")
+
+    # Router registry: announce this node, send heartbeats, say when it drains, deregister on exit.
+    registry_url: HttpUrl | None = Field(
+        default=None, description="base URL of the registry (unset: the node announces itself nowhere)"
+    )
+    registry_token: SecretStr | None = Field(default=None, description="bearer token for the registry")
+    registry_heartbeat_s: float = Field(default=15.0, gt=0, description="seconds between heartbeats")
+    registry_timeout_s: float = Field(default=5.0, gt=0, description="timeout of one registry call")
+    public_url: HttpUrl | None = Field(
+        default=None, description="this node's public base URL as routers reach it (overrides worker.public_url)"
+    )
+
+    @field_validator("registry_url", "registry_token", "public_url", mode="before")
+    @classmethod
+    def _empty_means_unset(cls, value: object) -> object:
+        # Deployment templates blank out a variable they do not use instead of removing it.
+        return None if isinstance(value, str) and not value.strip() else value
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:

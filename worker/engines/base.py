@@ -45,6 +45,8 @@ class Engine(abc.ABC):
 
     def __init__(self, spec: ReplicaSpec) -> None:
         self.spec = spec
+        # "vllm 0.32.0": filled in from the engine's /version once it is healthy.
+        self.version = self.kind
 
     @property
     def base_url(self) -> str:
@@ -67,4 +69,4 @@ class Engine(abc.ABC):
     def pid(self) -> int | None: ...
 
     def describe(self) -> dict[str, object]:
-        return {"kind": self.kind, "pid": self.pid, "base_url": self.base_url, "gpus": list(self.spec.gpu_ids)}
+        return {"kind": self.kind, "version": self.version, "pid": self.pid, "base_url": self.base_url, "gpus": list(self.spec.gpu_ids)}

@@ -41,7 +41,7 @@ class _Interruption:
 class ReplicaLease:
     """One request the gateway admitted to a replica: counted in its `in_flight` until released."""
 
-    __slots__ = ("replica", "_interruption", "_released")
+    __slots__ = ("_interruption", "_released", "replica")
 
     def __init__(self, replica: Replica, interruption: _Interruption) -> None:
         self.replica = replica

@@ -127,6 +127,7 @@ class EngineSupervisor:
                 exit_task = asyncio.create_task(replica.engine.wait_exit())
                 healthy = await self._wait_healthy(replica, exit_task, worker.engine_start_timeout_s)
                 if healthy:
+                    await self._read_version(replica)
                     self._set_state(replica, ReplicaState.ready)
                     logger.info("replica ready", extra={"replica": replica.replica_id,
                                                         "startup_s": round(time.monotonic() - started_at, 2)})
@@ -155,6 +156,12 @@ class EngineSupervisor:
                 "backoff_s": delay, "output_tail": exited.output_tail[-2000:] if exited else None})
             await asyncio.sleep(delay)
         self._set_state(replica, ReplicaState.stopped)
+
+    async def _read_version(self, replica: Replica) -> None:
+        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError):
+            response = await replica.client.get("/version", timeout=5.0)
+            if response.status_code == 200:
+                replica.engine.version = f"{replica.engine.kind} {response.json()['version']}"
 
     async def _wait_healthy(self, replica: Replica, exit_task: asyncio.Task, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s

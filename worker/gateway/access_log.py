@@ -17,6 +17,9 @@ class AccessLog:
     async def before_request(self, ctx: RequestContext, request: Request) -> None:
         return None
 
+    def after_route(self, ctx: RequestContext) -> None:
+        return None
+
     def usage_extras(self, ctx: RequestContext) -> dict[str, Any]:
         return {}
 

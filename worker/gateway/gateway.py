@@ -96,6 +96,8 @@ class Gateway:
                 raise
         replica = lease.replica
         ctx.replica = replica
+        for hook in finalizer.hooks:
+            hook.after_route(ctx)
         headers = {"x-worker-replica": replica.replica_id, **ctx.response_headers}
         if outcome is Outcome.timed_out:
             # The engine is slow to answer a stream: send headers now, keep-alives until it does.

@@ -13,6 +13,7 @@ class RequestHooks(Protocol):
     """Called by the gateway for every inference request, in registration order.
 
     - `before_request`: before routing; raise `ApiError` to refuse (401/402/403/429...). Must be cheap.
+    - `after_route`: once the serving replica is known, before the response starts (provenance headers).
     - `usage_extras`: when the engine's usage is known; returns fields merged into the client's `usage`
       object (e.g. `cost`). Synchronous and cheap: it runs on the hot path.
     - `finalize`: exactly once per request that passed `before_request`, awaited before the last byte
@@ -21,6 +22,8 @@ class RequestHooks(Protocol):
     """
 
     async def before_request(self, ctx: RequestContext, request: Request) -> None: ...
+
+    def after_route(self, ctx: RequestContext) -> None: ...
 
     def usage_extras(self, ctx: RequestContext) -> dict[str, Any]: ...
 

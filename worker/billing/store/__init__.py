@@ -18,7 +18,7 @@ async def open_store(db_url: str, *, sqlite_synchronous: Literal["full", "normal
     `postgresql://user:password@host:port/database`.
     """
     if db_url.startswith(_SQLITE_PREFIX):
-        path = db_url[len(_SQLITE_PREFIX):]
+        path = db_url[len(_SQLITE_PREFIX) :]
         if not path or path == ":memory:":
             raise ValueError("the billing database must be a file: sqlite:///path/to/ledger.db")
         from worker.billing.store.sqlite import SqliteStore

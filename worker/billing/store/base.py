@@ -36,8 +36,9 @@ class LedgerStore(abc.ABC):
 
     # Accounts and keys.
     @abc.abstractmethod
-    async def create_account(self, account_id: str, name: str, balance_micro: int, created_at: float) -> Account:
-        ...
+    async def create_account(
+        self, account_id: str, name: str, balance_micro: int, created_at: float
+    ) -> Account: ...
 
     @abc.abstractmethod
     async def get_account(self, account_id: str) -> Account | None: ...
@@ -86,14 +87,24 @@ class LedgerStore(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def release_reservation(self, request_id: str) -> bool:
+        """Drop one request's reservation without charging (it never reached the engine)."""
+
+    @abc.abstractmethod
     async def release_reservations(self, holder: str, older_than: float | None = None) -> int:
         """Drop reservations of requests that can no longer finish: all of `holder`'s (a restarted
         worker), and with `older_than` anyone's made before that time. Returns how many were dropped."""
 
     # The ledger.
     @abc.abstractmethod
-    async def query_ledger(self, where: LedgerFilter, *, limit: int, order: Literal["asc", "desc"] = "desc",
-                           cursor: int | None = None) -> list[LedgerRecord]:
+    async def query_ledger(
+        self,
+        where: LedgerFilter,
+        *,
+        limit: int,
+        order: Literal["asc", "desc"] = "desc",
+        cursor: int | None = None,
+    ) -> list[LedgerRecord]:
         """Records matching `where`, by seq; `cursor` excludes seq <= cursor (asc) or >= cursor (desc)."""
 
     @abc.abstractmethod

@@ -60,9 +60,11 @@ _KEY_STATE = for_postgres(KEY_STATE)
 _ACCOUNT_RESERVE = for_postgres(ACCOUNT_RESERVE) + " RETURNING id"
 _KEY_CHARGE = for_postgres(KEY_CHARGE)
 _ACCOUNT_CHARGE = for_postgres(ACCOUNT_CHARGE)
-_INSERT_LEDGER = (f"INSERT INTO ledger ({', '.join(LEDGER_INSERT_COLUMNS)}) "
-                  f"VALUES ({', '.join(f'${i}' for i in range(1, len(LEDGER_INSERT_COLUMNS) + 1))}) "
-                  "ON CONFLICT (request_id) DO NOTHING RETURNING seq")
+_INSERT_LEDGER = (
+    f"INSERT INTO ledger ({', '.join(LEDGER_INSERT_COLUMNS)}) "
+    f"VALUES ({', '.join(f'${i}' for i in range(1, len(LEDGER_INSERT_COLUMNS) + 1))}) "
+    "ON CONFLICT (request_id) DO NOTHING RETURNING seq"
+)
 _INSERT_RESERVATION = """
 INSERT INTO reservations (request_id, account_id, key_id, amount_micro, holder, created_at)
 SELECT $1, $2, $3, $4, $5, $6 WHERE NOT EXISTS (SELECT 1 FROM ledger WHERE request_id = $1)
@@ -101,8 +103,12 @@ class PostgresStore(LedgerStore):
                 for migration in pending_migrations(applied):
                     for statement in migration.postgres:
                         await connection.execute(statement)
-                    await connection.execute("INSERT INTO schema_version VALUES ($1, $2, $3)",
-                                             migration.version, migration.description, time.time())
+                    await connection.execute(
+                        "INSERT INTO schema_version VALUES ($1, $2, $3)",
+                        migration.version,
+                        migration.description,
+                        time.time(),
+                    )
         except BaseException:
             await pool.close()
             raise
@@ -121,10 +127,17 @@ class PostgresStore(LedgerStore):
         return self._jobs.qsize()
 
     # Accounts and keys.
-    async def create_account(self, account_id: str, name: str, balance_micro: int, created_at: float) -> Account:
+    async def create_account(
+        self, account_id: str, name: str, balance_micro: int, created_at: float
+    ) -> Account:
         row = await self._pool.fetchrow(
             f"INSERT INTO accounts (id, name, balance_micro, created_at) VALUES ($1, $2, $3, $4) "
-            f"RETURNING {ACCOUNT_COLUMNS}", account_id, name, balance_micro, created_at)
+            f"RETURNING {ACCOUNT_COLUMNS}",
+            account_id,
+            name,
+            balance_micro,
+            created_at,
+        )
         return account_from_row(row)
 
     async def get_account(self, account_id: str) -> Account | None:
@@ -136,8 +149,12 @@ class PostgresStore(LedgerStore):
         return [account_from_row(row) for row in rows]
 
     async def top_up(self, account_id: str, amount_micro: int) -> Account:
-        row = await self._pool.fetchrow(f"UPDATE accounts SET balance_micro = balance_micro + $1 WHERE id = $2 "
-                                        f"RETURNING {ACCOUNT_COLUMNS}", amount_micro, account_id)
+        row = await self._pool.fetchrow(
+            f"UPDATE accounts SET balance_micro = balance_micro + $1 WHERE id = $2 "
+            f"RETURNING {ACCOUNT_COLUMNS}",
+            amount_micro,
+            account_id,
+        )
         if row is None:
             raise UnknownAccount(account_id)
         return account_from_row(row)
@@ -145,8 +162,11 @@ class PostgresStore(LedgerStore):
     async def create_key(self, key: NewApiKey) -> ApiKey:
         placeholders = ", ".join(f"${i}" for i in range(1, 13))
         try:
-            row = await self._pool.fetchrow(f"INSERT INTO api_keys ({KEY_INSERT_COLUMNS}) VALUES ({placeholders}) "
-                                            f"RETURNING {KEY_COLUMNS}", *new_key_params(key))
+            row = await self._pool.fetchrow(
+                f"INSERT INTO api_keys ({KEY_INSERT_COLUMNS}) VALUES ({placeholders}) "
+                f"RETURNING {KEY_COLUMNS}",
+                *new_key_params(key),
+            )
         except asyncpg.ForeignKeyViolationError:
             raise UnknownAccount(key.account_id) from None
         return key_from_row(row)
@@ -163,13 +183,19 @@ class PostgresStore(LedgerStore):
         if account_id is None:
             rows = await self._pool.fetch(f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at, id")
         else:
-            rows = await self._pool.fetch(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE account_id = $1 "
-                                          "ORDER BY created_at, id", account_id)
+            rows = await self._pool.fetch(
+                f"SELECT {KEY_COLUMNS} FROM api_keys WHERE account_id = $1 ORDER BY created_at, id",
+                account_id,
+            )
         return [key_from_row(row) for row in rows]
 
     async def revoke_key(self, key_id: str, revoked_at: float) -> ApiKey | None:
-        row = await self._pool.fetchrow(f"UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $1) WHERE id = $2 "
-                                        f"RETURNING {KEY_COLUMNS}", revoked_at, key_id)
+        row = await self._pool.fetchrow(
+            f"UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $1) WHERE id = $2 "
+            f"RETURNING {KEY_COLUMNS}",
+            revoked_at,
+            key_id,
+        )
         return key_from_row(row) if row else None
 
     # Money on the request path.
@@ -178,13 +204,26 @@ class PostgresStore(LedgerStore):
         try:
             async with self._pool.acquire() as connection, connection.transaction():
                 await connection.execute("SET LOCAL synchronous_commit TO OFF")
-                if await connection.fetchval(_INSERT_RESERVATION, r.request_id, r.account_id, r.key_id,
-                                             r.amount_micro, r.holder, r.created_at) is None:
+                if (
+                    await connection.fetchval(
+                        _INSERT_RESERVATION,
+                        r.request_id,
+                        r.account_id,
+                        r.key_id,
+                        r.amount_micro,
+                        r.holder,
+                        r.created_at,
+                    )
+                    is None
+                ):
                     raise _Refused(ReserveOutcome.duplicate_request)
                 if await connection.fetchval(_KEY_RESERVE, r.amount_micro, r.key_id, r.month) is None:
                     state = await connection.fetchrow(_KEY_STATE, r.key_id)
-                    raise _Refused(ReserveOutcome.key_revoked if state is None or state[0] is not None
-                                   else ReserveOutcome.spend_cap_reached)
+                    raise _Refused(
+                        ReserveOutcome.key_revoked
+                        if state is None or state[0] is not None
+                        else ReserveOutcome.spend_cap_reached
+                    )
                 if await connection.fetchval(_ACCOUNT_RESERVE, r.amount_micro, r.account_id) is None:
                     raise _Refused(ReserveOutcome.insufficient_balance)
         except _Refused as refused:
@@ -226,40 +265,63 @@ class PostgresStore(LedgerStore):
                 for job in batch:
                     await self._commit([job])
                 return
-            logger.error("ledger write failed", extra={"request_id": batch[0].record.request_id,
-                                                       "error": repr(error)})
+            logger.error(
+                "ledger write failed", extra={"request_id": batch[0].record.request_id, "error": repr(error)}
+            )
             _resolve(batch[0].future, None, error)
             return
         for job, seq in zip(batch, seqs, strict=True):
             _resolve(job.future, seq, None)
 
+    async def release_reservation(self, request_id: str) -> bool:
+        return await self._release("request_id = $1", request_id) > 0
+
     async def release_reservations(self, holder: str, older_than: float | None = None) -> int:
+        return await self._release(
+            "holder = $1 OR created_at < $2", holder, older_than if older_than is not None else float("-inf")
+        )
+
+    async def _release(self, condition: str, *params: Any) -> int:
         async with self._pool.acquire() as connection, connection.transaction():
             rows = await connection.fetch(
-                "DELETE FROM reservations WHERE holder = $1 OR created_at < $2 "
-                "RETURNING key_id, account_id, amount_micro",
-                holder, older_than if older_than is not None else float("-inf"))
+                f"DELETE FROM reservations WHERE {condition} RETURNING key_id, account_id, amount_micro",
+                *params,
+            )
             keys: dict[str, int] = {}
             accounts: dict[str, int] = {}
             for row in rows:
                 keys[row["key_id"]] = keys.get(row["key_id"], 0) + row["amount_micro"]
                 accounts[row["account_id"]] = accounts.get(row["account_id"], 0) + row["amount_micro"]
-            await connection.executemany("UPDATE api_keys SET reserved_micro = reserved_micro - $1 WHERE id = $2",
-                                         [(amount, key_id) for key_id, amount in sorted(keys.items())])
-            await connection.executemany("UPDATE accounts SET reserved_micro = reserved_micro - $1 WHERE id = $2",
-                                         [(amount, account_id) for account_id, amount in sorted(accounts.items())])
+            await connection.executemany(
+                "UPDATE api_keys SET reserved_micro = reserved_micro - $1 WHERE id = $2",
+                [(amount, key_id) for key_id, amount in sorted(keys.items())],
+            )
+            await connection.executemany(
+                "UPDATE accounts SET reserved_micro = reserved_micro - $1 WHERE id = $2",
+                [(amount, account_id) for account_id, amount in sorted(accounts.items())],
+            )
         return len(rows)
 
     # The ledger.
-    async def query_ledger(self, where: LedgerFilter, *, limit: int, order: Literal["asc", "desc"] = "desc",
-                           cursor: int | None = None) -> list[LedgerRecord]:
+    async def query_ledger(
+        self,
+        where: LedgerFilter,
+        *,
+        limit: int,
+        order: Literal["asc", "desc"] = "desc",
+        cursor: int | None = None,
+    ) -> list[LedgerRecord]:
         conditions = ledger_conditions(where)
         if cursor is not None:
             conditions.append(("seq > {}" if order == "asc" else "seq < {}", cursor))
         clause, params = _where(conditions)
+        limit_parameter = f"${len(params) + 1}"
         rows = await self._pool.fetch(
-            f"SELECT {LEDGER_COLUMNS} FROM ledger{clause} ORDER BY seq {order.upper()} LIMIT ${len(params) + 1}",
-            *params, limit)
+            f"SELECT {LEDGER_COLUMNS} FROM ledger{clause} "
+            f"ORDER BY seq {order.upper()} LIMIT {limit_parameter}",
+            *params,
+            limit,
+        )
         return [ledger_from_row(row) for row in rows]
 
     async def count_ledger(self, where: LedgerFilter, after_seq: int = 0) -> int:
@@ -268,14 +330,20 @@ class PostgresStore(LedgerStore):
 
     # The outbox.
     async def outbox_cursor(self, worker_id: str) -> int:
-        value = await self._pool.fetchval("SELECT last_seq FROM outbox_cursors WHERE worker_id = $1", worker_id)
+        value = await self._pool.fetchval(
+            "SELECT last_seq FROM outbox_cursors WHERE worker_id = $1", worker_id
+        )
         return int(value) if value is not None else 0
 
     async def advance_outbox(self, worker_id: str, seq: int, now: float) -> None:
         await self._pool.execute(
             "INSERT INTO outbox_cursors (worker_id, last_seq, updated_at) VALUES ($1, $2, $3) "
-            "ON CONFLICT (worker_id) DO UPDATE SET last_seq = excluded.last_seq, updated_at = excluded.updated_at "
-            "WHERE outbox_cursors.last_seq < excluded.last_seq", worker_id, seq, now)
+            "ON CONFLICT (worker_id) DO UPDATE SET last_seq = excluded.last_seq, "
+            "updated_at = excluded.updated_at WHERE outbox_cursors.last_seq < excluded.last_seq",
+            worker_id,
+            seq,
+            now,
+        )
 
 
 async def _settle_all(connection: asyncpg.Connection, records: list[LedgerRecord]) -> list[int | None]:
@@ -283,16 +351,21 @@ async def _settle_all(connection: asyncpg.Connection, records: list[LedgerRecord
     for record in records:
         seqs.append(await connection.fetchval(_INSERT_LEDGER, *ledger_params(record)))
     fresh = [record for record, seq in zip(records, seqs, strict=True) if seq is not None]
-    held = {row["request_id"]: row["amount_micro"] for row in await connection.fetch(
-        "DELETE FROM reservations WHERE request_id = ANY($1::text[]) RETURNING request_id, amount_micro",
-        [record.request_id for record in fresh])}
+    held = {
+        row["request_id"]: row["amount_micro"]
+        for row in await connection.fetch(
+            "DELETE FROM reservations WHERE request_id = ANY($1::text[]) RETURNING request_id, amount_micro",
+            [record.request_id for record in fresh],
+        )
+    }
     key_updates: list[tuple[int, str, int, str]] = []
     account_updates: list[tuple[int, int, str]] = []
     for record in fresh:
         released = held.get(record.request_id, 0)
         if record.key_id is not None:
-            key_updates.append((released, utc_month(record.received_at.timestamp()), record.cost_micro,
-                                record.key_id))
+            key_updates.append(
+                (released, utc_month(record.received_at.timestamp()), record.cost_micro, record.key_id)
+            )
         if record.account_id is not None:
             account_updates.append((record.cost_micro, released, record.account_id))
     # Keys before accounts, each in id order: the same lock order as every other transaction.

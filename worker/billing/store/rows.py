@@ -15,6 +15,7 @@ from worker.billing.records import (
     LedgerRecord,
     NewApiKey,
     from_epoch,
+    from_optional_epoch,
     to_epoch,
 )
 
@@ -24,16 +25,38 @@ KEY_COLUMNS = (
     "created_at, expires_at, revoked_at, reserved_micro, spend_month, month_spent_micro"
 )
 LEDGER_INSERT_COLUMNS = (
-    "request_id", "worker_id", "key_id", "account_id", "model", "endpoint", "replica_id", "gpu_uuids",
-    "prompt_tokens", "completion_tokens", "cached_tokens", "usage_estimated", "cost_micro", "status_code",
-    "outcome", "finish_reason", "stream", "received_at", "ttft_ms", "duration_ms",
+    "request_id",
+    "worker_id",
+    "key_id",
+    "account_id",
+    "model",
+    "endpoint",
+    "replica_id",
+    "gpu_uuids",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "usage_estimated",
+    "cost_micro",
+    "status_code",
+    "outcome",
+    "finish_reason",
+    "stream",
+    "received_at",
+    "ttft_ms",
+    "duration_ms",
 )
 LEDGER_COLUMNS = "seq, " + ", ".join(LEDGER_INSERT_COLUMNS)
 
 
 def account_from_row(row: Mapping[str, Any]) -> Account:
-    return Account(id=row["id"], name=row["name"], balance_micro=row["balance_micro"],
-                   reserved_micro=row["reserved_micro"], created_at=from_epoch(row["created_at"]))
+    return Account(
+        id=row["id"],
+        name=row["name"],
+        balance_micro=row["balance_micro"],
+        reserved_micro=row["reserved_micro"],
+        created_at=from_epoch(row["created_at"]),
+    )
 
 
 def key_from_row(row: Mapping[str, Any]) -> ApiKey:
@@ -44,21 +67,37 @@ def key_from_row(row: Mapping[str, Any]) -> ApiKey:
         monthly_spend_cap_micro=row["monthly_cap_micro"],
     )
     return ApiKey(
-        id=row["id"], account_id=row["account_id"], name=row["name"], prefix=row["prefix"],
-        key_hash=row["key_hash"], limits=limits, byok=bool(row["byok"]),
-        created_at=from_epoch(row["created_at"]), expires_at=from_epoch(row["expires_at"]),
-        revoked_at=from_epoch(row["revoked_at"]), reserved_micro=row["reserved_micro"],
-        spend_month=row["spend_month"], month_spent_micro=row["month_spent_micro"],
+        id=row["id"],
+        account_id=row["account_id"],
+        name=row["name"],
+        prefix=row["prefix"],
+        key_hash=row["key_hash"],
+        limits=limits,
+        byok=bool(row["byok"]),
+        created_at=from_epoch(row["created_at"]),
+        expires_at=from_optional_epoch(row["expires_at"]),
+        revoked_at=from_optional_epoch(row["revoked_at"]),
+        reserved_micro=row["reserved_micro"],
+        spend_month=row["spend_month"],
+        month_spent_micro=row["month_spent_micro"],
     )
 
 
 def new_key_params(key: NewApiKey) -> tuple[Any, ...]:
     """In the order of KEY_INSERT_COLUMNS."""
     return (
-        key.id, key.account_id, key.name, key.prefix, key.key_hash,
-        orjson.dumps(list(key.limits.allowed_models)).decode(), key.limits.requests_per_minute,
-        key.limits.tokens_per_minute, key.limits.monthly_spend_cap_micro, key.byok,
-        to_epoch(key.created_at), to_epoch(key.expires_at) if key.expires_at else None,
+        key.id,
+        key.account_id,
+        key.name,
+        key.prefix,
+        key.key_hash,
+        orjson.dumps(list(key.limits.allowed_models)).decode(),
+        key.limits.requests_per_minute,
+        key.limits.tokens_per_minute,
+        key.limits.monthly_spend_cap_micro,
+        key.byok,
+        to_epoch(key.created_at),
+        to_epoch(key.expires_at) if key.expires_at else None,
     )
 
 
@@ -71,10 +110,26 @@ KEY_INSERT_COLUMNS = (
 def ledger_params(record: LedgerRecord) -> tuple[Any, ...]:
     """In the order of LEDGER_INSERT_COLUMNS."""
     return (
-        record.request_id, record.worker_id, record.key_id, record.account_id, record.model, record.endpoint,
-        record.replica_id, ",".join(record.gpu_uuids), record.prompt_tokens, record.completion_tokens,
-        record.cached_tokens, record.usage_estimated, record.cost_micro, record.status_code, record.outcome,
-        record.finish_reason, record.stream, to_epoch(record.received_at), record.ttft_ms, record.duration_ms,
+        record.request_id,
+        record.worker_id,
+        record.key_id,
+        record.account_id,
+        record.model,
+        record.endpoint,
+        record.replica_id,
+        ",".join(record.gpu_uuids),
+        record.prompt_tokens,
+        record.completion_tokens,
+        record.cached_tokens,
+        record.usage_estimated,
+        record.cost_micro,
+        record.status_code,
+        record.outcome,
+        record.finish_reason,
+        record.stream,
+        to_epoch(record.received_at),
+        record.ttft_ms,
+        record.duration_ms,
     )
 
 

@@ -11,7 +11,8 @@ KEY_RESERVE = """
 UPDATE api_keys SET reserved_micro = reserved_micro + {0}
 WHERE id = {1} AND revoked_at IS NULL AND (
     monthly_cap_micro IS NULL
-    OR (CASE WHEN spend_month = {2} THEN month_spent_micro ELSE 0 END) + reserved_micro + {0} <= monthly_cap_micro
+    OR (CASE WHEN spend_month = {2} THEN month_spent_micro ELSE 0 END) + reserved_micro + {0}
+        <= monthly_cap_micro
 )"""
 
 KEY_STATE = "SELECT revoked_at FROM api_keys WHERE id = {0}"

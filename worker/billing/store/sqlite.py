@@ -43,7 +43,14 @@ from worker.billing.store.rows import (
     new_key_params,
 )
 from worker.billing.store.schema import SCHEMA_VERSION_TABLE, pending_migrations
-from worker.billing.store.sql import ACCOUNT_CHARGE, ACCOUNT_RESERVE, KEY_CHARGE, KEY_RESERVE, KEY_STATE, for_sqlite
+from worker.billing.store.sql import (
+    ACCOUNT_CHARGE,
+    ACCOUNT_RESERVE,
+    KEY_CHARGE,
+    KEY_RESERVE,
+    KEY_STATE,
+    for_sqlite,
+)
 from worker.billing.store.sqlite_writer import GroupCommitWriter
 
 T = TypeVar("T")
@@ -53,9 +60,11 @@ _KEY_STATE = for_sqlite(KEY_STATE)
 _ACCOUNT_RESERVE = for_sqlite(ACCOUNT_RESERVE)
 _KEY_CHARGE = for_sqlite(KEY_CHARGE)
 _ACCOUNT_CHARGE = for_sqlite(ACCOUNT_CHARGE)
-_INSERT_LEDGER = (f"INSERT INTO ledger ({', '.join(LEDGER_INSERT_COLUMNS)}) "
-                  f"VALUES ({', '.join('?' * len(LEDGER_INSERT_COLUMNS))}) "
-                  "ON CONFLICT (request_id) DO NOTHING RETURNING seq")
+_INSERT_LEDGER = (
+    f"INSERT INTO ledger ({', '.join(LEDGER_INSERT_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * len(LEDGER_INSERT_COLUMNS))}) "
+    "ON CONFLICT (request_id) DO NOTHING RETURNING seq"
+)
 
 
 class _Refused(Exception):
@@ -73,8 +82,9 @@ class SqliteStore(LedgerStore):
         self._local = threading.local()
         self._reader_connections: list[sqlite3.Connection] = []
         self._reader_lock = threading.Lock()
-        self._readers = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="billing-sqlite-reader",
-                                           initializer=self._open_reader)
+        self._readers = ThreadPoolExecutor(
+            max_workers=readers, thread_name_prefix="billing-sqlite-reader", initializer=self._open_reader
+        )
 
     @classmethod
     async def open(cls, path: str | Path, *, synchronous: Literal["full", "normal"] = "full") -> SqliteStore:
@@ -85,8 +95,9 @@ class SqliteStore(LedgerStore):
 
     # Connections.
     def _connect(self) -> sqlite3.Connection:
-        connection = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False,
-                                     timeout=_BUSY_TIMEOUT_S)
+        connection = sqlite3.connect(
+            self._path, isolation_level=None, check_same_thread=False, timeout=_BUSY_TIMEOUT_S
+        )
         connection.row_factory = sqlite3.Row
         connection.execute(f"PRAGMA synchronous = {self._synchronous}")
         connection.execute("PRAGMA foreign_keys = ON")
@@ -109,12 +120,16 @@ class SqliteStore(LedgerStore):
             connection.execute("BEGIN IMMEDIATE")
             try:
                 connection.execute(SCHEMA_VERSION_TABLE)
-                applied = connection.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
+                applied = connection.execute(
+                    "SELECT COALESCE(MAX(version), 0) FROM schema_version"
+                ).fetchone()[0]
                 for migration in pending_migrations(applied):
                     for statement in migration.sqlite:
                         connection.execute(statement)
-                    connection.execute("INSERT INTO schema_version VALUES (?, ?, ?)",
-                                       (migration.version, migration.description, time.time()))
+                    connection.execute(
+                        "INSERT INTO schema_version VALUES (?, ?, ?)",
+                        (migration.version, migration.description, time.time()),
+                    )
                 connection.execute("COMMIT")
             except BaseException:
                 connection.execute("ROLLBACK")
@@ -138,41 +153,57 @@ class SqliteStore(LedgerStore):
         return self._writer.queued
 
     # Accounts and keys.
-    async def create_account(self, account_id: str, name: str, balance_micro: int, created_at: float) -> Account:
+    async def create_account(
+        self, account_id: str, name: str, balance_micro: int, created_at: float
+    ) -> Account:
         def work(db: sqlite3.Connection) -> Account:
-            row = db.execute(f"INSERT INTO accounts (id, name, balance_micro, created_at) VALUES (?, ?, ?, ?) "
-                             f"RETURNING {ACCOUNT_COLUMNS}", (account_id, name, balance_micro, created_at)).fetchone()
+            row = db.execute(
+                f"INSERT INTO accounts (id, name, balance_micro, created_at) VALUES (?, ?, ?, ?) "
+                f"RETURNING {ACCOUNT_COLUMNS}",
+                (account_id, name, balance_micro, created_at),
+            ).fetchone()
             return account_from_row(row)
+
         return await self._writer.submit(work)
 
     async def get_account(self, account_id: str) -> Account | None:
         def work(db: sqlite3.Connection) -> Account | None:
             row = db.execute(f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ?", (account_id,)).fetchone()
             return account_from_row(row) if row else None
+
         return await self._read(work)
 
     async def list_accounts(self) -> list[Account]:
         def work(db: sqlite3.Connection) -> list[Account]:
             rows = db.execute(f"SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY created_at, id").fetchall()
             return [account_from_row(row) for row in rows]
+
         return await self._read(work)
 
     async def top_up(self, account_id: str, amount_micro: int) -> Account:
         def work(db: sqlite3.Connection) -> Account:
-            row = db.execute(f"UPDATE accounts SET balance_micro = balance_micro + ? WHERE id = ? "
-                             f"RETURNING {ACCOUNT_COLUMNS}", (amount_micro, account_id)).fetchone()
+            row = db.execute(
+                f"UPDATE accounts SET balance_micro = balance_micro + ? WHERE id = ? "
+                f"RETURNING {ACCOUNT_COLUMNS}",
+                (amount_micro, account_id),
+            ).fetchone()
             if row is None:
                 raise UnknownAccount(account_id)
             return account_from_row(row)
+
         return await self._writer.submit(work)
 
     async def create_key(self, key: NewApiKey) -> ApiKey:
         def work(db: sqlite3.Connection) -> ApiKey:
             if db.execute("SELECT 1 FROM accounts WHERE id = ?", (key.account_id,)).fetchone() is None:
                 raise UnknownAccount(key.account_id)
-            row = db.execute(f"INSERT INTO api_keys ({KEY_INSERT_COLUMNS}) VALUES ({', '.join('?' * 12)}) "
-                             f"RETURNING {KEY_COLUMNS}", new_key_params(key)).fetchone()
+            row = db.execute(
+                f"INSERT INTO api_keys ({KEY_INSERT_COLUMNS}) VALUES ({', '.join('?' * 12)}) "
+                f"RETURNING {KEY_COLUMNS}",
+                new_key_params(key),
+            ).fetchone()
             return key_from_row(row)
+
         return await self._writer.submit(work)
 
     async def find_key_by_hash(self, key_hash: str) -> ApiKey | None:
@@ -185,6 +216,7 @@ class SqliteStore(LedgerStore):
         def work(db: sqlite3.Connection) -> ApiKey | None:
             row = db.execute(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE {column} = ?", (value,)).fetchone()
             return key_from_row(row) if row else None
+
         return await self._read(work)
 
     async def list_keys(self, account_id: str | None = None) -> list[ApiKey]:
@@ -192,16 +224,23 @@ class SqliteStore(LedgerStore):
             if account_id is None:
                 rows = db.execute(f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at, id").fetchall()
             else:
-                rows = db.execute(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE account_id = ? ORDER BY created_at, id",
-                                  (account_id,)).fetchall()
+                rows = db.execute(
+                    f"SELECT {KEY_COLUMNS} FROM api_keys WHERE account_id = ? ORDER BY created_at, id",
+                    (account_id,),
+                ).fetchall()
             return [key_from_row(row) for row in rows]
+
         return await self._read(work)
 
     async def revoke_key(self, key_id: str, revoked_at: float) -> ApiKey | None:
         def work(db: sqlite3.Connection) -> ApiKey | None:
-            row = db.execute(f"UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ? "
-                             f"RETURNING {KEY_COLUMNS}", (revoked_at, key_id)).fetchone()
+            row = db.execute(
+                f"UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ? "
+                f"RETURNING {KEY_COLUMNS}",
+                (revoked_at, key_id),
+            ).fetchone()
             return key_from_row(row) if row else None
+
         return await self._writer.submit(work)
 
     # Money on the request path.
@@ -209,19 +248,27 @@ class SqliteStore(LedgerStore):
         r = reservation
 
         def work(db: sqlite3.Connection) -> ReserveOutcome:
-            seen = db.execute("SELECT 1 FROM reservations WHERE request_id = ? UNION ALL "
-                              "SELECT 1 FROM ledger WHERE request_id = ?", (r.request_id, r.request_id)).fetchone()
+            seen = db.execute(
+                "SELECT 1 FROM reservations WHERE request_id = ? UNION ALL "
+                "SELECT 1 FROM ledger WHERE request_id = ?",
+                (r.request_id, r.request_id),
+            ).fetchone()
             if seen:
                 return ReserveOutcome.duplicate_request
             if db.execute(_KEY_RESERVE, (r.amount_micro, r.key_id, r.month)).rowcount == 0:
                 revoked = db.execute(_KEY_STATE, (r.key_id,)).fetchone()
-                raise _Refused(ReserveOutcome.key_revoked if revoked is None or revoked[0] is not None
-                               else ReserveOutcome.spend_cap_reached)
+                raise _Refused(
+                    ReserveOutcome.key_revoked
+                    if revoked is None or revoked[0] is not None
+                    else ReserveOutcome.spend_cap_reached
+                )
             if db.execute(_ACCOUNT_RESERVE, (r.amount_micro, r.account_id)).rowcount == 0:
                 raise _Refused(ReserveOutcome.insufficient_balance)
-            db.execute("INSERT INTO reservations (request_id, account_id, key_id, amount_micro, holder, created_at) "
-                       "VALUES (?, ?, ?, ?, ?, ?)",
-                       (r.request_id, r.account_id, r.key_id, r.amount_micro, r.holder, r.created_at))
+            db.execute(
+                "INSERT INTO reservations (request_id, account_id, key_id, amount_micro, holder, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (r.request_id, r.account_id, r.key_id, r.amount_micro, r.holder, r.created_at),
+            )
             return ReserveOutcome.reserved
 
         try:
@@ -234,8 +281,9 @@ class SqliteStore(LedgerStore):
             row = db.execute(_INSERT_LEDGER, ledger_params(record)).fetchone()
             if row is None:
                 return None
-            held = db.execute("DELETE FROM reservations WHERE request_id = ? RETURNING amount_micro",
-                              (record.request_id,)).fetchone()
+            held = db.execute(
+                "DELETE FROM reservations WHERE request_id = ? RETURNING amount_micro", (record.request_id,)
+            ).fetchone()
             released = held[0] if held else 0
             month = utc_month(record.received_at.timestamp())
             if record.key_id is not None:
@@ -249,54 +297,86 @@ class SqliteStore(LedgerStore):
             raise DuplicateRequestId(record.request_id)
         return record.model_copy(update={"seq": seq})
 
+    async def release_reservation(self, request_id: str) -> bool:
+        return await self._release("request_id = ?", (request_id,)) > 0
+
     async def release_reservations(self, holder: str, older_than: float | None = None) -> int:
+        return await self._release(
+            "holder = ? OR created_at < ?", (holder, older_than if older_than is not None else float("-inf"))
+        )
+
+    async def _release(self, condition: str, params: tuple[Any, ...]) -> int:
         def work(db: sqlite3.Connection) -> int:
-            rows = db.execute("DELETE FROM reservations WHERE holder = ? OR created_at < ? "
-                              "RETURNING key_id, account_id, amount_micro",
-                              (holder, older_than if older_than is not None else float("-inf"))).fetchall()
+            rows = db.execute(
+                f"DELETE FROM reservations WHERE {condition} RETURNING key_id, account_id, amount_micro",
+                params,
+            ).fetchall()
             for key_id, account_id, amount in rows:
-                db.execute("UPDATE api_keys SET reserved_micro = reserved_micro - ? WHERE id = ?", (amount, key_id))
-                db.execute("UPDATE accounts SET reserved_micro = reserved_micro - ? WHERE id = ?",
-                           (amount, account_id))
+                db.execute(
+                    "UPDATE api_keys SET reserved_micro = reserved_micro - ? WHERE id = ?", (amount, key_id)
+                )
+                db.execute(
+                    "UPDATE accounts SET reserved_micro = reserved_micro - ? WHERE id = ?",
+                    (amount, account_id),
+                )
             return len(rows)
+
         return await self._writer.submit(work)
 
     # The ledger.
-    async def query_ledger(self, where: LedgerFilter, *, limit: int, order: Literal["asc", "desc"] = "desc",
-                           cursor: int | None = None) -> list[LedgerRecord]:
+    async def query_ledger(
+        self,
+        where: LedgerFilter,
+        *,
+        limit: int,
+        order: Literal["asc", "desc"] = "desc",
+        cursor: int | None = None,
+    ) -> list[LedgerRecord]:
         conditions = ledger_conditions(where)
         if cursor is not None:
             conditions.append(("seq > {}" if order == "asc" else "seq < {}", cursor))
         clause, params = _where(conditions)
 
         def work(db: sqlite3.Connection) -> list[LedgerRecord]:
-            rows = db.execute(f"SELECT {LEDGER_COLUMNS} FROM ledger{clause} ORDER BY seq {order.upper()} LIMIT ?",
-                              (*params, limit)).fetchall()
+            rows = db.execute(
+                f"SELECT {LEDGER_COLUMNS} FROM ledger{clause} ORDER BY seq {order.upper()} LIMIT ?",
+                (*params, limit),
+            ).fetchall()
             return [ledger_from_row(row) for row in rows]
+
         return await self._read(work)
 
     async def count_ledger(self, where: LedgerFilter, after_seq: int = 0) -> int:
         clause, params = _where([*ledger_conditions(where), ("seq > {}", after_seq)])
-        return await self._read(lambda db: int(db.execute(f"SELECT COUNT(*) FROM ledger{clause}", params)
-                                               .fetchone()[0]))
+        return await self._read(
+            lambda db: int(db.execute(f"SELECT COUNT(*) FROM ledger{clause}", params).fetchone()[0])
+        )
 
     # The outbox.
     async def outbox_cursor(self, worker_id: str) -> int:
         def work(db: sqlite3.Connection) -> int:
-            row = db.execute("SELECT last_seq FROM outbox_cursors WHERE worker_id = ?", (worker_id,)).fetchone()
+            row = db.execute(
+                "SELECT last_seq FROM outbox_cursors WHERE worker_id = ?", (worker_id,)
+            ).fetchone()
             return int(row[0]) if row else 0
+
         return await self._read(work)
 
     async def advance_outbox(self, worker_id: str, seq: int, now: float) -> None:
         def work(db: sqlite3.Connection) -> None:
-            db.execute("INSERT INTO outbox_cursors (worker_id, last_seq, updated_at) VALUES (?, ?, ?) "
-                       "ON CONFLICT (worker_id) DO UPDATE SET last_seq = excluded.last_seq, "
-                       "updated_at = excluded.updated_at WHERE outbox_cursors.last_seq < excluded.last_seq",
-                       (worker_id, seq, now))
+            db.execute(
+                "INSERT INTO outbox_cursors (worker_id, last_seq, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (worker_id) DO UPDATE SET last_seq = excluded.last_seq, "
+                "updated_at = excluded.updated_at WHERE outbox_cursors.last_seq < excluded.last_seq",
+                (worker_id, seq, now),
+            )
+
         await self._writer.submit(work)
 
 
 def _where(conditions: list[tuple[str, Any]]) -> tuple[str, list[Any]]:
     if not conditions:
         return "", []
-    return " WHERE " + " AND ".join(sql.format("?") for sql, _ in conditions), [value for _, value in conditions]
+    return " WHERE " + " AND ".join(sql.format("?") for sql, _ in conditions), [
+        value for _, value in conditions
+    ]

@@ -98,18 +98,20 @@ class GroupCommitWriter:
                 connection.execute("SAVEPOINT job")
                 try:
                     outcomes.append((job, job.work(connection), None))
-                except Exception as error:
+                except Exception as job_error:  # that caller gets its error; the rest of the batch commits
                     connection.execute("ROLLBACK TO job")
-                    outcomes.append((job, None, error))
+                    outcomes.append((job, None, job_error))
                 connection.execute("RELEASE job")
             connection.execute("COMMIT")
-        except Exception as error:
-            logger.error("billing write batch failed", extra={"batch": len(batch), "error": repr(error)})
+        except Exception as batch_error:  # e.g. disk full or database locked: every caller hears of it
+            logger.error(
+                "billing write batch failed", extra={"batch": len(batch), "error": repr(batch_error)}
+            )
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
-            outcomes = [(job, None, error) for job in batch]
-        for job, result, error in outcomes:
+            outcomes = [(job, None, batch_error) for job in batch]
+        for job, result, failure in outcomes:
             try:
-                job.loop.call_soon_threadsafe(_resolve, job.future, result, error)
+                job.loop.call_soon_threadsafe(_resolve, job.future, result, failure)
             except RuntimeError:  # that event loop has closed; nobody is waiting any more
                 pass

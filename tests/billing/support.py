@@ -1,0 +1,143 @@
+"""Helpers for billing tests: funded keys, models, request contexts and hand-built requests."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from types import SimpleNamespace
+from typing import Any
+
+from starlette.requests import Request
+
+from worker.billing.issuing import issue_key, open_account
+from worker.billing.provenance import Provenance
+from worker.billing.records import Account, ApiKey, KeyLimits, LedgerRecord
+from worker.billing.store import LedgerStore
+from worker.config import EngineKind, ModelConfig, Pricing
+from worker.gateway.context import RequestContext
+
+
+@dataclass
+class FundedKey:
+    plaintext: str
+    key: ApiKey
+    account: Account
+
+
+async def make_key(store: LedgerStore, *, balance_micro: int = 10_000_000, **limits: Any) -> FundedKey:
+    byok = limits.pop("byok", False)
+    expires_at = limits.pop("expires_at", None)
+    account = await open_account(store, "acme", balance_micro)
+    issued = await issue_key(
+        store,
+        account_id=account.id,
+        name="test",
+        limits=KeyLimits(**limits),
+        byok=byok,
+        expires_at=expires_at,
+    )
+    return FundedKey(issued.plaintext.get_secret_value(), issued.key, account)
+
+
+def chat_model(model_id: str = "acme/chat", **pricing: Any) -> ModelConfig:
+    prices = {"prompt_per_mtok": Decimal("1.00"), "completion_per_mtok": Decimal("2.00"), **pricing}
+    return ModelConfig(
+        id=model_id,
+        engine=EngineKind.mock,
+        source=f"local/{model_id}",
+        pricing=Pricing(**prices),
+        engine_args={"max_model_len": 1000},
+    )
+
+
+def fake_replica(replica_id: str = "acme-chat-0", gpu_ids: tuple[int, ...] = (0, 1)) -> Any:
+    return SimpleNamespace(replica_id=replica_id, spec=SimpleNamespace(gpu_ids=gpu_ids))
+
+
+def provenance_for(replica: Any) -> Provenance:
+    if replica is None:
+        return Provenance(worker_id="worker-1", engine_version="vllm 0.32.0")
+    return Provenance(
+        worker_id="worker-1",
+        replica_id=replica.replica_id,
+        gpu_model="NVIDIA H100 80GB HBM3",
+        gpu_uuids=tuple(f"GPU-{i}" for i in replica.spec.gpu_ids),
+        model_revision="abc123",
+        engine_version="vllm 0.32.0",
+    )
+
+
+def make_context(
+    model: ModelConfig | None = None,
+    *,
+    request_id: str | None = None,
+    max_tokens: int | None = 100,
+    content: str = "hello",
+    endpoint: str = "chat.completions",
+) -> RequestContext:
+    body: dict[str, Any] = {
+        "model": (model or chat_model()).id,
+        "messages": [{"role": "user", "content": content}],
+    }
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    return RequestContext(
+        request_id=request_id or f"req-{uuid.uuid4().hex}",
+        endpoint=endpoint,
+        model=model or chat_model(),
+        body=body,
+        stream=False,
+        client_wants_usage=False,
+        headers={},
+    )
+
+
+def make_request(headers: dict[str, str] | None = None) -> Request:
+    raw = [(name.lower().encode(), value.encode()) for name, value in (headers or {}).items()]
+    return Request(
+        {
+            "type": "http",
+            "method": "POST",
+            "path": "/v1/chat/completions",
+            "headers": raw,
+            "query_string": b"",
+        }
+    )
+
+
+def bearer(plaintext: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {plaintext}"}
+
+
+def ledger_record(
+    request_id: str,
+    *,
+    key: ApiKey | None = None,
+    cost: int = 0,
+    worker_id: str = "worker-1",
+    model: str = "acme/chat",
+    received_at: datetime | None = None,
+) -> LedgerRecord:
+    return LedgerRecord(
+        request_id=request_id,
+        worker_id=worker_id,
+        key_id=key.id if key else None,
+        account_id=key.account_id if key else None,
+        model=model,
+        endpoint="chat.completions",
+        replica_id="acme-chat-0",
+        gpu_uuids=("GPU-a", "GPU-b"),
+        prompt_tokens=10,
+        completion_tokens=5,
+        cached_tokens=2,
+        cost_micro=cost,
+        status_code=200,
+        outcome="ok",
+        finish_reason="stop",
+        stream=True,
+        received_at=received_at or datetime.now(UTC),
+        ttft_ms=12.5,
+        duration_ms=40.0,
+    )

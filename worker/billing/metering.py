@@ -1,0 +1,52 @@
+"""Metering: what a request that billing admitted holds, and the ledger record written when it ends."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from worker.billing.pricing import charge_micro
+from worker.billing.records import ApiKey, LedgerRecord
+from worker.gateway.context import RequestContext, Usage
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request is billed to, and what it holds until it is settled."""
+
+    key: ApiKey
+    reserved_micro: int
+    rate_tokens: int
+
+
+def ledger_record(
+    ctx: RequestContext, principal: Principal | None, *, worker_id: str, gpu_uuids: tuple[str, ...]
+) -> LedgerRecord:
+    """The ledger's account of a finished request: who, what, where, how much and how fast."""
+    usage = ctx.usage or Usage()
+    finished = ctx.finished_monotonic or time.monotonic()
+    ttft = ctx.first_byte_monotonic - ctx.started_monotonic if ctx.first_byte_monotonic else None
+    status = ctx.status_code or (499 if ctx.outcome == "client_disconnected" else 0)
+    return LedgerRecord(
+        request_id=ctx.request_id,
+        worker_id=worker_id,
+        key_id=principal.key.id if principal else None,
+        account_id=principal.key.account_id if principal else None,
+        model=ctx.model.id,
+        endpoint=ctx.endpoint,
+        replica_id=ctx.replica.replica_id if ctx.replica is not None else None,
+        gpu_uuids=gpu_uuids,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        cached_tokens=usage.cached_tokens,
+        usage_estimated=ctx.usage_estimated,
+        cost_micro=charge_micro(ctx.model, ctx.endpoint, ctx.usage, ctx.finish_reason, ctx.outcome),
+        status_code=status,
+        outcome=ctx.outcome,
+        finish_reason=ctx.finish_reason,
+        stream=ctx.stream,
+        received_at=datetime.fromtimestamp(ctx.received_at, UTC),
+        ttft_ms=round(ttft * 1000, 3) if ttft is not None else None,
+        duration_ms=round((finished - ctx.started_monotonic) * 1000, 3),
+    )
