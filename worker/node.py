@@ -7,8 +7,6 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
-
 from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.responses import Response
@@ -23,7 +21,21 @@ from worker.gateway.access_log import AccessLog
 from worker.gateway.app import create_app
 from worker.gateway.gateway import Gateway
 from worker.gpu import GpuHealth, GpuHealthChange, GpuMetricsCollector, GpuMonitor
-from worker.metrics import CapacityCollector, EngineMetricsCollector, GatewayMetrics, ReplicaCollector
+from worker.metrics import (
+    BillingCollector,
+    CapacityCollector,
+    EngineMetricsCollector,
+    GatewayMetrics,
+    ReplicaCollector,
+)
+from worker.registry import (
+    EngineContextLengths,
+    ModelCatalog,
+    RegistryClient,
+    RegistryCollector,
+    build_listing_router,
+    readiness_by_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -38,17 +50,29 @@ class WorkerNode:
         self.gpu_monitor = gpu_monitor or GpuMonitor()
         self.capacity = CapacityMonitor(config, self.supervisor.by_model, on_hung=self.supervisor.restart,
                                         gpu_snapshot=self.gpu_monitor.snapshot)
+        self.billing: BillingService | None = None  # its store opens in start()
+        self.context_lengths = EngineContextLengths(self.supervisor.by_model)
+        self.catalog = ModelCatalog(config, readiness=readiness_by_model(self.capacity.readiness),
+                                    context_lengths=self.context_lengths, created=self.started_at)
+        self.registration = RegistryClient.for_node(
+            config, settings, version=__version__, started_at=self.started_at, listing=self.catalog.listing,
+            capacity=lambda: self.capacity.document().model_dump(mode="json"), gpus=self.gpu_monitor.snapshot)
+
         self.registry = CollectorRegistry()
         self.registry.register(ReplicaCollector(self.supervisor.replicas, state_of=self.capacity.state_of,
                                                 states=[s.value for s in CapacityState]))
         self.registry.register(GpuMetricsCollector(self.gpu_monitor))
         self.registry.register(CapacityCollector(self.capacity))
         self.registry.register(EngineMetricsCollector(self.capacity.engine_scrapes))
+        self.registry.register(BillingCollector(lambda: self.billing.backlog() if self.billing else None))
+        self.registry.register(RegistryCollector(self.registration))
+
         self.gateway = Gateway(config, self.capacity.admission, hooks=[GatewayMetrics(self.registry), AccessLog()])
         self.app: FastAPI = create_app(self.gateway, lifespan=self._lifespan,
-                                       models_listing=self.models_listing, readiness=self.capacity.readiness)
+                                       models_listing=self.catalog.listing, readiness=self.capacity.readiness)
         self.app.add_api_route("/metrics", self.metrics, methods=["GET"], include_in_schema=False)
         self.app.include_router(build_capacity_router(self.capacity, settings.admin_token))
+        self.app.include_router(build_listing_router(self.catalog))
 
     @asynccontextmanager
     async def _lifespan(self, _: FastAPI) -> AsyncIterator[None]:
@@ -69,16 +93,21 @@ class WorkerNode:
         self.gpu_monitor.subscribe(self._on_gpu_change)
         await self.supervisor.start()
         await self.capacity.start()
+        await self.context_lengths.start()
+        await self.registration.start()
 
     async def stop(self) -> None:
         logger.info("worker stopping", extra={"worker_id": self.config.worker.id})
+        await self.registration.stop()
+        await self.context_lengths.stop()
         await self.capacity.stop()
         await self.supervisor.stop()
         await self.gpu_monitor.stop()
-        await self.billing.close()
+        if self.billing is not None:
+            await self.billing.close()
 
     def provenance(self, replica: Replica | None) -> Provenance:
-        """Where a request ran, for response headers and the ledger (cached per replica and GPU state)."""
+        """Where a request ran, for response headers and the ledger."""
         worker_id = self.config.worker.id
         if replica is None:
             return Provenance(worker_id=worker_id, engine_version=f"worker {__version__}")
@@ -97,20 +126,5 @@ class WorkerNode:
 
     async def drain(self, hurry: asyncio.Event | None = None) -> None:
         """Before shutdown: refuse new requests, let in-flight ones finish (worker.drain_grace_s), end the rest."""
+        await self.registration.draining()
         await self.capacity.drain_for_shutdown(self.config.worker.drain_grace_s, hurry)
-
-    def models_listing(self) -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": model.id,
-                    "object": "model",
-                    "created": self.started_at,
-                    "owned_by": self.config.worker.id,
-                    "root": model.source,
-                    "max_model_len": model.max_model_len,
-                }
-                for model in self.config.models
-            ],
-        }

@@ -112,8 +112,9 @@ def bearer(plaintext: str) -> dict[str, str]:
 
 
 def ledger_record(
-    request_id: str,
+    record_id: str,
     *,
+    request_id: str | None = None,
     key: ApiKey | None = None,
     cost: int = 0,
     worker_id: str = "worker-1",
@@ -121,7 +122,8 @@ def ledger_record(
     received_at: datetime | None = None,
 ) -> LedgerRecord:
     return LedgerRecord(
-        request_id=request_id,
+        record_id=record_id,
+        request_id=request_id or f"client-{record_id}",
         worker_id=worker_id,
         key_id=key.id if key else None,
         account_id=key.account_id if key else None,

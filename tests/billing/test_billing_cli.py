@@ -114,13 +114,13 @@ def test_create_with_json_output(db_url: str, capsys: pytest.CaptureFixture[str]
 
 
 def test_usage_export(db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    ids = [f"req-{uuid4().hex}" for _ in range(3)]
+    ids = [f"rec-{uuid4().hex}" for _ in range(3)]
 
     async def fill() -> int:
         store = await open_store(db_url)
         try:
-            for request_id in ids:
-                await store.settle(ledger_record(request_id))
+            for record_id in ids:
+                await store.settle(ledger_record(record_id, request_id="client-reused"))
             return await store.count_ledger(LedgerFilter())
         finally:
             await store.close()
@@ -128,7 +128,7 @@ def test_usage_export(db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture
     assert asyncio.run(fill()) == 3
     assert run("usage", "export") == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert [row["request_id"] for row in rows] == ids
+    assert [(row["record_id"], row["request_id"]) for row in rows] == [(i, "client-reused") for i in ids]
 
     out = tmp_path / "usage.jsonl"
     assert (
@@ -147,6 +147,6 @@ def test_usage_export(db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture
         == 0
     )
     assert "exported 3 records" in capsys.readouterr().err
-    assert [orjson.loads(line)["request_id"] for line in out.read_text().splitlines()] == ids
+    assert [orjson.loads(line)["record_id"] for line in out.read_text().splitlines()] == ids
     assert run("usage", "export", "--model", "acme/other", "--format", "jsonl") == 0
     assert capsys.readouterr().out == ""

@@ -176,7 +176,7 @@ async def test_completed_request_is_recorded_and_charged_its_real_cost(
     account = await store.get_account(funded.account.id)
     assert account is not None and (account.balance_micro, account.reserved_micro) == (1_000_000 - 200, 0)
     record = await only_record(store)
-    assert record.request_id == ctx.request_id
+    assert (record.record_id, record.request_id) == (ctx.record_id, ctx.request_id)
     assert (record.key_id, record.account_id) == (funded.key.id, funded.account.id)
     assert (record.model, record.endpoint, record.replica_id) == (
         "acme/chat",
@@ -235,12 +235,25 @@ async def test_requests_refused_after_billing_admitted_them_release_the_reservat
     assert (record.status_code, record.replica_id, record.gpu_uuids) == (429, None, ())
 
 
-async def test_a_reused_request_id_is_refused(service: BillingService, store: LedgerStore) -> None:
-    funded = await make_key(store)
-    first = make_context(request_id="req-client-chosen")
-    await service.before_request(first, make_request(bearer(funded.plaintext)))
-    error = await refused(service, make_context(request_id="req-client-chosen"), bearer(funded.plaintext))
-    assert (error.status, error.code) == (400, "duplicate_request_id")
+async def test_a_reused_request_id_is_served_and_recorded_each_time(
+    service: BillingService, store: LedgerStore
+) -> None:
+    funded = await make_key(store, balance_micro=1_000_000)
+    contexts = [make_context(request_id="req-client-chosen") for _ in range(2)]
+    # Both in flight at once: each holds its own reservation, keyed by its own record id.
+    for ctx in contexts:
+        await service.before_request(ctx, make_request(bearer(funded.plaintext)))
+    assert service.backlog().reservations_held == 2
+    for completion_tokens, ctx in enumerate(contexts, start=1):
+        finish(ctx, Usage(prompt_tokens=10, completion_tokens=completion_tokens))
+        await service.finalize(ctx)
+
+    records = await store.query_ledger(LedgerFilter(request_id="req-client-chosen"), limit=10, order="asc")
+    assert [r.record_id for r in records] == [ctx.record_id for ctx in contexts]
+    assert contexts[0].record_id != contexts[1].record_id
+    assert [r.cost_micro for r in records] == [12, 14]
+    account = await store.get_account(funded.account.id)
+    assert account is not None and (account.balance_micro, account.reserved_micro) == (1_000_000 - 26, 0)
 
 
 async def test_without_auth_every_request_is_still_recorded(store: LedgerStore) -> None:
@@ -255,6 +268,38 @@ async def test_without_auth_every_request_is_still_recorded(store: LedgerStore) 
     await service.finalize(ctx)
     record = await only_record(store)
     assert (record.key_id, record.account_id, record.cost_micro) == (None, None, 30)
+
+
+async def test_without_auth_a_reused_request_id_is_recorded_each_time(store: LedgerStore) -> None:
+    service = BillingService(
+        store=store, worker_id="worker-1", auth_required=False, provenance=provenance_for
+    )
+    contexts = [make_context(request_id="req-client-chosen") for _ in range(3)]
+    for ctx in contexts:
+        await service.before_request(ctx, make_request({}))
+        finish(ctx, Usage(prompt_tokens=10, completion_tokens=10))
+        await service.finalize(ctx)
+    records = await store.query_ledger(LedgerFilter(), limit=10, order="asc")
+    assert [(r.record_id, r.request_id) for r in records] == [
+        (ctx.record_id, "req-client-chosen") for ctx in contexts
+    ]
+    assert len({r.record_id for r in records}) == 3
+
+
+async def test_settling_the_same_request_twice_records_and_charges_it_once(
+    service: BillingService, store: LedgerStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    funded = await make_key(store, balance_micro=1_000_000)
+    ctx = make_context()
+    await service.before_request(ctx, make_request(bearer(funded.plaintext)))
+    finish(ctx, Usage(prompt_tokens=10, completion_tokens=10))
+    await service.finalize(ctx)
+    with caplog.at_level(logging.ERROR, logger="worker.billing"):
+        await service.finalize(ctx)
+    assert any("settled already" in r.getMessage() for r in caplog.records)
+    assert (await only_record(store)).record_id == ctx.record_id
+    account = await store.get_account(funded.account.id)
+    assert account is not None and (account.balance_micro, account.reserved_micro) == (1_000_000 - 30, 0)
 
 
 async def test_provenance_headers(service: BillingService, store: LedgerStore) -> None:

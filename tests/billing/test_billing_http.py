@@ -18,7 +18,7 @@ from tests.billing.support import bearer, fake_replica, make_context, make_reque
 from worker.billing.keys import hash_api_key
 from worker.billing.service import BillingService
 from worker.billing.store import LedgerStore
-from worker.gateway.context import Usage
+from worker.gateway.context import RequestContext, Usage
 from worker.gateway.errors import ApiError
 
 ADMIN_TOKEN = "admin-secret-token"
@@ -131,17 +131,26 @@ async def test_accounts_keys_and_revocation(
     assert (await client.post("/admin/keys/key_missing/revoke", headers=ADMIN)).status_code == 404
 
 
-async def serve_requests(service: BillingService, plaintext: str, count: int) -> list[str]:
-    ids = []
+async def serve_requests(
+    service: BillingService, plaintext: str, count: int, *, request_id: str | None = None
+) -> list[RequestContext]:
+    served = []
     for i in range(count):
-        ctx = make_context()
+        ctx = make_context(request_id=request_id)
         await service.before_request(ctx, make_request(bearer(plaintext)))
         ctx.replica = fake_replica()
         ctx.status_code, ctx.finish_reason = 200, "stop"
         ctx.usage = Usage(prompt_tokens=10, completion_tokens=i + 1)
         await service.finalize(ctx)
-        ids.append(ctx.request_id)
-    return ids
+        served.append(ctx)
+    return served
+
+
+async def new_key(client: httpx.AsyncClient) -> str:
+    account = (
+        await client.post("/admin/accounts", json={"name": "acme", "initial_balance_usd": "1"}, headers=ADMIN)
+    ).json()["data"]
+    return (await client.post("/admin/keys", json={"account_id": account["id"]}, headers=ADMIN)).json()["key"]
 
 
 async def test_key_holder_sees_own_key_and_usage_in_pages(
@@ -157,7 +166,7 @@ async def test_key_holder_sees_own_key_and_usage_in_pages(
         )
     ).json()
     second = (await client.post("/admin/keys", json={"account_id": account["id"]}, headers=ADMIN)).json()
-    mine = await serve_requests(service, first["key"], 5)
+    mine = [ctx.request_id for ctx in await serve_requests(service, first["key"], 5)]
     await serve_requests(service, second["key"], 2)
 
     own = (await client.get("/v1/key", headers={"x-api-key": first["key"]})).json()["data"]
@@ -193,7 +202,9 @@ async def test_usage_export(http: tuple[httpx.AsyncClient, BillingService], expo
         await client.post("/admin/accounts", json={"name": "acme", "initial_balance_usd": "1"}, headers=ADMIN)
     ).json()["data"]
     key = (await client.post("/admin/keys", json={"account_id": account["id"]}, headers=ADMIN)).json()
-    ids = await serve_requests(service, key["key"], 3)
+    served = await serve_requests(service, key["key"], 3)
+    ids = [ctx.request_id for ctx in served]
+    record_ids = [ctx.record_id for ctx in served]
 
     response = await client.get(f"/admin/usage/export?format={export_format}", headers=ADMIN)
     assert response.status_code == 200
@@ -202,10 +213,30 @@ async def test_usage_export(http: tuple[httpx.AsyncClient, BillingService], expo
         assert response.headers["content-type"].startswith("text/csv")
         rows = list(csv.DictReader(io.StringIO(response.text)))
         assert [row["request_id"] for row in rows] == ids
+        assert [row["record_id"] for row in rows] == record_ids
         assert rows[0]["gpu_uuids"] == "GPU-0,GPU-1" and rows[0]["cost_usd"] == "0.000012"
     else:
         rows = [orjson.loads(line) for line in response.text.splitlines()]
         assert [row["request_id"] for row in rows] == ids
+        assert [row["record_id"] for row in rows] == record_ids
         assert rows[2]["completion_tokens"] == 3 and rows[2]["key_id"] == key["data"]["id"]
     assert (await client.get("/admin/usage/export?format=xml", headers=ADMIN)).status_code == 422
     assert (await client.get("/admin/usage/export")).status_code == 401
+
+
+async def test_records_are_found_by_the_request_id_the_client_saw(
+    http: tuple[httpx.AsyncClient, BillingService],
+) -> None:
+    client, service = http
+    mine, theirs = await new_key(client), await new_key(client)
+    reused = await serve_requests(service, mine, 2, request_id="client-reused")
+    await serve_requests(service, mine, 1)
+    other = await serve_requests(service, theirs, 1, request_id="client-reused")
+
+    own = (await client.get("/v1/usage?request_id=client-reused", headers=bearer(mine))).json()["data"]
+    assert [r["record_id"] for r in own] == [ctx.record_id for ctx in reversed(reused)]
+    assert {r["request_id"] for r in own} == {"client-reused"}
+
+    exported = await client.get("/admin/usage/export?format=jsonl&request_id=client-reused", headers=ADMIN)
+    rows = [orjson.loads(line) for line in exported.text.splitlines()]
+    assert [row["record_id"] for row in rows] == [ctx.record_id for ctx in (*reused, *other)]

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import signal
 import sqlite3
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import openai
+import orjson
 import psutil
 import pytest
 
@@ -113,6 +115,53 @@ def test_completion_reports_its_cost_and_is_charged_exactly(worker: WorkerProces
     usage = httpx.get(f"{worker.base_url}/v1/usage", headers={"x-api-key": api_key}).json()["data"]
     assert [r["request_id"] for r in usage] == [raw.headers["x-request-id"]]
     assert usage[0]["replica_id"] == "acme-chat-small-0"
+
+
+def test_a_reused_x_request_id_is_served_echoed_and_recorded_each_time(worker: WorkerProcess) -> None:
+    account_id, _, api_key = new_key(worker)
+    sdk = client(worker, api_key)
+    request_id = f"client-{uuid.uuid4().hex}"
+    raws = [chat(sdk, extra_headers={"x-request-id": request_id}) for _ in range(2)]
+    assert [raw.headers["x-request-id"] for raw in raws] == [request_id, request_id]
+    costs = [round(raw.parse().usage.model_extra["cost"] * 1_000_000) for raw in raws]
+    assert balance_micro(worker, account_id) == (1_000_000 - sum(costs), 0)
+
+    usage = httpx.get(
+        f"{worker.base_url}/v1/usage", params={"request_id": request_id}, headers={"x-api-key": api_key}
+    ).json()["data"]
+    assert [r["request_id"] for r in usage] == [request_id, request_id]
+    record_ids = {r["record_id"] for r in usage}
+    assert len(record_ids) == 2 and request_id not in record_ids
+    assert sorted(r["cost_micro"] for r in usage) == sorted(costs)
+
+
+def test_without_auth_a_reused_x_request_id_is_recorded_each_time(tmp_path: Path) -> None:
+    proc = start_worker(
+        tmp_path,
+        {"worker": {"id": "open-worker"}, "models": [fast_mock_model(CHAT)]},
+        env={"WORKER_AUTH": "false", "WORKER_ADMIN_TOKEN": ADMIN_TOKEN, "WORKER_DB_SYNCHRONOUS": "normal"},
+    )
+    try:
+        proc.wait_ready()
+        body = {"model": CHAT, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        for _ in range(2):
+            response = httpx.post(
+                f"{proc.base_url}/v1/chat/completions", json=body, headers={"x-request-id": "client-reused"}
+            )
+            assert response.status_code == 200, response.text
+            assert response.headers["x-request-id"] == "client-reused"
+        exported = httpx.get(
+            f"{proc.base_url}/admin/usage/export",
+            params={"format": "jsonl", "request_id": "client-reused"},
+            headers=ADMIN,
+        )
+        assert exported.status_code == 200, exported.text
+    finally:
+        proc.stop()
+    rows = [orjson.loads(line) for line in exported.text.splitlines()]
+    expected = [("client-reused", None, 200)] * 2
+    assert [(r["request_id"], r["key_id"], r["status_code"]) for r in rows] == expected
+    assert len({r["record_id"] for r in rows}) == 2
 
 
 def test_streamed_usage_carries_the_cost(worker: WorkerProcess) -> None:

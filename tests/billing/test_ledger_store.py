@@ -25,7 +25,7 @@ from worker.billing.records import (
 )
 from worker.billing.store import (
     LATEST_VERSION,
-    DuplicateRequestId,
+    DuplicateRecordId,
     LedgerStore,
     SchemaTooNew,
     UnknownAccount,
@@ -38,12 +38,12 @@ def reservation(
     amount: int,
     *,
     holder: str = "worker-1",
-    request_id: str | None = None,
+    record_id: str | None = None,
     created_at: float | None = None,
 ) -> Reservation:
     now = time.time() if created_at is None else created_at
     return Reservation(
-        request_id=request_id or f"req-{uuid.uuid4().hex}",
+        record_id=record_id or f"rec-{uuid.uuid4().hex}",
         account_id=key.account_id,
         key_id=key.id,
         amount_micro=amount,
@@ -111,7 +111,7 @@ async def test_reserve_then_settle_charges_the_real_cost(store: LedgerStore) -> 
     account = await store.get_account(funded.account.id)
     assert account is not None and account.reserved_micro == 400 and account.available_micro == 600
 
-    settled = await store.settle(ledger_record(held.request_id, key=funded.key, cost=123))
+    settled = await store.settle(ledger_record(held.record_id, key=funded.key, cost=123))
     assert settled.seq is not None
     account = await store.get_account(funded.account.id)
     assert account is not None and (account.balance_micro, account.reserved_micro) == (877, 0)
@@ -151,7 +151,7 @@ async def test_monthly_spend_cap_counts_spent_and_reserved(store: LedgerStore) -
     first = reservation(funded.key, 300)
     assert await store.reserve(first) is ReserveOutcome.reserved
     assert await store.reserve(reservation(funded.key, 300)) is ReserveOutcome.spend_cap_reached
-    await store.settle(ledger_record(first.request_id, key=funded.key, cost=250))
+    await store.settle(ledger_record(first.record_id, key=funded.key, cost=250))
     assert await store.reserve(reservation(funded.key, 250)) is ReserveOutcome.reserved
     assert await store.reserve(reservation(funded.key, 1)) is ReserveOutcome.spend_cap_reached
 
@@ -171,25 +171,44 @@ async def test_revoked_key_cannot_reserve(store: LedgerStore) -> None:
     assert await store.reserve(reservation(funded.key, 1)) is ReserveOutcome.key_revoked
 
 
-async def test_request_ids_are_unique(store: LedgerStore) -> None:
+async def test_a_record_is_settled_once(store: LedgerStore) -> None:
     funded = await make_key(store, balance_micro=1_000)
-    held = reservation(funded.key, 100, request_id="req-same")
+    held = reservation(funded.key, 100, record_id="rec-same")
     assert await store.reserve(held) is ReserveOutcome.reserved
-    assert (
-        await store.reserve(reservation(funded.key, 100, request_id="req-same"))
-        is ReserveOutcome.duplicate_request
-    )
-    await store.settle(ledger_record("req-same", key=funded.key, cost=10))
-    # Recorded already: neither a new reservation nor a second record is accepted, and nothing is charged.
-    assert (
-        await store.reserve(reservation(funded.key, 100, request_id="req-same"))
-        is ReserveOutcome.duplicate_request
-    )
-    with pytest.raises(DuplicateRequestId):
-        await store.settle(ledger_record("req-same", key=funded.key, cost=10))
+    # Record ids come from the worker and never repeat; one that did is an error, and holds nothing more.
+    with pytest.raises((sqlite3.IntegrityError, asyncpg.UniqueViolationError)):
+        await store.reserve(reservation(funded.key, 100, record_id="rec-same"))
+    account = await store.get_account(funded.account.id)
+    assert account is not None and account.reserved_micro == 100
+    key = await store.get_key(funded.key.id)
+    assert key is not None and key.reserved_micro == 100
+
+    await store.settle(ledger_record("rec-same", key=funded.key, cost=10))
+    with pytest.raises(DuplicateRecordId):
+        await store.settle(ledger_record("rec-same", key=funded.key, cost=10))
     account = await store.get_account(funded.account.id)
     assert account is not None and (account.balance_micro, account.reserved_micro) == (990, 0)
     assert await store.count_ledger(LedgerFilter()) == 1
+
+
+async def test_request_ids_may_repeat_and_find_every_record(store: LedgerStore) -> None:
+    funded = await make_key(store, balance_micro=1_000)
+    first = reservation(funded.key, 100)
+    second = reservation(funded.key, 100)
+    assert await store.reserve(first) is ReserveOutcome.reserved
+    assert await store.reserve(second) is ReserveOutcome.reserved
+    await store.settle(ledger_record(first.record_id, request_id="client-id", key=funded.key, cost=10))
+    await store.settle(ledger_record(second.record_id, request_id="client-id", key=funded.key, cost=20))
+    await store.settle(ledger_record("rec-other", request_id="other-id", key=funded.key, cost=1))
+
+    found = await store.query_ledger(LedgerFilter(request_id="client-id"), limit=10, order="asc")
+    assert [(r.record_id, r.request_id) for r in found] == [
+        (first.record_id, "client-id"),
+        (second.record_id, "client-id"),
+    ]
+    assert await store.count_ledger(LedgerFilter(request_id="client-id", key_id=funded.key.id)) == 2
+    account = await store.get_account(funded.account.id)
+    assert account is not None and (account.balance_micro, account.reserved_micro) == (969, 0)
 
 
 async def test_concurrent_settles_are_batched_and_all_recorded(store: LedgerStore) -> None:
@@ -197,7 +216,7 @@ async def test_concurrent_settles_are_batched_and_all_recorded(store: LedgerStor
     held = [reservation(funded.key, 100) for _ in range(40)]
     assert set(await asyncio.gather(*(store.reserve(r) for r in held))) == {ReserveOutcome.reserved}
     records = await asyncio.gather(
-        *(store.settle(ledger_record(r.request_id, key=funded.key, cost=7)) for r in held)
+        *(store.settle(ledger_record(r.record_id, key=funded.key, cost=7)) for r in held)
     )
     assert len({r.seq for r in records}) == 40
     account = await store.get_account(funded.account.id)
@@ -236,7 +255,7 @@ async def test_restarted_worker_releases_what_it_held(store: LedgerStore) -> Non
     key = await store.get_key(funded.key.id)
     assert key is not None and key.reserved_micro == 200
     # Settling a request whose reservation was released charges it and releases nothing more.
-    await store.settle(ledger_record(old.request_id, key=funded.key, cost=50))
+    await store.settle(ledger_record(old.record_id, key=funded.key, cost=50))
     account = await store.get_account(funded.account.id)
     assert account is not None and (account.balance_micro, account.reserved_micro) == (950, 200)
 
@@ -257,18 +276,21 @@ async def test_query_filters_and_pages(store: LedgerStore) -> None:
     await store.settle(ledger_record("req-other", cost=1, worker_id="worker-2", received_at=base))
 
     newest = await store.query_ledger(LedgerFilter(key_id=funded.key.id), limit=3)
-    assert [r.request_id for r in newest] == ["req-6", "req-5", "req-4"]
+    assert [r.record_id for r in newest] == ["req-6", "req-5", "req-4"]
     older = await store.query_ledger(LedgerFilter(key_id=funded.key.id), limit=3, cursor=newest[-1].seq)
-    assert [r.request_id for r in older] == ["req-3", "req-2", "req-1"]
+    assert [r.record_id for r in older] == ["req-3", "req-2", "req-1"]
     oldest_first = await store.query_ledger(LedgerFilter(), limit=100, order="asc")
-    assert [r.request_id for r in oldest_first] == [f"req-{i}" for i in range(7)] + ["req-other"]
+    assert [r.record_id for r in oldest_first] == [f"req-{i}" for i in range(7)] + ["req-other"]
 
     window = LedgerFilter(since=base + timedelta(hours=2), until=base + timedelta(hours=5), model="a")
-    assert [r.request_id for r in await store.query_ledger(window, limit=10, order="asc")] == ["req-3"]
+    assert [r.record_id for r in await store.query_ledger(window, limit=10, order="asc")] == ["req-3"]
+    by_request_id = LedgerFilter(request_id="client-req-2")
+    assert [r.record_id for r in await store.query_ledger(by_request_id, limit=10)] == ["req-2"]
     assert await store.count_ledger(LedgerFilter(worker_id="worker-1")) == 7
     assert await store.count_ledger(LedgerFilter(worker_id="worker-1"), after_seq=newest[0].seq or 0) == 0
 
     record = newest[0]
+    assert (record.record_id, record.request_id) == ("req-6", "client-req-6")
     assert record.gpu_uuids == ("GPU-a", "GPU-b") and record.stream is True and record.ttft_ms == 12.5
     assert record.received_at == base + timedelta(hours=6)
 
@@ -285,8 +307,8 @@ async def test_one_reservation_can_be_dropped_without_a_charge(store: LedgerStor
     funded = await make_key(store, balance_micro=1_000)
     held = reservation(funded.key, 300)
     assert await store.reserve(held) is ReserveOutcome.reserved
-    assert await store.release_reservation(held.request_id) is True
-    assert await store.release_reservation(held.request_id) is False
+    assert await store.release_reservation(held.record_id) is True
+    assert await store.release_reservation(held.record_id) is False
     account = await store.get_account(funded.account.id)
     assert account is not None and (account.balance_micro, account.reserved_micro) == (1_000, 0)
 
@@ -300,8 +322,8 @@ async def main():
     store = await open_store(sys.argv[1], sqlite_synchronous=sys.argv[2])
     batch = 0
     while True:
-        ids = [f"req-{batch}-{i}" for i in range(8)]
-        await asyncio.gather(*(store.settle(ledger_record(request_id)) for request_id in ids))
+        ids = [f"rec-{batch}-{i}" for i in range(8)]
+        await asyncio.gather(*(store.settle(ledger_record(record_id)) for record_id in ids))
         print(*ids, sep="\\n", flush=True)  # acknowledged: each write above has committed
         batch += 1
 
@@ -332,7 +354,7 @@ async def test_acknowledged_records_survive_sigkill(db_url: str) -> None:
         await process.wait()
     store = await open_store(db_url)
     try:
-        recorded = {r.request_id for r in await store.query_ledger(LedgerFilter(), limit=100_000)}
+        recorded = {r.record_id for r in await store.query_ledger(LedgerFilter(), limit=100_000)}
     finally:
         await store.close()
     assert set(acknowledged) <= recorded

@@ -94,10 +94,10 @@ async def test_records_arrive_in_order_once_and_delivery_resumes_after_restart(
     store: LedgerStore, receiver: tuple[Receiver, str]
 ) -> None:
     app, url = receiver
-    first_ids = [f"req-{i:03d}" for i in range(12)]
-    for request_id in first_ids:
-        await store.settle(ledger_record(request_id, cost=11))
-    await store.settle(ledger_record("req-of-another-worker", worker_id="worker-2"))
+    first_ids = [f"rec-{i:03d}" for i in range(12)]
+    for record_id in first_ids:
+        await store.settle(ledger_record(record_id, cost=11))
+    await store.settle(ledger_record("rec-of-another-worker", worker_id="worker-2"))
 
     outbox = outbox_for(store, url)
     await outbox.start()
@@ -109,9 +109,9 @@ async def test_records_arrive_in_order_once_and_delivery_resumes_after_restart(
     assert await store.outbox_cursor("worker-1") == max(r.seq or 0 for r in await _all(store, "worker-1"))
 
     # Written while no outbox runs, delivered by the next one (as after a restart).
-    later_ids = [f"req-{i:03d}" for i in range(12, 20)]
-    for request_id in later_ids:
-        await store.settle(ledger_record(request_id, cost=11))
+    later_ids = [f"rec-{i:03d}" for i in range(12, 20)]
+    for record_id in later_ids:
+        await store.settle(ledger_record(record_id, cost=11))
     restarted = outbox_for(store, url)
     await restarted.start()
     assert restarted.pending == 8
@@ -120,10 +120,29 @@ async def test_records_arrive_in_order_once_and_delivery_resumes_after_restart(
 
     assert app.accepted == first_ids + later_ids
     assert app.acknowledged_twice == []
-    assert "req-of-another-worker" not in app.accepted
+    assert "rec-of-another-worker" not in app.accepted
     assert app.authorizations == {"Bearer hook-token"}
-    body = app.bodies["req-005"]
+    body = app.bodies["rec-005"]
     assert body["object"] == "usage.record" and body["cost_usd"] == "0.000011" and body["cost_micro"] == 11
+    assert (body["record_id"], body["request_id"]) == ("rec-005", "client-rec-005")
+
+
+async def test_records_sharing_a_request_id_are_each_delivered_under_their_record_id(
+    store: LedgerStore, receiver: tuple[Receiver, str]
+) -> None:
+    app, url = receiver
+    app.fail_every = 1_000  # no failures: any copy acknowledged twice would be a dropped record
+    record_ids = [f"rec-{i}" for i in range(3)]
+    for record_id in record_ids:
+        await store.settle(ledger_record(record_id, request_id="client-reused"))
+    outbox = outbox_for(store, url)
+    await outbox.start()
+    try:
+        await delivered(outbox, app, 3)
+    finally:
+        await outbox.close()
+    assert app.accepted == record_ids and app.acknowledged_twice == []
+    assert [app.bodies[r]["request_id"] for r in record_ids] == ["client-reused"] * 3
 
 
 async def test_new_records_are_delivered_while_running(
@@ -134,19 +153,19 @@ async def test_new_records_are_delivered_while_running(
     await outbox.start()
     try:
         for i in range(5):
-            await store.settle(ledger_record(f"req-live-{i}"))
+            await store.settle(ledger_record(f"rec-live-{i}"))
             outbox.notify()
         await delivered(outbox, app, 5)
     finally:
         await outbox.close()
-    assert app.accepted == [f"req-live-{i}" for i in range(5)]
+    assert app.accepted == [f"rec-live-{i}" for i in range(5)]
 
 
 async def test_an_unreachable_receiver_holds_records_back(store: LedgerStore) -> None:
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{sock.getsockname()[1]}/usage"
-    await store.settle(ledger_record("req-waiting"))
+    await store.settle(ledger_record("rec-waiting"))
     outbox = outbox_for(store, url)
     await outbox.start()
     await asyncio.sleep(0.2)

@@ -10,6 +10,9 @@ import httpx
 import orjson
 
 from tests.support.worker_process import WorkerProcess, fast_mock_model
+from worker.config import ModelConfig, Pricing
+from worker.config.models import AdmissionConfig
+from worker.engines.base import Engine, EngineExited
 
 # Engine watching tuned for tests: fast scrapes, and stats allowed to age on a busy test machine
 # without counting as saturated.
@@ -83,3 +86,26 @@ def metric_value(worker: WorkerProcess, name: str, **labels: str) -> float | Non
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return sample.value
     return None
+
+
+class IdleEngine(Engine):
+    """An engine that is never started: replicas built on it exist only in memory."""
+
+    kind = "mock"
+
+    async def start(self) -> None: ...
+
+    async def wait_exit(self) -> EngineExited:
+        raise NotImplementedError
+
+    async def stop(self, timeout_s: float) -> None: ...
+
+    @property
+    def pid(self) -> int | None:
+        return None
+
+
+def in_memory_model(**admission: Any) -> ModelConfig:
+    return ModelConfig(id="acme/m", engine="mock", source="x", engine_args={"max_model_len": 512, "max_num_seqs": 8},
+                       pricing=Pricing(prompt_per_mtok=1, completion_per_mtok=1),
+                       admission=AdmissionConfig(**admission))

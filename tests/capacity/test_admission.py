@@ -6,36 +6,16 @@ import time
 
 import pytest
 
+from tests.capacity.capacity_support import IdleEngine, in_memory_model
 from worker.capacity import Admission, AdmissionLimits, EngineStats
 from worker.capacity.drain import DrainState
 from worker.capacity.watchdog import ReplicaWatch
-from worker.config import ModelConfig, Pricing
-from worker.config.models import AdmissionConfig, EngineHealthConfig
-from worker.engines.base import Engine, EngineExited, ReplicaSpec
+from worker.config import ModelConfig
+from worker.config.models import EngineHealthConfig
+from worker.engines.base import ReplicaSpec
 from worker.engines.replica import Replica, ReplicaState
 from worker.gateway.context import RequestContext
 from worker.gateway.errors import ApiError
-
-
-class IdleEngine(Engine):
-    kind = "mock"
-
-    async def start(self) -> None: ...
-
-    async def wait_exit(self) -> EngineExited:
-        raise NotImplementedError
-
-    async def stop(self, timeout_s: float) -> None: ...
-
-    @property
-    def pid(self) -> int | None:
-        return None
-
-
-def _model(**admission: object) -> ModelConfig:
-    return ModelConfig(id="acme/m", engine="mock", source="x", engine_args={"max_model_len": 512, "max_num_seqs": 8},
-                       pricing=Pricing(prompt_per_mtok=1, completion_per_mtok=1),
-                       admission=AdmissionConfig(**admission))
 
 
 async def _never_hung(replica: Replica, reason: str) -> None:
@@ -68,16 +48,16 @@ def _admission(*watches: ReplicaWatch) -> Admission:
 
 
 def test_default_limits_derive_from_max_num_seqs() -> None:
-    limits = AdmissionLimits.for_model(_model(), stale_after_s=0.6)
+    limits = AdmissionLimits.for_model(in_memory_model(), stale_after_s=0.6)
     assert (limits.max_num_seqs, limits.max_in_flight, limits.max_waiting) == (8, 8, 1)
-    big = AdmissionLimits.for_model(_model().model_copy(update={"engine_args": {"max_num_seqs": 256}}), 0.6)
+    big = AdmissionLimits.for_model(in_memory_model().model_copy(update={"engine_args": {"max_num_seqs": 256}}), 0.6)
     assert (big.max_in_flight, big.max_waiting) == (264, 8)
-    custom = AdmissionLimits.for_model(_model(max_in_flight=3, max_waiting=5, max_kv_cache_usage=0.5), 1.0)
+    custom = AdmissionLimits.for_model(in_memory_model(max_in_flight=3, max_waiting=5, max_kv_cache_usage=0.5), 1.0)
     assert (custom.max_in_flight, custom.max_waiting, custom.max_kv_cache_usage) == (3, 5, 0.5)
 
 
 def test_lease_counts_in_flight_until_released() -> None:
-    model = _model()
+    model = in_memory_model()
     watch = _watch(model, 0, running=1)
     ctx = _ctx(model)
     lease = _admission(watch).admit(ctx)
@@ -91,7 +71,7 @@ def test_lease_counts_in_flight_until_released() -> None:
 
 
 def test_least_loaded_replica_wins() -> None:
-    model = _model()
+    model = in_memory_model()
     busy, calm = _watch(model, 0), _watch(model, 1, kv=0.2)
     busy.replica.in_flight = 5
     admission = _admission(busy, calm)
@@ -99,7 +79,7 @@ def test_least_loaded_replica_wins() -> None:
 
 
 def test_equal_replicas_take_turns() -> None:
-    model = _model()
+    model = in_memory_model()
     first, second = _watch(model, 0), _watch(model, 1)
     admission = _admission(first, second)
     chosen = []
@@ -112,12 +92,12 @@ def test_equal_replicas_take_turns() -> None:
 
 @pytest.mark.parametrize(("state", "reason"), [
     ({"in_flight": 8}, "in_flight"),
-    ({"running": 8, "waiting": 1}, "waiting"),
+    ({"running": 8, "waiting": 1}, "engine_queue"),
     ({"kv": 0.96}, "kv_cache"),
     ({"age_s": 5.0}, "stale_stats"),
 ])
 def test_saturated_replica_is_refused_with_429_and_retry_after(state: dict, reason: str) -> None:
-    model = _model()
+    model = in_memory_model()
     in_flight = state.pop("in_flight", 0)
     watch = _watch(model, 0, drain_rate=0.5, **state)
     watch.replica.in_flight = in_flight
@@ -129,12 +109,12 @@ def test_saturated_replica_is_refused_with_429_and_retry_after(state: dict, reas
     error = caught.value
     assert error.status == 429 and error.code == "rate_limit_exceeded"
     assert int(error.headers["retry-after"]) >= 1
-    assert admission.rejections[("acme/m", "saturated")] == 1
+    assert admission.rejections == {("acme/m", reason): 1}
     assert watch.replica.in_flight == in_flight  # nothing leased
 
 
 def test_retry_after_follows_the_drain_rate() -> None:
-    model = _model()
+    model = in_memory_model()
     slow = _watch(model, 0, running=8, waiting=7, drain_rate=0.25)  # 7 to finish first, at 0.25 req/s
     assert slow.limits.retry_after_s(0, slow.load) == 28
     fast = _watch(model, 1, running=8, waiting=8, drain_rate=100.0)
@@ -142,26 +122,26 @@ def test_retry_after_follows_the_drain_rate() -> None:
 
 
 def test_waiting_with_free_batch_slots_is_no_queue() -> None:
-    model = _model()
+    model = in_memory_model()
     watch = _watch(model, 0, running=2, waiting=5)  # 6 free slots: they join the next step
     assert watch.limits.saturation(0, watch.load, time.monotonic()) is None
 
 
 def test_one_saturated_replica_sends_work_to_the_other() -> None:
-    model = _model()
+    model = in_memory_model()
     full, free = _watch(model, 0, kv=0.99), _watch(model, 1)
     assert _admission(full, free).admit(_ctx(model)).replica is free.replica
 
 
 def test_admission_off_lets_the_engine_queue() -> None:
-    model = _model(enabled=False)
+    model = in_memory_model(enabled=False)
     watch = _watch(model, 0, running=8, waiting=50, kv=0.99)
     watch.replica.in_flight = 100
     assert _admission(watch).admit(_ctx(model)).replica is watch.replica
 
 
 def test_no_ready_replica_is_503() -> None:
-    model = _model()
+    model = in_memory_model()
     down = _watch(model, 0)
     down.replica.set_state(ReplicaState.restarting)
     unread = _watch(model, 1)
@@ -174,14 +154,14 @@ def test_no_ready_replica_is_503() -> None:
 
 
 def test_excluded_replica_is_skipped() -> None:
-    model = _model()
+    model = in_memory_model()
     first, second = _watch(model, 0), _watch(model, 1)
     admission = _admission(first, second)
     assert all(admission.admit(_ctx(model), exclude=first.replica).replica is second.replica for _ in range(3))
 
 
 def test_draining_is_503() -> None:
-    model = _model()
+    model = in_memory_model()
     admission = _admission(_watch(model, 0))
     admission.drain.begin()
     with pytest.raises(ApiError) as caught:
@@ -199,7 +179,7 @@ def test_shutdown_drain_cannot_be_lifted() -> None:
 
 
 def test_context_length_refusals_are_counted() -> None:
-    model = _model()
+    model = in_memory_model()
     admission = _admission(_watch(model, 0))
     with pytest.raises(ApiError) as caught:
         admission.admit(_ctx(model, max_tokens=100_000))

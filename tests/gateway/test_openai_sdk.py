@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -167,10 +168,14 @@ async def test_async_client_errors(async_client: openai.AsyncOpenAI) -> None:
         await async_client.completions.create(model="missing", prompt="x")
 
 
-def test_requests_spread_over_replicas(worker: WorkerProcess) -> None:
-    body = {"model": CHAT, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
-    seen = {httpx.post(f"{worker.base_url}/v1/chat/completions", json=body).headers["x-worker-replica"]
-            for _ in range(6)}
+def test_concurrent_requests_spread_over_replicas(worker: WorkerProcess) -> None:
+    body = {"model": CHAT, "messages": [{"role": "user", "content": "x"}], "max_tokens": 30}
+
+    def serve_one(_: int) -> str:
+        return httpx.post(f"{worker.base_url}/v1/chat/completions", json=body, timeout=30).headers["x-worker-replica"]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        seen = set(pool.map(serve_one, range(16)))
     assert seen == {"acme-chat-small-0", "acme-chat-small-1"}
 
 

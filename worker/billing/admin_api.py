@@ -132,8 +132,16 @@ def build_admin_router(store: LedgerStore, admin_token: SecretStr | None) -> API
         model: str | None = None,
         account_id: str | None = None,
         key_id: str | None = None,
+        request_id: str | None = None,
     ) -> StreamingResponse:
-        where = LedgerFilter(since=since, until=until, model=model, account_id=account_id, key_id=key_id)
+        where = LedgerFilter(
+            since=since,
+            until=until,
+            model=model,
+            account_id=account_id,
+            key_id=key_id,
+            request_id=request_id,
+        )
         filename = f"usage-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.{format}"
         return StreamingResponse(
             export_lines(store, where, format),

@@ -17,6 +17,7 @@ ExportFormat = Literal["csv", "jsonl"]
 MEDIA_TYPES: dict[str, str] = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson"}
 CSV_COLUMNS = (
     "seq",
+    "record_id",
     "request_id",
     "received_at",
     "worker_id",

@@ -40,13 +40,14 @@ def build_key_router(service: "BillingService") -> APIRouter:
         since: datetime | None = None,
         until: datetime | None = None,
         model: str | None = None,
+        request_id: str | None = Query(default=None, description="only records with this x-request-id"),
     ) -> dict[str, Any]:
         before: int | None = None
         if cursor is not None:
             if not cursor.isdigit():
                 raise ApiError(400, "invalid cursor: pass next_cursor from the previous page", param="cursor")
             before = int(cursor)
-        where = LedgerFilter(key_id=key.id, model=model, since=since, until=until)
+        where = LedgerFilter(key_id=key.id, model=model, since=since, until=until, request_id=request_id)
         records = await service.store.query_ledger(where, limit=limit, order="desc", cursor=before)
         next_cursor = str(records[-1].seq) if len(records) == limit else None
         return {"object": "list", "data": [record_json(r) for r in records], "next_cursor": next_cursor}

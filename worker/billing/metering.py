@@ -29,6 +29,7 @@ def ledger_record(
     ttft = ctx.first_byte_monotonic - ctx.started_monotonic if ctx.first_byte_monotonic else None
     status = ctx.status_code or (499 if ctx.outcome == "client_disconnected" else 0)
     return LedgerRecord(
+        record_id=ctx.record_id,
         request_id=ctx.request_id,
         worker_id=worker_id,
         key_id=principal.key.id if principal else None,

@@ -1,6 +1,7 @@
 """Delivers this worker's ledger records, in order, to a usage webhook.
 
-One POST per record, JSON body, `Idempotency-Key: <request id>`. A record is retried (capped exponential
+One POST per record, JSON body, `Idempotency-Key: <record id>` (the worker's own unique id for the
+request, never the client's x-request-id, which may repeat). A record is retried (capped exponential
 backoff with jitter) until the receiver answers 2xx; only then does the cursor stored in the database
 move past it, so a restart resumes where delivery stopped. A record can be sent twice only when the
 worker stops between the receiver's 2xx and the cursor write; the idempotency key lets the receiver
@@ -121,7 +122,7 @@ class UsageOutbox:
 
     async def _deliver(self, record: LedgerRecord) -> None:
         body = orjson.dumps(record_json(record))
-        headers = {**self._headers, "idempotency-key": record.request_id}
+        headers = {**self._headers, "idempotency-key": record.record_id}
         retrying = AsyncRetrying(
             wait=self._backoff,
             retry=retry_if_exception_type((httpx.HTTPError, DeliveryRefused)),

@@ -21,7 +21,7 @@ from worker.billing.pricing import RequestShape, charge_micro, worst_case_micro
 from worker.billing.provenance import ProvenanceSource
 from worker.billing.ratelimit import RateLimiter, retry_after_header
 from worker.billing.records import ApiKey, Reservation, ReserveOutcome, utc_month
-from worker.billing.store import DuplicateRequestId, LedgerStore, open_store
+from worker.billing.store import DuplicateRecordId, LedgerStore, open_store
 from worker.gateway.context import RequestContext
 from worker.gateway.errors import ApiError
 
@@ -44,7 +44,6 @@ class BillingBacklog:
 _REFUSALS: dict[ReserveOutcome, tuple[int, str | None]] = {
     ReserveOutcome.insufficient_balance: (402, "insufficient_quota"),
     ReserveOutcome.spend_cap_reached: (402, "spend_cap_reached"),
-    ReserveOutcome.duplicate_request: (400, "duplicate_request_id"),
     ReserveOutcome.key_revoked: (401, "invalid_api_key"),
 }
 
@@ -163,7 +162,7 @@ class BillingService:
         amount = worst_case_micro(ctx.model, shape)
         now = self._clock()
         reservation = Reservation(
-            request_id=ctx.request_id,
+            record_id=ctx.record_id,
             account_id=key.account_id,
             key_id=key.id,
             amount_micro=amount,
@@ -175,11 +174,11 @@ class BillingService:
             outcome = await self.store.reserve(reservation)
         except asyncio.CancelledError:
             # The request is abandoned and will never be finalized: do not leave its money held.
-            self._forget_reservation(ctx.request_id)
+            self._forget_reservation(ctx.record_id)
             raise
         except Exception as error:
             self._limiter.refund(key.id, requests=1, tokens=rate_tokens)
-            logger.error("cannot reserve balance", extra={"request_id": ctx.request_id, "error": repr(error)})
+            logger.error("cannot reserve balance", extra={**_ids(ctx), "error": repr(error)})
             raise _refusal(
                 ctx,
                 503,
@@ -194,8 +193,8 @@ class BillingService:
         ctx.principal = Principal(key=key, reserved_micro=amount, rate_tokens=rate_tokens)
         self._held += 1
 
-    def _forget_reservation(self, request_id: str) -> None:
-        task = asyncio.create_task(self.store.release_reservation(request_id))
+    def _forget_reservation(self, record_id: str) -> None:
+        task = asyncio.create_task(self.store.release_reservation(record_id))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -215,7 +214,7 @@ class BillingService:
         try:
             await self._finalize(ctx)
         except Exception:
-            logger.exception("billing finalize failed", extra={"request_id": ctx.request_id})
+            logger.exception("billing finalize failed", extra=_ids(ctx))
 
     async def _finalize(self, ctx: RequestContext) -> None:
         principal = ctx.principal if isinstance(ctx.principal, Principal) else None
@@ -228,17 +227,14 @@ class BillingService:
                 self._limiter.correct_tokens(principal.key.id, estimated=principal.rate_tokens, actual=actual)
         try:
             await self.store.settle(record)
-        except DuplicateRequestId:
-            logger.error(
-                "a ledger record with this request id exists; this request was not recorded",
-                extra={"request_id": ctx.request_id},
-            )
+        except DuplicateRecordId:
+            logger.error("this request was settled already; not recorded or charged again", extra=_ids(ctx))
             return
         except Exception as error:
             # The reservation stays held (so the balance errs on the safe side) until the next restart.
             logger.error(
                 "ledger write failed",
-                extra={"request_id": ctx.request_id, "error": repr(error), "cost_micro": record.cost_micro},
+                extra={**_ids(ctx), "error": repr(error), "cost_micro": record.cost_micro},
             )
             return
         if self.outbox is not None:
@@ -251,7 +247,7 @@ class BillingService:
             error.headers = {**ctx.response_headers, **error.headers}
             raise
         except Exception as error:
-            logger.error("cannot look up API key", extra={"request_id": ctx.request_id, "error": repr(error)})
+            logger.error("cannot look up API key", extra={**_ids(ctx), "error": repr(error)})
             raise _refusal(
                 ctx,
                 503,
@@ -270,6 +266,10 @@ class BillingService:
         from worker.billing.admin_api import build_admin_router
 
         return build_admin_router(self.store, self._admin_token)
+
+
+def _ids(ctx: RequestContext) -> dict[str, str]:
+    return {"record_id": ctx.record_id, "request_id": ctx.request_id}
 
 
 def _refusal(
@@ -294,6 +294,4 @@ def _refusal_message(outcome: ReserveOutcome, amount_micro: int, key: ApiKey) ->
             f"this API key's monthly spend cap of {micro_to_usd_text(cap)} USD cannot cover this request "
             f"(up to {micro_to_usd_text(amount_micro)} USD)"
         )
-    if outcome is ReserveOutcome.duplicate_request:
-        return "a request with this x-request-id was already received; send a unique x-request-id"
     return "this API key has been revoked"

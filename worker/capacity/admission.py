@@ -67,7 +67,7 @@ class AdmissionLimits:
         if stats is None or now - stats.scraped_at > self.stale_after_s:
             return "stale_stats"  # flying blind counts as full
         if self._queued_beyond_batch(stats.running, stats.waiting) >= self.max_waiting:
-            return "waiting"
+            return "engine_queue"
         if stats.kv_cache_usage >= self.max_kv_cache_usage:
             return "kv_cache"
         return None
@@ -99,7 +99,9 @@ class Admission:
         self.watches = watches
         self.drain = drain
         self.router = ReplicaRouter()
-        self.rejections: Counter[tuple[str, str]] = Counter()  # (model, reason) -> count
+        # (model, reason) -> count. Reasons: in_flight, engine_queue, kv_cache, stale_stats (the replica
+        # is full); unavailable, draining (503); context_length (400).
+        self.rejections: Counter[tuple[str, str]] = Counter()
 
     def admit(self, ctx: RequestContext, exclude: Replica | None = None) -> ReplicaLease:
         """Lease a replica for `ctx`, or raise the ApiError to answer (400, 429 or 503)."""
@@ -115,6 +117,7 @@ class Admission:
         now = time.monotonic()
         candidates: list[tuple[float, ReplicaWatch]] = []
         retry_after: int | None = None
+        full_because = ""  # why the replica that frees up first is full
         routable = 0
         for watch in self.watches.get(model_id, ()):
             replica = watch.replica
@@ -122,9 +125,11 @@ class Admission:
                 continue
             routable += 1
             limits, load = watch.limits, watch.metered_load
-            if limits.enabled and limits.saturation(replica.in_flight, load, now) is not None:
+            reason = limits.saturation(replica.in_flight, load, now) if limits.enabled else None
+            if reason is not None:
                 wait = limits.retry_after_s(replica.in_flight, load)
-                retry_after = wait if retry_after is None else min(retry_after, wait)
+                if retry_after is None or wait < retry_after:
+                    retry_after, full_because = wait, reason
                 continue
             candidates.append((limits.score(replica.in_flight, load), watch))
         chosen = self.router.choose(candidates)
@@ -136,7 +141,7 @@ class Admission:
             raise self._reject(model_id, "unavailable", ApiError(
                 503, f"no replica of model '{model_id}' is ready; retry shortly",
                 headers={"retry-after": str(UNAVAILABLE_RETRY_AFTER_S)}))
-        raise self._reject(model_id, "saturated", ApiError(
+        raise self._reject(model_id, full_because, ApiError(
             429, f"model '{model_id}' is at capacity on this worker; retry after {retry_after}s",
             code="rate_limit_exceeded", headers={"retry-after": str(retry_after or 1)}))
 

@@ -28,6 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--model", help="only this model")
     export.add_argument("--account", help="only this account")
     export.add_argument("--key", help="only this key id")
+    export.add_argument("--request-id", help="only records with this x-request-id")
     export.add_argument("--output", "-o", help="write to this file instead of standard output")
     export.set_defaults(handler=store_handler(_export))
 
@@ -47,7 +48,8 @@ def _output(path: str) -> TextIO:
 
 async def _export(store: LedgerStore, args: argparse.Namespace) -> int:
     where = LedgerFilter(
-        since=args.since, until=args.until, model=args.model, account_id=args.account, key_id=args.key
+        since=args.since, until=args.until, model=args.model, account_id=args.account, key_id=args.key,
+        request_id=args.request_id,
     )
     count = 0
     with contextlib.ExitStack() as stack:

@@ -127,6 +127,10 @@ InputModality = Literal["text", "image", "file", "audio", "video"]
 OutputModality = Literal["text", "image", "audio", "embeddings"]
 
 
+def _text_only() -> list[InputModality]:
+    return ["text"]
+
+
 class ModelListingConfig(StrictModel):
     """How the model is described to routers (`GET /v1/models`, `/openrouter/models`, the registry).
 
@@ -135,7 +139,7 @@ class ModelListingConfig(StrictModel):
 
     name: str | None = Field(default=None, min_length=1)  # display name (default: the model id)
     description: str | None = None
-    input_modalities: list[InputModality] = Field(default_factory=lambda: ["text"], min_length=1)
+    input_modalities: list[InputModality] = Field(default_factory=_text_only, min_length=1)
     # Default: ["text"], or ["embeddings"] for task embed.
     output_modalities: list[OutputModality] | None = Field(default=None, min_length=1)
     # Longest completion a request may ask for (default: the context length).

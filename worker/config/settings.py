@@ -34,7 +34,7 @@ class Settings(BaseSettings):
         "records survive the worker process being killed, not a power loss or OS crash",
     )
     usage_webhook_url: HttpUrl | None = Field(
-        default=None, description="POST every ledger record here, in order (Idempotency-Key: request id)"
+        default=None, description="POST every ledger record here, in order (Idempotency-Key: record id)"
     )
     usage_webhook_token: SecretStr | None = Field(default=None, description="bearer token for the usage webhook")
 

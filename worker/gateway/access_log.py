@@ -28,6 +28,7 @@ class AccessLog:
         ttft = ctx.first_byte_monotonic - ctx.started_monotonic if ctx.first_byte_monotonic else None
         logger.info("request", extra={
             "request_id": ctx.request_id,
+            "record_id": ctx.record_id,
             "model": ctx.model.id,
             "endpoint": ctx.endpoint,
             "replica": ctx.replica.replica_id if ctx.replica else None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,9 @@ class RequestContext:
     stream: bool
     client_wants_usage: bool
     headers: dict[str, str]
+    # The worker's own id for this request, unique across every worker: the ledger and the outbox key
+    # on it. `request_id` may come from the client (x-request-id) and so may repeat.
+    record_id: str = field(default_factory=lambda: f"rec-{uuid.uuid4().hex}")
     received_at: float = field(default_factory=time.time)
     started_monotonic: float = field(default_factory=time.monotonic)
     # Filled by authentication (billing); None when auth is off.

@@ -163,10 +163,10 @@ class Gateway:
             return Response(status_code=499)
         if outcome is Outcome.interrupted:
             message = ctx.error_message or lease.interruption_reason or "the engine stopped before answering"
-            error = ApiError(502, f"engine replica {lease.replica.replica_id} failed before answering: {message}")
-            ctx.outcome, ctx.status_code, ctx.error_message = "upstream_failed", 502, error.message
+            failure = ApiError(502, f"engine replica {lease.replica.replica_id} failed before answering: {message}")
+            ctx.outcome, ctx.status_code, ctx.error_message = "upstream_failed", 502, failure.message
             await finalizer()
-            raise error
+            raise failure
         ctx.status_code = 200
         try:
             data = orjson.loads(payload)

@@ -1,8 +1,9 @@
 """Prometheus metrics of the worker (its own names never contain "vllm"; engine metrics keep theirs)."""
 
+from worker.metrics.billing import BillingCollector
 from worker.metrics.capacity import CapacityCollector
 from worker.metrics.engines import EngineMetricsCollector
 from worker.metrics.gateway import GatewayMetrics
 from worker.metrics.replicas import ReplicaCollector
 
-__all__ = ["CapacityCollector", "EngineMetricsCollector", "GatewayMetrics", "ReplicaCollector"]
+__all__ = ["BillingCollector", "CapacityCollector", "EngineMetricsCollector", "GatewayMetrics", "ReplicaCollector"]

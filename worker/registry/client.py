@@ -24,7 +24,8 @@ from tenacity import (
     retry_if_exception,
     stop_after_attempt,
     stop_after_delay,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from worker.config import NodeConfig, Settings
@@ -131,6 +132,7 @@ class RegistryClient:
         listing: Callable[[], dict[str, Any]],
         capacity: Callable[[], dict[str, Any] | None],
         gpus: Callable[[], GpuFleetSnapshot | None],
+        retry: RetryPolicy | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> RegistryClient:
         """A client for a worker node: `listing` is `GET /v1/models`, `capacity` the `/capacity` document."""
@@ -146,7 +148,7 @@ class RegistryClient:
         return cls(str(settings.registry_url) if settings.registry_url else None, worker_id=config.worker.id,
                    token=settings.registry_token, announcement=announcement, capacity=capacity,
                    heartbeat_interval_s=settings.registry_heartbeat_s, timeout_s=settings.registry_timeout_s,
-                   transport=transport)
+                   retry=retry, transport=transport)
 
     @property
     def enabled(self) -> bool:
@@ -250,8 +252,9 @@ class RegistryClient:
         status: int | None = None
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.retry.attempts) | stop_after_delay(budget_s),
-            wait=wait_exponential_jitter(initial=self.retry.initial_backoff_s, max=self.retry.max_backoff_s,
-                                         jitter=self.retry.initial_backoff_s),
+            # Doubling waits, plus jitter so a fleet of workers does not retry in step.
+            wait=wait_exponential(multiplier=self.retry.initial_backoff_s, max=self.retry.max_backoff_s)
+            + wait_random(0, self.retry.initial_backoff_s),
             retry=retry_if_exception(_retryable),
             before_sleep=lambda state: self._log_retry(kind, state),
             reraise=True,

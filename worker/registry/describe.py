@@ -81,14 +81,12 @@ def describe_model(model: ModelConfig, context_length: int | None = None) -> Mod
     listing = model.listing
     embeds = model.task == "embed"
     limit = context_length if context_length is not None and context_length > 0 else model.max_model_len
+    sampling: tuple[str, ...] = () if embeds else VLLM_SAMPLING_PARAMETERS
     if listing.supported_sampling_parameters is not None:
         sampling = tuple(listing.supported_sampling_parameters)
-    else:
-        sampling = () if embeds else VLLM_SAMPLING_PARAMETERS
+    features: tuple[str, ...] = () if embeds else _default_features(model)
     if listing.supported_features is not None:
         features = tuple(listing.supported_features)
-    else:
-        features = () if embeds else _default_features(model)
     outputs = listing.output_modalities or (["embeddings"] if embeds else ["text"])
     max_output = None if embeds else min(listing.max_output_length or limit, limit)
     return ModelDescription(

@@ -21,7 +21,7 @@ def usd_text(amount: Decimal) -> str:
 def per_token(per_million: Decimal) -> str:
     """USD per million tokens -> USD per token, by moving the exponent: exact for any number of digits."""
     sign, digits, exponent = per_million.as_tuple()
-    if not isinstance(exponent, int):
+    if not per_million.is_finite() or not isinstance(exponent, int):
         raise ValueError(f"not a price: {per_million}")
     return usd_text(Decimal((sign, digits, exponent - 6)))
 

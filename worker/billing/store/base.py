@@ -23,8 +23,8 @@ class UnknownAccount(LookupError):
     pass
 
 
-class DuplicateRequestId(ValueError):
-    """A ledger record with this request id exists already; the new one was not written or charged."""
+class DuplicateRecordId(ValueError):
+    """A ledger record with this record id exists already; the new one was not written or charged."""
 
 
 class LedgerStore(abc.ABC):
@@ -74,8 +74,8 @@ class LedgerStore(abc.ABC):
 
         Succeeds only while `balance - reserved >= amount` and, with a cap, `spent this month + reserved
         + amount <= cap`, so concurrent requests (on this worker or others sharing the database) can
-        never spend more than there is. A request id already reserved or recorded is refused, and so is
-        a key revoked since it was looked up.
+        never spend more than there is. A key revoked since it was looked up is refused. Raises when
+        the record id holds a reservation already (record ids are unique by construction).
         """
 
     @abc.abstractmethod
@@ -83,11 +83,12 @@ class LedgerStore(abc.ABC):
         """Append the record and, in the same transaction, release its reservation and charge its cost.
 
         Group-committed: returns once the transaction holding this record is durable. Raises
-        DuplicateRequestId (and charges nothing) when the request id is already in the ledger.
+        DuplicateRecordId (and charges nothing) when the record id is already in the ledger, so settling
+        the same record twice never charges twice. Request ids may repeat freely.
         """
 
     @abc.abstractmethod
-    async def release_reservation(self, request_id: str) -> bool:
+    async def release_reservation(self, record_id: str) -> bool:
         """Drop one request's reservation without charging (it never reached the engine)."""
 
     @abc.abstractmethod

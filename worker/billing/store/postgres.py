@@ -27,7 +27,7 @@ from worker.billing.records import (
     ReserveOutcome,
     utc_month,
 )
-from worker.billing.store.base import DuplicateRequestId, LedgerStore, UnknownAccount
+from worker.billing.store.base import DuplicateRecordId, LedgerStore, UnknownAccount
 from worker.billing.store.rows import (
     ACCOUNT_COLUMNS,
     KEY_COLUMNS,
@@ -63,12 +63,12 @@ _ACCOUNT_CHARGE = for_postgres(ACCOUNT_CHARGE)
 _INSERT_LEDGER = (
     f"INSERT INTO ledger ({', '.join(LEDGER_INSERT_COLUMNS)}) "
     f"VALUES ({', '.join(f'${i}' for i in range(1, len(LEDGER_INSERT_COLUMNS) + 1))}) "
-    "ON CONFLICT (request_id) DO NOTHING RETURNING seq"
+    "ON CONFLICT (record_id) DO NOTHING RETURNING seq"
 )
-_INSERT_RESERVATION = """
-INSERT INTO reservations (request_id, account_id, key_id, amount_micro, holder, created_at)
-SELECT $1, $2, $3, $4, $5, $6 WHERE NOT EXISTS (SELECT 1 FROM ledger WHERE request_id = $1)
-ON CONFLICT (request_id) DO NOTHING RETURNING request_id"""
+_INSERT_RESERVATION = (
+    "INSERT INTO reservations (record_id, account_id, key_id, amount_micro, holder, created_at) "
+    "VALUES ($1, $2, $3, $4, $5, $6)"
+)
 
 
 class _Refused(Exception):
@@ -204,19 +204,6 @@ class PostgresStore(LedgerStore):
         try:
             async with self._pool.acquire() as connection, connection.transaction():
                 await connection.execute("SET LOCAL synchronous_commit TO OFF")
-                if (
-                    await connection.fetchval(
-                        _INSERT_RESERVATION,
-                        r.request_id,
-                        r.account_id,
-                        r.key_id,
-                        r.amount_micro,
-                        r.holder,
-                        r.created_at,
-                    )
-                    is None
-                ):
-                    raise _Refused(ReserveOutcome.duplicate_request)
                 if await connection.fetchval(_KEY_RESERVE, r.amount_micro, r.key_id, r.month) is None:
                     state = await connection.fetchrow(_KEY_STATE, r.key_id)
                     raise _Refused(
@@ -226,6 +213,15 @@ class PostgresStore(LedgerStore):
                     )
                 if await connection.fetchval(_ACCOUNT_RESERVE, r.amount_micro, r.account_id) is None:
                     raise _Refused(ReserveOutcome.insufficient_balance)
+                await connection.execute(
+                    _INSERT_RESERVATION,
+                    r.record_id,
+                    r.account_id,
+                    r.key_id,
+                    r.amount_micro,
+                    r.holder,
+                    r.created_at,
+                )
         except _Refused as refused:
             return refused.outcome
         return ReserveOutcome.reserved
@@ -237,7 +233,7 @@ class PostgresStore(LedgerStore):
         await self._jobs.put(_SettleJob(record, future))
         seq = await future
         if seq is None:
-            raise DuplicateRequestId(record.request_id)
+            raise DuplicateRecordId(record.record_id)
         return record.model_copy(update={"seq": seq})
 
     async def _write_loop(self) -> None:
@@ -266,15 +262,20 @@ class PostgresStore(LedgerStore):
                     await self._commit([job])
                 return
             logger.error(
-                "ledger write failed", extra={"request_id": batch[0].record.request_id, "error": repr(error)}
+                "ledger write failed",
+                extra={
+                    "record_id": batch[0].record.record_id,
+                    "request_id": batch[0].record.request_id,
+                    "error": repr(error),
+                },
             )
             _resolve(batch[0].future, None, error)
             return
         for job, seq in zip(batch, seqs, strict=True):
             _resolve(job.future, seq, None)
 
-    async def release_reservation(self, request_id: str) -> bool:
-        return await self._release("request_id = $1", request_id) > 0
+    async def release_reservation(self, record_id: str) -> bool:
+        return await self._release("record_id = $1", record_id) > 0
 
     async def release_reservations(self, holder: str, older_than: float | None = None) -> int:
         return await self._release(
@@ -352,16 +353,16 @@ async def _settle_all(connection: asyncpg.Connection, records: list[LedgerRecord
         seqs.append(await connection.fetchval(_INSERT_LEDGER, *ledger_params(record)))
     fresh = [record for record, seq in zip(records, seqs, strict=True) if seq is not None]
     held = {
-        row["request_id"]: row["amount_micro"]
+        row["record_id"]: row["amount_micro"]
         for row in await connection.fetch(
-            "DELETE FROM reservations WHERE request_id = ANY($1::text[]) RETURNING request_id, amount_micro",
-            [record.request_id for record in fresh],
+            "DELETE FROM reservations WHERE record_id = ANY($1::text[]) RETURNING record_id, amount_micro",
+            [record.record_id for record in fresh],
         )
     }
     key_updates: list[tuple[int, str, int, str]] = []
     account_updates: list[tuple[int, int, str]] = []
     for record in fresh:
-        released = held.get(record.request_id, 0)
+        released = held.get(record.record_id, 0)
         if record.key_id is not None:
             key_updates.append(
                 (released, utc_month(record.received_at.timestamp()), record.cost_micro, record.key_id)

@@ -25,6 +25,7 @@ KEY_COLUMNS = (
     "created_at, expires_at, revoked_at, reserved_micro, spend_month, month_spent_micro"
 )
 LEDGER_INSERT_COLUMNS = (
+    "record_id",
     "request_id",
     "worker_id",
     "key_id",
@@ -110,6 +111,7 @@ KEY_INSERT_COLUMNS = (
 def ledger_params(record: LedgerRecord) -> tuple[Any, ...]:
     """In the order of LEDGER_INSERT_COLUMNS."""
     return (
+        record.record_id,
         record.request_id,
         record.worker_id,
         record.key_id,
@@ -145,7 +147,7 @@ def ledger_from_row(row: Mapping[str, Any]) -> LedgerRecord:
 def ledger_conditions(where: LedgerFilter) -> list[tuple[str, Any]]:
     """(SQL condition with one `{}` placeholder, value) pairs; each dialect fills in its own placeholder."""
     conditions: list[tuple[str, Any]] = []
-    for column in ("key_id", "account_id", "worker_id", "model"):
+    for column in ("request_id", "key_id", "account_id", "worker_id", "model"):
         value = getattr(where, column)
         if value is not None:
             conditions.append((f"{column} = {{}}", value))

@@ -52,7 +52,7 @@ def _common_tables(ledger_seq: str, false: str) -> tuple[str, ...]:
         )""",
         "CREATE INDEX api_keys_account ON api_keys (account_id)",
         """CREATE TABLE reservations (
-            request_id TEXT PRIMARY KEY,
+            record_id TEXT PRIMARY KEY,
             account_id TEXT NOT NULL,
             key_id TEXT NOT NULL,
             amount_micro BIGINT NOT NULL,
@@ -62,7 +62,8 @@ def _common_tables(ledger_seq: str, false: str) -> tuple[str, ...]:
         "CREATE INDEX reservations_holder ON reservations (holder)",
         f"""CREATE TABLE ledger (
             seq {ledger_seq},
-            request_id TEXT NOT NULL UNIQUE,
+            record_id TEXT NOT NULL UNIQUE,
+            request_id TEXT NOT NULL,
             worker_id TEXT NOT NULL,
             key_id TEXT,
             account_id TEXT,
@@ -83,6 +84,7 @@ def _common_tables(ledger_seq: str, false: str) -> tuple[str, ...]:
             ttft_ms DOUBLE PRECISION,
             duration_ms DOUBLE PRECISION NOT NULL
         )""",
+        "CREATE INDEX ledger_request_id ON ledger (request_id)",
         "CREATE INDEX ledger_key_seq ON ledger (key_id, seq)",
         "CREATE INDEX ledger_account_seq ON ledger (account_id, seq)",
         "CREATE INDEX ledger_worker_seq ON ledger (worker_id, seq)",

