@@ -21,6 +21,7 @@ import datetime
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import platform
 import tempfile
@@ -39,6 +40,9 @@ logger = logging.getLogger("bench.relay")
 PATHS = ("direct", "worker")
 ENGINE_START_TIMEOUT_S = 300.0
 PRICING = {"prompt_per_mtok": "1.00", "completion_per_mtok": "2.00"}
+# Admission control off: its 429s are not relay cost. (On a busy 2-core machine it refuses bursts of
+# arrivals, which briefly fill the engine's waiting queue, and stale engine stats, when a scrape is slow.)
+ADMIT_ALL = {"enabled": False}
 
 
 @dataclass(frozen=True)
@@ -61,22 +65,32 @@ def _mock_model(_: Path) -> dict[str, Any]:
         "id": "bench-mock", "engine": "mock", "source": "local/bench-mock", "pricing": PRICING,
         "engine_args": {"max_model_len": 2048, "max_num_seqs": 256, "max_num_batched_tokens": 65536},
         "mock": {"step_base_ms": 0.0, "step_per_seq_ms": 0.0, "prefill_per_token_ms": 0.0},
+        "admission": ADMIT_ALL,
     }
+
+
+# One compute thread for vLLM, so the other cores are left to the worker and the load generator, as on a
+# GPU node where the engine computes off the CPU. (Pinning it with VLLM_CPU_OMP_THREADS_BIND=<core>
+# instead made vLLM's API server deliver each streamed response in one burst at its end on 2 cores.)
+VLLM_CPU_ENV = {"OMP_NUM_THREADS": "1"}
 
 
 def _vllm_model(model_dir: Path) -> dict[str, Any]:
     return {
         "id": "bench-tiny-llama", "engine": "vllm", "source": str(model_dir), "pricing": PRICING,
         "engine_args": {"dtype": "bfloat16", "max_model_len": 1024, "enforce_eager": True, "max_num_seqs": 64},
+        "engine_env": VLLM_CPU_ENV,
+        "admission": ADMIT_ALL,
     }
 
 
 ENGINES = {
     "mock": EngineSetup("mock", "bench-mock", "CPU mock engine, zero compute cost per step", _mock_model,
-                        prompts_per_stream=16, min_prompts=64),
+                        prompts_per_stream=6, min_prompts=24),
     "vllm": EngineSetup("vllm", "bench-tiny-llama",
-                        "vLLM on the CPU, tiny random-weight Llama (2 layers, hidden 128), bfloat16, eager",
-                        _vllm_model, prompts_per_stream=4, min_prompts=8),
+                        "vLLM on the CPU, tiny random-weight Llama (2 layers, hidden 128), bfloat16, eager, "
+                        "one compute thread (`OMP_NUM_THREADS=1`)",
+                        _vllm_model, prompts_per_stream=3, min_prompts=6),
 }
 
 
@@ -90,8 +104,10 @@ class PathSamples:
     failed: int = 0
     ttfts_ms: list[float] = field(default_factory=list)
     itls_ms: list[float] = field(default_factory=list)
+    run_tok_s: list[float] = field(default_factory=list)
 
     def add(self, result: dict[str, Any]) -> None:
+        self.run_tok_s.append(float(result["output_throughput"]))
         self.output_tokens += int(result["total_output_tokens"])
         self.duration_s += float(result["duration"])
         self.completed += int(result["completed"])
@@ -175,7 +191,7 @@ def running_worker(setup: EngineSetup, model_dir: Path, work_dir: Path) -> Itera
 
 
 def bench_engine(setup: EngineSetup, model_dir: Path, work_dir: Path, load: LoadGenerator,
-                 concurrencies: list[int], shape: LoadShape) -> tuple[list[Row], float]:
+                 concurrencies: list[int], shape: LoadShape) -> tuple[list[Row], tuple[float, float]]:
     with running_worker(setup, model_dir, work_dir) as worker:
         (engine_port,) = worker.engine_ports(setup.model_id)
         urls = {"direct": f"http://127.0.0.1:{engine_port}", "worker": worker.base_url}
@@ -194,25 +210,26 @@ def bench_engine(setup: EngineSetup, model_dir: Path, work_dir: Path, load: Load
                     logger.info("%s: %.0f output tok/s, median TTFT %.1f ms, failed %d", label,
                                 result["output_throughput"], result["median_ttft_ms"], result["failed"])
             rows.append(row)
-    return rows, load_average
+    return rows, (load_average, os.getloadavg()[0])
 
 
 def _fmt(value: float, digits: int = 0) -> str:
-    return "n/a" if value != value else f"{value:,.{digits}f}"  # NaN check without math import
+    return "n/a" if math.isnan(value) else f"{value:,.{digits}f}"
 
 
 def render_report(rows: list[Row], setups: list[EngineSetup], shape: LoadShape,
-                  load_averages: dict[str, float], started: datetime.datetime) -> str:
-    header = ("| engine | streams | direct tok/s | worker tok/s | worker / direct | TTFT p50 direct | "
+                  load_averages: dict[str, tuple[float, float]], started: datetime.datetime) -> str:
+    header = ("| engine | streams | direct tok/s | worker tok/s | worker / direct | paired ratio | TTFT p50 direct | "
               "TTFT p50 worker | added TTFT p50 | TTFT p99 direct | TTFT p99 worker | ITL p50 direct | "
               "ITL p50 worker | ITL p99 direct | ITL p99 worker | failed |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in rows:
         direct, worker = row.paths["direct"], row.paths["worker"]
         ratio = worker.output_tok_s / direct.output_tok_s if direct.output_tok_s else float("nan")
+        paired = float(np.median([w / d for w, d in zip(worker.run_tok_s, direct.run_tok_s) if d]))
         lines.append(
             f"| {row.engine} | {row.concurrency} | {_fmt(direct.output_tok_s)} | {_fmt(worker.output_tok_s)} | "
-            f"{_fmt(ratio, 2)} | {_fmt(direct.ttft(50), 1)} | {_fmt(worker.ttft(50), 1)} | "
+            f"{_fmt(ratio, 2)} | {_fmt(paired, 2)} | {_fmt(direct.ttft(50), 1)} | {_fmt(worker.ttft(50), 1)} | "
             f"{_fmt(worker.ttft(50) - direct.ttft(50), 1)} | {_fmt(direct.ttft(99), 1)} | "
             f"{_fmt(worker.ttft(99), 1)} | {_fmt(direct.itl(50), 2)} | {_fmt(worker.itl(50), 2)} | "
             f"{_fmt(direct.itl(99), 2)} | {_fmt(worker.itl(99), 2)} | {direct.failed} / {worker.failed} |"
@@ -221,7 +238,8 @@ def render_report(rows: list[Row], setups: list[EngineSetup], shape: LoadShape,
     engines = "\n".join(
         f"- `{s.name}`: {s.describe}; requests per run: "
         + ", ".join(f"{s.num_prompts(c, shape.scale)} at {c} streams" for c in concurrencies)
-        + f" (1-minute load average when its runs began: {load_averages.get(s.name, float('nan')):.2f})"
+        + " (1-minute load average of the machine when its runs began and ended: "
+        + " and ".join(f"{value:.1f}" for value in load_averages[s.name]) + ")"
         for s in setups)
     return f"""# Relay overhead: through the worker vs. straight to the engine
 
@@ -238,10 +256,16 @@ engine process, alternating run by run ({shape.rounds} runs per path and concurr
 Load: `vllm bench serve` (vLLM's own load generator, run in-process), backend `openai-chat`, streamed, random
 prompts of {shape.input_len} tokens, {shape.output_len} output tokens each (`ignore_eos`), request rate unlimited
 under a fixed number of concurrent streams; each run starts with as many warm-up requests as streams.
+Admission control is off for the benchmarked model (its refusals are not relay cost); metering stays on.
 
 Definitions (vLLM's): output tok/s = output tokens / run duration; TTFT = time to first streamed token;
 ITL = every gap between streamed chunks, pooled over requests; p50/p99 over all requests of all runs. Times in ms.
+"worker / direct" = pooled worker tok/s over pooled direct tok/s; "paired ratio" = median over rounds of the
+same ratio within one round (less sensitive to bursts of load from other processes on the machine).
 "added TTFT p50" = worker TTFT p50 - direct TTFT p50. "failed" = failed requests, direct / worker.
+An ITL p50 near 0 means chunks arrived in bursts, several events per network read: the mock produces its tokens
+at once, and vLLM on this CPU often hands a whole response to its HTTP server only when it is finished (seen on
+the engine's own port, without the worker), so its TTFT then approaches the request's full latency on both paths.
 
 {chr(10).join(lines)}
 """
@@ -261,14 +285,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies the number of requests per run")
-    parser.add_argument("--rounds", type=int, default=2, help="runs per path at each concurrency")
+    parser.add_argument("--rounds", type=int, default=6, help="runs per path at each concurrency")
     parser.add_argument("--doc", type=Path, default=Path("docs/benchmarks-core.md"))
     parser.add_argument("--result-dir", type=Path, help="where per-run JSON results go (default: a temp dir)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # readiness polls
 
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started = datetime.datetime.now(datetime.UTC)
     shape = LoadShape(args.input_len, args.output_len, args.rounds, args.scale)
     work_dir = Path(tempfile.mkdtemp(prefix="bench-relay-"))
     result_dir = args.result_dir or work_dir / "results"
@@ -278,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
 
     setups = [ENGINES[name] for name in args.engines]
     rows: list[Row] = []
-    load_averages: dict[str, float] = {}
+    load_averages: dict[str, tuple[float, float]] = {}
     for setup in setups:
         engine_dir = work_dir / setup.name
         engine_dir.mkdir()

@@ -103,6 +103,7 @@ class WorkerNode:
         await self.capacity.stop()
         await self.supervisor.stop()
         await self.gpu_monitor.stop()
+        await self.gateway.aclose()
         if self.billing is not None:
             await self.billing.close()
 

@@ -17,6 +17,7 @@ import httpx
 import openai
 import psutil
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.support.worker_process import WorkerProcess, start_worker
 
@@ -26,7 +27,8 @@ CHAT = "tiny-chat"
 EMBED = "tiny-embed"
 MAX_MODEL_LEN = 512
 VLLM_SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
-ENGINE_START_TIMEOUT_S = 300.0
+# Under pytest-timeout's 300 s per test, so a slow start fails with the worker's log.
+ENGINE_START_TIMEOUT_S = 240.0
 # vLLM's own extension: generate exactly max_tokens, so token counts are known in advance.
 IGNORE_EOS = {"ignore_eos": True}
 PRICING = {"prompt_per_mtok": "1.00", "completion_per_mtok": "2.00"}
@@ -77,7 +79,7 @@ def async_client(worker: WorkerProcess) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{worker.base_url}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
-def chat(content: str) -> list[dict[str, str]]:
+def chat(content: str) -> list[ChatCompletionMessageParam]:
     return [{"role": "user", "content": content}]
 
 
@@ -85,7 +87,7 @@ def metric_total(base_url: str, name: str, **labels: str) -> float:
     """Sum of every sample of `name` whose labels include `labels`."""
     total = 0.0
     for line in httpx.get(f"{base_url}/metrics", timeout=10).text.splitlines():
-        if not (line.startswith(name + "{") or line.startswith(name + " ")):
+        if not line.startswith((name + "{", name + " ")):
             continue
         if all(f'{key}="{value}"' in line for key, value in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
@@ -358,7 +360,9 @@ def test_killed_vllm_server_is_restarted_and_serves_again(worker: WorkerProcess,
 
     assert wait_until(
         lambda: metric_total(worker.base_url, "worker_replica_restarts_total", replica="tiny-chat-0") >= 1,
-        timeout_s=60)
+        timeout_s=ENGINE_START_TIMEOUT_S)
+    assert wait_until(lambda: [s.pid for s in vllm_servers(worker, CHAT)] not in ([], [server.pid]),
+                      timeout_s=ENGINE_START_TIMEOUT_S)
     worker.wait_ready(timeout_s=ENGINE_START_TIMEOUT_S)
     (new_server,) = vllm_servers(worker, CHAT)
     assert new_server.pid != server.pid

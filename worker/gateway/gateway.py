@@ -39,6 +39,11 @@ class Gateway:
         self.admission = admission
         self.hooks = list(hooks)
         self.keepalive_s = config.worker.sse_keepalive_interval_s
+        self._finalizing: set[asyncio.Future[None]] = set()
+
+    async def aclose(self) -> None:
+        """Wait for the hooks of refused requests that are still finishing (before their stores close)."""
+        await asyncio.gather(*self._finalizing, return_exceptions=True)
 
     async def handle(self, request: Request, endpoint: str) -> Response:
         raw = await read_body(request, self.config.worker.max_body_bytes)
@@ -77,7 +82,15 @@ class Gateway:
         if ctx.stream:
             ctx.body["stream_options"] = {**(ctx.body.get("stream_options") or {}), "include_usage": True}
         payload = orjson.dumps(ctx.body)
-        lease = self.admission.admit(ctx)
+        try:
+            lease = self.admission.admit(ctx)
+        except ApiError as refusal:
+            # Refused before any engine saw it: answer at once, and let the hooks record it right after.
+            ctx.outcome, ctx.status_code, ctx.error_message = "rejected", refusal.status, refusal.message
+            finalizing = finalizer.start()
+            self._finalizing.add(finalizing)
+            finalizing.add_done_callback(self._finalizing.discard)
+            raise
         try:
             outcome, opening = await self._open(request, lease, ctx, payload)
         except ApiError as error:

@@ -42,12 +42,16 @@ class Finalizer:
         self._task: asyncio.Future[None] | None = None
 
     async def __call__(self) -> None:
+        # Shielded: a client that disconnects mid-finalize must not cut the ledger write short.
+        await asyncio.shield(self.start())
+
+    def start(self) -> asyncio.Future[None]:
+        """Begin finalizing without waiting for it (for answers that need not wait, like refusals)."""
         if self._task is None:
             self.done = True
             self.ctx.finished_monotonic = time.monotonic()
             self._task = asyncio.ensure_future(self._run())
-        # Shielded: a client that disconnects mid-finalize must not cut the ledger write short.
-        await asyncio.shield(self._task)
+        return self._task
 
     async def _run(self) -> None:
         ctx = self.ctx
