@@ -364,7 +364,7 @@ cores, so compare phases with each other rather than reading absolute figures.
   to the first streamed token, successful requests only. A request belongs to the phase in which it was sent;
   with a few dozen requests per phase, p99 is close to the slowest one.
 
-Reproduce: `.venv/bin/python bench/fleet.py` (this file); the same scenarios, with assertions instead of
+Reproduce: `.venv/bin/python bench/fleet.py` (rewrites this file); the same scenarios, with assertions instead of
 numbers, are `tests/fleet/`.
 
 ## Results
@@ -405,11 +405,41 @@ EXPLANATION = """\
 - **Cooldowns live in each Router object** (or in its Redis, when one is configured): every router process
   finds out about a refusing worker by itself, at the cost of one refused attempt.
 - **What cannot be moved.** A stream that has started stays on its worker. When a GPU fails, the streams
-  already running on it end with the contract's error chunk (`finish_reason: error`); requests arriving after
+  already running on it end with the contract's error chunk (`finish_reason: error`), which LiteLLM raises to
+  its caller as `APIConnectionError` (status 500) carrying the worker's message; that is the one failure in
+  the GPU scenario's `before` row (sent before the XID, still streaming when it came). Requests arriving after
   the failure are refused before their first byte and move.
+- **When every worker refuses.** If every deployment of the group, and of its `fallbacks`, is cooling down,
+  LiteLLM answers its caller 429 itself (`RouterRateLimitError`). Spare capacity in the fleet, or a reserve
+  model group in `fallbacks`, is what keeps refusals away from clients. (On a machine starved of CPU by other
+  work, both workers here fill up and such 429s appear in the table.)
 - **A failed GPU stays failed.** The node quarantines its replicas for good; recovery is a new node (or a
   restarted one on healthy hardware). Once it answers on the same address and the last cooldown has run out,
   the router prefers it again.
+
+## Configuring LiteLLM in front of workers
+
+```python
+from litellm import Router
+
+def worker(url: str, order: int, group: str = "acme/model") -> dict:
+    return {"model_name": group,
+            "litellm_params": {"model": "openai/acme/model", "api_base": f"{url}/v1",
+                               "api_key": "<worker API key>", "order": order}}
+
+router = Router(
+    model_list=[worker("http://worker-a:8000", 1), worker("http://worker-b:8000", 2),
+                worker("http://worker-c:8000", 1, group="acme/model-reserve")],
+    fallbacks=[{"acme/model": ["acme/model-reserve"]}],
+    num_retries=0,      # the order fallback moves a refused request; a retry would ask the same worker
+    allowed_fails=0,    # one refusal cools the worker down for its Retry-After
+    cooldown_time=5,    # for failures without Retry-After (connection refused)
+)
+```
+
+The worker that served a request is in its response headers: LiteLLM relays them in
+`response._hidden_params["additional_headers"]` (`llm_provider-x-worker-id`, `llm_provider-x-worker-replica`,
+next to its own `x-litellm-attempted-fallbacks`), for streams as well.
 """
 
 
