@@ -4,25 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
-
-from starlette.requests import Request
 
 from worker.gateway.context import RequestContext
+from worker.gateway.hooks import ObservingHook
 
 logger = logging.getLogger("worker.access")
 
 
-class AccessLog:
-    async def before_request(self, ctx: RequestContext, request: Request) -> None:
-        return None
-
-    def after_route(self, ctx: RequestContext) -> None:
-        return None
-
-    def usage_extras(self, ctx: RequestContext) -> dict[str, Any]:
-        return {}
-
+class AccessLog(ObservingHook):
     async def finalize(self, ctx: RequestContext) -> None:
         end = ctx.finished_monotonic or time.monotonic()
         ttft = ctx.first_byte_monotonic - ctx.started_monotonic if ctx.first_byte_monotonic else None

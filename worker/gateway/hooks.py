@@ -28,3 +28,19 @@ class RequestHooks(Protocol):
     def usage_extras(self, ctx: RequestContext) -> dict[str, Any]: ...
 
     async def finalize(self, ctx: RequestContext) -> None: ...
+
+
+class ObservingHook:
+    """Base for hooks that only watch requests end (metrics, logs): every other step is a no-op."""
+
+    async def before_request(self, ctx: RequestContext, request: Request) -> None:
+        return None
+
+    def after_route(self, ctx: RequestContext) -> None:
+        return None
+
+    def usage_extras(self, ctx: RequestContext) -> dict[str, Any]:
+        return {}
+
+    async def finalize(self, ctx: RequestContext) -> None:
+        return None

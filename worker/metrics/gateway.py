@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from starlette.requests import Request
 
 from worker.gateway.context import RequestContext
+from worker.gateway.hooks import ObservingHook
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0)
 
 
-class GatewayMetrics:
+class GatewayMetrics(ObservingHook):
     """A request hook that observes every finished request."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -28,15 +26,6 @@ class GatewayMetrics:
                              ["model"], buckets=_LATENCY_BUCKETS, registry=registry)
         self.output_tokens = Counter("worker_output_tokens", "Completion tokens served", ["model"],
                                      registry=registry)
-
-    async def before_request(self, ctx: RequestContext, request: Request) -> None:
-        return None
-
-    def after_route(self, ctx: RequestContext) -> None:
-        return None
-
-    def usage_extras(self, ctx: RequestContext) -> dict[str, Any]:
-        return {}
 
     async def finalize(self, ctx: RequestContext) -> None:
         model = ctx.model.id
