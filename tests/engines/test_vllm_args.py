@@ -304,3 +304,12 @@ def test_catalog_values_reach_vllm_as_json_where_vllm_expects_json(vllm_parse: A
     args = build_vllm_args(model, "127.0.0.1", 8200)
     assert json.loads(flag_value(args, "--hf-overrides"))["rope_scaling"]["factor"] == 4.0
     assert vllm_parse(args).override_generation_config == {"temperature": 0.7}
+
+
+def test_engine_gets_the_limits_admission_control_assumes() -> None:
+    args = build_vllm_args(make_model(engine_args={}), "h", 1)
+    assert flag_value(args, "--max-model-len") == "4096"
+    assert flag_value(args, "--max-num-seqs") == "256"
+    args = build_vllm_args(make_model(engine_args={"max_num_seqs": 8, "max_model_len": 512}), "h", 1)
+    assert args.count("--max-num-seqs") == 1 and flag_value(args, "--max-num-seqs") == "8"
+    assert args.count("--max-model-len") == 1 and flag_value(args, "--max-model-len") == "512"

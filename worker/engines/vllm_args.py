@@ -77,6 +77,11 @@ def build_vllm_args(model: ModelConfig, host: str, port: int) -> list[str]:
         args += ["--runner", "pooling"]
     # The gateway logs every request itself; /load gives the supervisor the engine's in-flight count.
     args += ["--disable-uvicorn-access-log", "--enable-server-load-tracking"]
+    # Admission control and the listing assume these limits: make the engine use the very same ones
+    # instead of vLLM's GPU-dependent defaults.
+    for name, value in (("max_model_len", model.max_model_len), ("max_num_seqs", model.max_num_seqs)):
+        if name not in model.engine_args:
+            args += [f"--{name.replace('_', '-')}", str(value)]
     args += engine_arg_flags(model.engine_args)
     return args
 

@@ -16,9 +16,10 @@ class RequestHooks(Protocol):
     - `after_route`: once the serving replica is known, before the response starts (provenance headers).
     - `usage_extras`: when the engine's usage is known; returns fields merged into the client's `usage`
       object (e.g. `cost`). Synchronous and cheap: it runs on the hot path.
-    - `finalize`: exactly once per request that passed `before_request`, awaited before the last byte
-      reaches the client (so a completed response is always recorded), or after a disconnect/failure.
-      Must not raise.
+    - `finalize`: exactly once per request that passed `before_request`. For an answer the engine
+      produced it is awaited before the last byte reaches the client (so a completed response is always
+      recorded); for a refusal or after a disconnect/failure it runs just after, without holding the
+      answer back (`Gateway.aclose()` waits for those). Must not raise.
     """
 
     async def before_request(self, ctx: RequestContext, request: Request) -> None: ...
