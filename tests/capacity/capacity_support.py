@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx
 import orjson
 
-from tests.support.worker_process import WorkerProcess, fast_mock_model
+from tests.support.worker_process import WorkerProcess, fast_mock_model, wait_until  # noqa: F401 (re-exported)
 from worker.config import ModelConfig, Pricing
 from worker.config.models import AdmissionConfig
 from worker.engines.base import Engine, EngineExited
@@ -66,15 +64,6 @@ def engine_port(worker: WorkerProcess, model_id: str) -> int:
 
 def set_fault(port: int, **fault: Any) -> None:
     httpx.post(f"http://127.0.0.1:{port}/mock/fault", json=fault, timeout=5).raise_for_status()
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def metric_value(worker: WorkerProcess, name: str, **labels: str) -> float | None:

@@ -7,7 +7,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.capacity.capacity_support import assert_finished_normally, chat_body, paced_model, worker_config
-from tests.support.worker_process import WorkerProcess, fast_mock_model, start_worker
+from tests.support.worker_process import WorkerProcess, fast_mock_model, start_worker, wait_until
 
 FAST = "acme/fast"
 SLOW_START = "acme/slow-first-token"
@@ -33,6 +33,12 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> WorkerProcess:
 
 def test_capacity_document_shape(worker: WorkerProcess) -> None:
     httpx.post(f"{worker.base_url}/v1/chat/completions", json=chat_body(FAST, 5), timeout=30)
+
+    def settled() -> bool:  # engine stats are scraped periodically: wait for one taken after the request
+        replicas = [r for m in httpx.get(f"{worker.base_url}/capacity").json()["models"] for r in m["replicas"]]
+        return all(r["running"] == 0 and r["waiting"] == 0 for r in replicas)
+
+    assert wait_until(settled, timeout_s=10)
     document = httpx.get(f"{worker.base_url}/capacity").json()
     assert document["worker_id"] == "capacity-worker"
     assert document["ready"] is True and document["draining"] is False

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import signal
-import time
 
 import httpx
 import psutil
 import pytest
 
-from tests.support.worker_process import WorkerProcess, fast_mock_model, start_worker
+from tests.support.worker_process import WorkerProcess, fast_mock_model, start_worker, wait_until
 
 MODEL = "acme/fragile"
 
@@ -33,20 +32,11 @@ def _chat(worker: WorkerProcess, **extra: object) -> httpx.Response:
     return httpx.post(f"{worker.base_url}/v1/chat/completions", json=body, timeout=30)
 
 
-def _wait_until(predicate, timeout_s: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_crashed_engine_is_reported_shed_and_restarted(worker: WorkerProcess) -> None:
     [port] = worker.engine_ports()
     old_pids = {p.pid for p in worker.descendants()}
     httpx.post(f"http://127.0.0.1:{port}/mock/fault", json={"mode": "crash"})
-    assert _wait_until(lambda: httpx.get(f"{worker.base_url}/health/ready").status_code == 503)
+    assert wait_until(lambda: httpx.get(f"{worker.base_url}/health/ready").status_code == 503)
     response = _chat(worker)
     if response.status_code != 200:  # still restarting: refused fast and honestly, before any byte
         assert response.status_code == 503
@@ -90,7 +80,7 @@ def test_sigterm_stops_every_engine_process(worker: WorkerProcess) -> None:
     children = worker.descendants()
     assert children
     assert worker.stop(signal.SIGTERM) == 0
-    assert _wait_until(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in children),
+    assert wait_until(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in children),
                        timeout_s=30)
 
 
@@ -102,4 +92,4 @@ def test_sigkill_of_worker_leaves_no_orphan(worker: WorkerProcess) -> None:
     def all_gone() -> bool:
         return not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in children)
 
-    assert _wait_until(all_gone, timeout_s=30)
+    assert wait_until(all_gone, timeout_s=30)

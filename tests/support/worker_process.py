@@ -8,12 +8,23 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import psutil
 import yaml
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 30.0) -> bool:
+    """Poll until `predicate()` holds; False if it never did within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def free_port() -> int:
