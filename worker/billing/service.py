@@ -179,13 +179,7 @@ class BillingService:
         except Exception as error:
             self._limiter.refund(key.id, requests=1, tokens=rate_tokens)
             logger.error("cannot reserve balance", extra={**_ids(ctx), "error": repr(error)})
-            raise _refusal(
-                ctx,
-                503,
-                "billing is temporarily unavailable; retry shortly",
-                "billing_unavailable",
-                {"retry-after": "5"},
-            ) from None
+            raise _billing_unavailable(ctx) from None
         if outcome is not ReserveOutcome.reserved:
             self._limiter.refund(key.id, requests=1, tokens=rate_tokens)
             status, code = _REFUSALS[outcome]
@@ -248,13 +242,7 @@ class BillingService:
             raise
         except Exception as error:
             logger.error("cannot look up API key", extra={**_ids(ctx), "error": repr(error)})
-            raise _refusal(
-                ctx,
-                503,
-                "billing is temporarily unavailable; retry shortly",
-                "billing_unavailable",
-                {"retry-after": "5"},
-            ) from None
+            raise _billing_unavailable(ctx) from None
 
     # HTTP APIs.
     def key_router(self) -> APIRouter:
@@ -270,6 +258,12 @@ class BillingService:
 
 def _ids(ctx: RequestContext) -> dict[str, str]:
     return {"record_id": ctx.record_id, "request_id": ctx.request_id}
+
+
+def _billing_unavailable(ctx: RequestContext) -> ApiError:
+    """The store could not be reached: refuse honestly and early rather than serve unbilled."""
+    return _refusal(ctx, 503, "billing is temporarily unavailable; retry shortly", "billing_unavailable",
+                    {"retry-after": "5"})
 
 
 def _refusal(
