@@ -86,10 +86,13 @@ class WorkerNode:
     async def start(self) -> None:
         logger.info("worker starting", extra={"worker_id": self.config.worker.id, "version": __version__,
                                               "replicas": [r.replica_id for r in self.supervisor.replicas]})
-        self.billing = await BillingService.open(self.settings, self.config, self.provenance)
-        self.gateway.hooks.append(self.billing)  # last: metrics and the access log also see its refusals
-        self.app.include_router(self.billing.key_router())
-        self.app.include_router(self.billing.admin_router())
+        if self.settings.ledger:
+            self.billing = await BillingService.open(self.settings, self.config, self.provenance)
+            self.gateway.hooks.append(self.billing)  # last: metrics and the access log also see its refusals
+            self.app.include_router(self.billing.key_router())
+            self.app.include_router(self.billing.admin_router())
+        else:
+            logger.warning("usage ledger off (WORKER_LEDGER=false): requests are served unrecorded")
         await self.gpu_monitor.start()
         self.gpu_monitor.subscribe(self._on_gpu_change)
         await self.supervisor.start()

@@ -26,6 +26,8 @@ class Settings(BaseSettings):
 
     # Billing (keys, balances, ledger).
     auth: bool = Field(default=True, description="require API keys; switch off only for private deployments")
+    ledger: bool = Field(default=True, description="record every request in the usage ledger; off only for "
+                         "private deployments without billing (needs WORKER_AUTH=false)")
     db_url: str = Field(default="sqlite:///worker-ledger.db", description="sqlite:///PATH or postgresql://...")
     admin_token: SecretStr | None = Field(default=None, description="bearer token for /admin/*")
     db_synchronous: Literal["full", "normal"] = Field(
@@ -58,10 +60,15 @@ class Settings(BaseSettings):
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
         try:
-            return cls(**overrides)  # type: ignore[arg-type]
+            settings = cls(**overrides)  # type: ignore[arg-type]
         except ValidationError as error:
             lines = ["WORKER_* environment is invalid:"]
             for item in error.errors():
                 name = "WORKER_" + "_".join(str(part) for part in item["loc"]).upper()
                 lines.append(f"  {name}: {item['msg']}")
             raise ConfigError("\n".join(lines)) from None
+        if not settings.ledger and settings.auth:
+            # Keys without a ledger could be charged nothing and leave no record: refuse the mix.
+            raise ConfigError("WORKER_* environment is invalid:\n  WORKER_LEDGER: false needs WORKER_AUTH=false "
+                              "(API keys and balances live in the ledger's database)")
+        return settings

@@ -1,0 +1,35 @@
+"""WORKER_LEDGER: off only without API keys, and then nothing is written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.worker_process import fast_mock_model, start_worker
+from worker.config import ConfigError, Settings
+
+MODEL = "acme/unbilled"
+
+
+def test_ledger_off_with_keys_on_is_refused_naming_both_fields() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(ledger=False, auth=True)
+    assert "WORKER_LEDGER" in str(caught.value) and "WORKER_AUTH" in str(caught.value)
+    assert Settings.from_env(ledger=False, auth=False).ledger is False
+
+
+@pytest.mark.parametrize("ledger", [False, True])
+def test_ledger_switch_decides_whether_requests_are_recorded(tmp_path: Path, ledger: bool) -> None:
+    worker = start_worker(tmp_path, {"worker": {"id": "switch"}, "models": [fast_mock_model(MODEL)]},
+                          env={"WORKER_LEDGER": str(ledger).lower()})
+    try:
+        worker.wait_ready()
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        assert httpx.post(f"{worker.base_url}/v1/chat/completions", json=body, timeout=30).status_code == 200
+        usage_status = httpx.get(f"{worker.base_url}/v1/usage", timeout=10).status_code
+    finally:
+        assert worker.stop() == 0
+    assert (tmp_path / "ledger.db").exists() is ledger
+    assert usage_status == (404 if not ledger else 401)
