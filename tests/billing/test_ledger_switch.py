@@ -20,6 +20,18 @@ def test_ledger_off_with_keys_on_is_refused_naming_both_fields() -> None:
     assert Settings.from_env(ledger=False, auth=False).ledger is False
 
 
+def test_worker_with_ledger_off_and_keys_on_does_not_start(tmp_path: Path) -> None:
+    worker = start_worker(tmp_path, {"worker": {"id": "switch"}, "models": [fast_mock_model(MODEL)]},
+                          env={"WORKER_LEDGER": "false", "WORKER_AUTH": "true"})
+    try:
+        code = worker.process.wait(timeout=60)
+    finally:
+        worker.stop()
+    assert code == 2
+    assert "WORKER_LEDGER" in worker.log() and "WORKER_AUTH" in worker.log()
+    assert not (tmp_path / "ledger.db").exists()
+
+
 @pytest.mark.parametrize("ledger", [False, True])
 def test_ledger_switch_decides_whether_requests_are_recorded(tmp_path: Path, ledger: bool) -> None:
     worker = start_worker(tmp_path, {"worker": {"id": "switch"}, "models": [fast_mock_model(MODEL)]},
