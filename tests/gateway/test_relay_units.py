@@ -45,7 +45,12 @@ DONE = b"data: [DONE]\n\n"
 
 
 async def _run(relay: SseRelay, block: bytes) -> bytes:
-    return b"".join([piece async for piece in relay.process(block)])
+    """What the relay's pump sends for one block: the block's events, then, at `[DONE]`, the finalizer and `[DONE]`."""
+    out = relay.process(block)
+    if relay.saw_done:
+        await relay.finalizer()
+        out += DONE
+    return out
 
 
 @pytest.mark.parametrize("wants_usage", [True, False])

@@ -9,6 +9,7 @@ from enum import Enum
 import httpx
 
 from worker.engines.base import Engine, EngineExited
+from worker.engines.data_client import EngineDataClient
 
 
 class ReplicaState(str, Enum):
@@ -76,8 +77,14 @@ class Replica:
         self.last_exit: EngineExited | None = None
         # Set when the replica's hardware failed: it stays out of service until the worker restarts.
         self.quarantine_reason: str | None = None
+        # Control calls (health, stats, version) on `client`; inference traffic on `data`.
         self.client = make_engine_client(engine.base_url)
+        self.data = EngineDataClient(engine.base_url)
         self._interruption = _Interruption()
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+        await self.data.aclose()
 
     def lease(self) -> ReplicaLease:
         """Count one more request in flight; the caller must `release()` the lease when it ends."""

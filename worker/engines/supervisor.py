@@ -185,4 +185,4 @@ class EngineSupervisor:
         await asyncio.gather(*(r.engine.stop(timeout) for r in self.replicas), return_exceptions=True)
         for replica in self.replicas:
             replica.set_state(ReplicaState.stopped)
-            await replica.client.aclose()
+            await replica.aclose()

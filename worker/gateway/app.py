@@ -13,16 +13,67 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from worker.gateway.errors import ApiError
 from worker.gateway.gateway import Gateway
-from worker.gateway.request_id import RequestIdMiddleware
+from worker.gateway.request_id import RequestIdMiddleware, assign_request_id
 
 logger = logging.getLogger(__name__)
+
+INFERENCE_ROUTES = {
+    "/v1/chat/completions": "chat.completions",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+}
+
+
+class WorkerApp(FastAPI):
+    """FastAPI, except that inference requests go straight from ASGI to the gateway.
+
+    They carry every token, so they skip routing and the middleware stack (each layer wraps every body
+    message sent); the gateway answers their errors and request ids itself. The same endpoints stay
+    registered as routes too, for the schema and for mounts under a root path.
+    """
+
+    def __init__(self, gateway: Gateway, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            endpoint = INFERENCE_ROUTES.get(scope["path"])
+            if endpoint is not None:
+                await self._serve_inference(endpoint, scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+    async def _serve_inference(self, endpoint: str, scope: Scope, receive: Receive, send: Send) -> None:
+        request_id = assign_request_id(scope)
+        try:
+            response = await self.gateway.handle(Request(scope, receive), endpoint)
+        except ApiError as error:
+            response = error.to_response()
+        except Exception:
+            logger.exception("unhandled error", extra={"request_id": request_id})
+            response = ApiError(500, "internal error in the worker gateway").to_response()
+        response.raw_headers.append((b"x-request-id", request_id.encode()))
+        try:
+            await response(scope, receive, send)
+        except Exception:
+            logger.exception("failed while sending the response", extra={"request_id": request_id})
+            raise
 
 
 def json_response(content: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(content), status_code=status_code, media_type="application/json", headers=headers)
+
+
+def _inference_route(gateway: Gateway, endpoint: str) -> Callable[[Request], Any]:
+    async def route(request: Request) -> Response:
+        return await gateway.handle(request, endpoint)
+
+    return route
 
 
 def create_app(
@@ -31,8 +82,8 @@ def create_app(
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
     models_listing: Callable[[], dict[str, Any]],
     readiness: Callable[[], tuple[bool, dict[str, Any]]],
-) -> FastAPI:
-    app = FastAPI(title="worker", lifespan=lifespan, docs_url=None, redoc_url=None)
+) -> WorkerApp:
+    app = WorkerApp(gateway, title="worker", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(RequestIdMiddleware)
 
     @app.exception_handler(ApiError)
@@ -54,17 +105,8 @@ def create_app(
         logger.exception("unhandled error", extra={"request_id": request.scope.get("worker.request_id")})
         return ApiError(500, "internal error in the worker gateway").to_response()
 
-    @app.post("/v1/chat/completions", include_in_schema=True)
-    async def chat_completions(request: Request) -> Response:
-        return await gateway.handle(request, "chat.completions")
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await gateway.handle(request, "completions")
-
-    @app.post("/v1/embeddings")
-    async def embeddings(request: Request) -> Response:
-        return await gateway.handle(request, "embeddings")
+    for path, endpoint in INFERENCE_ROUTES.items():
+        app.add_api_route(path, _inference_route(gateway, endpoint), methods=["POST"])
 
     @app.get("/v1/models")
     async def list_models() -> Response:

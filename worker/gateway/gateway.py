@@ -7,12 +7,12 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-import httpx
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
 from worker.config import NodeConfig
+from worker.engines.data_client import EngineResponse, EngineTransportError, abort, finish
 from worker.engines.replica import Replica, ReplicaLease
 from worker.gateway.context import RequestContext, Usage
 from worker.gateway.errors import ApiError, normalise_engine_error
@@ -121,17 +121,17 @@ class Gateway:
             await finalizer()
             return Response(status_code=499)
         upstream = opening.result()
-        if upstream.status_code == 200 and ctx.stream:
+        if upstream.status == 200 and ctx.stream:
             return RelayStreamResponse(opening, ctx, finalizer, headers, lease, self.keepalive_s)
         try:
-            if upstream.status_code != 200:
+            if upstream.status != 200:
                 return await self._engine_error(upstream, ctx, finalizer, headers)
             return await self._complete(request, upstream, lease, ctx, finalizer, headers)
         finally:
             lease.release()
 
     async def _open(self, request: Request, lease: ReplicaLease, ctx: RequestContext,
-                    payload: bytes) -> tuple[Outcome, asyncio.Future[httpx.Response]]:
+                    payload: bytes) -> tuple[Outcome, asyncio.Future[EngineResponse]]:
         """Send the request to the engine and wait for its headers (for a stream, at most the keep-alive interval).
 
         Raises ApiError 503 when the replica cannot take it after all (unreachable, or restarting).
@@ -147,28 +147,37 @@ class Gateway:
             opening.result()  # raises the ApiError of a connection failure
         return outcome, opening
 
-    async def _engine_error(self, upstream: Any, ctx: RequestContext, finalizer: Finalizer,
+    async def _engine_error(self, upstream: EngineResponse, ctx: RequestContext, finalizer: Finalizer,
                             headers: dict[str, str]) -> Response:
-        payload = await upstream.aread()
-        await upstream.aclose()
+        status = upstream.status
+        try:
+            payload = await upstream.read()
+        except EngineTransportError:
+            payload = b""
+        finally:
+            upstream.release()
         ctx.first_byte_monotonic = time.monotonic()
-        ctx.status_code = upstream.status_code
-        ctx.outcome = "invalid_request" if upstream.status_code < 500 else "engine_error"
+        ctx.status_code = status
+        ctx.outcome = "invalid_request" if status < 500 else "engine_error"
         await finalizer()
-        return Response(normalise_engine_error(upstream.status_code, payload),
-                        status_code=upstream.status_code, media_type="application/json", headers=headers)
+        return Response(normalise_engine_error(status, payload),
+                        status_code=status, media_type="application/json", headers=headers)
 
-    async def _complete(self, request: Request, upstream: httpx.Response, lease: ReplicaLease,
+    async def _complete(self, request: Request, upstream: EngineResponse, lease: ReplicaLease,
                         ctx: RequestContext, finalizer: Finalizer, headers: dict[str, str]) -> Response:
-        reading = asyncio.ensure_future(upstream.aread())
+        reading = asyncio.ensure_future(upstream.read())
+        outcome = Outcome.interrupted
         try:
             outcome = await race(reading, receive=request.receive, interrupted=lease.interrupted)
             payload = reading.result() if outcome is Outcome.done else b""
-        except httpx.TransportError as error:
+        except EngineTransportError as error:
             outcome, payload = Outcome.interrupted, b""
             ctx.error_message = f"engine connection failed: {type(error).__name__}"
         finally:
-            await upstream.aclose()
+            if outcome is Outcome.done:
+                await finish(upstream)
+            else:
+                abort(upstream)  # the engine sees the connection go and aborts the request
         ctx.first_byte_monotonic = time.monotonic()
         if outcome is Outcome.disconnected:
             ctx.outcome = "client_disconnected"

@@ -11,14 +11,20 @@ import enum
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import httpx
 import orjson
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from worker.engines.data_client import (
+    EngineConnectError,
+    EngineResponse,
+    EngineTransportError,
+    abort,
+    finish,
+)
 from worker.engines.replica import Replica, ReplicaLease
 from worker.gateway.context import RequestContext, Usage
 from worker.gateway.errors import ApiError, normalise_engine_error
@@ -69,17 +75,13 @@ class Finalizer:
         return extras
 
 
-async def open_upstream(replica: Replica, path: str, payload: bytes, ctx: RequestContext) -> httpx.Response:
-    request = replica.client.build_request(
-        "POST", path, content=payload,
-        headers={"content-type": "application/json", "x-request-id": ctx.request_id},
-    )
+async def open_upstream(replica: Replica, path: str, payload: bytes, ctx: RequestContext) -> EngineResponse:
     try:
-        return await replica.client.send(request, stream=True)
-    except httpx.ConnectError as error:
+        return await replica.data.post(path, payload, ctx.request_id)
+    except EngineConnectError as error:
         raise ApiError(503, f"model '{ctx.model.id}' replica {replica.replica_id} is unreachable; retry shortly",
                        headers={"retry-after": "1"}) from error
-    except httpx.TransportError as error:
+    except (EngineTransportError, OSError) as error:
         raise ApiError(502, f"engine replica {replica.replica_id} failed before answering: "
                        f"{type(error).__name__}") from error
 
@@ -183,15 +185,18 @@ class SseRelay:
         self.ctx.error_message = message
         return router_error_chunk(self.ctx, "engine_error", message)
 
-    async def process(self, block: bytes) -> AsyncIterator[bytes]:
-        """Yield what the client should receive for one complete block of SSE events."""
+    def process(self, block: bytes) -> bytes:
+        """What the client should receive for one complete block of SSE events, up to `[DONE]`.
+
+        `saw_done` tells the caller that the block held `[DONE]`: it finalizes, then sends `SSE_DONE`.
+        """
         self.ctx.streamed_events += block.count(b"data: ")
-        match = _FINISH_REASON.search(block) if b'"finish_reason":"' in block else None
-        if match:
-            self.ctx.finish_reason = match.group(1).decode()
+        if b'"finish_reason":"' in block:
+            match = _FINISH_REASON.search(block)
+            if match:
+                self.ctx.finish_reason = match.group(1).decode()
         if b'"usage":{' not in block and b"data: [DONE]" not in block and b'data: {"error"' not in block:
-            yield block
-            return
+            return block
         out: list[bytes] = []
         for event in block.split(b"\n\n"):
             if not event:
@@ -199,12 +204,8 @@ class SseRelay:
             event += b"\n\n"
             if event.startswith(b"data: [DONE]"):
                 self.saw_done = True
-                if out:
-                    yield b"".join(out)
-                    out = []
-                await self.finalizer()
-                yield SSE_DONE
-            elif event.startswith(b'data: {"error"'):
+                break
+            if event.startswith(b'data: {"error"'):
                 out.append(self._engine_error_event(event))
             elif b'"usage":{' in event:
                 kept = self._usage_event(event)
@@ -212,8 +213,7 @@ class SseRelay:
                     out.append(kept)
             else:
                 out.append(event)
-        if out:
-            yield b"".join(out)
+        return b"".join(out)
 
     def estimate_usage_if_missing(self) -> None:
         if self.ctx.usage is None and self.ctx.streamed_events:
@@ -221,13 +221,6 @@ class SseRelay:
             # One engine event per generated token per choice, less the role-only opening event.
             self.ctx.usage = Usage(completion_tokens=max(0, self.ctx.streamed_events - n))
             self.ctx.usage_estimated = True
-
-
-async def _next_chunk(chunks: AsyncIterator[bytes]) -> bytes | None:
-    try:
-        return await chunks.__anext__()
-    except StopAsyncIteration:
-        return None
 
 
 class RelayStreamResponse(Response):
@@ -238,7 +231,7 @@ class RelayStreamResponse(Response):
     engine or the worker ends early closes with the router's error chunk and `[DONE]`.
     """
 
-    def __init__(self, opening: asyncio.Future[httpx.Response], ctx: RequestContext, finalizer: Finalizer,
+    def __init__(self, opening: asyncio.Future[EngineResponse], ctx: RequestContext, finalizer: Finalizer,
                  headers: dict[str, str], lease: ReplicaLease, keepalive_s: float) -> None:
         super().__init__(status_code=200, media_type="text/event-stream", headers={**_STREAM_HEADERS, **headers})
         self.raw_headers = [(name, value) for name, value in self.raw_headers if name != b"content-length"]
@@ -266,38 +259,45 @@ class RelayStreamResponse(Response):
     async def _pump(self, send: Send, relay: SseRelay) -> None:
         ctx = self.ctx
         try:
-            upstream: httpx.Response = await self._keepalive_while(self.opening, send)
+            upstream: EngineResponse = await self._keepalive_while(self.opening, send)
         except ApiError as error:  # the engine could not be reached, after the client got its headers
             ctx.outcome = "upstream_failed"
             ctx.error_message = error.message
             return
-        if upstream.status_code != 200:
+        if upstream.status != 200:
             await self._engine_refused(upstream)
             return
-        chunks = upstream.aiter_raw()
+        content = upstream.content
         pending = b""
         try:
-            raw = await self._keepalive_while(_next_chunk(chunks), send)
-            while raw is not None:
-                if ctx.first_byte_monotonic is None:
-                    ctx.first_byte_monotonic = time.monotonic()
-                pending += raw
-                end = pending.rfind(b"\n\n")
-                if end >= 0:
-                    block, pending = pending[: end + 2], pending[end + 2:]
-                    async for piece in relay.process(block):
+            # Whatever the socket holds is relayed in one piece: under load, one read carries many events.
+            raw = await self._keepalive_while(content.readany(), send)
+            ctx.first_byte_monotonic = time.monotonic()
+            while raw:
+                if pending:
+                    raw = pending + raw
+                end = raw.rfind(b"\n\n") + 2
+                if end > 1:
+                    block, pending = (raw, b"") if end == len(raw) else (raw[:end], raw[end:])
+                    piece = relay.process(block)
+                    if piece:
                         await send({"type": "http.response.body", "body": piece, "more_body": True})
                     if relay.saw_done:
+                        await self.finalizer()
+                        await send({"type": "http.response.body", "body": SSE_DONE, "more_body": True})
+                        await finish(upstream)
                         return
-                raw = await _next_chunk(chunks)
-        except httpx.TransportError as error:
+                else:
+                    pending = raw
+                raw = await content.readany()
+        except EngineTransportError as error:
             ctx.error_message = f"engine connection failed mid-stream: {type(error).__name__}"
 
-    async def _engine_refused(self, upstream: httpx.Response) -> None:
+    async def _engine_refused(self, upstream: EngineResponse) -> None:
         """The engine answered with an error status after the client already got 200 (a slow engine)."""
-        payload = await upstream.aread()
-        error = orjson.loads(normalise_engine_error(upstream.status_code, payload))["error"]
-        self.ctx.outcome = "invalid_request" if upstream.status_code < 500 else "engine_error"
+        payload = await upstream.read()
+        error = orjson.loads(normalise_engine_error(upstream.status, payload))["error"]
+        self.ctx.outcome = "invalid_request" if upstream.status < 500 else "engine_error"
         self.ctx.error_message = error["message"]
         self.error_code = error["code"] or self.error_code
 
@@ -320,7 +320,7 @@ class RelayStreamResponse(Response):
             opening.cancel()
             await asyncio.gather(opening, return_exceptions=True)
         elif not opening.cancelled() and opening.exception() is None:
-            await opening.result().aclose()  # closing the engine connection makes it abort the request
+            abort(opening.result())  # a no-op for an answer already read to its end
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = self.ctx

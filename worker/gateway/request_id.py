@@ -8,6 +8,20 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _ACCEPTABLE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+SCOPE_KEY = "worker.request_id"
+
+
+def assign_request_id(scope: Scope) -> str:
+    """The request's id, kept in its scope: the client's own when acceptable, else a new one."""
+    request_id = ""
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            candidate = value.decode("latin-1")
+            request_id = candidate if _ACCEPTABLE_ID.match(candidate) else ""
+            break
+    request_id = request_id or f"req-{uuid.uuid4().hex}"
+    scope[SCOPE_KEY] = request_id
+    return request_id
 
 
 class RequestIdMiddleware:
@@ -18,15 +32,7 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = ""
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                candidate = value.decode("latin-1")
-                request_id = candidate if _ACCEPTABLE_ID.match(candidate) else ""
-                break
-        request_id = request_id or f"req-{uuid.uuid4().hex}"
-        scope["worker.request_id"] = request_id
-        header = (b"x-request-id", request_id.encode())
+        header = (b"x-request-id", assign_request_id(scope).encode())
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
