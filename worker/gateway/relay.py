@@ -241,6 +241,7 @@ class RelayStreamResponse(Response):
         self.lease = lease
         self.keepalive_s = keepalive_s
         self.error_code = "engine_unavailable"
+        self.ended = False  # the response's last byte has been sent
 
     async def _keepalive_while(self, work: Any, send: Send) -> Any:
         """Await `work`, sending an SSE comment every `keepalive_s` meanwhile so routers do not time out."""
@@ -284,7 +285,7 @@ class RelayStreamResponse(Response):
                         await send({"type": "http.response.body", "body": piece, "more_body": True})
                     if relay.saw_done:
                         await self.finalizer()
-                        await send({"type": "http.response.body", "body": SSE_DONE, "more_body": True})
+                        await self._send_done(send)
                         await finish(upstream)
                         return
                 else:
@@ -311,8 +312,13 @@ class RelayStreamResponse(Response):
         message = ctx.error_message or "the engine stopped before finishing the response"
         await send({"type": "http.response.body", "more_body": True,
                     "body": router_error_chunk(ctx, self.error_code, message)})
+        await self._send_done(send)
+
+    async def _send_done(self, send: Send) -> None:
         await self.finalizer()
-        await send({"type": "http.response.body", "body": SSE_DONE, "more_body": True})
+        # `[DONE]` is the last byte: one write ends the event stream and the response.
+        await send({"type": "http.response.body", "body": SSE_DONE, "more_body": False})
+        self.ended = True
 
     async def _close_upstream(self) -> None:
         opening = self.opening
@@ -337,9 +343,10 @@ class RelayStreamResponse(Response):
             else:
                 if outcome is Outcome.interrupted:
                     ctx.error_message = self.lease.interruption_reason or "the worker ended the request"
-                if not relay.saw_done:
+                if relay.saw_done and not self.ended:
+                    await self._send_done(send)
+                elif not self.ended:
                     await self._end_broken(send, relay)
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:  # the client vanished while we were writing
             ctx.outcome = "client_disconnected"
         finally:
