@@ -284,7 +284,6 @@ class RelayStreamResponse(Response):
                     if piece:
                         await send({"type": "http.response.body", "body": piece, "more_body": True})
                     if relay.saw_done:
-                        await self.finalizer()
                         await self._send_done(send)
                         await finish(upstream)
                         return
