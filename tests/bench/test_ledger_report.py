@@ -1,0 +1,31 @@
+"""The ledger benchmark's page, rendered from canned results (no load is sent)."""
+
+from __future__ import annotations
+
+import datetime
+
+from bench.common import LoadShape
+from bench.ledger import LedgerRow, render_report
+from tests.bench.bench_support import canned_result, table
+
+
+def test_the_ledger_cost_is_pooled_paired_and_shown_with_its_spread() -> None:
+    row = LedgerRow("mock", 8, requests_per_run=192)
+    for on, off in [(9_000, 10_000), (9_500, 10_000), (10_500, 10_000)]:  # costs +10%, +5%, -5%
+        row.paths["ledger_on"].add(canned_result(on, 12.0))
+        row.paths["ledger_off"].add(canned_result(off, 10.0))
+    row.worker_cpu_s.update(ledger_on=0.6, ledger_off=0.5)
+    row.requests.update(ledger_on=200, ledger_off=200)
+
+    page = render_report([row], LoadShape(128, 128, rounds=3, scale=4.0),
+                         datetime.datetime(2026, 11, 27, tzinfo=datetime.UTC), (0.5, 1.0),
+                         ".venv/bin/python -m bench.ledger --rounds 3")
+
+    assert "`.venv/bin/python -m bench.ledger --rounds 3`" in page
+    (shown,) = table(page)
+    assert shown["cost (paired median)"] == "+5.0%"
+    assert shown["per-round cost, min .. max"] == "-5.0% .. +10.0%"
+    assert shown["rounds the ledger-on worker was faster"] == "1 of 3"
+    assert shown["worker CPU ms per request, off / on"] == "2.50 / 3.00"
+    assert (shown["TTFT p50 off"], shown["TTFT p50 on"]) == ("10.0", "12.0")
+    assert shown["tok/s ledger off"] == "10,000"
