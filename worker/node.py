@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.responses import Response
 
 from worker import __version__
-from worker.billing import BillingService, Provenance
+from worker.billing import BillingService, DisclosureHook, Provenance, ProvenanceCache
 from worker.capacity import CapacityMonitor, CapacityState, build_capacity_router
 from worker.config import NodeConfig, Settings
 from worker.engines.replica import Replica
@@ -68,7 +68,10 @@ class WorkerNode:
         self.registry.register(BillingCollector(lambda: self.billing.backlog() if self.billing else None))
         self.registry.register(RegistryCollector(self.registration))
 
-        self.gateway = Gateway(config, self.capacity.admission, hooks=[GatewayMetrics(self.registry), AccessLog()])
+        # Where each response ran and what it cost, with the ledger on or off; ahead of billing's refusals.
+        self.provenance_cache = ProvenanceCache(self.provenance, engine_version_of=lambda r: r.engine.version)
+        self.gateway = Gateway(config, self.capacity.admission,
+                               hooks=[GatewayMetrics(self.registry), AccessLog(), DisclosureHook(self.provenance_cache)])
         self.app: FastAPI = create_app(self.gateway, lifespan=self._lifespan,
                                        models_listing=self.catalog.listing, readiness=self.capacity.readiness)
         self.app.add_api_route("/metrics", self.metrics, methods=["GET"], include_in_schema=False)
@@ -87,7 +90,7 @@ class WorkerNode:
         logger.info("worker starting", extra={"worker_id": self.config.worker.id, "version": __version__,
                                               "replicas": [r.replica_id for r in self.supervisor.replicas]})
         if self.settings.ledger:
-            self.billing = await BillingService.open(self.settings, self.config, self.provenance)
+            self.billing = await BillingService.open(self.settings, self.config, self.provenance_cache)
             self.gateway.hooks.append(self.billing)  # last: metrics and the access log also see its refusals
             self.app.include_router(self.billing.key_router())
             self.app.include_router(self.billing.admin_router())
@@ -112,7 +115,7 @@ class WorkerNode:
             await self.billing.close()
 
     def provenance(self, replica: Replica | None) -> Provenance:
-        """Where a request ran, for response headers and the ledger."""
+        """Where a request ran, for response headers and the ledger (read through `provenance_cache`)."""
         worker_id = self.config.worker.id
         if replica is None:
             return Provenance(worker_id=worker_id, engine_version=f"worker {__version__}")
@@ -123,6 +126,7 @@ class WorkerNode:
                           model_revision=replica.spec.model.revision, engine_version=replica.engine.version)
 
     async def _on_gpu_change(self, change: GpuHealthChange) -> None:
+        self.provenance_cache.invalidate()
         if change.current is GpuHealth.FAILED:
             await self.supervisor.quarantine_gpu(change.index, reason=f"GPU {change.index} failed")
 

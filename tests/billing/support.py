@@ -11,6 +11,7 @@ from typing import Any
 
 from starlette.requests import Request
 
+from worker.billing.disclosure import DisclosureHook, ProvenanceCache
 from worker.billing.issuing import issue_key, open_account
 from worker.billing.provenance import Provenance
 from worker.billing.records import Account, ApiKey, KeyLimits, LedgerRecord
@@ -67,6 +68,11 @@ def provenance_for(replica: Any) -> Provenance:
         model_revision="abc123",
         engine_version="vllm 0.32.0",
     )
+
+
+def disclosure() -> DisclosureHook:
+    """The hook the node installs ahead of billing: provenance headers and `usage.cost`."""
+    return DisclosureHook(ProvenanceCache(provenance_for))
 
 
 def make_context(

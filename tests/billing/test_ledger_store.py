@@ -111,8 +111,8 @@ async def test_reserve_then_settle_charges_the_real_cost(store: LedgerStore) -> 
     account = await store.get_account(funded.account.id)
     assert account is not None and account.reserved_micro == 400 and account.available_micro == 600
 
-    settled = await store.settle(ledger_record(held.record_id, key=funded.key, cost=123))
-    assert settled.seq is not None
+    seq = await store.settle(ledger_record(held.record_id, key=funded.key, cost=123))
+    assert [r.seq for r in await store.query_ledger(LedgerFilter(), limit=10)] == [seq]
     account = await store.get_account(funded.account.id)
     assert account is not None and (account.balance_micro, account.reserved_micro) == (877, 0)
     key = await store.get_key(funded.key.id)
@@ -191,6 +191,30 @@ async def test_a_record_is_settled_once(store: LedgerStore) -> None:
     assert await store.count_ledger(LedgerFilter()) == 1
 
 
+async def test_a_duplicate_or_a_failing_write_among_concurrent_ones_fails_alone(store: LedgerStore) -> None:
+    funded = await make_key(store, balance_micro=10_000)
+    held = [reservation(funded.key, 100) for _ in range(6)]
+    for r in held:
+        assert await store.reserve(r) is ReserveOutcome.reserved
+    await store.settle(ledger_record(held[0].record_id, key=funded.key, cost=10))
+    # Written together: one record already in the ledger, one twice, and a write that fails.
+    records = [ledger_record(r.record_id, key=funded.key, cost=10) for r in held] + [
+        ledger_record(held[1].record_id, key=funded.key, cost=10)
+    ]
+    outcomes = await asyncio.gather(
+        *(store.settle(record) for record in records[:3]),
+        store.top_up("no-such-account", 5),
+        *(store.settle(record) for record in records[3:]),
+        return_exceptions=True,
+    )
+    assert isinstance(outcomes[0], DuplicateRecordId) and isinstance(outcomes[3], UnknownAccount)
+    assert sum(isinstance(outcome, DuplicateRecordId) for outcome in outcomes) == 2
+    assert sum(isinstance(outcome, int) for outcome in outcomes) == 5
+    assert await store.count_ledger(LedgerFilter()) == 6
+    account = await store.get_account(funded.account.id)
+    assert account is not None and (account.balance_micro, account.reserved_micro) == (10_000 - 60, 0)
+
+
 async def test_request_ids_may_repeat_and_find_every_record(store: LedgerStore) -> None:
     funded = await make_key(store, balance_micro=1_000)
     first = reservation(funded.key, 100)
@@ -215,10 +239,12 @@ async def test_concurrent_settles_are_batched_and_all_recorded(store: LedgerStor
     funded = await make_key(store, balance_micro=100_000)
     held = [reservation(funded.key, 100) for _ in range(40)]
     assert set(await asyncio.gather(*(store.reserve(r) for r in held))) == {ReserveOutcome.reserved}
-    records = await asyncio.gather(
+    seqs = await asyncio.gather(
         *(store.settle(ledger_record(r.record_id, key=funded.key, cost=7)) for r in held)
     )
-    assert len({r.seq for r in records}) == 40
+    recorded = {r.record_id: r.seq for r in await store.query_ledger(LedgerFilter(), limit=100)}
+    assert recorded == {r.record_id: seq for r, seq in zip(held, seqs, strict=True)}
+    assert len(set(seqs)) == 40
     account = await store.get_account(funded.account.id)
     assert account is not None and (account.balance_micro, account.reserved_micro) == (100_000 - 280, 0)
 

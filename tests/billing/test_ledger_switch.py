@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 
 from tests.support.worker_process import fast_mock_model, start_worker
@@ -39,9 +41,26 @@ def test_ledger_switch_decides_whether_requests_are_recorded(tmp_path: Path, led
     try:
         worker.wait_ready()
         body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
-        assert httpx.post(f"{worker.base_url}/v1/chat/completions", json=body, timeout=30).status_code == 200
+        answer = httpx.post(f"{worker.base_url}/v1/chat/completions", json=body, timeout=30)
+        streamed = httpx.post(f"{worker.base_url}/v1/chat/completions", timeout=30,
+                              json={**body, "stream": True, "stream_options": {"include_usage": True}})
         usage_status = httpx.get(f"{worker.base_url}/v1/usage", timeout=10).status_code
     finally:
         assert worker.stop() == 0
     assert (tmp_path / "ledger.db").exists() is ledger
     assert usage_status == (404 if not ledger else 401)
+    # Provenance and the cost are told to the client either way: they do not depend on the ledger.
+    assert answer.status_code == 200 and streamed.status_code == 200
+    for response in (answer, streamed):
+        assert response.headers["x-worker-id"] == "switch"
+        assert response.headers["x-worker-replica"] == f"{MODEL.replace('/', '-')}-0"
+        assert response.headers["x-worker-engine-version"].startswith("mock")
+    assert answer.json()["usage"]["cost"] == priced(answer.json()["usage"])
+    final_usage = [orjson.loads(line[6:])["usage"] for line in streamed.text.splitlines()
+                   if line.startswith("data: {") and '"usage":{' in line]
+    assert final_usage and final_usage[-1]["cost"] == priced(final_usage[-1])
+
+
+def priced(usage: dict[str, int]) -> float:
+    """fast_mock_model's prices: 1 USD per million prompt tokens, 2 per million completion tokens."""
+    return float(Decimal(usage["prompt_tokens"] + 2 * usage["completion_tokens"]) / 1_000_000)

@@ -2,10 +2,12 @@
 
 `BillingService` plugs into the gateway as request hooks: it authenticates and rate-limits each request,
 reserves its worst-case cost before the engine sees it, and settles the real cost into an append-only
-ledger before the response ends.
+ledger before the response ends. `DisclosureHook`, installed with or without the ledger, puts provenance
+headers and `usage.cost` on every response.
 """
 
 from worker.billing.admin_api import require_admin_token
+from worker.billing.disclosure import DisclosureHook, ProvenanceCache
 from worker.billing.metering import Principal
 from worker.billing.provenance import Provenance, ProvenanceSource
 from worker.billing.service import BillingBacklog, BillingService
@@ -14,9 +16,11 @@ from worker.billing.store import LedgerStore, open_store
 __all__ = [
     "BillingBacklog",
     "BillingService",
+    "DisclosureHook",
     "LedgerStore",
     "Principal",
     "Provenance",
+    "ProvenanceCache",
     "ProvenanceSource",
     "open_store",
     "require_admin_token",

@@ -1,4 +1,8 @@
-"""The billing hooks on the request path: authenticate, limit, reserve before; price and record after."""
+"""The billing hooks on the request path: authenticate, limit, reserve before; record and charge after.
+
+Provenance headers and `usage.cost` are the `DisclosureHook`'s (worker/billing/disclosure.py), which runs
+ahead of this one and also without the ledger.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +19,9 @@ from starlette.requests import Request
 
 from worker.billing.keys import hash_api_key, hashes_match, looks_like_api_key, presented_api_key
 from worker.billing.metering import Principal, ledger_record
-from worker.billing.money import micro_to_json_number, micro_to_usd_text
+from worker.billing.money import micro_to_usd_text
 from worker.billing.outbox import UsageOutbox
-from worker.billing.pricing import RequestShape, charge_micro, worst_case_micro
+from worker.billing.pricing import RequestShape, worst_case_micro
 from worker.billing.provenance import ProvenanceSource
 from worker.billing.ratelimit import RateLimiter, retry_after_header
 from worker.billing.records import ApiKey, Reservation, ReserveOutcome, utc_month
@@ -65,6 +69,7 @@ class BillingService:
         self.worker_id = worker_id
         self.auth_required = auth_required
         self.outbox = outbox
+        # Read once per request for the ledger: pass a cached source (ProvenanceCache), not a builder.
         self._provenance = provenance
         self._admin_token = admin_token
         self._limiter = limiter or RateLimiter()
@@ -138,7 +143,6 @@ class BillingService:
 
     # The request hooks.
     async def before_request(self, ctx: RequestContext, request: Request) -> None:
-        ctx.response_headers.update(self._provenance(None).headers())
         if not self.auth_required:
             return
         key = await self._authenticate_for(ctx, request)
@@ -193,16 +197,13 @@ class BillingService:
         task.add_done_callback(self._background.discard)
 
     def after_route(self, ctx: RequestContext) -> None:
-        """Once a replica is chosen: its provenance headers (call before the response starts)."""
-        ctx.response_headers.update(self._provenance(ctx.replica).headers())
+        return None
 
     def usage_extras(self, ctx: RequestContext) -> dict[str, Any]:
-        cost = charge_micro(ctx.model, ctx.endpoint, ctx.usage, ctx.finish_reason, ctx.outcome)
-        extras: dict[str, Any] = {"cost": micro_to_json_number(cost)}
-        principal = ctx.principal if isinstance(ctx.principal, Principal) else None
-        if principal is not None and principal.key.byok:
-            extras["is_byok"] = True
-        return extras
+        principal = ctx.principal
+        if isinstance(principal, Principal) and principal.key.byok:
+            return {"is_byok": True}
+        return {}
 
     async def finalize(self, ctx: RequestContext) -> None:
         try:

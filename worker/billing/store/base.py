@@ -79,10 +79,10 @@ class LedgerStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def settle(self, record: LedgerRecord) -> LedgerRecord:
+    async def settle(self, record: LedgerRecord) -> int:
         """Append the record and, in the same transaction, release its reservation and charge its cost.
 
-        Group-committed: returns once the transaction holding this record is durable. Raises
+        Group-committed: returns the record's seq once the transaction holding it is durable. Raises
         DuplicateRecordId (and charges nothing) when the record id is already in the ledger, so settling
         the same record twice never charges twice. Request ids may repeat freely.
         """

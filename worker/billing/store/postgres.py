@@ -226,7 +226,7 @@ class PostgresStore(LedgerStore):
             return refused.outcome
         return ReserveOutcome.reserved
 
-    async def settle(self, record: LedgerRecord) -> LedgerRecord:
+    async def settle(self, record: LedgerRecord) -> int:
         if self._closed:
             raise RuntimeError("the billing store is closed")
         future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
@@ -234,7 +234,7 @@ class PostgresStore(LedgerStore):
         seq = await future
         if seq is None:
             raise DuplicateRecordId(record.record_id)
-        return record.model_copy(update={"seq": seq})
+        return seq
 
     async def _write_loop(self) -> None:
         while True:

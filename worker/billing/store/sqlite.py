@@ -63,8 +63,14 @@ _ACCOUNT_CHARGE = for_sqlite(ACCOUNT_CHARGE)
 _INSERT_LEDGER = (
     f"INSERT INTO ledger ({', '.join(LEDGER_INSERT_COLUMNS)}) "
     f"VALUES ({', '.join('?' * len(LEDGER_INSERT_COLUMNS))}) "
-    "ON CONFLICT (record_id) DO NOTHING RETURNING seq"
+    "ON CONFLICT (record_id) DO NOTHING"
 )
+# Where ledger_params puts what settling needs besides the row itself.
+_RECORD_ID = LEDGER_INSERT_COLUMNS.index("record_id")
+_KEY_ID = LEDGER_INSERT_COLUMNS.index("key_id")
+_ACCOUNT_ID = LEDGER_INSERT_COLUMNS.index("account_id")
+_COST = LEDGER_INSERT_COLUMNS.index("cost_micro")
+_RECEIVED_AT = LEDGER_INSERT_COLUMNS.index("received_at")
 
 
 class _Refused(Exception):
@@ -78,7 +84,7 @@ class SqliteStore(LedgerStore):
     def __init__(self, path: Path, *, synchronous: Literal["full", "normal"], readers: int = 2) -> None:
         self._path = path
         self._synchronous = synchronous.upper()
-        self._writer = GroupCommitWriter(self._connect)
+        self._writer = GroupCommitWriter(self._connect_writer)
         self._local = threading.local()
         self._reader_connections: list[sqlite3.Connection] = []
         self._reader_lock = threading.Lock()
@@ -101,6 +107,13 @@ class SqliteStore(LedgerStore):
         connection.row_factory = sqlite3.Row
         connection.execute(f"PRAGMA synchronous = {self._synchronous}")
         connection.execute("PRAGMA foreign_keys = ON")
+        return connection
+
+    def _connect_writer(self) -> sqlite3.Connection:
+        connection = self._connect()
+        # Savepoint and statement journals only roll back inside an open transaction (the WAL, not they,
+        # makes commits durable): keep them in memory rather than in a temp file opened per batch.
+        connection.execute("PRAGMA temp_store = MEMORY")
         return connection
 
     def _open_reader(self) -> None:
@@ -269,26 +282,11 @@ class SqliteStore(LedgerStore):
         except _Refused as refused:
             return refused.outcome
 
-    async def settle(self, record: LedgerRecord) -> LedgerRecord:
-        def work(db: sqlite3.Connection) -> int | None:
-            row = db.execute(_INSERT_LEDGER, ledger_params(record)).fetchone()
-            if row is None:
-                return None
-            held = db.execute(
-                "DELETE FROM reservations WHERE record_id = ? RETURNING amount_micro", (record.record_id,)
-            ).fetchone()
-            released = held[0] if held else 0
-            month = utc_month(record.received_at.timestamp())
-            if record.key_id is not None:
-                db.execute(_KEY_CHARGE, (released, month, record.cost_micro, record.key_id))
-            if record.account_id is not None:
-                db.execute(_ACCOUNT_CHARGE, (record.cost_micro, released, record.account_id))
-            return int(row[0])
-
-        seq = await self._writer.submit(work)
+    async def settle(self, record: LedgerRecord) -> int:
+        seq: int | None = await self._writer.submit_item(_settle_rows, ledger_params(record))
         if seq is None:
             raise DuplicateRecordId(record.record_id)
-        return record.model_copy(update={"seq": seq})
+        return seq
 
     async def release_reservation(self, record_id: str) -> bool:
         return await self._release("record_id = ?", (record_id,)) > 0
@@ -365,6 +363,34 @@ class SqliteStore(LedgerStore):
             )
 
         await self._writer.submit(work)
+
+
+def _settle_rows(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[int | None]:
+    """Append ledger rows and, in the same transaction, release their reservations and charge their
+    costs. Returns each row's seq, or None for a record id the ledger holds already (not charged)."""
+    inserted = db.executemany(_INSERT_LEDGER, rows).rowcount
+    if inserted != len(rows):
+        if len(rows) == 1:
+            return [None]
+        raise DuplicateRecordId("a record of this batch is in the ledger already")  # the writer retries each
+    # One writer inside one transaction: AUTOINCREMENT numbers these rows consecutively.
+    last = db.execute("SELECT last_insert_rowid()").fetchone()[0]
+    for row in rows:
+        if row[_KEY_ID] is not None or row[_ACCOUNT_ID] is not None:
+            _charge(db, row)
+    return list(range(last - len(rows) + 1, last + 1))
+
+
+def _charge(db: sqlite3.Connection, row: tuple[Any, ...]) -> None:
+    held = db.execute(
+        "DELETE FROM reservations WHERE record_id = ? RETURNING amount_micro", (row[_RECORD_ID],)
+    ).fetchone()
+    released = held[0] if held else 0
+    cost = row[_COST]
+    if row[_KEY_ID] is not None:
+        db.execute(_KEY_CHARGE, (released, utc_month(row[_RECEIVED_AT]), cost, row[_KEY_ID]))
+    if row[_ACCOUNT_ID] is not None:
+        db.execute(_ACCOUNT_CHARGE, (cost, released, row[_ACCOUNT_ID]))
 
 
 def _where(conditions: list[tuple[str, Any]]) -> tuple[str, list[Any]]:
