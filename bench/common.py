@@ -243,11 +243,11 @@ def issue_bench_key(db_url: str) -> str:
 
 @contextlib.contextmanager
 def running_worker(setup: EngineSetup, model_dir: Path, work_dir: Path, *, auth: bool, admission: bool,
-                   ledger: bool = True) -> Iterator[BenchWorker]:
+                   ledger: bool = True, synchronous: str | None = None) -> Iterator[BenchWorker]:
     """One `worker serve --engine config` with one replica of the engine; metrics are always on.
 
-    The ledger, where on, is SQLite with the default synchronous=FULL; with auth on, the load uses a key
-    issued by `worker keys` on that database.
+    The ledger, where on, is SQLite with the worker's default `synchronous` setting unless one is given;
+    with auth on, the load uses a key issued by `worker keys` on that database.
     """
     config = {
         "worker": {"id": "bench-worker", "engine_start_timeout_s": ENGINE_START_TIMEOUT_S},
@@ -258,7 +258,8 @@ def running_worker(setup: EngineSetup, model_dir: Path, work_dir: Path, *, auth:
     api_key = issue_bench_key(db_url) if auth else None
     worker = start_worker(work_dir, config, engine="config",
                           env={"WORKER_AUTH": str(auth).lower(), "WORKER_LEDGER": str(ledger).lower(),
-                               "WORKER_DB_URL": db_url})
+                               "WORKER_DB_URL": db_url,
+                               **({"WORKER_DB_SYNCHRONOUS": synchronous} if synchronous else {})})
     try:
         worker.wait_ready(timeout_s=ENGINE_START_TIMEOUT_S)
         yield BenchWorker(worker, api_key)

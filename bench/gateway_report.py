@@ -190,7 +190,7 @@ Paths, all to the same engine process:
 - **worker**: `worker serve --engine config`, one process, with what a production node runs on every request:
   auth on (an API key issued by `worker keys` on an account with a large balance), admission control at the
   model's defaults (derived from `max_num_seqs` 256, so 128 streams are admitted), the usage ledger on SQLite
-  (default `synchronous=FULL`), Prometheus metrics.
+  (default `synchronous=NORMAL`), Prometheus metrics.
 - **LiteLLM**: LiteLLM's proxy server (`litellm --config ...`, one uvicorn process as shipped) with a master key and
   no database (so no virtual keys or spend logs), model `openai/<model>` at the engine's `/v1`.
 

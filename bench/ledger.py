@@ -3,11 +3,12 @@
     .venv/bin/python -m bench.ledger [--concurrency 8 32] [--rounds 10] [--scale 4]
                                      [--doc docs/benchmarks-ledger.md]
 
-Two real `worker serve --engine config` processes, identical but for `WORKER_LEDGER` (auth and admission
-control off in both), each in front of its own zero-cost mock engine, configured alike: only where the
-engine costs nothing is the worker the bottleneck, and the ledger's cost visible. At each concurrency the
-same load (`vllm bench serve`, run in-process) alternates between the two workers for --rounds rounds,
-which worker goes first alternating round by round; the report gives the ledger's cost,
+Three real `worker serve --engine config` processes, identical but for the ledger (auth and admission
+control off in all): off (`WORKER_LEDGER=false`), on with SQLite's default `synchronous=NORMAL`, and on
+with `WORKER_DB_SYNCHRONOUS=full`; each in front of its own zero-cost mock engine, configured alike: only
+where the engine costs nothing is the worker the bottleneck, and the ledger's cost visible. At each
+concurrency the same load (`vllm bench serve`, run in-process) goes to the three workers in turn for
+--rounds rounds, each going first in turn; the report gives each ledger setting's cost,
 1 - tok/s with / tok/s without, pooled and as the median of the per-round ratios, with their spread.
 """
 
@@ -46,7 +47,11 @@ from tests.fixtures.tiny_model import make_tiny_model
 logger = logging.getLogger("bench.ledger")
 
 SETUP = ENGINES["mock"]
-LEDGER_PATHS = ("ledger_on", "ledger_off")
+LEDGER_PATHS = ("ledger_on", "ledger_full", "ledger_off")
+# The worker's settings per path: the ledger switch and WORKER_DB_SYNCHRONOUS (None: the default, normal).
+PATH_SETTINGS: dict[str, tuple[bool, str | None]] = {
+    "ledger_on": (True, None), "ledger_full": (True, "full"), "ledger_off": (False, None)}
+PATH_NAMES = {"ledger_on": "on (default, synchronous=NORMAL)", "ledger_full": "on, synchronous=FULL"}
 
 
 @dataclass
@@ -64,9 +69,9 @@ class LedgerRow:
     def cpu_ms_per_request(self, path: str) -> float:
         return self.worker_cpu_s[path] * 1000 / self.requests[path] if self.requests[path] else float("nan")
 
-    def costs(self) -> list[float]:
-        """Per round: 1 - tok/s with the ledger / tok/s without."""
-        on, off = self.paths["ledger_on"].run_tok_s, self.paths["ledger_off"].run_tok_s
+    def costs(self, path: str = "ledger_on") -> list[float]:
+        """Per round: 1 - tok/s with the ledger (as `path` runs it) / tok/s without."""
+        on, off = self.paths[path].run_tok_s, self.paths["ledger_off"].run_tok_s
         return [1 - with_ledger / without for with_ledger, without in zip(on, off) if without]
 
 
@@ -90,34 +95,40 @@ def compare_ledger(workers: dict[str, BenchWorker], load: LoadGenerator, concurr
 
 def render_report(rows: list[LedgerRow], shape: LoadShape, started: datetime.datetime,
                   load_averages: tuple[float, float], command: str) -> str:
-    header = ("| engine | streams | requests per run | tok/s ledger off | tok/s ledger on | cost (pooled) | "
+    header = ("| engine | streams | ledger | requests per run | tok/s ledger off | tok/s ledger on | cost (pooled) | "
               "cost (paired median) | per-round cost, min .. max | rounds the ledger-on worker was faster | "
               "worker CPU ms per request, off / on | TTFT p50 off | TTFT p50 on | failed off / on |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in rows:
-        off, on = row.paths["ledger_off"], row.paths["ledger_on"]
-        pooled = 1 - on.output_tok_s / off.output_tok_s if off.output_tok_s else float("nan")
-        costs = row.costs() or [float("nan")]
-        lines.append(
-            f"| {row.engine} | {row.concurrency} | {row.requests_per_run} | {fmt(off.output_tok_s)} | "
-            f"{fmt(on.output_tok_s)} | {pct(pooled)} | {pct(float(np.median(costs)))} | "
-            f"{pct(min(costs))} .. {pct(max(costs))} | {sum(cost < 0 for cost in costs)} of {len(row.costs())} | "
-            f"{fmt(row.cpu_ms_per_request('ledger_off'), 2)} / {fmt(row.cpu_ms_per_request('ledger_on'), 2)} | "
-            f"{fmt(off.ttft(50), 1)} | {fmt(on.ttft(50), 1)} | {off.failed} / {on.failed} |"
-        )
+        off = row.paths["ledger_off"]
+        for path, name in PATH_NAMES.items():
+            on = row.paths[path]
+            if not on.run_tok_s:
+                continue
+            pooled = 1 - on.output_tok_s / off.output_tok_s if off.output_tok_s else float("nan")
+            costs = row.costs(path) or [float("nan")]
+            lines.append(
+                f"| {row.engine} | {row.concurrency} | {name} | {row.requests_per_run} | {fmt(off.output_tok_s)} | "
+                f"{fmt(on.output_tok_s)} | {pct(pooled)} | {pct(float(np.median(costs)))} | "
+                f"{pct(min(costs))} .. {pct(max(costs))} | {sum(cost < 0 for cost in costs)} of "
+                f"{len(row.costs(path))} | "
+                f"{fmt(row.cpu_ms_per_request('ledger_off'), 2)} / {fmt(row.cpu_ms_per_request(path), 2)} | "
+                f"{fmt(off.ttft(50), 1)} | {fmt(on.ttft(50), 1)} | {off.failed} / {on.failed} |"
+            )
     return f"""# Ledger write path cost: the worker with the usage ledger on vs. off
 
 Generated on {started:%Y-%m-%d %H:%M} UTC by `{command}`; rerun it to refresh this page.
 Machine: {describe_machine()}; vLLM {vllm_version()}.
 The load generator, the workers and the engines share these cores, so read the ratios, not the bare figures.
 
-Two workers, each a real `worker serve --engine config` in front of its own engine ({SETUP.describe}),
-identical but for `WORKER_LEDGER=false` in one; auth and admission control off in both. With the ledger on, every
-request is priced and recorded in SQLite (WAL, `synchronous=FULL`, batched group commit off the event loop)
-before its last byte is sent; with it off, the billing hook is not installed at all, so the difference also holds
-what comes with that hook when auth is off: the provenance headers and `usage.cost`. Both workers first serve
-one unrecorded run each; then, at each concurrency, the same load alternates between them, {shape.rounds} rounds of
-one run each, which worker goes first alternating round by round.
+Three workers, each a real `worker serve --engine config` in front of its own engine ({SETUP.describe}),
+identical but for the ledger; auth and admission control off in all. With the ledger on, every request is
+recorded in SQLite (WAL, batched group commit off the event loop) before its last byte is sent: with the default
+`synchronous=NORMAL` (a record survives the worker being killed, not a power loss) or with
+`WORKER_DB_SYNCHRONOUS=full` (each batch is also fsynced). With the ledger off, the billing hook is not installed
+at all; provenance headers and `usage.cost` come from their own hook and are sent either way. Each worker first
+serves one unrecorded run; then, at each concurrency, the same load goes to the three in turn, {shape.rounds}
+rounds of one run each, each worker going first in turn.
 
 Load: `vllm bench serve` (vLLM's own load generator, run in-process), backend `openai-chat`, streamed, random
 prompts of {shape.input_len} tokens, {shape.output_len} output tokens each (`ignore_eos`), request rate unlimited
@@ -163,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with contextlib.ExitStack() as stack:
         workers = {path: stack.enter_context(running_worker(SETUP, model_dir, work_dir / path, auth=False,
-                                                            admission=False, ledger=path == "ledger_on"))
+                                                            admission=False, ledger=PATH_SETTINGS[path][0],
+                                                            synchronous=PATH_SETTINGS[path][1]))
                    for path in LEDGER_PATHS}
         for path, worker in workers.items():
             first = args.concurrency[0]

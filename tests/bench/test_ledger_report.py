@@ -22,7 +22,8 @@ def test_the_ledger_cost_is_pooled_paired_and_shown_with_its_spread() -> None:
                          ".venv/bin/python -m bench.ledger --rounds 3")
 
     assert "`.venv/bin/python -m bench.ledger --rounds 3`" in page
-    (shown,) = table(page)
+    (shown,) = table(page)  # no runs with synchronous=FULL here: only the default's row
+    assert shown["ledger"] == "on (default, synchronous=NORMAL)"
     assert shown["cost (paired median)"] == "+5.0%"
     assert shown["per-round cost, min .. max"] == "-5.0% .. +10.0%"
     assert shown["rounds the ledger-on worker was faster"] == "1 of 3"

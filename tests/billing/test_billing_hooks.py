@@ -388,3 +388,22 @@ async def test_a_request_abandoned_while_reserving_leaves_nothing_held(
             await asyncio.sleep(0.01)
 
     await asyncio.wait_for(released(), timeout=10)
+
+
+async def test_inference_requests_reuse_a_recent_key_lookup(service: BillingService, store: LedgerStore,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    funded = await make_key(store)
+    lookups: list[str] = []
+    find = store.find_key_by_hash
+
+    async def counting_find(key_hash: str):  # type: ignore[no-untyped-def]
+        lookups.append(key_hash)
+        return await find(key_hash)
+
+    monkeypatch.setattr(store, "find_key_by_hash", counting_find)
+    for _ in range(3):
+        await service.before_request(make_context(), make_request(bearer(funded.plaintext)))
+    assert len(lookups) == 1
+    # The key holder's own API always reads the key afresh.
+    await service.authenticate(make_request(bearer(funded.plaintext)).headers)
+    assert len(lookups) == 2

@@ -36,6 +36,11 @@ logger = logging.getLogger(__name__)
 
 # A reservation this old belongs to a worker that died and never came back; no request runs this long.
 STALE_RESERVATION_S = 6 * 3600
+# How long an inference request may use a key looked up earlier. Revocation and the spend cap still act
+# on the next request: the reservation re-checks both in its own transaction. Other edits (allowed
+# models, limits, expiry) made elsewhere show within this time.
+KEY_CACHE_TTL_S = 2.0
+KEY_CACHE_MAX_ENTRIES = 10_000
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,8 @@ class BillingService:
         self._clock = clock
         self._held = 0
         self._background: set[asyncio.Task[bool]] = set()
+        # key hash -> (key, when it was read): spares each request a database round trip before the engine.
+        self._recent_keys: dict[str, tuple[ApiKey, float]] = {}
 
     @classmethod
     async def open(
@@ -125,21 +132,42 @@ class BillingService:
         )
 
     # Authentication, shared with the key holder's API.
-    async def authenticate(self, headers: Mapping[str, str]) -> ApiKey:
+    async def authenticate(self, headers: Mapping[str, str], *, recent_ok: bool = False) -> ApiKey:
+        """The key the request presents, or the 401 that refuses it.
+
+        `recent_ok`: a key read in the last KEY_CACHE_TTL_S will do (for inference requests, whose
+        reservation re-checks revocation); the key holder's own API always reads it afresh.
+        """
         presented = presented_api_key(headers)
         if presented is None:
             raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
         if not looks_like_api_key(presented):
             raise ApiError(401, "invalid API key", code="invalid_api_key")
         presented_hash = hash_api_key(presented)
-        key = await self.store.find_key_by_hash(presented_hash)
+        now = self._clock()
+        key = self._recent_key(presented_hash, now) if recent_ok else None
+        if key is None:
+            key = await self.store.find_key_by_hash(presented_hash)
+            if key is not None and key.revoked_at is None:
+                self._remember_key(presented_hash, key, now)
         if key is None or not hashes_match(key.key_hash, presented_hash):
             raise ApiError(401, "invalid API key", code="invalid_api_key")
         if key.revoked_at is not None:
             raise ApiError(401, "this API key has been revoked", code="invalid_api_key")
-        if key.is_expired(self._clock()):
+        if key.is_expired(now):
             raise ApiError(401, "this API key has expired", code="invalid_api_key")
         return key
+
+    def _recent_key(self, key_hash: str, now: float) -> ApiKey | None:
+        entry = self._recent_keys.get(key_hash)
+        if entry is None or now - entry[1] > KEY_CACHE_TTL_S or now < entry[1]:
+            return None
+        return entry[0]
+
+    def _remember_key(self, key_hash: str, key: ApiKey, now: float) -> None:
+        if len(self._recent_keys) >= KEY_CACHE_MAX_ENTRIES:
+            self._recent_keys.clear()  # many distinct keys at once: start over rather than track ages
+        self._recent_keys[key_hash] = (key, now)
 
     # The request hooks.
     async def before_request(self, ctx: RequestContext, request: Request) -> None:
@@ -186,6 +214,8 @@ class BillingService:
             raise _billing_unavailable(ctx) from None
         if outcome is not ReserveOutcome.reserved:
             self._limiter.refund(key.id, requests=1, tokens=rate_tokens)
+            if outcome is ReserveOutcome.key_revoked:
+                self._recent_keys.pop(key.key_hash, None)
             status, code = _REFUSALS[outcome]
             raise _refusal(ctx, status, _refusal_message(outcome, amount, key), code)
         ctx.principal = Principal(key=key, reserved_micro=amount, rate_tokens=rate_tokens)
@@ -237,7 +267,7 @@ class BillingService:
 
     async def _authenticate_for(self, ctx: RequestContext, request: Request) -> ApiKey:
         try:
-            return await self.authenticate(request.headers)
+            return await self.authenticate(request.headers, recent_ok=True)
         except ApiError as error:
             error.headers = {**ctx.response_headers, **error.headers}
             raise

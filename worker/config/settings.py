@@ -31,9 +31,10 @@ class Settings(BaseSettings):
     db_url: str = Field(default="sqlite:///worker-ledger.db", description="sqlite:///PATH or postgresql://...")
     admin_token: SecretStr | None = Field(default=None, description="bearer token for /admin/*")
     db_synchronous: Literal["full", "normal"] = Field(
-        default="full",
-        description="SQLite only. full: every commit is fsynced (records survive a power loss); normal: "
-        "records survive the worker process being killed, not a power loss or OS crash",
+        default="normal",
+        description="SQLite only. normal: records survive the worker process being killed (SIGKILL "
+        "included), not a power loss or OS crash; full: every commit is also fsynced (records survive a "
+        "power loss), at the cost of one disk sync before each batch of streams can end",
     )
     usage_webhook_url: HttpUrl | None = Field(
         default=None, description="POST every ledger record here, in order (Idempotency-Key: record id)"

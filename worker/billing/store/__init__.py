@@ -11,7 +11,7 @@ _SQLITE_PREFIX = "sqlite:///"
 _POSTGRES_PREFIXES = ("postgresql://", "postgres://")
 
 
-async def open_store(db_url: str, *, sqlite_synchronous: Literal["full", "normal"] = "full") -> LedgerStore:
+async def open_store(db_url: str, *, sqlite_synchronous: Literal["full", "normal"] = "normal") -> LedgerStore:
     """Open (and migrate) the store a `WORKER_DB_URL` names.
 
     `sqlite:///relative/path.db` and `sqlite:////absolute/path.db` (as SQLAlchemy spells them), or

@@ -1,9 +1,9 @@
 """The billing store on one SQLite file (the single-node default).
 
-Durability: WAL journal. With `synchronous=FULL` (default) every committed batch is fsynced, so records
-survive a crash of the process and of the machine. With `synchronous=NORMAL` a commit reaches the WAL
-file but is fsynced only at checkpoints: records survive the process being killed (SIGKILL included),
-not a power loss or kernel crash. Writes go through one thread in batches; reads use a small thread pool
+Durability: WAL journal. With `synchronous=NORMAL` (default) a commit reaches the WAL file but is
+fsynced only at checkpoints: records survive the process being killed (SIGKILL included), not a power
+loss or kernel crash. With `synchronous=FULL` every committed batch is fsynced, so records survive a
+crash of the machine too; each stream then waits for a disk sync before its last byte. Writes go through one thread in batches; reads use a small thread pool
 of their own connections (WAL lets them read while the writer writes).
 """
 
@@ -93,7 +93,7 @@ class SqliteStore(LedgerStore):
         )
 
     @classmethod
-    async def open(cls, path: str | Path, *, synchronous: Literal["full", "normal"] = "full") -> SqliteStore:
+    async def open(cls, path: str | Path, *, synchronous: Literal["full", "normal"] = "normal") -> SqliteStore:
         store = cls(Path(path), synchronous=synchronous)
         await asyncio.to_thread(store._prepare)
         store._writer.start()
