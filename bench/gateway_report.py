@@ -221,6 +221,12 @@ Measured in this run; "paired" as defined above.
 
 {render_goals(runs)}
 
+On this machine every path's load generator, gateway and engine share 2 cores, and at 8 or more streams the
+cores are saturated, so a path's throughput is set by the CPU its processes spend per request, the gateway's
+included: the ratio to direct is the engine's and the load generator's CPU per request over theirs plus the
+gateway's ("gateway CPU ms per request" above). How the worker's hot path is built, how it was profiled and
+what each change bought: [hot-path.md](hot-path.md).
+
 ## All figures
 
 {render_details(runs)}

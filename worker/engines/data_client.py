@@ -12,7 +12,9 @@ from yarl import URL
 
 # No overall or read timeout: streams legitimately run long; the watchdog detects hung engines.
 _TIMEOUT = aiohttp.ClientTimeout(total=None, connect=5.0, sock_connect=5.0, sock_read=None)
-KEEPALIVE_S = 30.0
+# Shorter than the engines' own idle timeout (uvicorn's and so vLLM's: 5 s), so the pool never sends a
+# request on a connection the engine is closing at that moment.
+KEEPALIVE_S = 3.0
 
 EngineResponse = aiohttp.ClientResponse
 EngineConnectError = aiohttp.ClientConnectorError
