@@ -7,6 +7,7 @@ length, streamed chat completions with `ignore_eos`, a fixed number of concurren
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib.metadata
 import json
@@ -298,6 +299,13 @@ def describe_machine() -> str:
     return (f"{os.cpu_count()} CPU cores ({platform.machine()}, {platform.processor() or platform.system()}), "
             f"{memory_gib:.0f} GiB memory, no GPU, {platform.system()} {platform.release()}, "
             f"Python {platform.python_version()}")
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where a benchmark keeps its per-run results and its work files."""
+    parser.add_argument("--result-dir", type=Path, help="where per-run JSON results go (default: a temp dir)")
+    parser.add_argument("--work-dir", type=Path,
+                        help="logs, databases and the tokenizer go here (default: a new temp dir, kept)")
 
 
 def configure_logging() -> None:

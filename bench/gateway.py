@@ -34,6 +34,7 @@ from bench.common import (
     EngineSetup,
     LoadGenerator,
     LoadShape,
+    add_output_arguments,
     configure_logging,
     rotated,
     running_worker,
@@ -101,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="LiteLLM's requests per run relative to the other paths' (at least one per stream)")
     parser.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"))
     parser.add_argument("--plot", type=Path, default=Path("docs/benchmarks.png"))
-    parser.add_argument("--result-dir", type=Path, help="where per-run JSON results go (default: a temp dir)")
-    parser.add_argument("--work-dir", type=Path,
-                        help="logs, databases and the tokenizer go here (default: a new temp dir, kept)")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
     configure_logging()
 

@@ -34,6 +34,7 @@ from bench.common import (
     LoadGenerator,
     LoadShape,
     PathSamples,
+    add_output_arguments,
     configure_logging,
     describe_machine,
     fmt,
@@ -156,9 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="requests per run: this many times 6 per stream (at least 24); a cost of a few "
                              "percent must stand out of the run-to-run noise")
     parser.add_argument("--doc", type=Path, default=Path("docs/benchmarks-ledger.md"))
-    parser.add_argument("--result-dir", type=Path, help="where per-run JSON results go (default: a temp dir)")
-    parser.add_argument("--work-dir", type=Path,
-                        help="logs, databases and the tokenizer go here (default: a new temp dir, kept)")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
     configure_logging()
 
