@@ -144,8 +144,8 @@ def test_real_backend_translates_nvml_results(monkeypatch: pytest.MonkeyPatch) -
 
     class EventData:
         device = handle
-        eventType = pynvml.nvmlEventTypeXidCriticalError  # noqa: N815 (NVML's field name)
-        eventData = 79  # noqa: N815
+        eventType = pynvml.nvmlEventTypeXidCriticalError
+        eventData = 79
 
     waits: list[int] = []
 

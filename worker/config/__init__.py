@@ -1,5 +1,6 @@
 """Configuration: `models.yaml` (what to serve) and `WORKER_*` environment settings (how to run)."""
 
+from worker.config.loader import ConfigError, load_node_config, with_engine_override
 from worker.config.models import (
     DatacenterConfig,
     EngineKind,
@@ -9,7 +10,6 @@ from worker.config.models import (
     Pricing,
     WorkerSection,
 )
-from worker.config.loader import ConfigError, load_node_config, with_engine_override
 from worker.config.settings import Settings
 
 __all__ = [

@@ -16,7 +16,7 @@ class ExternalEngine(Engine):
 
     @property
     def base_url(self) -> str:
-        return self._url[: -len("/v1")] if self._url.endswith("/v1") else self._url
+        return self._url.removesuffix("/v1")
 
     @property
     def pid(self) -> int | None:

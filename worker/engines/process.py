@@ -77,7 +77,7 @@ class ProcessEngine(Engine):
         if self._pump is not None:
             try:
                 await asyncio.wait_for(self._pump, timeout=2)
-            except (asyncio.TimeoutError, asyncio.CancelledError):
+            except (TimeoutError, asyncio.CancelledError):
                 pass
         return EngineExited(returncode, self.output_tail)
 
@@ -91,7 +91,7 @@ class ProcessEngine(Engine):
             await asyncio.wait_for(process.wait(), timeout=timeout_s + 10)
         except ProcessLookupError:
             pass
-        except asyncio.TimeoutError:
+        except TimeoutError:
             logger.warning("engine did not stop in time; killing its process group",
                            extra={"replica": self.spec.replica_id})
         # The guard normally leaves nothing behind; this catches a guard that was itself stuck.

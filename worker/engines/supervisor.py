@@ -29,7 +29,7 @@ def _free_port(host: str) -> int:
 
 def plan_replicas(config: NodeConfig, gpu_count: int) -> list[ReplicaSpec]:
     """Assign ports and GPUs (without overlap) to every replica of every model."""
-    if config.gpus_needed > gpu_count and gpu_count > 0:
+    if config.gpus_needed > gpu_count > 0:
         raise ConfigError(f"models.yaml: models need {config.gpus_needed} GPUs but this node has {gpu_count}")
     worker = config.worker
     next_port = worker.engine_port_start

@@ -48,9 +48,9 @@ class Gateway:
     async def handle(self, request: Request, endpoint: str) -> Response:
         raw = await read_body(request, self.config.worker.max_body_bytes)
         body, head = parse_body(endpoint, raw)
-        model = self.config.model(getattr(head, "model"))
+        model = self.config.model(head.model)
         if model is None:
-            raise ApiError(404, f"The model '{getattr(head, 'model')}' does not exist on this worker",
+            raise ApiError(404, f"The model '{head.model}' does not exist on this worker",
                            code="model_not_found", param="model")
         if (endpoint == "embeddings") != (model.task == "embed"):
             kind = "an embedding" if model.task == "embed" else "a generation"
