@@ -6,15 +6,14 @@ the engines are real mock-engine processes pinned, on paper, to one GPU each.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-import uvicorn
 
 from tests.capacity.capacity_support import FAST_HEALTH, chat_body, paced_model
+from tests.support.worker_process import eventually, serving
 from worker.config import NodeConfig, Settings
 from worker.gpu import FakeNvmlBackend, GpuMonitor
 from worker.node import WorkerNode
@@ -24,30 +23,9 @@ ON_GPU1 = "acme/on-gpu1"
 
 
 @contextlib.asynccontextmanager
-async def serving(node: WorkerNode) -> AsyncIterator[httpx.AsyncClient]:
-    server = uvicorn.Server(uvicorn.Config(node.app, host="127.0.0.1", port=0, log_level="warning",
-                                           lifespan="on", timeout_graceful_shutdown=5))
-    task = asyncio.create_task(server.serve())
-    try:
-        while not server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.05)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            yield client
-    finally:
-        server.should_exit = True
-        await task
-
-
-async def _eventually(check, timeout_s: float = 30.0) -> bool:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while asyncio.get_running_loop().time() < deadline:
-        if await check():
-            return True
-        await asyncio.sleep(0.05)
-    return False
+async def serving_node(node: WorkerNode) -> AsyncIterator[httpx.AsyncClient]:
+    async with serving(node.app) as base_url, httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+        yield client
 
 
 @pytest.fixture
@@ -65,8 +43,8 @@ def node(tmp_path) -> WorkerNode:
 
 
 async def test_xid_79_makes_the_node_not_ready_and_shows_in_capacity(node: WorkerNode) -> None:
-    async with serving(node) as client:
-        assert await _eventually(lambda: _status(client, "/health/ready", 200))
+    async with serving_node(node) as client:
+        assert await eventually(lambda: _status(client, "/health/ready", 200))
         capacity = (await client.get("/capacity")).json()
         assert capacity["gpu_monitoring"] == "available"
         gpus = {m["id"]: m["replicas"][0]["gpus"] for m in capacity["models"]}
@@ -75,7 +53,7 @@ async def test_xid_79_makes_the_node_not_ready_and_shows_in_capacity(node: Worke
 
         node.fake_nvml.inject_xid(0, 79)  # type: ignore[attr-defined]  GPU 0 fell off the bus
 
-        assert await _eventually(lambda: _status(client, "/health/ready", 503))
+        assert await eventually(lambda: _status(client, "/health/ready", 503))
         ready = (await client.get("/health/ready")).json()
         assert ready["models"] == {ON_GPU0: ["unhealthy"], ON_GPU1: ["ready"]}
         capacity = (await client.get("/capacity")).json()
@@ -96,7 +74,7 @@ async def test_xid_79_makes_the_node_not_ready_and_shows_in_capacity(node: Worke
 
 
 async def test_admin_routes_are_off_without_an_admin_token(node: WorkerNode) -> None:
-    async with serving(node) as client:
+    async with serving_node(node) as client:
         response = await client.post("/admin/drain", headers={"authorization": "Bearer anything"})
         assert response.status_code == 503
         assert response.json()["error"]["code"] == "admin_disabled"

@@ -7,17 +7,14 @@ to the lowest order it may use and moves to the next only when that one refuses 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from litellm import Router
 from prometheus_client.parser import text_string_to_metric_families
-from starlette.types import ASGIApp
 
 from tests.support.worker_process import fast_mock_model
 
@@ -149,29 +146,3 @@ async def admin(base_url: str, action: str) -> None:
         response = await client.post(f"{base_url}/admin/{action}", headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
     response.raise_for_status()
 
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 30.0) -> bool:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while asyncio.get_running_loop().time() < deadline:
-        if await check():
-            return True
-        await asyncio.sleep(0.05)
-    return False
-
-
-@contextlib.asynccontextmanager
-async def serving(app: ASGIApp, port: int) -> AsyncIterator[str]:
-    """Serve an app in this process on 127.0.0.1:`port` (a fixed port, so a replacement can take it over)."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="on", timeout_graceful_shutdown=5))
-    task = asyncio.create_task(server.serve())
-    try:
-        while not server.started:
-            if task.done():
-                task.result()
-                raise RuntimeError("the server stopped before it started")
-            await asyncio.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task

@@ -25,14 +25,13 @@ from tests.fleet.fleet_support import (
     ask,
     ask_mixed,
     ask_until_served_by,
-    eventually,
     fleet_router,
     refusals,
     served_by,
     served_count,
     worker_config,
 )
-from tests.support.worker_process import WorkerProcess, start_worker
+from tests.support.worker_process import WorkerProcess, eventually, start_worker
 
 pytestmark = QUIET_LITELLM
 

@@ -24,14 +24,12 @@ from tests.fleet.fleet_support import (
     QUIET_LITELLM,
     ask_mixed,
     ask_until_served_by,
-    eventually,
     fleet_router,
     refusals,
     served_by,
-    serving,
     worker_config,
 )
-from tests.support.worker_process import WorkerProcess, free_port, start_worker
+from tests.support.worker_process import WorkerProcess, eventually, free_port, serving, start_worker
 from worker.config import NodeConfig, Settings
 from worker.gpu import FakeNvmlBackend, GpuMonitor
 from worker.node import WorkerNode

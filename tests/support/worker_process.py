@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import psutil
+import uvicorn
 import yaml
+from starlette.types import ASGIApp
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float = 30.0) -> bool:
@@ -25,6 +29,36 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float = 30.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 30.0) -> bool:
+    """`wait_until` for an async check, without blocking the event loop between polls."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await check():
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+@contextlib.asynccontextmanager
+async def serving(app: ASGIApp, port: int = 0) -> AsyncIterator[str]:
+    """Serve an app in this process on 127.0.0.1 and yield its base URL; `port` 0 takes a free one, a fixed
+    port lets a replacement server take it over."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           lifespan="on", timeout_graceful_shutdown=5))
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError("the server stopped before it started")
+            await asyncio.sleep(0.05)
+        bound_port = server.servers[0].sockets[0].getsockname()[1]
+        yield f"http://127.0.0.1:{bound_port}"
+    finally:
+        server.should_exit = True
+        await task
 
 
 def free_port() -> int:
