@@ -146,6 +146,22 @@ class LoadGenerator:
 
 
 @dataclass
+class CpuPerRequest:
+    """A gateway process's CPU time (not its engine's) over the requests it served, summed over runs."""
+
+    cpu_s: float = 0.0
+    requests: int = 0
+
+    def add_run(self, cpu_s: float, num_prompts: int, concurrency: int) -> None:
+        self.cpu_s += cpu_s
+        # The warm-ups (one per stream) and the load generator's first check request went through it too.
+        self.requests += num_prompts + concurrency + 1
+
+    def ms(self) -> float:
+        return self.cpu_s * 1000 / self.requests if self.requests else float("nan")
+
+
+@dataclass
 class PathSamples:
     """Every request of every run of one path at one concurrency, pooled."""
 

@@ -73,9 +73,7 @@ def bench_engine(setup: EngineSetup, model_dir: Path, work_dir: Path, load: Load
                     cpu_before = gateway_cpu_s[path]() if path in gateway_cpu_s else 0.0
                     result = load.run(targets[path], setup.model_id, concurrency, num_prompts, label)
                     if path in gateway_cpu_s:
-                        row.gateway_cpu_s[path] += gateway_cpu_s[path]() - cpu_before
-                        # The warm-ups and the load generator's first check request went through it too.
-                        row.gateway_requests[path] += num_prompts + concurrency + 1
+                        row.gateway_cpu[path].add_run(gateway_cpu_s[path]() - cpu_before, num_prompts, concurrency)
                     row.paths[path].add(result)
                     logger.info("%s: %.0f output tok/s, median TTFT %.1f ms, failed %d", label,
                                 result["output_throughput"], result["median_ttft_ms"], result["failed"])

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import (
+    CpuPerRequest,
     EngineSetup,
     LoadShape,
     PathSamples,
@@ -40,12 +41,11 @@ class GatewayRow:
     concurrency: int
     paths: dict[str, PathSamples] = field(default_factory=lambda: {path: PathSamples() for path in PATHS})
     # CPU time of each gateway process (not of the engine) and the requests it served, warm-ups included.
-    gateway_cpu_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(GATEWAYS, 0.0))
-    gateway_requests: dict[str, int] = field(default_factory=lambda: dict.fromkeys(GATEWAYS, 0))
+    gateway_cpu: dict[str, CpuPerRequest] = field(
+        default_factory=lambda: {path: CpuPerRequest() for path in GATEWAYS})
 
     def cpu_ms_per_request(self, path: str) -> float:
-        requests = self.gateway_requests.get(path, 0)
-        return self.gateway_cpu_s[path] * 1000 / requests if requests else float("nan")
+        return self.gateway_cpu[path].ms() if path in self.gateway_cpu else float("nan")
 
     def ratio_to_direct(self, path: str) -> float:
         return pooled_ratio(self.paths[path], self.paths["direct"])

@@ -31,6 +31,7 @@ import numpy as np
 from bench.common import (
     ENGINES,
     BenchWorker,
+    CpuPerRequest,
     LoadGenerator,
     LoadShape,
     PathSamples,
@@ -63,12 +64,12 @@ class LedgerRow:
     concurrency: int
     requests_per_run: int
     paths: dict[str, PathSamples] = field(default_factory=lambda: {path: PathSamples() for path in LEDGER_PATHS})
-    # CPU time of the worker process (gateway and ledger writer; not its engine) and requests it served.
-    worker_cpu_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LEDGER_PATHS, 0.0))
-    requests: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LEDGER_PATHS, 0))
+    # CPU time of each worker process (gateway and ledger writer; not its engine) over the requests it served.
+    worker_cpu: dict[str, CpuPerRequest] = field(
+        default_factory=lambda: {path: CpuPerRequest() for path in LEDGER_PATHS})
 
     def cpu_ms_per_request(self, path: str) -> float:
-        return self.worker_cpu_s[path] * 1000 / self.requests[path] if self.requests[path] else float("nan")
+        return self.worker_cpu[path].ms()
 
     def costs(self, path: str = "ledger_on") -> list[float]:
         """Per round: 1 - tok/s with the ledger (as `path` runs it) / tok/s without."""
@@ -86,9 +87,7 @@ def compare_ledger(workers: dict[str, BenchWorker], load: LoadGenerator, concurr
             worker = workers[path]
             cpu_before = worker.cpu_s()
             result = load.run(worker.target, SETUP.model_id, concurrency, num_prompts, label)
-            row.worker_cpu_s[path] += worker.cpu_s() - cpu_before
-            # The warm-ups and the load generator's first check request ran on the worker too.
-            row.requests[path] += num_prompts + concurrency + 1
+            row.worker_cpu[path].add_run(worker.cpu_s() - cpu_before, num_prompts, concurrency)
             row.paths[path].add(result)
             logger.info("%s: %.0f output tok/s, failed %d", label, result["output_throughput"], result["failed"])
     return row

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 from pathlib import Path
 
-from bench.common import ENGINES, LoadShape
+from bench.common import ENGINES, CpuPerRequest, LoadShape
 from bench.gateway import litellm_prompts
 from bench.gateway_report import EngineRun, GatewayRow, Plan, render_plot, render_report
 from tests.bench.bench_support import canned_result, table
@@ -23,8 +23,7 @@ def row(engine: str, concurrency: int, tok_s: dict[str, list[float]], ttft_ms: d
         for tok_s_of_round in per_round:
             gateway_row.paths[path].add(canned_result(tok_s_of_round, ttft_ms[path],
                                                       failed=(failed or {}).get(path, 0)))
-    gateway_row.gateway_cpu_s.update(worker=0.8, litellm=4.0)
-    gateway_row.gateway_requests.update(worker=400, litellm=100)
+    gateway_row.gateway_cpu.update(worker=CpuPerRequest(0.8, 400), litellm=CpuPerRequest(4.0, 100))
     return gateway_row
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 
-from bench.common import LoadShape
+from bench.common import CpuPerRequest, LoadShape
 from bench.ledger import LedgerRow, render_report
 from tests.bench.bench_support import canned_result, table
 
@@ -14,8 +14,7 @@ def test_the_ledger_cost_is_pooled_paired_and_shown_with_its_spread() -> None:
     for on, off in [(9_000, 10_000), (9_500, 10_000), (10_500, 10_000)]:  # costs +10%, +5%, -5%
         row.paths["ledger_on"].add(canned_result(on, 12.0))
         row.paths["ledger_off"].add(canned_result(off, 10.0))
-    row.worker_cpu_s.update(ledger_on=0.6, ledger_off=0.5)
-    row.requests.update(ledger_on=200, ledger_off=200)
+    row.worker_cpu.update(ledger_on=CpuPerRequest(0.6, 200), ledger_off=CpuPerRequest(0.5, 200))
 
     page = render_report([row], LoadShape(128, 128, rounds=3, scale=4.0),
                          datetime.datetime(2026, 11, 27, tzinfo=datetime.UTC), (0.5, 1.0),
