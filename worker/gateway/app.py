@@ -17,7 +17,7 @@ from starlette.types import Receive, Scope, Send
 
 from worker.gateway.errors import ApiError
 from worker.gateway.gateway import Gateway
-from worker.gateway.request_id import RequestIdMiddleware, assign_request_id
+from worker.gateway.request_id import SCOPE_KEY, RequestIdMiddleware, assign_request_id
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, error: Exception) -> Response:
-        logger.exception("unhandled error", extra={"request_id": request.scope.get("worker.request_id")})
+        logger.exception("unhandled error", extra={"request_id": request.scope.get(SCOPE_KEY)})
         return ApiError(500, "internal error in the worker gateway").to_response()
 
     for path, endpoint in INFERENCE_ROUTES.items():

@@ -18,6 +18,7 @@ from worker.gateway.context import RequestContext, Usage
 from worker.gateway.errors import ApiError, normalise_engine_error
 from worker.gateway.hooks import RequestHooks
 from worker.gateway.relay import Finalizer, Outcome, RelayStreamResponse, open_upstream, race
+from worker.gateway.request_id import SCOPE_KEY
 from worker.gateway.requests import parse_body, read_body
 
 ENDPOINT_PATHS = {
@@ -59,7 +60,7 @@ class Gateway:
         stream = bool(getattr(head, "stream", False))
         options = getattr(head, "stream_options", None)
         ctx = RequestContext(
-            request_id=request.scope["worker.request_id"], endpoint=endpoint, model=model, body=body,
+            request_id=request.scope[SCOPE_KEY], endpoint=endpoint, model=model, body=body,
             stream=stream, client_wants_usage=stream and bool(options and options.include_usage),
             headers={},
         )

@@ -152,7 +152,6 @@ class SseRelay:
     def __init__(self, ctx: RequestContext, finalizer: Finalizer) -> None:
         self.ctx = ctx
         self.finalizer = finalizer
-        self.buffer = b""
         self.saw_done = False
 
     def _usage_event(self, event: bytes) -> bytes | None:

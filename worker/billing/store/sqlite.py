@@ -3,8 +3,9 @@
 Durability: WAL journal. With `synchronous=NORMAL` (default) a commit reaches the WAL file but is
 fsynced only at checkpoints: records survive the process being killed (SIGKILL included), not a power
 loss or kernel crash. With `synchronous=FULL` every committed batch is fsynced, so records survive a
-crash of the machine too; each stream then waits for a disk sync before its last byte. Writes go through one thread in batches; reads use a small thread pool
-of their own connections (WAL lets them read while the writer writes).
+crash of the machine too; each stream then waits for a disk sync before its last byte. Writes go
+through one thread in batches; reads use a small thread pool of their own connections (WAL lets them
+read while the writer writes).
 """
 
 from __future__ import annotations
