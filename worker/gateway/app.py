@@ -28,6 +28,12 @@ INFERENCE_ROUTES = {
 }
 
 
+def unexpected_error_response(request_id: str | None) -> Response:
+    """Log the exception being handled and answer a plain 500 (its details stay in the log)."""
+    logger.exception("unhandled error", extra={"request_id": request_id})
+    return ApiError(500, "internal error in the worker gateway").to_response()
+
+
 class WorkerApp(FastAPI):
     """FastAPI, except that inference requests go straight from ASGI to the gateway.
 
@@ -54,9 +60,8 @@ class WorkerApp(FastAPI):
             response = await self.gateway.handle(Request(scope, receive), endpoint)
         except ApiError as error:
             response = error.to_response()
-        except Exception:
-            logger.exception("unhandled error", extra={"request_id": request_id})
-            response = ApiError(500, "internal error in the worker gateway").to_response()
+        except Exception:  # noqa: BLE001  logged by unexpected_error_response
+            response = unexpected_error_response(request_id)
         response.raw_headers.append((b"x-request-id", request_id.encode()))
         try:
             await response(scope, receive, send)
@@ -102,8 +107,7 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, error: Exception) -> Response:
-        logger.exception("unhandled error", extra={"request_id": request.scope.get(SCOPE_KEY)})
-        return ApiError(500, "internal error in the worker gateway").to_response()
+        return unexpected_error_response(request.scope.get(SCOPE_KEY))
 
     for path, endpoint in INFERENCE_ROUTES.items():
         app.add_api_route(path, _inference_route(gateway, endpoint), methods=["POST"])
