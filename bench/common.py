@@ -145,6 +145,12 @@ class LoadGenerator:
             return self._main(args)
 
 
+def process_cpu_s(pid: int) -> float:
+    """User and system CPU time of one process so far (not of its children)."""
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
 @dataclass
 class CpuPerRequest:
     """A gateway process's CPU time (not its engine's) over the requests it served, summed over runs."""
@@ -237,8 +243,7 @@ class BenchWorker:
 
     def cpu_s(self) -> float:
         """CPU time of the worker process itself (gateway, ledger writer), not of its engines."""
-        times = psutil.Process(self.process.process.pid).cpu_times()
-        return times.user + times.system
+        return process_cpu_s(self.process.process.pid)
 
 
 def _worker_cli(*args: str) -> str:

@@ -21,7 +21,7 @@ import httpx
 import psutil
 import yaml
 
-from bench.common import Target
+from bench.common import Target, process_cpu_s
 from tests.support.worker_process import free_port
 
 logger = logging.getLogger(__name__)
@@ -41,8 +41,7 @@ class LiteLLMProxy:
         return Target(f"http://127.0.0.1:{self.port}", {"Authorization": f"Bearer {self.master_key}"})
 
     def cpu_s(self) -> float:
-        times = psutil.Process(self.process.pid).cpu_times()
-        return times.user + times.system
+        return process_cpu_s(self.process.pid)
 
 
 def proxy_config(model_id: str, engine_base_url: str, master_key: str) -> dict[str, object]:
