@@ -225,7 +225,7 @@ On this machine every path's load generator, gateway and engine share 2 cores, a
 cores are saturated, so a path's throughput is set by the CPU its processes spend per request, the gateway's
 included: the ratio to direct is the engine's and the load generator's CPU per request over theirs plus the
 gateway's ("gateway CPU ms per request" above). How the worker's hot path is built, how it was profiled and
-what each change bought: [hot-path.md](hot-path.md).
+where the time went before each change: [hot-path.md](hot-path.md).
 
 ## All figures
 
