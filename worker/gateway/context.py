@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+import uuid_utils
 
 if TYPE_CHECKING:
     from worker.config import ModelConfig
@@ -42,8 +43,9 @@ class RequestContext:
     client_wants_usage: bool
     headers: dict[str, str]
     # The worker's own id for this request, unique across every worker: the ledger and the outbox key
-    # on it. `request_id` may come from the client (x-request-id) and so may repeat.
-    record_id: str = field(default_factory=lambda: f"rec-{uuid.uuid4().hex}")
+    # on it. `request_id` may come from the client (x-request-id) and so may repeat. Time-ordered
+    # (UUIDv7), so the ledger's index on it grows at one end rather than everywhere.
+    record_id: str = field(default_factory=lambda: f"rec-{uuid_utils.uuid7().hex}")
     received_at: float = field(default_factory=time.time)
     started_monotonic: float = field(default_factory=time.monotonic)
     # Filled by authentication (billing); None when auth is off.

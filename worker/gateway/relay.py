@@ -244,6 +244,8 @@ class RelayStreamResponse(Response):
 
     async def _keepalive_while(self, work: Any, send: Send) -> Any:
         """Await `work`, sending an SSE comment every `keepalive_s` meanwhile so routers do not time out."""
+        if isinstance(work, asyncio.Future) and work.done():
+            return work.result()
         task = asyncio.ensure_future(work)
         try:
             while True:
@@ -271,7 +273,8 @@ class RelayStreamResponse(Response):
         pending = b""
         try:
             # Whatever the socket holds is relayed in one piece: under load, one read carries many events.
-            raw = await self._keepalive_while(content.readany(), send)
+            # The first events often came with the headers: take them without a wait (and its task).
+            raw = content.read_nowait() or await self._keepalive_while(content.readany(), send)
             ctx.first_byte_monotonic = time.monotonic()
             while raw:
                 if pending:

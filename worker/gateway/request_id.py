@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import re
-import uuid
 
+import uuid_utils
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _ACCEPTABLE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -19,7 +19,7 @@ def assign_request_id(scope: Scope) -> str:
             candidate = value.decode("latin-1")
             request_id = candidate if _ACCEPTABLE_ID.match(candidate) else ""
             break
-    request_id = request_id or f"req-{uuid.uuid4().hex}"
+    request_id = request_id or f"req-{uuid_utils.uuid7().hex}"
     scope[SCOPE_KEY] = request_id
     return request_id
 

@@ -112,8 +112,10 @@ class GroupCommitWriter:
         self._waiting.append(job)
         if self._idle.is_set():
             self._idle.clear()
-            # On the next turn of the loop, so that the writes submitted in this one join the batch.
-            job.future.get_loop().call_soon(self._hand_over)
+            if job.many is None:  # e.g. a reservation, which the engine waits for: at once
+                self._hand_over()
+            else:  # on the next turn of the loop, so that the records submitted in this one join the batch
+                job.future.get_loop().call_soon(self._hand_over)
         return job.future
 
     def _hand_over(self) -> None:
