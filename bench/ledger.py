@@ -1,6 +1,6 @@
 """What the usage ledger's write path costs: worker throughput with the ledger on vs. off, side by side.
 
-    .venv/bin/python -m bench.ledger [--concurrency 8 32] [--rounds 10] [--scale 4]
+    .venv/bin/python -m bench.ledger [--concurrency 8 32] [--rounds 30] [--scale 8]
                                      [--doc docs/benchmarks-ledger.md]
 
 Three real `worker serve --engine config` processes, identical but for the ledger (auth and admission
@@ -151,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", nargs="+", type=int, default=[8, 32])
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=10, help="runs per worker at each concurrency")
-    parser.add_argument("--scale", type=float, default=4.0,
+    parser.add_argument("--rounds", type=int, default=30, help="runs per worker at each concurrency")
+    parser.add_argument("--scale", type=float, default=8.0,
                         help="requests per run: this many times 6 per stream (at least 24); a cost of a few "
                              "percent must stand out of the run-to-run noise")
     parser.add_argument("--doc", type=Path, default=Path("docs/benchmarks-ledger.md"))

@@ -142,8 +142,11 @@ def test_request_id_is_echoed_or_generated(worker: WorkerProcess) -> None:
     body = {"model": CHAT, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
     response = httpx.post(f"{worker.base_url}/v1/chat/completions", json=body, headers={"x-request-id": "abc-123"})
     assert response.headers["x-request-id"] == "abc-123"
-    response = httpx.post(f"{worker.base_url}/v1/chat/completions", json=body)
-    assert response.headers["x-request-id"].startswith("req-")
+    generated = [httpx.post(f"{worker.base_url}/v1/chat/completions", json=body).headers["x-request-id"]
+                 for _ in range(3)]
+    assert all(request_id.startswith("req-") for request_id in generated)
+    # Time-ordered (UUIDv7), like the ledger's record ids: the ledger's indexes on them grow at one end.
+    assert generated == sorted(generated) and len(set(generated)) == 3
     response = httpx.get(f"{worker.base_url}/no/such/path")
     assert response.status_code == 404 and response.headers["x-request-id"]
     assert response.json()["error"]["code"] == "not_found"

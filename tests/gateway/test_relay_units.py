@@ -107,3 +107,9 @@ def test_fastapi_detail_and_garbage_bodies_are_normalised() -> None:
     assert orjson.loads(normalise_engine_error(404, b'{"detail": "Not Found"}'))["error"]["code"] == "not_found"
     error = orjson.loads(normalise_engine_error(500, b"<html>oops</html>"))["error"]
     assert error["code"] == "internal_error" and "oops" in error["message"]
+
+
+def test_record_ids_are_unique_and_in_creation_order() -> None:
+    ids = [_ctx(False).record_id for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    assert ids == sorted(ids)
