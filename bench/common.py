@@ -151,6 +151,12 @@ def process_cpu_s(pid: int) -> float:
     return times.user + times.system
 
 
+def off_loop_cpu_s(pid: int) -> float:
+    """User and system CPU time so far of a process's threads other than its main one, which runs the
+    worker's event loop: the ledger's writer thread, the database readers, the default thread pool."""
+    return sum(thread.user_time + thread.system_time for thread in psutil.Process(pid).threads() if thread.id != pid)
+
+
 @dataclass
 class CpuPerRequest:
     """A gateway process's CPU time (not its engine's) over the requests it served, summed over runs."""
@@ -244,6 +250,10 @@ class BenchWorker:
     def cpu_s(self) -> float:
         """CPU time of the worker process itself (gateway, ledger writer), not of its engines."""
         return process_cpu_s(self.process.process.pid)
+
+    def off_loop_cpu_s(self) -> float:
+        """The part of `cpu_s` spent outside the event loop's thread."""
+        return off_loop_cpu_s(self.process.process.pid)
 
 
 def _worker_cli(*args: str) -> str:

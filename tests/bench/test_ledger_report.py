@@ -15,6 +15,7 @@ def test_the_ledger_cost_is_pooled_paired_and_shown_with_its_spread() -> None:
         row.paths["ledger_on"].add(canned_result(on, 12.0))
         row.paths["ledger_off"].add(canned_result(off, 10.0))
     row.worker_cpu.update(ledger_on=CpuPerRequest(0.6, 200), ledger_off=CpuPerRequest(0.5, 200))
+    row.off_loop_cpu.update(ledger_on=CpuPerRequest(0.01, 200), ledger_off=CpuPerRequest(0.0002, 200))
 
     page = render_report([row], LoadShape(128, 128, rounds=3, scale=4.0),
                          datetime.datetime(2026, 11, 27, tzinfo=datetime.UTC), (0.5, 1.0),
@@ -27,5 +28,6 @@ def test_the_ledger_cost_is_pooled_paired_and_shown_with_its_spread() -> None:
     assert shown["per-round cost, min .. max"] == "-5.0% .. +10.0%"
     assert shown["rounds the ledger-on worker was faster"] == "1 of 3"
     assert shown["worker CPU ms per request, off / on"] == "2.50 / 3.00"
+    assert shown["of which outside the event loop thread, off / on"] == "0.001 / 0.050"
     assert (shown["TTFT p50 off"], shown["TTFT p50 on"]) == ("10.0", "12.0")
     assert shown["tok/s ledger off"] == "10,000"
