@@ -21,6 +21,7 @@ from worker.billing.records import (
     LedgerFilter,
     Reservation,
     ReserveOutcome,
+    WorkerClaim,
     utc_month,
 )
 from worker.billing.store import (
@@ -400,3 +401,51 @@ async def test_a_database_from_a_newer_worker_is_refused(db_url: str) -> None:
             await connection.close()
     with pytest.raises(SchemaTooNew):
         await open_store(db_url)
+
+
+def claim(instance_id: str, now: float, worker_id: str = "worker-1") -> WorkerClaim:
+    return WorkerClaim(worker_id=worker_id, instance_id=instance_id, host="node-a", pid=4321,
+                       process_started_at=now - 5, claimed_at=now, seen_at=now)
+
+
+async def test_a_worker_id_is_held_by_one_running_worker(store: LedgerStore) -> None:
+    assert await store.claim_worker_id(claim("first", 1000.0), stale_before=970.0) is None
+    # Another instance is refused while the holder renews, and learns who holds the id.
+    assert await store.renew_worker_claim("worker-1", "first", now=1010.0)
+    holder = await store.claim_worker_id(claim("second", 1020.0), stale_before=990.0)
+    assert holder == claim("first", 1000.0).model_copy(update={"seen_at": 1010.0})
+    # Other ids are free, and the holder may claim its own again.
+    assert await store.claim_worker_id(claim("second", 1020.0, worker_id="worker-2"), stale_before=990.0) is None
+    assert await store.claim_worker_id(claim("first", 1030.0), stale_before=1000.0) is None
+    # A holder known to be gone gives it up at once; the claim names only that one.
+    assert (await store.claim_worker_id(claim("second", 1040.0), stale_before=1010.0, gone_instance="x")) is not None
+    assert await store.claim_worker_id(claim("second", 1040.0), stale_before=1010.0, gone_instance="first") is None
+    assert await store.claim_worker_id(claim("first", 1050.0), stale_before=1020.0, gone_instance="second") is None
+    # A holder that stopped renewing (killed) loses the id to the next one, and hears of it.
+    assert await store.claim_worker_id(claim("second", 1100.0), stale_before=1070.0) is None
+    assert not await store.renew_worker_claim("worker-1", "first", now=1101.0)
+    # Releasing someone else's claim does nothing; releasing one's own frees the id at once.
+    await store.release_worker_claim("worker-1", "first")
+    assert (await store.claim_worker_id(claim("third", 1102.0), stale_before=1072.0)) is not None
+    await store.release_worker_claim("worker-1", "second")
+    assert await store.claim_worker_id(claim("third", 1103.0), stale_before=1073.0) is None
+
+
+async def test_a_version_1_database_is_migrated_to_hold_worker_claims(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.billing.store import schema
+
+    monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:1])
+    monkeypatch.setattr(schema, "LATEST_VERSION", 1)
+    old = await open_store(db_url)
+    funded = await make_key(old)
+    await old.close()
+    monkeypatch.undo()
+
+    store = await open_store(db_url)
+    try:
+        assert (await store.get_key(funded.key.id)) == funded.key
+        assert await store.claim_worker_id(claim("first", 1000.0), stale_before=970.0) is None
+    finally:
+        await store.close()

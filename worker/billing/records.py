@@ -135,6 +135,20 @@ class LedgerRecord(Record):
     duration_ms: float
 
 
+class WorkerClaim(Record):
+    """Which running worker holds a worker id, since when, and when it last renewed its claim."""
+
+    worker_id: str
+    instance_id: str
+    # Where it runs: the process (id and start time) on that host. A holder on this host can be seen to
+    # be gone, e.g. after the container restarted, without waiting for its claim to lapse.
+    host: str
+    pid: int
+    process_started_at: float
+    claimed_at: float
+    seen_at: float
+
+
 class LedgerFilter(Record):
     request_id: str | None = None
     key_id: str | None = None

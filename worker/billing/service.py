@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import psutil
+import uuid_utils
 from fastapi import APIRouter
 from pydantic import SecretStr
 from starlette.requests import Request
@@ -24,7 +28,7 @@ from worker.billing.outbox import UsageOutbox
 from worker.billing.pricing import RequestShape, worst_case_micro
 from worker.billing.provenance import ProvenanceSource
 from worker.billing.ratelimit import RateLimiter, retry_after_header
-from worker.billing.records import ApiKey, Reservation, ReserveOutcome, utc_month
+from worker.billing.records import ApiKey, Reservation, ReserveOutcome, WorkerClaim, utc_month
 from worker.billing.store import DuplicateRecordId, LedgerStore, open_store
 from worker.gateway.context import RequestContext
 from worker.gateway.errors import ApiError
@@ -41,6 +45,20 @@ STALE_RESERVATION_S = 6 * 3600
 # models, limits, expiry) made elsewhere show within this time.
 KEY_CACHE_TTL_S = 2.0
 KEY_CACHE_MAX_ENTRIES = 10_000
+
+
+@dataclass(frozen=True)
+class ClaimTiming:
+    """How a worker keeps its worker id to itself in a shared database (see `claim_worker_id`)."""
+
+    renew_s: float = 10.0
+    # A holder not heard from for this long has stopped (killed, or its node gone): its id is free.
+    stale_s: float = 30.0
+    retry_s: float = 1.0
+
+
+class WorkerIdInUse(RuntimeError):
+    """Another running worker holds this worker id in the same database."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +87,8 @@ class BillingService:
         admin_token: SecretStr | None = None,
         limiter: RateLimiter | None = None,
         clock: Callable[[], float] = time.time,
+        instance_id: str | None = None,
+        claim_timing: ClaimTiming | None = None,
     ) -> None:
         self.store = store
         self.worker_id = worker_id
@@ -83,14 +103,24 @@ class BillingService:
         self._background: set[asyncio.Task[bool]] = set()
         # key hash -> (key, when it was read): spares each request a database round trip before the engine.
         self._recent_keys: dict[str, tuple[ApiKey, float]] = {}
+        self.instance_id = instance_id
+        self._claim_timing = claim_timing or ClaimTiming()
+        self._claim_renewal: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(
-        cls, settings: Settings, node_config: NodeConfig, provenance: ProvenanceSource
+        cls,
+        settings: Settings,
+        node_config: NodeConfig,
+        provenance: ProvenanceSource,
+        claim_timing: ClaimTiming | None = None,
     ) -> BillingService:
         worker_id = node_config.worker.id
+        timing = claim_timing or ClaimTiming()
+        instance_id = uuid_utils.uuid7().hex
         store = await open_store(settings.db_url, sqlite_synchronous=settings.db_synchronous)
         try:
+            await _claim_worker_id(store, worker_id, instance_id, timing)
             # Whatever this worker held before a crash or restart will never be settled.
             released = await store.release_reservations(
                 worker_id, older_than=time.time() - STALE_RESERVATION_S
@@ -109,20 +139,49 @@ class BillingService:
             raise
         if not settings.auth:
             logger.warning("API keys are switched off: every request is served and recorded without a key")
-        return cls(
+        service = cls(
             store=store,
             worker_id=worker_id,
             auth_required=settings.auth,
             provenance=provenance,
             outbox=outbox,
             admin_token=settings.admin_token,
+            instance_id=instance_id,
+            claim_timing=timing,
         )
+        service._claim_renewal = asyncio.create_task(service._renew_claim(), name="billing-worker-claim")
+        return service
 
     async def close(self) -> None:
         await asyncio.gather(*self._background, return_exceptions=True)
         if self.outbox is not None:
             await self.outbox.close()
+        if self._claim_renewal is not None:
+            self._claim_renewal.cancel()
+            await asyncio.gather(self._claim_renewal, return_exceptions=True)
+        if self.instance_id is not None:
+            try:  # the next worker with this id may start at once
+                await self.store.release_worker_claim(self.worker_id, self.instance_id)
+            except Exception as error:
+                logger.warning("cannot release the worker id's claim", extra={"error": repr(error)})
         await self.store.close()
+
+    async def _renew_claim(self) -> None:
+        assert self.instance_id is not None
+        while True:
+            await asyncio.sleep(self._claim_timing.renew_s)
+            try:
+                held = await self.store.renew_worker_claim(self.worker_id, self.instance_id, self._clock())
+            except Exception as error:  # the database is unreachable for now; the next round tries again
+                logger.warning("cannot renew the worker id's claim", extra={"error": repr(error)})
+                continue
+            if not held:
+                logger.error(
+                    "another worker took over this worker id after this one went unheard for "
+                    f"{self._claim_timing.stale_s:g} s; give each worker its own worker.id",
+                    extra={"worker_id": self.worker_id},
+                )
+                return
 
     def backlog(self) -> BillingBacklog:
         return BillingBacklog(
@@ -285,6 +344,53 @@ class BillingService:
         from worker.billing.admin_api import build_admin_router
 
         return build_admin_router(self.store, self._admin_token)
+
+
+async def _claim_worker_id(store: LedgerStore, worker_id: str, instance_id: str, timing: ClaimTiming) -> None:
+    """Hold `worker_id` for this worker alone, waiting out the claim of one that stopped unannounced.
+
+    Raises WorkerIdInUse when another worker keeps renewing it: two running workers with one id would
+    release each other's balance holds at start-up and share one outbox cursor.
+    """
+    started = time.time()
+    waited_for: str | None = None
+    gone: str | None = None
+    host, pid, process_started_at = socket.gethostname(), os.getpid(), psutil.Process().create_time()
+    while True:
+        now = time.time()
+        holder = await store.claim_worker_id(
+            WorkerClaim(worker_id=worker_id, instance_id=instance_id, host=host, pid=pid,
+                        process_started_at=process_started_at, claimed_at=now, seen_at=now),
+            stale_before=now - timing.stale_s,
+            gone_instance=gone,
+        )
+        if holder is None:
+            return
+        if holder.host == host and not _process_runs(holder.pid, holder.process_started_at):
+            gone = holder.instance_id  # e.g. this container before it restarted: no need to wait
+            continue
+        if now - started > timing.stale_s + timing.renew_s:
+            raise WorkerIdInUse(
+                f"worker.id '{worker_id}' is in use by another running worker on this billing database "
+                f"(it renewed its claim {now - holder.seen_at:.0f} s ago); give each worker its own worker.id"
+            )
+        if waited_for != holder.instance_id:
+            waited_for = holder.instance_id
+            logger.warning(
+                "worker.id is claimed by another worker; waiting for its claim to lapse",
+                extra={"worker_id": worker_id, "seen_s_ago": round(now - holder.seen_at, 1),
+                       "lapses_after_s": timing.stale_s},
+            )
+        await asyncio.sleep(timing.retry_s)
+
+
+def _process_runs(pid: int, started_at: float) -> bool:
+    try:
+        return abs(psutil.Process(pid).create_time() - started_at) < 0.05
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:  # e.g. not ours to inspect: assume it runs, and wait for its claim to lapse
+        return True
 
 
 def _ids(ctx: RequestContext) -> dict[str, str]:

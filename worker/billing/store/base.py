@@ -16,6 +16,7 @@ from worker.billing.records import (
     NewApiKey,
     Reservation,
     ReserveOutcome,
+    WorkerClaim,
 )
 
 
@@ -110,6 +111,22 @@ class LedgerStore(abc.ABC):
 
     @abc.abstractmethod
     async def count_ledger(self, where: LedgerFilter, after_seq: int = 0) -> int: ...
+
+    # One running worker per worker id.
+    @abc.abstractmethod
+    async def claim_worker_id(
+        self, claim: WorkerClaim, stale_before: float, gone_instance: str | None = None
+    ) -> WorkerClaim | None:
+        """Take `claim.worker_id` for `claim.instance_id`, unless another instance holds it, renewed its
+        claim at or after `stale_before` and is not `gone_instance`: then that holder's claim is returned
+        and nothing changes."""
+
+    @abc.abstractmethod
+    async def renew_worker_claim(self, worker_id: str, instance_id: str, now: float) -> bool:
+        """False when the instance no longer holds the id (another took it over meanwhile)."""
+
+    @abc.abstractmethod
+    async def release_worker_claim(self, worker_id: str, instance_id: str) -> None: ...
 
     # The outbox.
     @abc.abstractmethod

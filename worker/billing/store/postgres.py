@@ -25,6 +25,7 @@ from worker.billing.records import (
     NewApiKey,
     Reservation,
     ReserveOutcome,
+    WorkerClaim,
     utc_month,
 )
 from worker.billing.store.base import DuplicateRecordId, LedgerStore, UnknownAccount
@@ -35,6 +36,7 @@ from worker.billing.store.rows import (
     LEDGER_COLUMNS,
     LEDGER_INSERT_COLUMNS,
     account_from_row,
+    claim_params,
     key_from_row,
     ledger_conditions,
     ledger_from_row,
@@ -48,6 +50,10 @@ from worker.billing.store.sql import (
     KEY_CHARGE,
     KEY_RESERVE,
     KEY_STATE,
+    WORKER_CLAIM,
+    WORKER_CLAIM_HOLDER,
+    WORKER_CLAIM_RELEASE,
+    WORKER_CLAIM_RENEW,
     for_postgres,
 )
 
@@ -335,6 +341,25 @@ class PostgresStore(LedgerStore):
             "SELECT last_seq FROM outbox_cursors WHERE worker_id = $1", worker_id
         )
         return int(value) if value is not None else 0
+
+    async def claim_worker_id(
+        self, claim: WorkerClaim, stale_before: float, gone_instance: str | None = None
+    ) -> WorkerClaim | None:
+        async with self._pool.acquire() as connection, connection.transaction():
+            status = await connection.execute(
+                for_postgres(WORKER_CLAIM), *claim_params(claim), stale_before, gone_instance or ""
+            )
+            if status == "INSERT 0 1":
+                return None
+            row = await connection.fetchrow(for_postgres(WORKER_CLAIM_HOLDER), claim.worker_id)
+        return WorkerClaim(**dict(row))
+
+    async def renew_worker_claim(self, worker_id: str, instance_id: str, now: float) -> bool:
+        status = await self._pool.execute(for_postgres(WORKER_CLAIM_RENEW), worker_id, instance_id, now)
+        return status == "UPDATE 1"
+
+    async def release_worker_claim(self, worker_id: str, instance_id: str) -> None:
+        await self._pool.execute(for_postgres(WORKER_CLAIM_RELEASE), worker_id, instance_id)
 
     async def advance_outbox(self, worker_id: str, seq: int, now: float) -> None:
         await self._pool.execute(

@@ -14,6 +14,7 @@ from worker.billing.records import (
     LedgerFilter,
     LedgerRecord,
     NewApiKey,
+    WorkerClaim,
     from_epoch,
     from_optional_epoch,
     to_epoch,
@@ -106,6 +107,12 @@ KEY_INSERT_COLUMNS = (
     "id, account_id, name, prefix, key_hash, allowed_models, rpm_limit, tpm_limit, monthly_cap_micro, byok, "
     "created_at, expires_at"
 )
+
+
+def claim_params(claim: WorkerClaim) -> tuple[Any, ...]:
+    """The first parameters of WORKER_CLAIM."""
+    return (claim.worker_id, claim.instance_id, claim.host, claim.pid, claim.process_started_at, claim.claimed_at,
+            claim.seen_at)
 
 
 def ledger_params(record: LedgerRecord) -> tuple[Any, ...]:

@@ -97,6 +97,19 @@ def _common_tables(ledger_seq: str, false: str) -> tuple[str, ...]:
     )
 
 
+# Reservations are held in a worker id's name, and a starting worker releases what its id held: two
+# running workers with one id would release each other's. The claim keeps the id to one at a time.
+_WORKER_CLAIMS = """CREATE TABLE worker_claims (
+    worker_id TEXT PRIMARY KEY,
+    instance_id TEXT NOT NULL,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    process_started_at DOUBLE PRECISION NOT NULL,
+    claimed_at DOUBLE PRECISION NOT NULL,
+    seen_at DOUBLE PRECISION NOT NULL
+)"""
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         version=1,
@@ -115,6 +128,12 @@ MIGRATIONS: tuple[Migration, ...] = (
             """CREATE TRIGGER ledger_append_only BEFORE UPDATE OR DELETE ON ledger
                FOR EACH STATEMENT EXECUTE FUNCTION ledger_append_only()""",
         ),
+    ),
+    Migration(
+        version=2,
+        description="worker claims: one running worker per worker id",
+        sqlite=(_WORKER_CLAIMS,),
+        postgres=(_WORKER_CLAIMS,),
     ),
 )
 

@@ -38,6 +38,27 @@ ACCOUNT_CHARGE = """
 UPDATE accounts SET balance_micro = balance_micro - {0}, reserved_micro = reserved_micro - {1}
 WHERE id = {2}"""
 
+# A worker id is claimed by one running worker at a time: a starting worker takes it over only from
+# itself, from a holder that stopped renewing its claim (seen before {7}), or from the holder known to
+# be gone ({8}: an instance id, or '' for none).
+WORKER_CLAIM = """
+INSERT INTO worker_claims (worker_id, instance_id, host, pid, process_started_at, claimed_at, seen_at)
+VALUES ({0}, {1}, {2}, {3}, {4}, {5}, {6})
+ON CONFLICT (worker_id) DO UPDATE SET
+    instance_id = excluded.instance_id, host = excluded.host, pid = excluded.pid,
+    process_started_at = excluded.process_started_at, claimed_at = excluded.claimed_at, seen_at = excluded.seen_at
+WHERE worker_claims.instance_id = excluded.instance_id OR worker_claims.seen_at < {7}
+    OR worker_claims.instance_id = {8}"""
+
+WORKER_CLAIM_HOLDER = (
+    "SELECT worker_id, instance_id, host, pid, process_started_at, claimed_at, seen_at "
+    "FROM worker_claims WHERE worker_id = {0}"
+)
+
+WORKER_CLAIM_RENEW = "UPDATE worker_claims SET seen_at = {2} WHERE worker_id = {0} AND instance_id = {1}"
+
+WORKER_CLAIM_RELEASE = "DELETE FROM worker_claims WHERE worker_id = {0} AND instance_id = {1}"
+
 _MAX_PARAMETERS = 32
 
 

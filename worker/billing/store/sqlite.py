@@ -27,6 +27,7 @@ from worker.billing.records import (
     NewApiKey,
     Reservation,
     ReserveOutcome,
+    WorkerClaim,
     utc_month,
 )
 from worker.billing.store.base import DuplicateRecordId, LedgerStore, UnknownAccount
@@ -37,6 +38,7 @@ from worker.billing.store.rows import (
     LEDGER_COLUMNS,
     LEDGER_INSERT_COLUMNS,
     account_from_row,
+    claim_params,
     key_from_row,
     ledger_conditions,
     ledger_from_row,
@@ -50,6 +52,10 @@ from worker.billing.store.sql import (
     KEY_CHARGE,
     KEY_RESERVE,
     KEY_STATE,
+    WORKER_CLAIM,
+    WORKER_CLAIM_HOLDER,
+    WORKER_CLAIM_RELEASE,
+    WORKER_CLAIM_RENEW,
     for_sqlite,
 )
 from worker.billing.store.sqlite_writer import GroupCommitWriter
@@ -353,6 +359,26 @@ class SqliteStore(LedgerStore):
             return int(row[0]) if row else 0
 
         return await self._read(work)
+
+    async def claim_worker_id(
+        self, claim: WorkerClaim, stale_before: float, gone_instance: str | None = None
+    ) -> WorkerClaim | None:
+        def work(db: sqlite3.Connection) -> WorkerClaim | None:
+            params = (*claim_params(claim), stale_before, gone_instance or "")
+            if db.execute(for_sqlite(WORKER_CLAIM), params).rowcount == 1:
+                return None
+            row = db.execute(for_sqlite(WORKER_CLAIM_HOLDER), (claim.worker_id,)).fetchone()
+            return WorkerClaim(**dict(zip(WorkerClaim.model_fields, row, strict=True)))
+
+        return await self._writer.submit(work)
+
+    async def renew_worker_claim(self, worker_id: str, instance_id: str, now: float) -> bool:
+        return await self._writer.submit(
+            lambda db: db.execute(for_sqlite(WORKER_CLAIM_RENEW), (worker_id, instance_id, now)).rowcount == 1
+        )
+
+    async def release_worker_claim(self, worker_id: str, instance_id: str) -> None:
+        await self._writer.submit(lambda db: db.execute(for_sqlite(WORKER_CLAIM_RELEASE), (worker_id, instance_id)))
 
     async def advance_outbox(self, worker_id: str, seq: int, now: float) -> None:
         def work(db: sqlite3.Connection) -> None:

@@ -1,0 +1,130 @@
+"""One running worker per worker id on a billing database: balance holds are kept in the id's name."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator
+
+import psutil
+import pytest
+
+from tests.billing.support import chat_model, make_key, provenance_for
+from tests.billing.test_ledger_store import reservation
+from worker.billing.records import ReserveOutcome, WorkerClaim
+from worker.billing.service import BillingService, ClaimTiming, WorkerIdInUse
+from worker.billing.store import open_store
+from worker.config import NodeConfig, Settings
+
+# Short enough for a test; the defaults renew every 10 s and give up on a silent holder after 30 s.
+TIMING = ClaimTiming(renew_s=0.05, stale_s=0.5, retry_s=0.05)
+LIVENESS_S = 20.0
+
+
+def node_config(worker_id: str = "worker-1") -> NodeConfig:
+    return NodeConfig(worker={"id": worker_id}, models=[chat_model()])
+
+
+async def open_service(db_url: str, worker_id: str = "worker-1") -> BillingService:
+    settings = Settings(auth=True, db_url=db_url, admin_token=None)
+    return await asyncio.wait_for(
+        BillingService.open(settings, node_config(worker_id), provenance_for, claim_timing=TIMING), LIVENESS_S)
+
+
+@pytest.fixture
+async def first(db_url: str) -> AsyncIterator[BillingService]:
+    service = await open_service(db_url)
+    yield service
+    await service.close()
+
+
+async def test_a_second_worker_with_the_same_id_is_refused_while_the_first_runs(
+    first: BillingService, db_url: str
+) -> None:
+    with pytest.raises(WorkerIdInUse, match="worker.id 'worker-1' is in use by another running worker"):
+        await open_service(db_url)
+    # Another id is no trouble, and the first still holds its own.
+    other = await open_service(db_url, worker_id="worker-2")
+    await other.close()
+    assert first.instance_id is not None
+    assert await first.store.renew_worker_claim("worker-1", first.instance_id, now=first._clock())
+
+
+async def test_a_worker_that_stopped_hands_its_id_on_at_once(db_url: str) -> None:
+    first = await open_service(db_url)
+    await first.close()
+    second = await open_service(db_url)
+    await second.close()
+    assert second.instance_id != first.instance_id
+
+
+async def test_a_killed_workers_id_is_taken_over_and_its_holds_released(db_url: str) -> None:
+    killed = await open_service(db_url)
+    funded = await make_key(killed.store, balance_micro=1_000)
+    assert await killed.store.reserve(reservation(funded.key, 1_000, holder="worker-1")) is ReserveOutcome.reserved
+    # Killed: it neither renews its claim nor releases it, and its hold is never settled.
+    assert killed._claim_renewal is not None
+    killed._claim_renewal.cancel()
+    killed.instance_id = None
+    await killed.close()
+
+    successor = await open_service(db_url)
+    try:
+        account = await successor.store.get_account(funded.account.id)
+        assert account is not None and account.reserved_micro == 0
+    finally:
+        await successor.close()
+
+
+async def test_a_worker_whose_id_was_taken_over_says_so(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    paused = await open_service(db_url)
+    try:
+        assert paused._claim_renewal is not None
+        paused._claim_renewal.cancel()  # unheard for longer than the claim lasts (a long pause, a partition)
+        successor = await open_service(db_url)
+        paused._claim_renewal = asyncio.create_task(paused._renew_claim())
+        with caplog.at_level(logging.ERROR, logger="worker.billing.service"):
+            await asyncio.wait_for(paused._claim_renewal, LIVENESS_S)
+        assert "another worker took over this worker id" in caplog.text
+        await successor.close()
+    finally:
+        await paused.close()
+
+
+async def claim_of_a_process(db_url: str, pid: int, process_started_at: float) -> None:
+    """What a worker on this host left in the database when it stopped without a word, a moment ago."""
+    store = await open_store(db_url)
+    try:
+        now = time.time()
+        assert await store.claim_worker_id(
+            WorkerClaim(worker_id="worker-1", instance_id="before", host=socket.gethostname(), pid=pid,
+                        process_started_at=process_started_at, claimed_at=now, seen_at=now),
+            stale_before=now) is None
+    finally:
+        await store.close()
+
+
+async def test_a_holder_on_this_host_that_is_gone_is_not_waited_for(db_url: str) -> None:
+    ended = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+    assert await ended.wait() == 0
+    await claim_of_a_process(db_url, ended.pid, process_started_at=time.time() - 1)
+    # Waiting for the claim to lapse would outlast the test's patience.
+    service = await asyncio.wait_for(BillingService.open(
+        Settings(auth=True, db_url=db_url, admin_token=None), node_config(), provenance_for,
+        claim_timing=ClaimTiming(renew_s=3600, stale_s=3600)), LIVENESS_S)
+    await service.close()
+
+
+async def test_a_restarted_container_takes_its_id_back_although_its_process_id_is_the_same(db_url: str) -> None:
+    # The same pid (1 in a container, say), but a process that started earlier: this one's predecessor.
+    await claim_of_a_process(db_url, os.getpid(), process_started_at=psutil.Process().create_time() - 60)
+    service = await asyncio.wait_for(BillingService.open(
+        Settings(auth=True, db_url=db_url, admin_token=None), node_config(), provenance_for,
+        claim_timing=ClaimTiming(renew_s=3600, stale_s=3600)), LIVENESS_S)
+    await service.close()
