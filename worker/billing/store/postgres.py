@@ -36,6 +36,7 @@ from worker.billing.store.rows import (
     LEDGER_COLUMNS,
     LEDGER_INSERT_COLUMNS,
     account_from_row,
+    claim_from_row,
     claim_params,
     key_from_row,
     ledger_conditions,
@@ -66,6 +67,10 @@ _KEY_STATE = for_postgres(KEY_STATE)
 _ACCOUNT_RESERVE = for_postgres(ACCOUNT_RESERVE) + " RETURNING id"
 _KEY_CHARGE = for_postgres(KEY_CHARGE)
 _ACCOUNT_CHARGE = for_postgres(ACCOUNT_CHARGE)
+_WORKER_CLAIM = for_postgres(WORKER_CLAIM)
+_WORKER_CLAIM_HOLDER = for_postgres(WORKER_CLAIM_HOLDER)
+_WORKER_CLAIM_RENEW = for_postgres(WORKER_CLAIM_RENEW)
+_WORKER_CLAIM_RELEASE = for_postgres(WORKER_CLAIM_RELEASE)
 _INSERT_LEDGER = (
     f"INSERT INTO ledger ({', '.join(LEDGER_INSERT_COLUMNS)}) "
     f"VALUES ({', '.join(f'${i}' for i in range(1, len(LEDGER_INSERT_COLUMNS) + 1))}) "
@@ -347,19 +352,18 @@ class PostgresStore(LedgerStore):
     ) -> WorkerClaim | None:
         async with self._pool.acquire() as connection, connection.transaction():
             status = await connection.execute(
-                for_postgres(WORKER_CLAIM), *claim_params(claim), stale_before, gone_instance or ""
+                _WORKER_CLAIM, *claim_params(claim), stale_before, gone_instance or ""
             )
             if status == "INSERT 0 1":
                 return None
-            row = await connection.fetchrow(for_postgres(WORKER_CLAIM_HOLDER), claim.worker_id)
-        return WorkerClaim(**dict(row))
+            return claim_from_row(await connection.fetchrow(_WORKER_CLAIM_HOLDER, claim.worker_id))
 
     async def renew_worker_claim(self, worker_id: str, instance_id: str, now: float) -> bool:
-        status = await self._pool.execute(for_postgres(WORKER_CLAIM_RENEW), worker_id, instance_id, now)
+        status = await self._pool.execute(_WORKER_CLAIM_RENEW, worker_id, instance_id, now)
         return status == "UPDATE 1"
 
     async def release_worker_claim(self, worker_id: str, instance_id: str) -> None:
-        await self._pool.execute(for_postgres(WORKER_CLAIM_RELEASE), worker_id, instance_id)
+        await self._pool.execute(_WORKER_CLAIM_RELEASE, worker_id, instance_id)
 
     async def advance_outbox(self, worker_id: str, seq: int, now: float) -> None:
         await self._pool.execute(

@@ -109,6 +109,10 @@ KEY_INSERT_COLUMNS = (
 )
 
 
+def claim_from_row(row: Mapping[str, Any]) -> WorkerClaim:
+    return WorkerClaim.model_validate(dict(row))
+
+
 def claim_params(claim: WorkerClaim) -> tuple[Any, ...]:
     """The first parameters of WORKER_CLAIM."""
     return (claim.worker_id, claim.instance_id, claim.host, claim.pid, claim.process_started_at, claim.claimed_at,

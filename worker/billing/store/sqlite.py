@@ -38,6 +38,7 @@ from worker.billing.store.rows import (
     LEDGER_COLUMNS,
     LEDGER_INSERT_COLUMNS,
     account_from_row,
+    claim_from_row,
     claim_params,
     key_from_row,
     ledger_conditions,
@@ -67,6 +68,10 @@ _KEY_STATE = for_sqlite(KEY_STATE)
 _ACCOUNT_RESERVE = for_sqlite(ACCOUNT_RESERVE)
 _KEY_CHARGE = for_sqlite(KEY_CHARGE)
 _ACCOUNT_CHARGE = for_sqlite(ACCOUNT_CHARGE)
+_WORKER_CLAIM = for_sqlite(WORKER_CLAIM)
+_WORKER_CLAIM_HOLDER = for_sqlite(WORKER_CLAIM_HOLDER)
+_WORKER_CLAIM_RENEW = for_sqlite(WORKER_CLAIM_RENEW)
+_WORKER_CLAIM_RELEASE = for_sqlite(WORKER_CLAIM_RELEASE)
 _INSERT_LEDGER = (
     f"INSERT INTO ledger ({', '.join(LEDGER_INSERT_COLUMNS)}) "
     f"VALUES ({', '.join('?' * len(LEDGER_INSERT_COLUMNS))}) "
@@ -365,20 +370,19 @@ class SqliteStore(LedgerStore):
     ) -> WorkerClaim | None:
         def work(db: sqlite3.Connection) -> WorkerClaim | None:
             params = (*claim_params(claim), stale_before, gone_instance or "")
-            if db.execute(for_sqlite(WORKER_CLAIM), params).rowcount == 1:
+            if db.execute(_WORKER_CLAIM, params).rowcount == 1:
                 return None
-            row = db.execute(for_sqlite(WORKER_CLAIM_HOLDER), (claim.worker_id,)).fetchone()
-            return WorkerClaim(**dict(zip(WorkerClaim.model_fields, row, strict=True)))
+            return claim_from_row(db.execute(_WORKER_CLAIM_HOLDER, (claim.worker_id,)).fetchone())
 
         return await self._writer.submit(work)
 
     async def renew_worker_claim(self, worker_id: str, instance_id: str, now: float) -> bool:
         return await self._writer.submit(
-            lambda db: db.execute(for_sqlite(WORKER_CLAIM_RENEW), (worker_id, instance_id, now)).rowcount == 1
+            lambda db: db.execute(_WORKER_CLAIM_RENEW, (worker_id, instance_id, now)).rowcount == 1
         )
 
     async def release_worker_claim(self, worker_id: str, instance_id: str) -> None:
-        await self._writer.submit(lambda db: db.execute(for_sqlite(WORKER_CLAIM_RELEASE), (worker_id, instance_id)))
+        await self._writer.submit(lambda db: db.execute(_WORKER_CLAIM_RELEASE, (worker_id, instance_id)))
 
     async def advance_outbox(self, worker_id: str, seq: int, now: float) -> None:
         def work(db: sqlite3.Connection) -> None:
