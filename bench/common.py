@@ -306,6 +306,11 @@ def rotated(paths: tuple[str, ...], round_index: int) -> tuple[str, ...]:
     return paths[shift:] + paths[:shift]
 
 
+def table_head(header: str) -> list[str]:
+    """A Markdown table's header line (`| a | b |`) and the separator line under it."""
+    return [header, "|" + "---|" * (header.count("|") - 1)]
+
+
 def fmt(value: float, digits: int = 0) -> str:
     return "n/a" if math.isnan(value) else f"{value:,.{digits}f}"
 

@@ -17,6 +17,7 @@ from bench.common import (
     package_version,
     paired_ratio,
     pooled_ratio,
+    table_head,
     vllm_version,
 )
 
@@ -104,7 +105,7 @@ def goals(concurrencies: list[int]) -> list[Goal]:
 def render_goals(runs: list[EngineRun]) -> str:
     rows = {(row.engine, row.concurrency): row for run in runs for row in run.rows}
     concurrencies = sorted({concurrency for _, concurrency in rows})
-    lines = ["| engine | streams | goal | measured | met |", "|---|---|---|---|---|"]
+    lines = table_head("| engine | streams | goal | measured | met |")
     for goal in goals(concurrencies):
         row = rows.get((goal.engine, goal.concurrency))
         if row is None:
@@ -119,7 +120,7 @@ def render_summary(runs: list[EngineRun]) -> str:
     header = ("| engine | streams | worker / direct tok/s | worker / direct, paired | LiteLLM / direct tok/s "
               "| worker / LiteLLM tok/s | worker / LiteLLM, paired | added TTFT p50 worker | added TTFT p50 LiteLLM "
               "| failed direct / worker / LiteLLM |")
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    lines = table_head(header)
     for run in runs:
         for row in run.rows:
             direct, worker, litellm = (row.paths[path] for path in PATHS)
@@ -137,7 +138,7 @@ def render_details(runs: list[EngineRun]) -> str:
     header = ("| engine | streams | path | requests per run | output tokens per request | output tok/s | requests/s "
               "| TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | tok/s / direct | added TTFT p50 | gateway CPU ms per request "
               "| failed |")
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    lines = table_head(header)
     for run in runs:
         for row in run.rows:
             for path in PATHS:

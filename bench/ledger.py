@@ -42,6 +42,7 @@ from bench.common import (
     pct,
     rotated,
     running_worker,
+    table_head,
     vllm_version,
 )
 from tests.fixtures.tiny_model import make_tiny_model
@@ -106,7 +107,7 @@ def render_report(rows: list[LedgerRow], shape: LoadShape, started: datetime.dat
               "cost (paired median) | per-round cost, min .. max | rounds the ledger-on worker was faster | "
               "worker CPU ms per request, off / on | of which outside the event loop thread, off / on | "
               "TTFT p50 off | TTFT p50 on | failed off / on |")
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    lines = table_head(header)
     for row in rows:
         off = row.paths["ledger_off"]
         for path, name in PATH_NAMES.items():
