@@ -344,7 +344,8 @@ def test_client_disconnect_mid_stream_aborts_the_vllm_request(worker: WorkerProc
         chunks = response.iter_bytes()  # kept referenced: a closed iterator would close the connection
         # The first token, not an SSE keep-alive comment sent while vLLM had not yet taken the request.
         next(chunk for chunk in chunks if b"data: " in chunk)
-        assert metric_total(engine_url, "vllm:num_requests_running") == 1
+        # Hang up at once: on CPU the tiny model can finish all of max_tokens in well under a
+        # second, so even a metrics scrape here could let the request end before the client leaves.
     assert wait_until(lambda: metric_total(engine_url, "vllm:num_requests_running") == 0, timeout_s=30)
     # An aborted request stops generating: far fewer tokens than it asked for were produced.
     generated = metric_total(engine_url, "vllm:generation_tokens_total") - generated_before
