@@ -134,9 +134,10 @@ The load generator, the workers and the engines share these cores, so read the r
 
 Three workers, each a real `worker serve --engine config` in front of its own engine ({SETUP.describe}),
 identical but for the ledger; auth and admission control off in all. With the ledger on, every request is
-recorded in SQLite (WAL, batched group commit off the event loop) before its last byte is sent: with the default
-`synchronous=NORMAL` (a record survives the worker being killed, not a power loss) or with
-`WORKER_DB_SYNCHRONOUS=full` (each batch is also fsynced). With the ledger off, the billing hook is not installed
+recorded in SQLite (WAL, batched group commits off the event loop): with the default `synchronous=NORMAL` (a
+record survives the worker being killed, not a power loss), the record is appended to the worker's journal
+file before the last byte is sent and committed with the next 50 ms of records; with
+`WORKER_DB_SYNCHRONOUS=full`, each batch is also fsynced and a stream's last byte waits for its commit. With the ledger off, the billing hook is not installed
 at all; provenance headers and `usage.cost` come from their own hook and are sent either way. Each worker first
 serves one unrecorded run; then, at each concurrency, the same load goes to the three in turn, {shape.rounds}
 rounds of one run each, each worker going first in turn.

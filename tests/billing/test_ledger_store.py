@@ -347,25 +347,34 @@ from worker.billing.store import open_store
 
 async def main():
     store = await open_store(sys.argv[1], sqlite_synchronous=sys.argv[2])
+    journal = sys.argv[3] == "journal"
+    if journal:
+        await store.start_journal("worker-1")
     batch = 0
     while True:
         ids = [f"rec-{batch}-{i}" for i in range(8)]
-        await asyncio.gather(*(store.settle(ledger_record(record_id)) for record_id in ids))
-        print(*ids, sep="\\n", flush=True)  # acknowledged: each write above has committed
+        if journal:  # acknowledged: each record above is journaled (SQLite) or committed
+            await asyncio.gather(*(store.settle_soon(ledger_record(record_id)) for record_id in ids))
+        else:  # acknowledged: each write above has committed
+            await asyncio.gather(*(store.settle(ledger_record(record_id)) for record_id in ids))
+        print(*ids, sep="\\n", flush=True)
         batch += 1
 
 asyncio.run(main())
 """
 
 
-async def test_acknowledged_records_survive_sigkill(db_url: str) -> None:
-    # SQLite's weaker setting: with synchronous=NORMAL a killed process still loses nothing committed.
+@pytest.mark.parametrize("acknowledged_when", ["committed", "journal"])
+async def test_acknowledged_records_survive_sigkill(db_url: str, acknowledged_when: str) -> None:
+    # SQLite's weaker setting: with synchronous=NORMAL a killed process still loses nothing committed,
+    # nor anything journaled, once the next worker with its id has started.
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
         _WRITER,
         db_url,
         "normal",
+        acknowledged_when,
         stdout=asyncio.subprocess.PIPE,
         cwd=Path(__file__).resolve().parents[2],
     )
@@ -381,10 +390,12 @@ async def test_acknowledged_records_survive_sigkill(db_url: str) -> None:
         await process.wait()
     store = await open_store(db_url)
     try:
-        recorded = {r.record_id for r in await store.query_ledger(LedgerFilter(), limit=100_000)}
+        await store.start_journal("worker-1")
+        recorded = [r.record_id for r in await store.query_ledger(LedgerFilter(), limit=100_000)]
     finally:
         await store.close()
-    assert set(acknowledged) <= recorded
+    assert set(acknowledged) <= set(recorded)
+    assert len(recorded) == len(set(recorded))
 
 
 async def test_a_database_from_a_newer_worker_is_refused(db_url: str) -> None:

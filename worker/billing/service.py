@@ -13,6 +13,7 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import psutil
@@ -121,6 +122,7 @@ class BillingService:
         store = await open_store(settings.db_url, sqlite_synchronous=settings.db_synchronous)
         try:
             await _claim_worker_id(store, worker_id, instance_id, timing)
+            await store.start_journal(worker_id)
             # Whatever this worker held before a crash or restart will never be settled.
             released = await store.release_reservations(
                 worker_id, older_than=time.time() - STALE_RESERVATION_S
@@ -159,6 +161,7 @@ class BillingService:
         if self._claim_renewal is not None:
             self._claim_renewal.cancel()
             await asyncio.gather(self._claim_renewal, return_exceptions=True)
+        await self.store.flush()  # before the claim goes: the next holder of the id settles what is left
         if self.instance_id is not None:
             try:  # the next worker with this id may start at once
                 await self.store.release_worker_claim(self.worker_id, self.instance_id)
@@ -310,18 +313,21 @@ class BillingService:
                 actual = record.prompt_tokens + record.completion_tokens
                 self._limiter.correct_tokens(principal.key.id, estimated=principal.rate_tokens, actual=actual)
         try:
-            await self.store.settle(record)
-        except DuplicateRecordId:
-            logger.error("this request was settled already; not recorded or charged again", extra=_ids(ctx))
-            return
+            settled = await self.store.settle_soon(record)
         except Exception as error:
-            # The reservation stays held (so the balance errs on the safe side) until the next restart.
-            logger.error(
-                "ledger write failed",
-                extra={**_ids(ctx), "error": repr(error), "cost_micro": record.cost_micro},
-            )
+            _log_unsettled(error, ids=_ids(ctx), cost_micro=record.cost_micro)
             return
-        if self.outbox is not None:
+        on_settled = partial(self._on_settled, ids=_ids(ctx), cost_micro=record.cost_micro)
+        if settled.done():  # settled already (no journal): report it now, not on a later turn of the loop
+            on_settled(settled)
+        else:
+            settled.add_done_callback(on_settled)
+
+    def _on_settled(self, settled: asyncio.Future[int], *, ids: dict[str, str], cost_micro: int) -> None:
+        error = settled.exception()
+        if error is not None:
+            _log_unsettled(error, ids=ids, cost_micro=cost_micro)
+        elif self.outbox is not None:
             self.outbox.notify()
 
     async def _authenticate_for(self, ctx: RequestContext, request: Request) -> ApiKey:
@@ -391,6 +397,15 @@ def _process_runs(pid: int, started_at: float) -> bool:
         return False
     except psutil.Error:  # e.g. not ours to inspect: assume it runs, and wait for its claim to lapse
         return True
+
+
+def _log_unsettled(error: BaseException, *, ids: dict[str, str], cost_micro: int) -> None:
+    if isinstance(error, DuplicateRecordId):
+        logger.error("this request was settled already; not recorded or charged again", extra=ids)
+    else:
+        # The reservation stays held (so the balance errs on the safe side) until the next restart,
+        # which also settles what the journal kept.
+        logger.error("ledger write failed", extra={**ids, "error": repr(error), "cost_micro": cost_micro})
 
 
 def _ids(ctx: RequestContext) -> dict[str, str]:

@@ -33,8 +33,9 @@ class Settings(BaseSettings):
     db_synchronous: Literal["full", "normal"] = Field(
         default="normal",
         description="SQLite only. normal: records survive the worker process being killed (SIGKILL "
-        "included), not a power loss or OS crash; full: every commit is also fsynced (records survive a "
-        "power loss), at the cost of one disk sync before each batch of streams can end",
+        "included), not a power loss or OS crash; a response's record is journaled in a file beside the "
+        "database and committed in batches. full: every commit is also fsynced (records survive a power "
+        "loss), at the cost of a commit and a disk sync before each batch of streams can end",
     )
     usage_webhook_url: HttpUrl | None = Field(
         default=None, description="POST every ledger record here, in order (Idempotency-Key: record id)"

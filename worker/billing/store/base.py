@@ -6,6 +6,7 @@ SQLite and PostgreSQL implement all of it; callers never ask which one they have
 from __future__ import annotations
 
 import abc
+import asyncio
 from typing import Literal
 
 from worker.billing.records import (
@@ -87,6 +88,29 @@ class LedgerStore(abc.ABC):
         DuplicateRecordId (and charges nothing) when the record id is already in the ledger, so settling
         the same record twice never charges twice. Request ids may repeat freely.
         """
+
+    async def settle_soon(self, record: LedgerRecord) -> asyncio.Future[int]:
+        """Like `settle`, but return as soon as the record will survive the worker being killed.
+
+        The returned future holds what `settle` would have returned or raised. A store that journals
+        records (SQLite with synchronous=NORMAL, see `start_journal`) returns before the database
+        commit; the others once it is done. Raises when the record could not be kept at all.
+        """
+        settled: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        try:
+            settled.set_result(await self.settle(record))
+        except DuplicateRecordId as duplicate:
+            settled.set_exception(duplicate)
+        return settled
+
+    async def flush(self) -> None:
+        """Return once every record `settle_soon` took is settled in the database (or has failed)."""
+
+    async def start_journal(self, worker_id: str) -> int:
+        """Begin journaling `worker_id`'s records (where the store does), after settling what the
+        journal holds from a previous run of that worker id. Returns how many records that added to the
+        ledger. Call it only while holding the worker id's claim."""
+        return 0
 
     @abc.abstractmethod
     async def release_reservation(self, record_id: str) -> bool:

@@ -2,20 +2,25 @@
 
 Durability: WAL journal. With `synchronous=NORMAL` (default) a commit reaches the WAL file but is
 fsynced only at checkpoints: records survive the process being killed (SIGKILL included), not a power
-loss or kernel crash. With `synchronous=FULL` every committed batch is fsynced, so records survive a
-crash of the machine too; each stream then waits for a disk sync before its last byte. Writes go
-through one thread in batches; reads use a small thread pool of their own connections (WAL lets them
-read while the writer writes).
+loss or kernel crash. With NORMAL a response's record is first appended to the worker's journal (a file
+beside the database, with the same durability; see journal.py) and reaches SQLite with the records of
+the next 50 ms in one commit, so no stream waits for a commit. With `synchronous=FULL` every committed
+batch is fsynced, so records survive a crash of the machine too; each stream then waits for its commit
+and a disk sync before its last byte. Writes go through one thread in batches; reads use a small
+thread pool of their own connections (WAL lets them read while the writer writes), and first wait for
+the journaled records, so a read sees every record settled before it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -31,6 +36,7 @@ from worker.billing.records import (
     utc_month,
 )
 from worker.billing.store.base import DuplicateRecordId, LedgerStore, UnknownAccount
+from worker.billing.store.journal import LedgerJournal
 from worker.billing.store.rows import (
     ACCOUNT_COLUMNS,
     KEY_COLUMNS,
@@ -62,6 +68,10 @@ from worker.billing.store.sql import (
 from worker.billing.store.sqlite_writer import GroupCommitWriter
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
+# Journaled records reach SQLite in batches this far apart (or this large), not one commit per response.
+JOURNAL_FLUSH_S = 0.05
+JOURNAL_BATCH_MAX = 256
 _BUSY_TIMEOUT_S = 30.0
 _KEY_RESERVE = for_sqlite(KEY_RESERVE)
 _KEY_STATE = for_sqlite(KEY_STATE)
@@ -97,6 +107,11 @@ class SqliteStore(LedgerStore):
         self._path = path
         self._synchronous = synchronous.upper()
         self._writer = GroupCommitWriter(self._connect_writer)
+        # Journaled ledger rows not yet handed to the writer, and the batches of them it has not committed.
+        self._journal: LedgerJournal | None = None
+        self._journaled: list[tuple[tuple[Any, ...], asyncio.Future[int]]] = []
+        self._journal_flush: asyncio.TimerHandle | None = None
+        self._journal_batches: set[asyncio.Task[None]] = set()
         self._local = threading.local()
         self._reader_connections: list[sqlite3.Connection] = []
         self._reader_lock = threading.Lock()
@@ -163,9 +178,14 @@ class SqliteStore(LedgerStore):
             connection.close()
 
     async def _read(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        if self._journaled or self._journal_batches:
+            await self.flush()  # a read sees every record settled before it
         return await asyncio.wrap_future(self._readers.submit(lambda: work(self._local.connection)))
 
     async def close(self) -> None:
+        await self.flush()
+        if self._journal is not None:
+            self._journal.close()
         await self._writer.close()
         await asyncio.to_thread(self._readers.shutdown, wait=True)
         with self._reader_lock:
@@ -175,7 +195,7 @@ class SqliteStore(LedgerStore):
 
     @property
     def pending_writes(self) -> int:
-        return self._writer.queued
+        return self._writer.queued + len(self._journaled)
 
     # Accounts and keys.
     async def create_account(
@@ -300,6 +320,74 @@ class SqliteStore(LedgerStore):
             raise DuplicateRecordId(record.record_id)
         return seq
 
+    async def start_journal(self, worker_id: str) -> int:
+        if self._synchronous != "NORMAL":  # FULL promises more than a file append in the page cache
+            return 0
+        directory = self._path.with_name(f"{self._path.name}.journal") / worker_id
+        journal, leftovers = await asyncio.to_thread(LedgerJournal.open, directory)
+        added = 0
+        for path in leftovers:
+            rows = await asyncio.to_thread(LedgerJournal.read, path)
+            seqs = await self._writer.submit(partial(_settle_each, rows=rows), after_commit=partial(path.unlink, missing_ok=True))
+            added += sum(seq is not None for seq in seqs)
+        if leftovers:
+            logger.warning(
+                "settled the ledger journal of this worker's previous run",
+                extra={"files": len(leftovers), "records_added": added},
+            )
+        self._journal = journal
+        return added
+
+    async def settle_soon(self, record: LedgerRecord) -> asyncio.Future[int]:
+        if self._journal is None:
+            return await super().settle_soon(record)
+        row = ledger_params(record)
+        self._journal.append(row)
+        loop = asyncio.get_running_loop()
+        settled: asyncio.Future[int] = loop.create_future()
+        self._journaled.append((row, settled))
+        if len(self._journaled) >= JOURNAL_BATCH_MAX:
+            self._hand_journaled_over()
+        elif self._journal_flush is None:
+            self._journal_flush = loop.call_later(JOURNAL_FLUSH_S, self._hand_journaled_over)
+        return settled
+
+    def _hand_journaled_over(self) -> None:
+        if self._journal_flush is not None:
+            self._journal_flush.cancel()
+            self._journal_flush = None
+        if not self._journaled:
+            return
+        assert self._journal is not None
+        batch, self._journaled = self._journaled, []
+        path = self._journal.seal()
+        task = asyncio.ensure_future(self._settle_journaled(batch, path))
+        self._journal_batches.add(task)
+        task.add_done_callback(self._journal_batches.discard)
+
+    async def _settle_journaled(
+        self, batch: list[tuple[tuple[Any, ...], asyncio.Future[int]]], path: Path | None
+    ) -> None:
+        try:
+            seqs = await self._writer.submit(
+                partial(_settle_each, rows=[row for row, _ in batch]),
+                after_commit=partial(path.unlink, missing_ok=True) if path is not None else None,
+            )
+        except Exception as error:  # the rows stay in the journal file; the next start settles them
+            for _, settled in batch:
+                settled.set_exception(error)
+            return
+        for (row, settled), seq in zip(batch, seqs, strict=True):
+            if seq is None:
+                settled.set_exception(DuplicateRecordId(row[_RECORD_ID]))
+            else:
+                settled.set_result(seq)
+
+    async def flush(self) -> None:
+        self._hand_journaled_over()
+        if self._journal_batches:
+            await asyncio.gather(*self._journal_batches, return_exceptions=True)
+
     async def release_reservation(self, record_id: str) -> bool:
         return await self._release("record_id = ?", (record_id,)) > 0
 
@@ -410,6 +498,18 @@ def _settle_rows(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[in
         if row[_KEY_ID] is not None or row[_ACCOUNT_ID] is not None:
             _charge(db, row)
     return list(range(last - len(rows) + 1, last + 1))
+
+
+def _settle_each(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[int | None]:
+    """`_settle_rows`, and when a row's record id is in the ledger already, row by row."""
+    db.execute("SAVEPOINT rows")
+    try:
+        seqs = _settle_rows(db, rows)
+    except DuplicateRecordId:
+        db.execute("ROLLBACK TO rows")
+        seqs = [_settle_rows(db, [row])[0] for row in rows]
+    db.execute("RELEASE rows")
+    return seqs
 
 
 def _charge(db: sqlite3.Connection, row: tuple[Any, ...]) -> None:

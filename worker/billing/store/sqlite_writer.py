@@ -38,6 +38,8 @@ class _Job:
     work: Callable[[sqlite3.Connection], Any] | None = None
     many: ManyWork | None = None
     item: Any = None
+    # Runs in the writer thread once the job's work has committed (not when it failed).
+    after_commit: Callable[[], None] | None = None
 
     def run_alone(self, connection: sqlite3.Connection) -> Any:
         if self.many is not None:
@@ -81,9 +83,13 @@ class GroupCommitWriter:
         """Writes submitted and not yet committed."""
         return len(self._waiting) + self._in_flight
 
-    async def submit(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `work` in a write transaction; returns its result once that transaction has committed."""
-        return await self._enqueue(_Job(self._new_future(), work=work))
+    async def submit(
+        self, work: Callable[[sqlite3.Connection], T], *, after_commit: Callable[[], None] | None = None
+    ) -> T:
+        """Run `work` in a write transaction; returns its result once that transaction has committed.
+
+        `after_commit` runs in the writer thread right after the commit, if `work` succeeded."""
+        return await self._enqueue(_Job(self._new_future(), work=work, after_commit=after_commit))
 
     async def submit_item(self, many: ManyWork, item: Any) -> Any:
         """Like `submit`, for writes of one kind: items of the same `many` that meet in a batch are
@@ -164,6 +170,7 @@ class GroupCommitWriter:
                 for job in group:
                     _run_in_savepoint(connection, job, outcomes)
             connection.execute("COMMIT")
+            _run_after_commit(batch, outcomes)
         except Exception as batch_error:  # e.g. disk full or database locked: every caller hears of it
             logger.error(
                 "billing write batch failed", extra={"batch": len(batch), "error": repr(batch_error)}
@@ -175,6 +182,16 @@ class GroupCommitWriter:
                 logger.exception("billing write batch could not be rolled back")
             outcomes = [(job.future, None, batch_error) for job in batch]
         return outcomes
+
+
+def _run_after_commit(batch: list[_Job], outcomes: list[_Outcome]) -> None:
+    failed = {id(future) for future, _, error in outcomes if error is not None}
+    for job in batch:
+        if job.after_commit is not None and id(job.future) not in failed:
+            try:
+                job.after_commit()
+            except Exception:  # the commit stands; only the clean-up after it failed
+                logger.exception("billing post-commit step failed")
 
 
 def _groups(batch: list[_Job]) -> Iterator[list[_Job]]:
