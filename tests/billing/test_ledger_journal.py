@@ -84,7 +84,9 @@ async def test_a_read_sees_every_record_settled_before_it(journaled: LedgerStore
 
 async def test_a_duplicate_in_a_journaled_batch_fails_alone(journaled: LedgerStore) -> None:
     await journaled.settle(ledger_record("rec-dup"))
-    settling = [await journaled.settle_soon(ledger_record(record_id)) for record_id in ("rec-a", "rec-dup", "rec-b")]
+    settling = [
+        await journaled.settle_soon(ledger_record(record_id)) for record_id in ("rec-a", "rec-dup", "rec-b")
+    ]
     results = await asyncio.gather(*settling, return_exceptions=True)
     assert isinstance(results[1], DuplicateRecordId)
     assert all(isinstance(seq, int) for seq in (results[0], results[2]))
@@ -104,7 +106,9 @@ async def test_the_journal_left_by_a_killed_worker_is_settled_at_its_next_start(
     # file was not yet removed, and a line torn by a machine crash.
     journaled = ledger_record(held.record_id, key=funded.key, cost=70)
     write_journal(db_path, "000000000007.jsonl", [orjson.dumps(ledger_params(committed))])
-    write_journal(db_path, "000000000008.jsonl", [orjson.dumps(ledger_params(journaled)), b'["rec-torn", "re'])
+    write_journal(
+        db_path, "000000000008.jsonl", [orjson.dumps(ledger_params(journaled)), b'["rec-torn", "re']
+    )
 
     store = await open_store(f"sqlite:///{db_path}")
     try:

@@ -69,5 +69,7 @@ class LedgerJournal:
                 rows.append(tuple(orjson.loads(line)))
             except orjson.JSONDecodeError:
                 # Only a machine crash can tear a line, and only the last one; that record was not sent.
-                logger.error("unreadable line in the ledger journal", extra={"file": str(path), "line": number})
+                logger.error(
+                    "unreadable line in the ledger journal", extra={"file": str(path), "line": number}
+                )
         return rows

@@ -328,7 +328,9 @@ class SqliteStore(LedgerStore):
         added = 0
         for path in leftovers:
             rows = await asyncio.to_thread(LedgerJournal.read, path)
-            seqs = await self._writer.submit(partial(_settle_each, rows=rows), after_commit=partial(path.unlink, missing_ok=True))
+            seqs = await self._writer.submit(
+                partial(_settle_each, rows=rows), after_commit=partial(path.unlink, missing_ok=True)
+            )
             added += sum(seq is not None for seq in seqs)
         if leftovers:
             logger.warning(
