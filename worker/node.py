@@ -73,7 +73,7 @@ class WorkerNode:
         self.gateway = Gateway(config, self.capacity.admission,
                                hooks=[GatewayMetrics(self.registry), AccessLog(), DisclosureHook(self.provenance_cache)])
         self.app: FastAPI = create_app(self.gateway, lifespan=self._lifespan,
-                                       models_listing=self.catalog.listing, readiness=self.capacity.readiness)
+                                       models_listing=self.catalog.listing, readiness=self.readiness)
         self.app.add_api_route("/metrics", self.metrics, methods=["GET"], include_in_schema=False)
         self.app.include_router(build_capacity_router(self.capacity, settings.admin_token))
         self.app.include_router(build_listing_router(self.catalog))
@@ -113,6 +113,12 @@ class WorkerNode:
         await self.gateway.aclose()
         if self.billing is not None:
             await self.billing.close()
+
+    def readiness(self) -> tuple[bool, dict[str, object]]:
+        ok, detail = self.capacity.readiness()
+        if self.billing is not None and self.billing.claim_lost:
+            return False, {**detail, "worker_id_taken_over": True}
+        return ok, detail
 
     def provenance(self, replica: Replica | None) -> Provenance:
         """Where a request ran, for response headers and the ledger (read through `provenance_cache`)."""

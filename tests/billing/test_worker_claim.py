@@ -9,16 +9,22 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
-from tests.billing.support import chat_model, make_key, provenance_for
+from tests.billing.support import bearer, chat_model, make_context, make_key, make_request, provenance_for
 from tests.billing.test_ledger_store import reservation
+from tests.capacity.capacity_support import FAST_HEALTH, chat_body, paced_model
+from tests.support.worker_process import eventually, serving
 from worker.billing.records import ReserveOutcome, WorkerClaim
 from worker.billing.service import BillingService, ClaimTiming, WorkerIdInUse
 from worker.billing.store import open_store
 from worker.config import NodeConfig, Settings
+from worker.gateway.errors import ApiError
+from worker.node import WorkerNode
 
 # Short enough for a test; the defaults renew every 10 s and give up on a silent holder after 30 s.
 TIMING = ClaimTiming(renew_s=0.05, stale_s=0.5, retry_s=0.05)
@@ -92,6 +98,12 @@ async def test_a_worker_whose_id_was_taken_over_says_so(
         with caplog.at_level(logging.ERROR, logger="worker.billing.service"):
             await asyncio.wait_for(paused._claim_renewal, LIVENESS_S)
         assert "another worker took over this worker id" in caplog.text
+        # Its requests are refused from now on: the successor may release what they would hold.
+        funded = await make_key(paused.store, balance_micro=1_000_000)
+        with pytest.raises(ApiError) as refused:
+            await paused.before_request(make_context(chat_model()), make_request(bearer(funded.plaintext)))
+        assert (refused.value.status, refused.value.code) == (503, "worker_id_taken_over")
+        assert refused.value.headers["retry-after"] == "5"
         await successor.close()
     finally:
         await paused.close()
@@ -128,3 +140,27 @@ async def test_a_restarted_container_takes_its_id_back_although_its_process_id_i
         Settings(auth=True, db_url=db_url, admin_token=None), node_config(), provenance_for,
         claim_timing=ClaimTiming(renew_s=3600, stale_s=3600)), LIVENESS_S)
     await service.close()
+
+
+async def test_a_node_whose_worker_id_was_taken_over_is_not_ready_and_refuses_requests(tmp_path: Path) -> None:
+    config = NodeConfig.model_validate({
+        "worker": {"id": "worker-1", "engine_health": FAST_HEALTH},
+        "models": [paced_model("acme/chat", step_ms=1.0)],
+    })
+    settings = Settings(auth=False, db_url=f"sqlite:///{tmp_path / 'ledger.db'}", admin_token=None)
+    node = WorkerNode(config, settings, gpu_count=0)
+    async with serving(node.app) as base_url, httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+        assert await eventually(lambda: _ready(client, 200))
+        assert (await client.post("/v1/chat/completions", json=chat_body("acme/chat", 4))).status_code == 200
+        assert node.billing is not None
+        node.billing.claim_lost = True  # what the claim's renewal sets when another worker took the id
+
+        assert (await client.get("/health/ready")).json()["worker_id_taken_over"] is True
+        assert await _ready(client, 503)
+        refused = await client.post("/v1/chat/completions", json=chat_body("acme/chat", 4))
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "worker_id_taken_over"
+
+
+async def _ready(client: httpx.AsyncClient, status: int) -> bool:
+    return (await client.get("/health/ready")).status_code == status

@@ -107,6 +107,8 @@ class BillingService:
         self.instance_id = instance_id
         self._claim_timing = claim_timing or ClaimTiming()
         self._claim_renewal: asyncio.Task[None] | None = None
+        # Another worker took this worker id over: it may release the holds made in the id's name.
+        self.claim_lost = False
 
     @classmethod
     async def open(
@@ -179,9 +181,11 @@ class BillingService:
                 logger.warning("cannot renew the worker id's claim", extra={"error": repr(error)})
                 continue
             if not held:
+                self.claim_lost = True
                 logger.error(
                     "another worker took over this worker id after this one went unheard for "
-                    f"{self._claim_timing.stale_s:g} s; give each worker its own worker.id",
+                    f"{self._claim_timing.stale_s:g} s; refusing requests from now on, since the other "
+                    "worker may release the balance held for them; give each worker its own worker.id",
                     extra={"worker_id": self.worker_id},
                 )
                 return
@@ -233,6 +237,9 @@ class BillingService:
 
     # The request hooks.
     async def before_request(self, ctx: RequestContext, request: Request) -> None:
+        if self.claim_lost:
+            raise _refusal(ctx, 503, "this worker's id is now used by another worker; it takes no more "
+                           "requests", "worker_id_taken_over", {"retry-after": "5"})
         if not self.auth_required:
             return
         key = await self._authenticate_for(ctx, request)
