@@ -50,7 +50,8 @@ class EngineHealthConfig(StrictModel):
 
 
 class WorkerSection(StrictModel):
-    id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+    # Also names the worker's ledger journal directory: starts with a letter or digit, so never '.' or '..'.
+    id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     host: str = "0.0.0.0"
     port: int = Field(default=8000, ge=1, le=65535)
     public_url: HttpUrl | None = None
