@@ -153,8 +153,8 @@ faster, show how far the cost stands out from the run-to-run noise. "worker CPU 
 worker process (event loop and ledger writer thread, not the engine) over the requests it served, warm-ups
 included; "outside the event loop thread" = the part of it spent in the process's other threads (with the ledger
 on, mostly its SQLite writer): unlike the whole process's figure, it hardly moves with the machine's noise. The
-ledger's work on the event loop (building the record, handing it over, waking up the request when it is
-committed) is in the first figure only. The ledger's work is per request, the relay's mostly per streamed token: the ledger's share depends on
+ledger's work on the event loop (building the record, appending it to the journal or handing it to the writer,
+hearing back when its batch has committed) is in the first figure only. The ledger's work is per request, the relay's mostly per streamed token: the ledger's share depends on
 the length of the responses ({shape.output_len} tokens here).
 
 {chr(10).join(lines)}

@@ -178,8 +178,7 @@ class SqliteStore(LedgerStore):
             connection.close()
 
     async def _read(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        if self._journaled or self._journal_batches:
-            await self.flush()  # a read sees every record settled before it
+        await self.flush()  # a read sees every record settled before it
         return await asyncio.wrap_future(self._readers.submit(lambda: work(self._local.connection)))
 
     async def close(self) -> None:
@@ -363,17 +362,18 @@ class SqliteStore(LedgerStore):
         assert self._journal is not None
         batch, self._journaled = self._journaled, []
         path = self._journal.seal()
+        assert path is not None  # the batch's rows were appended to it
         task = asyncio.ensure_future(self._settle_journaled(batch, path))
         self._journal_batches.add(task)
         task.add_done_callback(self._journal_batches.discard)
 
     async def _settle_journaled(
-        self, batch: list[tuple[tuple[Any, ...], asyncio.Future[int]]], path: Path | None
+        self, batch: list[tuple[tuple[Any, ...], asyncio.Future[int]]], path: Path
     ) -> None:
         try:
             seqs = await self._writer.submit(
                 partial(_settle_each, rows=[row for row, _ in batch]),
-                after_commit=partial(path.unlink, missing_ok=True) if path is not None else None,
+                after_commit=partial(path.unlink, missing_ok=True),
             )
         except Exception as error:  # the rows stay in the journal file; the next start settles them
             for _, settled in batch:
