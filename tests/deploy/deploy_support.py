@@ -40,6 +40,7 @@ WORKER_METRICS = frozenset(
         "worker_gpu_power_watts",
         "worker_gpu_power_limit_watts",
         "worker_gpu_memory_used_bytes",
+        "worker_gpu_memory_reserved_bytes",
         "worker_gpu_memory_total_bytes",
         "worker_gpu_utilization_ratio",
         "worker_gpu_xid_last",

@@ -29,6 +29,7 @@ async def test_collector_exposes_latest_snapshot() -> None:
     gpu1.temperature_c = 71
     gpu1.power_usage_mw = 512_250
     gpu1.memory_used_bytes = 40 * 1024**3
+    gpu1.memory_reserved_bytes = 480 * 1024**2
     gpu1.utilization_gpu_percent = 87
     gpu1.clocks_event_reasons = 0x44
     gpu1.ecc_uncorrected_volatile = 0
@@ -53,6 +54,8 @@ async def test_collector_exposes_latest_snapshot() -> None:
     assert values[("worker_gpu_power_watts", labels1)] == pytest.approx(512.25)
     assert values[("worker_gpu_power_limit_watts", labels1)] == 700
     assert values[("worker_gpu_memory_used_bytes", labels1)] == 40 * 1024**3
+    assert values[("worker_gpu_memory_reserved_bytes", labels1)] == 480 * 1024**2
+    assert ("worker_gpu_memory_reserved_bytes", labels0) not in values  # NVML could not tell: left out
     assert values[("worker_gpu_memory_total_bytes", labels1)] == 80 * 1024**3
     assert values[("worker_gpu_utilization_ratio", labels1)] == pytest.approx(0.87)
     assert values[("worker_gpu_xid_last", labels1)] == 79
@@ -174,3 +177,48 @@ def test_real_backend_translates_nvml_results(monkeypatch: pytest.MonkeyPatch) -
         79,
     )
     assert waits == [250, 250]
+
+
+class MemoryV2:
+    total, reserved, used, free = 80 * 1024**3, 480 * 1024**2, 1011 * 1024**2, 79 * 1024**3
+
+
+class MemoryV1:
+    total, used, free = 80 * 1024**3, (1011 + 480) * 1024**2, 79 * 1024**3
+
+
+def test_real_backend_reads_memory_without_the_drivers_reserve(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NVML's version 2 memory call keeps the driver's reserve out of "used", as nvidia-smi does."""
+    versions: list[int | None] = []
+
+    def memory_info(handle: object, version: int | None = None) -> object:
+        versions.append(version)
+        return MemoryV2() if version == pynvml.nvmlMemory_v2 else MemoryV1()
+
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetHandleByIndex", lambda index: object())
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetMemoryInfo", memory_info)
+
+    memory = PynvmlBackend().memory_info(0)
+
+    assert (memory.used_bytes, memory.reserved_bytes) == (1011 * 1024**2, 480 * 1024**2)
+    assert versions == [pynvml.nvmlMemory_v2]
+
+
+def test_real_backend_falls_back_to_memory_v1_on_an_older_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    versions: list[int | None] = []
+
+    def memory_info(handle: object, version: int | None = None) -> object:
+        versions.append(version)
+        if version is not None:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+        return MemoryV1()
+
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetHandleByIndex", lambda index: object())
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetMemoryInfo", memory_info)
+    backend = PynvmlBackend()
+
+    first, second = backend.memory_info(0), backend.memory_info(0)
+
+    assert first == second
+    assert (first.used_bytes, first.reserved_bytes) == ((1011 + 480) * 1024**2, None)
+    assert versions == [pynvml.nvmlMemory_v2, None, None]  # version 2 tried once, then not again

@@ -35,8 +35,11 @@ READING_ABSENT_ERRORS: tuple[type[pynvml.NVMLError], ...] = (
 @dataclass(frozen=True)
 class MemoryInfo:
     total_bytes: int
+    # What processes hold, as nvidia-smi's "Used": without the driver's reserved memory.
     used_bytes: int
     free_bytes: int
+    # Held by the driver and firmware; None where the driver has only NVML's version 1 call.
+    reserved_bytes: int | None = None
 
 
 @dataclass(frozen=True)

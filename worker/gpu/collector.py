@@ -31,7 +31,12 @@ _GAUGES: list[tuple[str, str, _Value]] = [
     ("worker_gpu_temperature_celsius", "GPU core temperature", lambda g: g.readings.temperature_c),
     ("worker_gpu_power_watts", "Power draw", lambda g: g.readings.power_w),
     ("worker_gpu_power_limit_watts", "Enforced power limit", lambda g: g.readings.power_limit_w),
-    ("worker_gpu_memory_used_bytes", "Device memory in use", lambda g: g.readings.memory_used_bytes),
+    ("worker_gpu_memory_used_bytes", "Device memory held by processes", lambda g: g.readings.memory_used_bytes),
+    (
+        "worker_gpu_memory_reserved_bytes",
+        "Device memory held by the driver",
+        lambda g: g.readings.memory_reserved_bytes,
+    ),
     ("worker_gpu_memory_total_bytes", "Device memory", lambda g: g.readings.memory_total_bytes),
     ("worker_gpu_utilization_ratio", "GPU utilisation, 0-1", lambda g: g.readings.utilization_gpu_ratio),
     ("worker_gpu_xid_last", "Last XID seen (0 = none)", lambda g: g.xid_last or 0),

@@ -36,6 +36,7 @@ class FakeGpu:
     name: str = "NVIDIA H100 80GB HBM3"
     memory_total_bytes: int | None = 80 * GIB
     memory_used_bytes: int | None = 1 * GIB
+    memory_reserved_bytes: int | None = None
     temperature_c: int | None = 40
     slowdown_temperature_c: int | None = 87
     shutdown_temperature_c: int | None = 92
@@ -148,7 +149,9 @@ class FakeNvmlBackend:
         gpu = self._gpu(index)
         total = self._supported(gpu.memory_total_bytes)
         used = self._supported(gpu.memory_used_bytes)
-        return MemoryInfo(total_bytes=total, used_bytes=used, free_bytes=total - used)
+        reserved = gpu.memory_reserved_bytes
+        return MemoryInfo(total_bytes=total, used_bytes=used, free_bytes=total - used - (reserved or 0),
+                          reserved_bytes=reserved)
 
     def temperature_c(self, index: int) -> int:
         return self._supported(self._gpu(index).temperature_c)

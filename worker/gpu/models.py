@@ -65,7 +65,8 @@ class GpuReadings(_Frozen):
     temperature_shutdown_c: int | None = None
     power_w: float | None = None
     power_limit_w: float | None = None
-    memory_used_bytes: int | None = None
+    memory_used_bytes: int | None = None  # held by processes (nvidia-smi's "Used")
+    memory_reserved_bytes: int | None = None  # held by the driver; None where NVML cannot tell
     memory_total_bytes: int | None = None
     utilization_gpu_ratio: float | None = None
     utilization_memory_ratio: float | None = None

@@ -1,7 +1,8 @@
 """Print, as JSON, everything the GPU monitor reads on this node: `python -m worker.gpu.probe`.
 
 One full poll, then `--listen-s` seconds of XID/ECC event listening, then a second poll. Exits 0 even
-without NVML (the document then says why), so it is safe to run anywhere.
+without NVML (the document then says why), so it is safe to run anywhere. `--record FILE` also writes
+every NVML call with its answer, for `ReplayNvmlBackend` (worker.gpu.recording) to replay in tests.
 """
 
 from __future__ import annotations
@@ -10,13 +11,18 @@ import argparse
 import asyncio
 import json
 import logging
+import platform
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
 from worker.gpu.backend import NvmlBackend
 from worker.gpu.inventory import detect_gpus
 from worker.gpu.models import GpuHealthChange
 from worker.gpu.monitor import GpuMonitor
+from worker.gpu.pynvml_backend import PynvmlBackend
+from worker.gpu.recording import RecordingBackend
 
 
 async def probe(listen_s: float, backend: NvmlBackend | None = None) -> dict[str, Any]:
@@ -44,9 +50,13 @@ async def probe(listen_s: float, backend: NvmlBackend | None = None) -> dict[str
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker.gpu.probe", description=__doc__.splitlines()[0])
     parser.add_argument("--listen-s", type=float, default=5.0, help="seconds to wait for XID/ECC events")
+    parser.add_argument("--record", type=Path, help="also write every NVML call and its answer to this file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    document = asyncio.run(probe(args.listen_s))
+    recorder = RecordingBackend(PynvmlBackend()) if args.record else None
+    document = asyncio.run(probe(args.listen_s, recorder))
+    if recorder is not None:
+        recorder.save(args.record, host=platform.node(), recorded_at=time.time(), listen_s=args.listen_s)
     json.dump(document, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

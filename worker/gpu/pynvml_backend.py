@@ -12,6 +12,7 @@ from worker.gpu.backend import MemoryInfo, NvmlEvent, RemappedRows, UtilizationR
 class PynvmlBackend:
     def __init__(self) -> None:
         self._handles: dict[int, object] = {}
+        self._memory_v2 = True
         # The poll thread and the event thread both look handles up.
         self._handles_lock = threading.Lock()
 
@@ -44,6 +45,16 @@ class PynvmlBackend:
         return str(pynvml.nvmlDeviceGetName(self._handle(index)))
 
     def memory_info(self, index: int) -> MemoryInfo:
+        # Version 1 counts the driver's reserved memory as used (480 MiB on an idle H100 that
+        # nvidia-smi shows with 0 MiB used); version 2 reports it apart. Older drivers lack version 2.
+        if self._memory_v2:
+            try:
+                info = pynvml.nvmlDeviceGetMemoryInfo(self._handle(index), version=pynvml.nvmlMemory_v2)
+            except (pynvml.NVMLError_FunctionNotFound, pynvml.NVMLError_ArgumentVersionMismatch):
+                self._memory_v2 = False
+            else:
+                return MemoryInfo(total_bytes=int(info.total), used_bytes=int(info.used),
+                                  free_bytes=int(info.free), reserved_bytes=int(info.reserved))
         info = pynvml.nvmlDeviceGetMemoryInfo(self._handle(index))
         return MemoryInfo(total_bytes=int(info.total), used_bytes=int(info.used), free_bytes=int(info.free))
 

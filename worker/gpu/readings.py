@@ -61,6 +61,7 @@ class GpuReader:
             power_w=None if power_mw is None else power_mw / 1000,
             power_limit_w=None if limit_mw is None else limit_mw / 1000,
             memory_used_bytes=None if memory is None else memory.used_bytes,
+            memory_reserved_bytes=None if memory is None else memory.reserved_bytes,
             memory_total_bytes=None if memory is None else memory.total_bytes,
             utilization_gpu_ratio=None if utilization is None else utilization.gpu_percent / 100,
             utilization_memory_ratio=None if utilization is None else utilization.memory_percent / 100,
