@@ -137,6 +137,8 @@ class WorkerNode:
             await self.supervisor.quarantine_gpu(change.index, reason=f"GPU {change.index} failed")
 
     async def metrics(self) -> Response:
+        # Engines' pages are fetched now rather than with every admission scrape (5 per second).
+        await self.capacity.fetch_engine_pages()
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def drain(self, hurry: asyncio.Event | None = None) -> None:

@@ -20,7 +20,7 @@ class EngineLoad:
     def reset(self, now: float) -> None:
         """Forget everything: the engine (re)started, or stopped being served."""
         self.stats: EngineStats | None = None
-        self.metrics_text: str | None = None  # the last scrape as the engine wrote it (re-exported)
+        self.engine_page: str | None = None  # the engine's whole /metrics page, last fetched for re-export
         self.since = now  # when the current engine instance started being watched
         self.last_scrape_ok_at: float | None = None
         self.last_progress_at = now
@@ -32,7 +32,7 @@ class EngineLoad:
 
     # -- feeding -------------------------------------------------------------------------------
 
-    def record(self, stats: EngineStats, metrics_text: str | None = None) -> None:
+    def record(self, stats: EngineStats) -> None:
         previous = self.stats
         if previous is not None and stats.tokens_total < previous.tokens_total:
             self._samples.clear()  # counters went back: a new engine process behind the same port
@@ -40,7 +40,6 @@ class EngineLoad:
         if moved or (stats.running == 0 and stats.waiting == 0):
             self.last_progress_at = stats.scraped_at
         self.stats = stats
-        self.metrics_text = metrics_text
         self.last_scrape_ok_at = stats.scraped_at
         self._samples.append(stats)
         while len(self._samples) > 2 and stats.scraped_at - self._samples[1].scraped_at >= self.rate_window_s:

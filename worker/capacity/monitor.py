@@ -127,10 +127,14 @@ class CapacityMonitor:
             gpus=[_gpu_view(index, snapshot) for index in replica.spec.gpu_ids],
         )
 
+    async def fetch_engine_pages(self, timeout: float = 2.0) -> None:
+        """Fetch every serving engine's whole /metrics page, for `engine_scrapes` to re-export."""
+        await asyncio.gather(*(watch.fetch_engine_page(timeout) for watch in self._by_replica.values()))
+
     def engine_scrapes(self) -> Iterable[tuple[str, str, str]]:
-        """(model, replica, last /metrics text) of every replica whose engine has been scraped."""
+        """(model, replica, last /metrics page) of every replica whose page has been fetched."""
         for watch in self._by_replica.values():
-            text = watch.load.metrics_text
+            text = watch.load.engine_page
             if text is not None:
                 yield watch.replica.model_id, watch.replica.replica_id, text
 

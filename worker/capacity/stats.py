@@ -19,6 +19,8 @@ _SUMMED = {
 # `vllm:gpu_cache_usage_perc` is the pre-0.10 name of the same gauge.
 _KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 _REQUIRED = ("vllm:num_requests_running", "vllm:num_requests_waiting")
+# Everything `from_vllm_scrape` reads: the samples to ask a Prometheus exporter for (`name[]=`).
+ADMISSION_SAMPLES = (*_SUMMED, *_KV_USAGE)
 
 
 @dataclass(frozen=True, slots=True)

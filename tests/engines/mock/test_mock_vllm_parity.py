@@ -105,3 +105,16 @@ async def test_streams_have_vllm_chunk_shapes(name: str) -> None:
         "delta", {})))
     if "include_usage" in body or theirs[-1]["choices"] == []:
         assert ours[-1]["choices"] == [] == theirs[-1]["choices"]
+
+
+async def test_filtered_metrics_answer_only_the_named_samples_as_vllm_does() -> None:
+    # vLLM mounts prometheus_client's exporter at /metrics/ (with the slash): `name[]` picks samples.
+    names = ["vllm:num_requests_running", "vllm:generation_tokens_total"]
+    async with asgi_client(make_model()) as (client, _):
+        filtered = await client.get("/metrics/", params=[("name[]", name) for name in names])
+        everything = await client.get("/metrics/")
+        whole = await client.get("/metrics")
+    sampled = {line.split("{")[0].split(" ")[0] for line in filtered.text.splitlines() if not line.startswith("#")}
+    assert filtered.status_code == 200
+    assert sampled == set(names)
+    assert everything.text == whole.text

@@ -45,6 +45,7 @@ def build_mock_app(model: ModelConfig) -> FastAPI:
 
     app.add_route("/health", health, methods=["GET"])
     app.add_route("/metrics", metrics, methods=["GET"])
+    app.add_route("/metrics/", filtered_metrics, methods=["GET"])
     app.add_route("/v1/models", list_models, methods=["GET"])
     app.add_route("/version", version, methods=["GET"])
     app.add_route("/load", load, methods=["GET"])
@@ -71,6 +72,12 @@ async def health(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     return Response(endpoints.engine_of(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def filtered_metrics(request: Request) -> Response:
+    # vLLM's /metrics/ is prometheus_client's exporter: `name[]` selects samples, none selects all.
+    names = request.query_params.getlist("name[]")
+    return Response(endpoints.engine_of(request).metrics.render(names or None), media_type=CONTENT_TYPE_LATEST)
 
 
 async def list_models(request: Request) -> Response:

@@ -77,5 +77,6 @@ class EngineMetrics:
         self._success[reason].inc()
         self._e2e.observe(e2e_seconds)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, names: list[str] | None = None) -> bytes:
+        """The page, or only the samples named (as prometheus_client's exporter answers `name[]`)."""
+        return generate_latest(self.registry if names is None else self.registry.restricted_registry(names))
