@@ -91,6 +91,7 @@ class WorkerNode:
                                               "replicas": [r.replica_id for r in self.supervisor.replicas]})
         if self.settings.ledger:
             self.billing = await BillingService.open(self.settings, self.config, self.provenance_cache)
+            self.billing.when_claim_lost(self._worker_id_taken_over)
             self.gateway.hooks.append(self.billing)  # last: metrics and the access log also see its refusals
             self.app.include_router(self.billing.key_router())
             self.app.include_router(self.billing.admin_router())
@@ -130,6 +131,12 @@ class WorkerNode:
         return Provenance(worker_id=worker_id, replica_id=replica.replica_id,
                           gpu_model=gpus[0].name if gpus else None, gpu_uuids=tuple(g.uuid for g in gpus),
                           model_revision=replica.spec.model.revision, engine_version=replica.engine.version)
+
+    async def _worker_id_taken_over(self) -> None:
+        # Another worker serves under this id now: drain for good, so readiness, /capacity, the registry
+        # and admission all say so (requests already running finish).
+        self.capacity.drain.begin(shutting_down=True)
+        await self.registration.draining()
 
     async def _on_gpu_change(self, change: GpuHealthChange) -> None:
         self.provenance_cache.invalidate()

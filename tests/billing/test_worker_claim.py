@@ -94,10 +94,17 @@ async def test_a_worker_whose_id_was_taken_over_says_so(
         assert paused._claim_renewal is not None
         paused._claim_renewal.cancel()  # unheard for longer than the claim lasts (a long pause, a partition)
         successor = await open_service(db_url)
+        told: list[str] = []
+
+        async def drain() -> None:
+            told.append("taken over")
+
+        paused.when_claim_lost(drain)
         paused._claim_renewal = asyncio.create_task(paused._renew_claim())
         with caplog.at_level(logging.ERROR, logger="worker.billing.service"):
             await asyncio.wait_for(paused._claim_renewal, LIVENESS_S)
         assert "another worker took over this worker id" in caplog.text
+        assert told == ["taken over"]  # the node drains on it
         # Its requests are refused from now on: the successor may release what they would hold.
         funded = await make_key(paused.store, balance_micro=1_000_000)
         with pytest.raises(ApiError) as refused:
@@ -147,19 +154,25 @@ async def test_a_node_whose_worker_id_was_taken_over_is_not_ready_and_refuses_re
         "worker": {"id": "worker-1", "engine_health": FAST_HEALTH},
         "models": [paced_model("acme/chat", step_ms=1.0)],
     })
-    settings = Settings(auth=False, db_url=f"sqlite:///{tmp_path / 'ledger.db'}", admin_token=None)
+    settings = Settings(auth=False, db_url=f"sqlite:///{tmp_path / 'ledger.db'}", admin_token="admin-secret")
     node = WorkerNode(config, settings, gpu_count=0)
     async with serving(node.app) as base_url, httpx.AsyncClient(base_url=base_url, timeout=30) as client:
         assert await eventually(lambda: _ready(client, 200))
         assert (await client.post("/v1/chat/completions", json=chat_body("acme/chat", 4))).status_code == 200
         assert node.billing is not None
-        node.billing.claim_lost = True  # what the claim's renewal sets when another worker took the id
+        await node.billing.mark_claim_lost()  # what the claim's renewal does when another worker took the id
 
-        assert (await client.get("/health/ready")).json()["worker_id_taken_over"] is True
-        assert await _ready(client, 503)
+        readiness = await client.get("/health/ready")
+        assert readiness.status_code == 503
+        assert readiness.json()["worker_id_taken_over"] is True and readiness.json()["draining"] is True
+        assert (await client.get("/capacity")).json()["draining"] is True
         refused = await client.post("/v1/chat/completions", json=chat_body("acme/chat", 4))
         assert refused.status_code == 503
         assert refused.json()["error"]["code"] == "worker_id_taken_over"
+        # The drain is for good: undraining cannot put a worker whose id is taken back in service.
+        undrain = await client.post("/admin/undrain", headers={"authorization": "Bearer admin-secret"})
+        assert (undrain.status_code, undrain.json()["error"]["code"]) == (409, "shutting_down")
+        assert await _ready(client, 503)
 
 
 async def _ready(client: httpx.AsyncClient, status: int) -> bool:

@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -109,6 +109,7 @@ class BillingService:
         self._claim_renewal: asyncio.Task[None] | None = None
         # Another worker took this worker id over: it may release the holds made in the id's name.
         self.claim_lost = False
+        self._claim_lost_callbacks: list[Callable[[], Awaitable[None]]] = []
 
     @classmethod
     async def open(
@@ -181,14 +182,29 @@ class BillingService:
                 logger.warning("cannot renew the worker id's claim", extra={"error": repr(error)})
                 continue
             if not held:
-                self.claim_lost = True
                 logger.error(
                     "another worker took over this worker id after this one went unheard for "
                     f"{self._claim_timing.stale_s:g} s; refusing requests from now on, since the other "
                     "worker may release the balance held for them; give each worker its own worker.id",
                     extra={"worker_id": self.worker_id},
                 )
+                await self.mark_claim_lost()
                 return
+
+    def when_claim_lost(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Call `callback` once this worker id is found taken over (the node drains on it)."""
+        self._claim_lost_callbacks.append(callback)
+
+    async def mark_claim_lost(self) -> None:
+        """From now on refuse requests (503 worker_id_taken_over), and tell whoever asked to be told."""
+        if self.claim_lost:
+            return
+        self.claim_lost = True
+        for callback in self._claim_lost_callbacks:
+            try:
+                await callback()
+            except Exception:
+                logger.exception("worker id takeover callback failed")
 
     def backlog(self) -> BillingBacklog:
         return BillingBacklog(
