@@ -1,7 +1,7 @@
 """Every replica's own engine metrics, re-exported under their engine names with `model` and `replica` labels.
 
-One scrape of the worker then shows the engines too. The text is the replica's last scrape, already
-fetched for admission; it is parsed only when /metrics is read.
+One scrape of the worker then shows the engines too. The text is each replica's whole /metrics page,
+fetched when the node's /metrics is read (admission's own scrapes ask only for the samples it needs).
 """
 
 from __future__ import annotations
