@@ -56,6 +56,33 @@ def test_default_limits_derive_from_max_num_seqs() -> None:
     assert (custom.max_in_flight, custom.max_waiting, custom.max_kv_cache_usage) == (3, 5, 0.5)
 
 
+@pytest.mark.parametrize(("age_s", "in_flight", "running", "waiting", "reason"), [
+    (1.5, 7, 0, 0, None),  # late, but the gateway's own count shows a free batch slot
+    (1.5, 8, 0, 0, "stale_stats"),  # late, and as many open as batch slots: the engine may be full
+    (1.5, 0, 8, 1, "engine_queue"),  # late, and what was last seen was a queue
+    (6.0, 0, 0, 0, "stale_stats"),  # beyond the late window: flying blind counts as full
+])
+def test_late_stats_admit_only_while_the_gateway_sees_a_free_batch_slot(
+        age_s: float, in_flight: int, running: int, waiting: int, reason: str | None) -> None:
+    model = in_memory_model(max_in_flight=20)  # 8 batch slots, and room for a queue beyond them
+    limits = AdmissionLimits.for_model(model, stale_after_s=0.6, late_admit_s=5.0)
+    watch = _watch(model, 0, running=running, waiting=waiting, age_s=age_s)
+
+    assert limits.saturation(in_flight, watch.load, time.monotonic()) == reason
+
+
+def test_late_stats_are_saturated_at_once_when_the_late_window_is_off() -> None:
+    limits = AdmissionLimits.for_model(in_memory_model(), stale_after_s=0.6, late_admit_s=0.0)
+    watch = _watch(in_memory_model(), 0, age_s=0.7)
+
+    assert limits.saturation(0, watch.load, time.monotonic()) == "stale_stats"
+
+
+def test_the_late_window_comes_from_engine_health() -> None:
+    assert EngineHealthConfig().stats_late_admit_s == 5.0
+    assert EngineHealthConfig(stats_late_admit_s=0).stats_late_admit_s == 0
+
+
 def test_lease_counts_in_flight_until_released() -> None:
     model = in_memory_model()
     watch = _watch(model, 0, running=1)

@@ -39,9 +39,10 @@ class AdmissionLimits:
     max_waiting: int
     max_kv_cache_usage: float
     stale_after_s: float
+    late_admit_s: float = 0.0
 
     @classmethod
-    def for_model(cls, model: ModelConfig, stale_after_s: float) -> AdmissionLimits:
+    def for_model(cls, model: ModelConfig, stale_after_s: float, late_admit_s: float = 0.0) -> AdmissionLimits:
         config = model.admission
         seqs = model.max_num_seqs
         allowance = config.queue_allowance if config.queue_allowance is not None else seqs // 32
@@ -52,6 +53,7 @@ class AdmissionLimits:
             max_waiting=config.max_waiting or max(1, allowance),
             max_kv_cache_usage=config.max_kv_cache_usage,
             stale_after_s=stale_after_s,
+            late_admit_s=late_admit_s,
         )
 
     def saturation(self, in_flight: int, load: EngineLoad | None, now: float) -> str | None:
@@ -64,8 +66,13 @@ class AdmissionLimits:
         if load is None:
             return None
         stats = load.stats
-        if stats is None or now - stats.scraped_at > self.stale_after_s:
+        if stats is None:
             return "stale_stats"  # flying blind counts as full
+        age = now - stats.scraped_at
+        if age > self.stale_after_s and (age > self.late_admit_s or in_flight >= self.max_num_seqs):
+            # Late stats still admit a while when the gateway's own count shows a free batch slot: the
+            # engine runs nothing the gateway did not send it.
+            return "stale_stats"
         if self._queued_beyond_batch(stats.running, stats.waiting) >= self.max_waiting:
             return "engine_queue"
         if stats.kv_cache_usage >= self.max_kv_cache_usage:

@@ -27,7 +27,8 @@ class CapacityMonitor:
         self.config = config
         health = config.worker.engine_health
         self.watches: dict[str, list[ReplicaWatch]] = {
-            model.id: [ReplicaWatch(replica, health, AdmissionLimits.for_model(model, health.stale_after_s), on_hung)
+            model.id: [ReplicaWatch(replica, health, AdmissionLimits.for_model(
+                model, health.stale_after_s, health.stats_late_admit_s), on_hung)
                        for replica in replicas_by_model.get(model.id, ())]
             for model in config.models
         }

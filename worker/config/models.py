@@ -35,8 +35,12 @@ class EngineHealthConfig(StrictModel):
 
     # The engine's /metrics is polled this often; admission decides on these numbers.
     stats_interval_s: float = Field(default=0.2, gt=0, le=10)
-    # Older stats count as saturated (default: three polls).
+    # Older stats count as saturated (default: three polls) ...
     stats_stale_after_s: float | None = Field(default=None, gt=0)
+    # ... except for this long (from the last answered scrape) while the gateway has fewer requests open
+    # on the replica than max_num_seqs: an engine's HTTP server busy with a burst of new requests answers
+    # scrapes late, and the gateway, the engine's only client, knows a batch slot is free. 0: never.
+    stats_late_admit_s: float = Field(default=5.0, ge=0)
     # A replica with work whose token counters stand still this long is hung and gets restarted.
     hang_after_s: float = Field(default=30.0, gt=0)
     # An idle replica is probed with a one-token request this often (null: never) ...
