@@ -407,3 +407,28 @@ async def test_inference_requests_reuse_a_recent_key_lookup(service: BillingServ
     # The key holder's own API always reads the key afresh.
     await service.authenticate(make_request(bearer(funded.plaintext)).headers)
     assert len(lookups) == 2
+
+
+async def test_a_burst_of_requests_with_one_key_reads_it_once(service: BillingService, store: LedgerStore,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    funded = await make_key(store)
+    lookups: list[str] = []
+    find = store.find_key_by_hash
+    release = asyncio.Event()
+
+    async def slow_find(key_hash: str):  # type: ignore[no-untyped-def]
+        lookups.append(key_hash)
+        await release.wait()  # every request of the burst arrives while the first read is in flight
+        return await find(key_hash)
+
+    monkeypatch.setattr(store, "find_key_by_hash", slow_find)
+    headers = make_request(bearer(funded.plaintext)).headers
+    burst = [asyncio.create_task(service.authenticate(headers, recent_ok=True)) for _ in range(20)]
+    await asyncio.sleep(0.05)
+    burst[0].cancel()  # a client that hangs up does not take the shared read with it
+    release.set()
+    keys = await asyncio.gather(*burst[1:])
+
+    assert len(lookups) == 1
+    assert {key.id for key in keys} == {funded.key.id}
+    assert burst[0].cancelled()

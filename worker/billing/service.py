@@ -104,6 +104,8 @@ class BillingService:
         self._background: set[asyncio.Task[bool]] = set()
         # key hash -> (key, when it was read): spares each request a database round trip before the engine.
         self._recent_keys: dict[str, tuple[ApiKey, float]] = {}
+        # key hash -> the database read in flight for it: a burst of requests with one key reads it once.
+        self._key_reads: dict[str, asyncio.Future[ApiKey | None]] = {}
         self.instance_id = instance_id
         self._claim_timing = claim_timing or ClaimTiming()
         self._claim_renewal: asyncio.Task[None] | None = None
@@ -229,7 +231,8 @@ class BillingService:
         now = self._clock()
         key = self._recent_key(presented_hash, now) if recent_ok else None
         if key is None:
-            key = await self.store.find_key_by_hash(presented_hash)
+            key = await (self._shared_key_read(presented_hash) if recent_ok
+                         else self.store.find_key_by_hash(presented_hash))
             if key is not None and key.revoked_at is None:
                 self._remember_key(presented_hash, key, now)
         if key is None or not hashes_match(key.key_hash, presented_hash):
@@ -239,6 +242,15 @@ class BillingService:
         if key.is_expired(now):
             raise ApiError(401, "this API key has expired", code="invalid_api_key")
         return key
+
+    async def _shared_key_read(self, key_hash: str) -> ApiKey | None:
+        read = self._key_reads.get(key_hash)
+        if read is None:
+            read = asyncio.ensure_future(self.store.find_key_by_hash(key_hash))
+            self._key_reads[key_hash] = read
+            read.add_done_callback(lambda _: self._key_reads.pop(key_hash, None))
+        # Shielded: a client that hangs up must not cancel the read the others wait for.
+        return await asyncio.shield(read)
 
     def _recent_key(self, key_hash: str, now: float) -> ApiKey | None:
         entry = self._recent_keys.get(key_hash)
