@@ -37,7 +37,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
-import httpx
 import yaml
 
 MODEL = "bench/overload"
@@ -86,14 +85,15 @@ async def worker(admission: dict, workdir: Path) -> AsyncIterator[str]:
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
         base_url = f"http://127.0.0.1:{port}"
         try:
-            async with httpx.AsyncClient(base_url=base_url, timeout=5) as client:
+            async with aiohttp.ClientSession(base_url, timeout=aiohttp.ClientTimeout(total=5)) as client:
                 deadline = time.monotonic() + 120
                 while True:
                     if process.returncode is not None or time.monotonic() > deadline:
                         raise RuntimeError(f"worker did not become ready; see {log_path}")
-                    with contextlib.suppress(httpx.HTTPError):
-                        if (await client.get("/health/ready")).status_code == 200:
-                            break
+                    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                        async with client.get("/health/ready") as response:
+                            if response.status == 200:
+                                break
                     await asyncio.sleep(0.2)
             yield base_url
         finally:

@@ -21,12 +21,9 @@ import pynvml
 
 from worker.gpu.backend import MemoryInfo, NvmlBackend, NvmlEvent, RemappedRows, UtilizationRates
 
-# Every method of `NvmlBackend`, in the protocol's order.
-BACKEND_METHODS = (
-    "init", "shutdown", "driver_version", "device_count", "uuid", "name", "memory_info", "temperature_c",
-    "slowdown_temperature_c", "shutdown_temperature_c", "power_usage_mw", "enforced_power_limit_mw",
-    "utilization", "clocks_event_reasons", "ecc_uncorrected_volatile", "remapped_rows", "pcie_replay_counter",
-    "supported_event_types", "create_event_set", "register_events", "wait_event", "free_event_set",
+# Every method of the `NvmlBackend` protocol: what is recorded and replayed.
+BACKEND_METHODS = frozenset(
+    name for name, member in vars(NvmlBackend).items() if callable(member) and not name.startswith("_")
 )
 _VALUE_TYPES: dict[str, type] = {
     cls.__name__: cls for cls in (MemoryInfo, UtilizationRates, RemappedRows, NvmlEvent)
