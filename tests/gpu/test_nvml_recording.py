@@ -138,10 +138,12 @@ async def test_recorded_h100_readings_idle_and_under_load() -> None:
     assert loaded["readings"]["power_w"] > 0.9 * loaded["readings"]["power_limit_w"]
 
 
-async def test_recorded_h100_registered_for_xid_and_ecc_events() -> None:
-    calls = json.loads(H100_RECORDING.read_text())["calls"]
-    registrations = [call for call in calls if call["method"] == "register_events"]
+async def test_monitor_registers_xid_and_ecc_events_on_the_recorded_h100() -> None:
+    # What the monitor asks of the H100's answers (its supported event mask), seen through a recorder.
+    seen = RecordingBackend(ReplayNvmlBackend.load(H100_RECORDING))
+    await probe(0, seen)
 
+    registrations = [call for call in seen.calls if call["method"] == "register_events"]
     wanted = (pynvml.nvmlEventTypeXidCriticalError | pynvml.nvmlEventTypeDoubleBitEccError
               | pynvml.nvmlEventTypeSingleBitEccError)
     assert [call["args"][:2] for call in registrations] == [[0, wanted]]
