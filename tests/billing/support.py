@@ -14,7 +14,7 @@ from starlette.requests import Request
 from worker.billing.disclosure import DisclosureHook, ProvenanceCache
 from worker.billing.issuing import issue_key, open_account
 from worker.billing.provenance import Provenance
-from worker.billing.records import Account, ApiKey, KeyLimits, LedgerRecord
+from worker.billing.records import Account, ApiKey, KeyLimits, LedgerEntry, to_epoch
 from worker.billing.store import LedgerStore
 from worker.config import EngineKind, ModelConfig, Pricing
 from worker.gateway.context import RequestContext
@@ -117,7 +117,7 @@ def bearer(plaintext: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {plaintext}"}
 
 
-def ledger_record(
+def ledger_entry(
     record_id: str,
     *,
     request_id: str | None = None,
@@ -126,8 +126,8 @@ def ledger_record(
     worker_id: str = "worker-1",
     model: str = "acme/chat",
     received_at: datetime | None = None,
-) -> LedgerRecord:
-    return LedgerRecord(
+) -> LedgerEntry:
+    return LedgerEntry(
         record_id=record_id,
         request_id=request_id or f"client-{record_id}",
         worker_id=worker_id,
@@ -140,12 +140,13 @@ def ledger_record(
         prompt_tokens=10,
         completion_tokens=5,
         cached_tokens=2,
+        usage_estimated=False,
         cost_micro=cost,
         status_code=200,
         outcome="ok",
         finish_reason="stop",
         stream=True,
-        received_at=received_at or datetime.now(UTC),
+        received_at=to_epoch(received_at or datetime.now(UTC)),
         ttft_ms=12.5,
         duration_ms=40.0,
     )

@@ -12,7 +12,7 @@ from uuid import uuid4
 import orjson
 import pytest
 
-from tests.billing.support import ledger_record
+from tests.billing.support import ledger_entry
 from worker.billing.keys import hash_api_key, looks_like_api_key
 from worker.billing.records import ApiKey, LedgerFilter
 from worker.billing.store import open_store
@@ -120,7 +120,7 @@ def test_usage_export(db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture
         store = await open_store(db_url)
         try:
             for record_id in ids:
-                await store.settle(ledger_record(record_id, request_id="client-reused"))
+                await store.settle(ledger_entry(record_id, request_id="client-reused"))
             return await store.count_ledger(LedgerFilter())
         finally:
             await store.close()

@@ -10,7 +10,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.billing.support import ledger_record, make_key
+from tests.billing.support import ledger_entry, make_key
 from tests.billing.test_ledger_store import reservation
 from worker.billing.records import LedgerFilter, ReserveOutcome
 from worker.billing.store import DuplicateRecordId, LedgerStore, open_store
@@ -53,7 +53,7 @@ async def test_a_journaled_record_is_kept_before_its_commit_and_settled_in_a_bat
         assert await journaled.reserve(held) is ReserveOutcome.reserved
 
     settling = [
-        await journaled.settle_soon(ledger_record(held.record_id, key=funded.key, cost=10 + i))
+        await journaled.settle_soon(ledger_entry(held.record_id, key=funded.key, cost=10 + i))
         for i, held in enumerate(holds)
     ]
     # Returned before the commit: the records are in the journal, not yet in the database.
@@ -73,7 +73,7 @@ async def test_a_read_sees_every_record_settled_before_it(journaled: LedgerStore
     funded = await make_key(journaled, balance_micro=1_000)
     held = reservation(funded.key, 100)
     assert await journaled.reserve(held) is ReserveOutcome.reserved
-    settling = await journaled.settle_soon(ledger_record(held.record_id, key=funded.key, cost=42))
+    settling = await journaled.settle_soon(ledger_entry(held.record_id, key=funded.key, cost=42))
 
     records = await journaled.query_ledger(LedgerFilter(key_id=funded.key.id), limit=10)
     assert [r.record_id for r in records] == [held.record_id]
@@ -83,9 +83,9 @@ async def test_a_read_sees_every_record_settled_before_it(journaled: LedgerStore
 
 
 async def test_a_duplicate_in_a_journaled_batch_fails_alone(journaled: LedgerStore) -> None:
-    await journaled.settle(ledger_record("rec-dup"))
+    await journaled.settle(ledger_entry("rec-dup"))
     settling = [
-        await journaled.settle_soon(ledger_record(record_id)) for record_id in ("rec-a", "rec-dup", "rec-b")
+        await journaled.settle_soon(ledger_entry(record_id)) for record_id in ("rec-a", "rec-dup", "rec-b")
     ]
     results = await asyncio.gather(*settling, return_exceptions=True)
     assert isinstance(results[1], DuplicateRecordId)
@@ -99,12 +99,12 @@ async def test_the_journal_left_by_a_killed_worker_is_settled_at_its_next_start(
     funded = await make_key(store, balance_micro=1_000)
     held = reservation(funded.key, 300, holder=WORKER)
     assert await store.reserve(held) is ReserveOutcome.reserved
-    committed = ledger_record("rec-committed", key=funded.key, cost=5)
+    committed = ledger_entry("rec-committed", key=funded.key, cost=5)
     await store.settle(committed)
     await store.close()
     # As a killed worker leaves it: a record it only journaled, one whose batch had committed but whose
     # file was not yet removed, and a line torn by a machine crash.
-    journaled = ledger_record(held.record_id, key=funded.key, cost=70)
+    journaled = ledger_entry(held.record_id, key=funded.key, cost=70)
     write_journal(db_path, "000000000007.jsonl", [orjson.dumps(ledger_params(committed))])
     write_journal(
         db_path, "000000000008.jsonl", [orjson.dumps(ledger_params(journaled)), b'["rec-torn", "re']
@@ -120,7 +120,7 @@ async def test_the_journal_left_by_a_killed_worker_is_settled_at_its_next_start(
         # Each charged once; the journaled record's reservation released as it was charged.
         assert account is not None and (account.balance_micro, account.reserved_micro) == (1_000 - 75, 0)
         # New files continue the numbering, so they sort after any that are left.
-        await store.settle_soon(ledger_record("rec-new"))
+        await store.settle_soon(ledger_entry("rec-new"))
         assert [p.name for p in journal_files(db_path)] == ["000000000009.jsonl"]
     finally:
         await store.close()
@@ -128,7 +128,7 @@ async def test_the_journal_left_by_a_killed_worker_is_settled_at_its_next_start(
 
 
 async def test_another_worker_ids_journal_is_left_to_it(db_path: Path) -> None:
-    write_journal(db_path, "000000000001.jsonl", [orjson.dumps(ledger_params(ledger_record("rec-1")))])
+    write_journal(db_path, "000000000001.jsonl", [orjson.dumps(ledger_params(ledger_entry("rec-1")))])
     store = await open_store(f"sqlite:///{db_path}")
     try:
         assert await store.start_journal("worker-2") == 0
@@ -142,7 +142,7 @@ async def test_with_synchronous_full_records_are_committed_before_settle_soon_re
     store = await open_store(f"sqlite:///{db_path}", sqlite_synchronous="full")
     try:
         assert await store.start_journal(WORKER) == 0
-        settled = await store.settle_soon(ledger_record("rec-1"))
+        settled = await store.settle_soon(ledger_entry("rec-1"))
         assert settled.done() and isinstance(settled.result(), int)
         assert not (db_path.parent / "ledger.db.journal").exists()
     finally:
@@ -152,7 +152,7 @@ async def test_with_synchronous_full_records_are_committed_before_settle_soon_re
 async def test_a_store_closed_with_journaled_records_commits_them(db_path: Path) -> None:
     store = await open_store(f"sqlite:///{db_path}")
     await store.start_journal(WORKER)
-    settling = await store.settle_soon(ledger_record("rec-1"))
+    settling = await store.settle_soon(ledger_entry("rec-1"))
     await store.close()
     assert isinstance(settling.result(), int)
     assert journal_files(db_path) == []

@@ -13,7 +13,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from tests.billing.support import ledger_record, make_key
+from tests.billing.support import ledger_entry, make_key
 from worker.billing.issuing import issue_key
 from worker.billing.records import (
     ApiKey,
@@ -112,7 +112,7 @@ async def test_reserve_then_settle_charges_the_real_cost(store: LedgerStore) -> 
     account = await store.get_account(funded.account.id)
     assert account is not None and account.reserved_micro == 400 and account.available_micro == 600
 
-    seq = await store.settle(ledger_record(held.record_id, key=funded.key, cost=123))
+    seq = await store.settle(ledger_entry(held.record_id, key=funded.key, cost=123))
     assert [r.seq for r in await store.query_ledger(LedgerFilter(), limit=10)] == [seq]
     account = await store.get_account(funded.account.id)
     assert account is not None and (account.balance_micro, account.reserved_micro) == (877, 0)
@@ -152,7 +152,7 @@ async def test_monthly_spend_cap_counts_spent_and_reserved(store: LedgerStore) -
     first = reservation(funded.key, 300)
     assert await store.reserve(first) is ReserveOutcome.reserved
     assert await store.reserve(reservation(funded.key, 300)) is ReserveOutcome.spend_cap_reached
-    await store.settle(ledger_record(first.record_id, key=funded.key, cost=250))
+    await store.settle(ledger_entry(first.record_id, key=funded.key, cost=250))
     assert await store.reserve(reservation(funded.key, 250)) is ReserveOutcome.reserved
     assert await store.reserve(reservation(funded.key, 1)) is ReserveOutcome.spend_cap_reached
 
@@ -160,8 +160,8 @@ async def test_monthly_spend_cap_counts_spent_and_reserved(store: LedgerStore) -
 async def test_a_late_charge_for_last_month_does_not_reset_this_month(store: LedgerStore) -> None:
     funded = await make_key(store)
     now = datetime.now(UTC)
-    await store.settle(ledger_record("req-now", key=funded.key, cost=100, received_at=now))
-    await store.settle(ledger_record("req-old", key=funded.key, cost=7, received_at=now - timedelta(days=40)))
+    await store.settle(ledger_entry("req-now", key=funded.key, cost=100, received_at=now))
+    await store.settle(ledger_entry("req-old", key=funded.key, cost=7, received_at=now - timedelta(days=40)))
     key = await store.get_key(funded.key.id)
     assert key is not None and key.spent_in(utc_month(now.timestamp())) == 100
 
@@ -184,12 +184,25 @@ async def test_a_record_is_settled_once(store: LedgerStore) -> None:
     key = await store.get_key(funded.key.id)
     assert key is not None and key.reserved_micro == 100
 
-    await store.settle(ledger_record("rec-same", key=funded.key, cost=10))
+    await store.settle(ledger_entry("rec-same", key=funded.key, cost=10))
     with pytest.raises(DuplicateRecordId):
-        await store.settle(ledger_record("rec-same", key=funded.key, cost=10))
+        await store.settle(ledger_entry("rec-same", key=funded.key, cost=10))
     account = await store.get_account(funded.account.id)
     assert account is not None and (account.balance_micro, account.reserved_micro) == (990, 0)
     assert await store.count_ledger(LedgerFilter()) == 1
+
+
+async def test_an_entry_reads_back_as_the_record_it_describes(store: LedgerStore) -> None:
+    funded = await make_key(store)
+    moment = datetime(2026, 11, 27, 12, 30, 15, 250000, tzinfo=UTC)
+    entry = ledger_entry("rec-round-trip", key=funded.key, cost=321, received_at=moment)
+    seq = await store.settle(entry)
+    (record,) = await store.query_ledger(LedgerFilter(request_id=entry.request_id), limit=10)
+    assert record.seq == seq
+    assert record.received_at == moment
+    written = entry._asdict()
+    del written["received_at"]
+    assert record.model_dump(exclude={"seq", "received_at"}) == written
 
 
 async def test_a_duplicate_or_a_failing_write_among_concurrent_ones_fails_alone(store: LedgerStore) -> None:
@@ -197,10 +210,10 @@ async def test_a_duplicate_or_a_failing_write_among_concurrent_ones_fails_alone(
     held = [reservation(funded.key, 100) for _ in range(6)]
     for r in held:
         assert await store.reserve(r) is ReserveOutcome.reserved
-    await store.settle(ledger_record(held[0].record_id, key=funded.key, cost=10))
+    await store.settle(ledger_entry(held[0].record_id, key=funded.key, cost=10))
     # Written together: one record already in the ledger, one twice, and a write that fails.
-    records = [ledger_record(r.record_id, key=funded.key, cost=10) for r in held] + [
-        ledger_record(held[1].record_id, key=funded.key, cost=10)
+    records = [ledger_entry(r.record_id, key=funded.key, cost=10) for r in held] + [
+        ledger_entry(held[1].record_id, key=funded.key, cost=10)
     ]
     outcomes = await asyncio.gather(
         *(store.settle(record) for record in records[:3]),
@@ -222,9 +235,9 @@ async def test_request_ids_may_repeat_and_find_every_record(store: LedgerStore) 
     second = reservation(funded.key, 100)
     assert await store.reserve(first) is ReserveOutcome.reserved
     assert await store.reserve(second) is ReserveOutcome.reserved
-    await store.settle(ledger_record(first.record_id, request_id="client-id", key=funded.key, cost=10))
-    await store.settle(ledger_record(second.record_id, request_id="client-id", key=funded.key, cost=20))
-    await store.settle(ledger_record("rec-other", request_id="other-id", key=funded.key, cost=1))
+    await store.settle(ledger_entry(first.record_id, request_id="client-id", key=funded.key, cost=10))
+    await store.settle(ledger_entry(second.record_id, request_id="client-id", key=funded.key, cost=20))
+    await store.settle(ledger_entry("rec-other", request_id="other-id", key=funded.key, cost=1))
 
     found = await store.query_ledger(LedgerFilter(request_id="client-id"), limit=10, order="asc")
     assert [(r.record_id, r.request_id) for r in found] == [
@@ -241,7 +254,7 @@ async def test_concurrent_settles_are_batched_and_all_recorded(store: LedgerStor
     held = [reservation(funded.key, 100) for _ in range(40)]
     assert set(await asyncio.gather(*(store.reserve(r) for r in held))) == {ReserveOutcome.reserved}
     seqs = await asyncio.gather(
-        *(store.settle(ledger_record(r.record_id, key=funded.key, cost=7)) for r in held)
+        *(store.settle(ledger_entry(r.record_id, key=funded.key, cost=7)) for r in held)
     )
     recorded = {r.record_id: r.seq for r in await store.query_ledger(LedgerFilter(), limit=100)}
     assert recorded == {r.record_id: seq for r, seq in zip(held, seqs, strict=True)}
@@ -251,7 +264,7 @@ async def test_concurrent_settles_are_batched_and_all_recorded(store: LedgerStor
 
 
 async def test_the_ledger_is_append_only(store: LedgerStore, db_url: str) -> None:
-    await store.settle(ledger_record("req-1", cost=5))
+    await store.settle(ledger_entry("req-1", cost=5))
     if db_url.startswith("sqlite"):
         path = db_url[len("sqlite:///") :]
         with sqlite3.connect(path) as connection, pytest.raises(sqlite3.DatabaseError, match="append-only"):
@@ -282,7 +295,7 @@ async def test_restarted_worker_releases_what_it_held(store: LedgerStore) -> Non
     key = await store.get_key(funded.key.id)
     assert key is not None and key.reserved_micro == 200
     # Settling a request whose reservation was released charges it and releases nothing more.
-    await store.settle(ledger_record(old.record_id, key=funded.key, cost=50))
+    await store.settle(ledger_entry(old.record_id, key=funded.key, cost=50))
     account = await store.get_account(funded.account.id)
     assert account is not None and (account.balance_micro, account.reserved_micro) == (950, 200)
 
@@ -292,7 +305,7 @@ async def test_query_filters_and_pages(store: LedgerStore) -> None:
     base = datetime(2026, 11, 1, tzinfo=UTC)
     for i in range(7):
         await store.settle(
-            ledger_record(
+            ledger_entry(
                 f"req-{i}",
                 key=funded.key,
                 cost=i,
@@ -300,7 +313,7 @@ async def test_query_filters_and_pages(store: LedgerStore) -> None:
                 received_at=base + timedelta(hours=i),
             )
         )
-    await store.settle(ledger_record("req-other", cost=1, worker_id="worker-2", received_at=base))
+    await store.settle(ledger_entry("req-other", cost=1, worker_id="worker-2", received_at=base))
 
     newest = await store.query_ledger(LedgerFilter(key_id=funded.key.id), limit=3)
     assert [r.record_id for r in newest] == ["req-6", "req-5", "req-4"]
@@ -342,7 +355,7 @@ async def test_one_reservation_can_be_dropped_without_a_charge(store: LedgerStor
 
 _WRITER = """
 import asyncio, sys
-from tests.billing.support import ledger_record
+from tests.billing.support import ledger_entry
 from worker.billing.store import open_store
 
 async def main():
@@ -354,9 +367,9 @@ async def main():
     while True:
         ids = [f"rec-{batch}-{i}" for i in range(8)]
         if journal:  # acknowledged: each record above is journaled (SQLite) or committed
-            await asyncio.gather(*(store.settle_soon(ledger_record(record_id)) for record_id in ids))
+            await asyncio.gather(*(store.settle_soon(ledger_entry(record_id)) for record_id in ids))
         else:  # acknowledged: each write above has committed
-            await asyncio.gather(*(store.settle(ledger_record(record_id)) for record_id in ids))
+            await asyncio.gather(*(store.settle(ledger_entry(record_id)) for record_id in ids))
         print(*ids, sep="\\n", flush=True)
         batch += 1
 

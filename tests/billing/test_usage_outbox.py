@@ -12,7 +12,7 @@ import pytest
 import uvicorn
 from starlette.types import Receive, Scope, Send
 
-from tests.billing.support import ledger_record
+from tests.billing.support import ledger_entry
 from worker.billing.outbox import UsageOutbox
 from worker.billing.records import LedgerFilter, LedgerRecord
 from worker.billing.store import LedgerStore
@@ -96,8 +96,8 @@ async def test_records_arrive_in_order_once_and_delivery_resumes_after_restart(
     app, url = receiver
     first_ids = [f"rec-{i:03d}" for i in range(12)]
     for record_id in first_ids:
-        await store.settle(ledger_record(record_id, cost=11))
-    await store.settle(ledger_record("rec-of-another-worker", worker_id="worker-2"))
+        await store.settle(ledger_entry(record_id, cost=11))
+    await store.settle(ledger_entry("rec-of-another-worker", worker_id="worker-2"))
 
     outbox = outbox_for(store, url)
     await outbox.start()
@@ -111,7 +111,7 @@ async def test_records_arrive_in_order_once_and_delivery_resumes_after_restart(
     # Written while no outbox runs, delivered by the next one (as after a restart).
     later_ids = [f"rec-{i:03d}" for i in range(12, 20)]
     for record_id in later_ids:
-        await store.settle(ledger_record(record_id, cost=11))
+        await store.settle(ledger_entry(record_id, cost=11))
     restarted = outbox_for(store, url)
     await restarted.start()
     assert restarted.pending == 8
@@ -134,7 +134,7 @@ async def test_records_sharing_a_request_id_are_each_delivered_under_their_recor
     app.fail_every = 1_000  # no failures: any copy acknowledged twice would be a dropped record
     record_ids = [f"rec-{i}" for i in range(3)]
     for record_id in record_ids:
-        await store.settle(ledger_record(record_id, request_id="client-reused"))
+        await store.settle(ledger_entry(record_id, request_id="client-reused"))
     outbox = outbox_for(store, url)
     await outbox.start()
     try:
@@ -153,7 +153,7 @@ async def test_new_records_are_delivered_while_running(
     await outbox.start()
     try:
         for i in range(5):
-            await store.settle(ledger_record(f"rec-live-{i}"))
+            await store.settle(ledger_entry(f"rec-live-{i}"))
             outbox.notify()
         await delivered(outbox, app, 5)
     finally:
@@ -165,7 +165,7 @@ async def test_an_unreachable_receiver_holds_records_back(store: LedgerStore) ->
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{sock.getsockname()[1]}/usage"
-    await store.settle(ledger_record("rec-waiting"))
+    await store.settle(ledger_entry("rec-waiting"))
     outbox = outbox_for(store, url)
     await outbox.start()
     await asyncio.sleep(0.2)

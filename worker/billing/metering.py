@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from worker.billing.pricing import charge_micro
-from worker.billing.records import ApiKey, LedgerRecord
+from worker.billing.records import ApiKey, LedgerEntry
 from worker.gateway.context import RequestContext, Usage
 
 
@@ -20,16 +19,15 @@ class Principal:
     rate_tokens: int
 
 
-def ledger_record(
+def ledger_entry(
     ctx: RequestContext, principal: Principal | None, *, worker_id: str, gpu_uuids: tuple[str, ...]
-) -> LedgerRecord:
+) -> LedgerEntry:
     """The ledger's account of a finished request: who, what, where, how much and how fast."""
     usage = ctx.usage or Usage()
     finished = ctx.finished_monotonic or time.monotonic()
     ttft = ctx.first_byte_monotonic - ctx.started_monotonic if ctx.first_byte_monotonic else None
     status = ctx.status_code or (499 if ctx.outcome == "client_disconnected" else 0)
-    # Every value is the gateway's own and already of its field's type: skip validation on the hot path.
-    return LedgerRecord.model_construct(
+    return LedgerEntry(
         record_id=ctx.record_id,
         request_id=ctx.request_id,
         worker_id=worker_id,
@@ -48,7 +46,7 @@ def ledger_record(
         outcome=ctx.outcome,
         finish_reason=ctx.finish_reason,
         stream=ctx.stream,
-        received_at=datetime.fromtimestamp(ctx.received_at, UTC),
+        received_at=ctx.received_at,
         ttft_ms=round(ttft * 1000, 3) if ttft is not None else None,
         duration_ms=round((finished - ctx.started_monotonic) * 1000, 3),
     )

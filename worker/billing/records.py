@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 from enum import Enum
+from typing import NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -106,6 +107,37 @@ class Reservation(Record):
     holder: str  # the worker holding it; a restarted worker releases what it held before
     month: str
     created_at: float
+
+
+class LedgerEntry(NamedTuple):
+    """One finished request's ledger record as the gateway writes it: a `LedgerRecord` without its `seq`,
+    `received_at` in epoch seconds, fields in the order of the ledger's insert.
+
+    A plain tuple because one is built on the event loop for every request, where a pydantic model cost
+    ten times as much; every value is the gateway's own and already of its field's type.
+    """
+
+    record_id: str
+    request_id: str
+    worker_id: str
+    key_id: str | None
+    account_id: str | None
+    model: str
+    endpoint: str
+    replica_id: str | None
+    gpu_uuids: tuple[str, ...]
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    usage_estimated: bool
+    cost_micro: int
+    status_code: int
+    outcome: str
+    finish_reason: str | None
+    stream: bool
+    received_at: float
+    ttft_ms: float | None
+    duration_ms: float
 
 
 class LedgerRecord(Record):

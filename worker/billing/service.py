@@ -23,13 +23,13 @@ from pydantic import SecretStr
 from starlette.requests import Request
 
 from worker.billing.keys import hash_api_key, hashes_match, looks_like_api_key, presented_api_key
-from worker.billing.metering import Principal, ledger_record
+from worker.billing.metering import Principal, ledger_entry
 from worker.billing.money import micro_to_usd_text
 from worker.billing.outbox import UsageOutbox
 from worker.billing.pricing import RequestShape, worst_case_micro
 from worker.billing.provenance import ProvenanceSource
 from worker.billing.ratelimit import RateLimiter, retry_after_header
-from worker.billing.records import ApiKey, Reservation, ReserveOutcome, WorkerClaim, utc_month
+from worker.billing.records import ApiKey, LedgerEntry, Reservation, ReserveOutcome, WorkerClaim, utc_month
 from worker.billing.store import DuplicateRecordId, LedgerStore, open_store
 from worker.gateway.context import RequestContext
 from worker.gateway.errors import ApiError
@@ -341,27 +341,26 @@ class BillingService:
     async def _finalize(self, ctx: RequestContext) -> None:
         principal = ctx.principal if isinstance(ctx.principal, Principal) else None
         gpu_uuids = self._provenance(ctx.replica).gpu_uuids if ctx.replica is not None else ()
-        record = ledger_record(ctx, principal, worker_id=self.worker_id, gpu_uuids=gpu_uuids)
+        entry = ledger_entry(ctx, principal, worker_id=self.worker_id, gpu_uuids=gpu_uuids)
         if principal is not None:
             self._held -= 1
             if principal.key.limits.tokens_per_minute:
-                actual = record.prompt_tokens + record.completion_tokens
+                actual = entry.prompt_tokens + entry.completion_tokens
                 self._limiter.correct_tokens(principal.key.id, estimated=principal.rate_tokens, actual=actual)
         try:
-            settled = await self.store.settle_soon(record)
+            settled = await self.store.settle_soon(entry)
         except Exception as error:
-            _log_unsettled(error, ids=_ids(ctx), cost_micro=record.cost_micro)
+            _log_unsettled(error, entry)
             return
-        on_settled = partial(self._on_settled, ids=_ids(ctx), cost_micro=record.cost_micro)
         if settled.done():  # settled already (no journal): report it now, not on a later turn of the loop
-            on_settled(settled)
+            self._on_settled(entry, settled)
         else:
-            settled.add_done_callback(on_settled)
+            settled.add_done_callback(partial(self._on_settled, entry))
 
-    def _on_settled(self, settled: asyncio.Future[int], *, ids: dict[str, str], cost_micro: int) -> None:
+    def _on_settled(self, entry: LedgerEntry, settled: asyncio.Future[int]) -> None:
         error = settled.exception()
         if error is not None:
-            _log_unsettled(error, ids=ids, cost_micro=cost_micro)
+            _log_unsettled(error, entry)
         elif self.outbox is not None:
             self.outbox.notify()
 
@@ -434,13 +433,14 @@ def _process_runs(pid: int, started_at: float) -> bool:
         return True
 
 
-def _log_unsettled(error: BaseException, *, ids: dict[str, str], cost_micro: int) -> None:
+def _log_unsettled(error: BaseException, entry: LedgerEntry) -> None:
+    ids = {"record_id": entry.record_id, "request_id": entry.request_id}
     if isinstance(error, DuplicateRecordId):
         logger.error("this request was settled already; not recorded or charged again", extra=ids)
     else:
         # The reservation stays held (so the balance errs on the safe side) until the next restart,
         # which also settles what the journal kept.
-        logger.error("ledger write failed", extra={**ids, "error": repr(error), "cost_micro": cost_micro})
+        logger.error("ledger write failed", extra={**ids, "error": repr(error), "cost_micro": entry.cost_micro})
 
 
 def _ids(ctx: RequestContext) -> dict[str, str]:

@@ -12,6 +12,7 @@ from typing import Literal
 from worker.billing.records import (
     Account,
     ApiKey,
+    LedgerEntry,
     LedgerFilter,
     LedgerRecord,
     NewApiKey,
@@ -81,7 +82,7 @@ class LedgerStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def settle(self, record: LedgerRecord) -> int:
+    async def settle(self, record: LedgerEntry) -> int:
         """Append the record and, in the same transaction, release its reservation and charge its cost.
 
         Group-committed: returns the record's seq once the transaction holding it is durable. Raises
@@ -89,7 +90,7 @@ class LedgerStore(abc.ABC):
         the same record twice never charges twice. Request ids may repeat freely.
         """
 
-    async def settle_soon(self, record: LedgerRecord) -> asyncio.Future[int]:
+    async def settle_soon(self, record: LedgerEntry) -> asyncio.Future[int]:
         """Like `settle`, but return as soon as the record will survive the worker being killed.
 
         The returned future holds what `settle` would have returned or raised. A store that journals

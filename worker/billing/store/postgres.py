@@ -20,6 +20,7 @@ import asyncpg
 from worker.billing.records import (
     Account,
     ApiKey,
+    LedgerEntry,
     LedgerFilter,
     LedgerRecord,
     NewApiKey,
@@ -89,7 +90,7 @@ class _Refused(Exception):
 
 @dataclass
 class _SettleJob:
-    record: LedgerRecord
+    record: LedgerEntry
     future: asyncio.Future[int | None]
 
 
@@ -237,7 +238,7 @@ class PostgresStore(LedgerStore):
             return refused.outcome
         return ReserveOutcome.reserved
 
-    async def settle(self, record: LedgerRecord) -> int:
+    async def settle(self, record: LedgerEntry) -> int:
         if self._closed:
             raise RuntimeError("the billing store is closed")
         future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
@@ -376,7 +377,7 @@ class PostgresStore(LedgerStore):
         )
 
 
-async def _settle_all(connection: asyncpg.Connection, records: list[LedgerRecord]) -> list[int | None]:
+async def _settle_all(connection: asyncpg.Connection, records: list[LedgerEntry]) -> list[int | None]:
     seqs: list[int | None] = []
     for record in records:
         seqs.append(await connection.fetchval(_INSERT_LEDGER, *ledger_params(record)))
@@ -394,7 +395,7 @@ async def _settle_all(connection: asyncpg.Connection, records: list[LedgerRecord
         released = held.get(record.record_id, 0)
         if record.key_id is not None:
             key_updates.append(
-                (released, utc_month(record.received_at.timestamp()), record.cost_micro, record.key_id)
+                (released, utc_month(record.received_at), record.cost_micro, record.key_id)
             )
         if record.account_id is not None:
             account_updates.append((record.cost_micro, released, record.account_id))

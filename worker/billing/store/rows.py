@@ -11,6 +11,7 @@ from worker.billing.records import (
     Account,
     ApiKey,
     KeyLimits,
+    LedgerEntry,
     LedgerFilter,
     LedgerRecord,
     NewApiKey,
@@ -25,29 +26,7 @@ KEY_COLUMNS = (
     "id, account_id, name, prefix, key_hash, allowed_models, rpm_limit, tpm_limit, monthly_cap_micro, byok, "
     "created_at, expires_at, revoked_at, reserved_micro, spend_month, month_spent_micro"
 )
-LEDGER_INSERT_COLUMNS = (
-    "record_id",
-    "request_id",
-    "worker_id",
-    "key_id",
-    "account_id",
-    "model",
-    "endpoint",
-    "replica_id",
-    "gpu_uuids",
-    "prompt_tokens",
-    "completion_tokens",
-    "cached_tokens",
-    "usage_estimated",
-    "cost_micro",
-    "status_code",
-    "outcome",
-    "finish_reason",
-    "stream",
-    "received_at",
-    "ttft_ms",
-    "duration_ms",
-)
+LEDGER_INSERT_COLUMNS = LedgerEntry._fields
 LEDGER_COLUMNS = "seq, " + ", ".join(LEDGER_INSERT_COLUMNS)
 
 
@@ -119,31 +98,12 @@ def claim_params(claim: WorkerClaim) -> tuple[Any, ...]:
             claim.seen_at)
 
 
-def ledger_params(record: LedgerRecord) -> tuple[Any, ...]:
-    """In the order of LEDGER_INSERT_COLUMNS."""
-    return (
-        record.record_id,
-        record.request_id,
-        record.worker_id,
-        record.key_id,
-        record.account_id,
-        record.model,
-        record.endpoint,
-        record.replica_id,
-        ",".join(record.gpu_uuids),
-        record.prompt_tokens,
-        record.completion_tokens,
-        record.cached_tokens,
-        record.usage_estimated,
-        record.cost_micro,
-        record.status_code,
-        record.outcome,
-        record.finish_reason,
-        record.stream,
-        to_epoch(record.received_at),
-        record.ttft_ms,
-        record.duration_ms,
-    )
+_GPU_UUIDS = LedgerEntry._fields.index("gpu_uuids")
+
+
+def ledger_params(entry: LedgerEntry) -> tuple[Any, ...]:
+    """In the order of LEDGER_INSERT_COLUMNS: the entry, with its GPU uuids in one text column."""
+    return (*entry[:_GPU_UUIDS], ",".join(entry.gpu_uuids), *entry[_GPU_UUIDS + 1 :])
 
 
 def ledger_from_row(row: Mapping[str, Any]) -> LedgerRecord:

@@ -27,6 +27,7 @@ from typing import Any, Literal, TypeVar
 from worker.billing.records import (
     Account,
     ApiKey,
+    LedgerEntry,
     LedgerFilter,
     LedgerRecord,
     NewApiKey,
@@ -313,7 +314,7 @@ class SqliteStore(LedgerStore):
         except _Refused as refused:
             return refused.outcome
 
-    async def settle(self, record: LedgerRecord) -> int:
+    async def settle(self, record: LedgerEntry) -> int:
         seq: int | None = await self._writer.submit_item(_settle_rows, ledger_params(record))
         if seq is None:
             raise DuplicateRecordId(record.record_id)
@@ -339,7 +340,7 @@ class SqliteStore(LedgerStore):
         self._journal = journal
         return added
 
-    async def settle_soon(self, record: LedgerRecord) -> asyncio.Future[int]:
+    async def settle_soon(self, record: LedgerEntry) -> asyncio.Future[int]:
         if self._journal is None:
             return await super().settle_soon(record)
         row = ledger_params(record)
