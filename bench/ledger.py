@@ -46,6 +46,7 @@ from bench.common import (
     vllm_version,
 )
 from tests.fixtures.tiny_model import make_tiny_model
+from worker.billing.store.sqlite import JOURNAL_FLUSH_S
 
 logger = logging.getLogger("bench.ledger")
 
@@ -136,7 +137,7 @@ Three workers, each a real `worker serve --engine config` in front of its own en
 identical but for the ledger; auth and admission control off in all. With the ledger on, every request is
 recorded in SQLite (WAL, batched group commits off the event loop): with the default `synchronous=NORMAL` (a
 record survives the worker being killed, not a power loss), the record is appended to the worker's journal
-file before the last byte is sent and committed with the next 50 ms of records; with
+file before the last byte is sent and committed with the next {JOURNAL_FLUSH_S * 1000:g} ms of records; with
 `WORKER_DB_SYNCHRONOUS=full`, each batch is also fsynced and a stream's last byte waits for its commit. With the ledger off, the billing hook is not installed
 at all; provenance headers and `usage.cost` come from their own hook and are sent either way. Each worker first
 serves one unrecorded run; then, at each concurrency, the same load goes to the three in turn, {shape.rounds}
