@@ -113,8 +113,8 @@ class LedgerEntry(NamedTuple):
     """One finished request's ledger record as the gateway writes it: a `LedgerRecord` without its `seq`,
     `received_at` in epoch seconds, fields in the order of the ledger's insert.
 
-    A plain tuple because one is built on the event loop for every request, where a pydantic model cost
-    ten times as much; every value is the gateway's own and already of its field's type.
+    A plain tuple because one is built on the event loop for every request, where building a pydantic model
+    cost nearly ten times as much; every value is the gateway's own and already of its field's type.
     """
 
     record_id: str

@@ -74,7 +74,7 @@ logger = logging.getLogger(__name__)
 # each commit costs the writer thread a wake-up and the WAL pages of seven b-trees, so fewer, larger ones
 # cost less per record (reads and shutdown hand the waiting records over at once).
 JOURNAL_FLUSH_S = 0.25
-JOURNAL_BATCH_MAX = 1024
+JOURNAL_BATCH_MAX = 256
 _BUSY_TIMEOUT_S = 30.0
 _KEY_RESERVE = for_sqlite(KEY_RESERVE)
 _KEY_STATE = for_sqlite(KEY_STATE)
