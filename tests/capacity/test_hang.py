@@ -36,7 +36,7 @@ def test_stalled_stream_ends_with_error_chunk_and_the_replica_restarts(tmp_path)
     worker = _start(tmp_path)
     try:
         port = engine_port(worker, MODEL)
-        old_engine = {p.pid for p in worker.descendants()}
+        old_engine = {p.pid for p in worker.engine_descendants()}
         lines: list[str] = []
         with httpx.stream("POST", f"{worker.base_url}/v1/chat/completions",
                           json=chat_body(MODEL, 4000, stream=True), timeout=60) as response:
@@ -51,7 +51,7 @@ def test_stalled_stream_ends_with_error_chunk_and_the_replica_restarts(tmp_path)
         worker.wait_ready(timeout_s=60)
         answer = httpx.post(f"{worker.base_url}/v1/chat/completions", json=chat_body(MODEL, 3), timeout=30)
         assert answer.status_code == 200 and answer.json()["choices"][0]["finish_reason"] == "length"
-        assert not old_engine & {p.pid for p in worker.descendants()}
+        assert not old_engine & {p.pid for p in worker.engine_descendants()}
         assert _replica_view(worker)["hang_restarts"] == 1
         assert metric_value(worker, "worker_replica_hang_restarts_total", replica="acme-stuck-0") == 1
         assert "engine replica hung; restarting it" in worker.log()

@@ -34,7 +34,7 @@ def _chat(worker: WorkerProcess, **extra: object) -> httpx.Response:
 
 def test_crashed_engine_is_reported_shed_and_restarted(worker: WorkerProcess) -> None:
     [port] = worker.engine_ports()
-    old_pids = {p.pid for p in worker.descendants()}
+    old_pids = {p.pid for p in worker.engine_descendants()}
     httpx.post(f"http://127.0.0.1:{port}/mock/fault", json={"mode": "crash"})
     assert wait_until(lambda: httpx.get(f"{worker.base_url}/health/ready").status_code == 503)
     response = _chat(worker)
@@ -44,7 +44,7 @@ def test_crashed_engine_is_reported_shed_and_restarted(worker: WorkerProcess) ->
         assert response.json()["error"]["code"] == "provider_overloaded"
     worker.wait_ready(timeout_s=60)
     assert _chat(worker).status_code == 200
-    new_pids = {p.pid for p in worker.descendants()}
+    new_pids = {p.pid for p in worker.engine_descendants()}
     assert new_pids and not (new_pids & old_pids)
     assert "replica exited; restarting after backoff" in worker.log()
 
@@ -86,7 +86,8 @@ def test_sigterm_stops_every_engine_process(worker: WorkerProcess) -> None:
 
 def test_sigkill_of_worker_leaves_no_orphan(worker: WorkerProcess) -> None:
     children = worker.descendants()
-    assert len(children) >= 2  # guard + engine
+    assert len(children) >= 3  # guard + engine, and the billing database's process
+    assert any("worker.billing.store.sqlite_server" in " ".join(p.cmdline()) for p in children)
     worker.stop(signal.SIGKILL)
 
     def all_gone() -> bool:

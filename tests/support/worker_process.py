@@ -87,6 +87,17 @@ class WorkerProcess:
         except psutil.NoSuchProcess:
             return []
 
+    def engine_descendants(self) -> list[psutil.Process]:
+        """The engines' processes: every descendant but the billing database's."""
+        engines = []
+        for proc in self.descendants():
+            try:
+                if "worker.billing.store.sqlite_server" not in " ".join(proc.cmdline()):
+                    engines.append(proc)
+            except psutil.NoSuchProcess:
+                continue
+        return engines
+
     def engine_ports(self, model_id: str | None = None) -> list[int]:
         """Loopback ports of the engine replicas (read from their command lines)."""
         ports = []

@@ -8,7 +8,9 @@ the next 250 ms in one commit, so no stream waits for a commit. With `synchronou
 batch is fsynced, so records survive a crash of the machine too; each stream then waits for its commit
 and a disk sync before its last byte. Writes go through one thread in batches; reads use a small
 thread pool of their own connections (WAL lets them read while the writer writes), and first wait for
-the journaled records, so a read sees every record settled before it.
+the journaled records, so a read sees every record settled before it. The connections, the writer and the
+readers live in a process of their own (sqlite_server.py says why); the work sent there is the module-level
+functions at the end of this file.
 """
 
 from __future__ import annotations
@@ -16,10 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -66,6 +66,8 @@ from worker.billing.store.sql import (
     WORKER_CLAIM_RENEW,
     for_sqlite,
 )
+from worker.billing.store.sqlite_process import DatabaseProcess
+from worker.billing.store.sqlite_server import DatabaseSettings, connect
 from worker.billing.store.sqlite_writer import GroupCommitWriter
 
 T = TypeVar("T")
@@ -75,7 +77,6 @@ logger = logging.getLogger(__name__)
 # cost less per record (reads and shutdown hand the waiting records over at once).
 JOURNAL_FLUSH_S = 0.25
 JOURNAL_BATCH_MAX = 256
-_BUSY_TIMEOUT_S = 30.0
 _KEY_RESERVE = for_sqlite(KEY_RESERVE)
 _KEY_STATE = for_sqlite(KEY_STATE)
 _ACCOUNT_RESERVE = for_sqlite(ACCOUNT_RESERVE)
@@ -90,6 +91,11 @@ _INSERT_LEDGER = (
     f"VALUES ({', '.join('?' * len(LEDGER_INSERT_COLUMNS))}) "
     "ON CONFLICT (record_id) DO NOTHING"
 )
+_ADVANCE_OUTBOX = (
+    "INSERT INTO outbox_cursors (worker_id, last_seq, updated_at) VALUES (?, ?, ?) "
+    "ON CONFLICT (worker_id) DO UPDATE SET last_seq = excluded.last_seq, "
+    "updated_at = excluded.updated_at WHERE outbox_cursors.last_seq < excluded.last_seq"
+)
 # Where ledger_params puts what settling needs besides the row itself.
 _RECORD_ID = LEDGER_INSERT_COLUMNS.index("record_id")
 _KEY_ID = LEDGER_INSERT_COLUMNS.index("key_id")
@@ -100,6 +106,7 @@ _RECEIVED_AT = LEDGER_INSERT_COLUMNS.index("received_at")
 
 class _Refused(Exception):
     def __init__(self, outcome: ReserveOutcome) -> None:
+        super().__init__(outcome)  # in args, so that it pickles back from the database process
         self.outcome = outcome
 
 
@@ -109,53 +116,26 @@ class SqliteStore(LedgerStore):
     def __init__(self, path: Path, *, synchronous: Literal["full", "normal"], readers: int = 2) -> None:
         self._path = path
         self._synchronous = synchronous.upper()
-        self._writer = GroupCommitWriter(self._connect_writer)
+        self._settings = DatabaseSettings(path, self._synchronous, readers)
+        self._database = DatabaseProcess(self._settings)
+        self._writer = GroupCommitWriter(self._database)
         # Journaled ledger rows not yet handed to the writer, and the batches of them it has not committed.
         self._journal: LedgerJournal | None = None
         self._journaled: list[tuple[tuple[Any, ...], asyncio.Future[int]]] = []
         self._journal_flush: asyncio.TimerHandle | None = None
         self._journal_batches: set[asyncio.Task[None]] = set()
-        self._local = threading.local()
-        self._reader_connections: list[sqlite3.Connection] = []
-        self._reader_lock = threading.Lock()
-        self._readers = ThreadPoolExecutor(
-            max_workers=readers, thread_name_prefix="billing-sqlite-reader", initializer=self._open_reader
-        )
 
     @classmethod
     async def open(cls, path: str | Path, *, synchronous: Literal["full", "normal"] = "normal") -> SqliteStore:
         store = cls(Path(path), synchronous=synchronous)
         await asyncio.to_thread(store._prepare)
+        await store._database.start()
         store._writer.start()
         return store
 
-    # Connections.
-    def _connect(self) -> sqlite3.Connection:
-        connection = sqlite3.connect(
-            self._path, isolation_level=None, check_same_thread=False, timeout=_BUSY_TIMEOUT_S
-        )
-        connection.row_factory = sqlite3.Row
-        connection.execute(f"PRAGMA synchronous = {self._synchronous}")
-        connection.execute("PRAGMA foreign_keys = ON")
-        return connection
-
-    def _connect_writer(self) -> sqlite3.Connection:
-        connection = self._connect()
-        # Savepoint and statement journals only roll back inside an open transaction (the WAL, not they,
-        # makes commits durable): keep them in memory rather than in a temp file opened per batch.
-        connection.execute("PRAGMA temp_store = MEMORY")
-        return connection
-
-    def _open_reader(self) -> None:
-        connection = self._connect()
-        connection.execute("PRAGMA query_only = ON")
-        self._local.connection = connection
-        with self._reader_lock:
-            self._reader_connections.append(connection)
-
     def _prepare(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        connection = self._connect()
+        connection = connect(self._settings)
         try:
             mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
@@ -182,18 +162,14 @@ class SqliteStore(LedgerStore):
 
     async def _read(self, work: Callable[[sqlite3.Connection], T]) -> T:
         await self.flush()  # a read sees every record settled before it
-        return await asyncio.wrap_future(self._readers.submit(lambda: work(self._local.connection)))
+        return await self._database.read(work)
 
     async def close(self) -> None:
         await self.flush()
         if self._journal is not None:
             self._journal.close()
         await self._writer.close()
-        await asyncio.to_thread(self._readers.shutdown, wait=True)
-        with self._reader_lock:
-            for connection in self._reader_connections:
-                connection.close()
-            self._reader_connections.clear()
+        await self._database.close()
 
     @property
     def pending_writes(self) -> int:
@@ -203,116 +179,37 @@ class SqliteStore(LedgerStore):
     async def create_account(
         self, account_id: str, name: str, balance_micro: int, created_at: float
     ) -> Account:
-        def work(db: sqlite3.Connection) -> Account:
-            row = db.execute(
-                f"INSERT INTO accounts (id, name, balance_micro, created_at) VALUES (?, ?, ?, ?) "
-                f"RETURNING {ACCOUNT_COLUMNS}",
-                (account_id, name, balance_micro, created_at),
-            ).fetchone()
-            return account_from_row(row)
-
-        return await self._writer.submit(work)
+        params = (account_id, name, balance_micro, created_at)
+        return await self._writer.submit(partial(_create_account, params=params))
 
     async def get_account(self, account_id: str) -> Account | None:
-        def work(db: sqlite3.Connection) -> Account | None:
-            row = db.execute(f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ?", (account_id,)).fetchone()
-            return account_from_row(row) if row else None
-
-        return await self._read(work)
+        return await self._read(partial(_get_account, account_id=account_id))
 
     async def list_accounts(self) -> list[Account]:
-        def work(db: sqlite3.Connection) -> list[Account]:
-            rows = db.execute(f"SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY created_at, id").fetchall()
-            return [account_from_row(row) for row in rows]
-
-        return await self._read(work)
+        return await self._read(_list_accounts)
 
     async def top_up(self, account_id: str, amount_micro: int) -> Account:
-        def work(db: sqlite3.Connection) -> Account:
-            row = db.execute(
-                f"UPDATE accounts SET balance_micro = balance_micro + ? WHERE id = ? "
-                f"RETURNING {ACCOUNT_COLUMNS}",
-                (amount_micro, account_id),
-            ).fetchone()
-            if row is None:
-                raise UnknownAccount(account_id)
-            return account_from_row(row)
-
-        return await self._writer.submit(work)
+        return await self._writer.submit(partial(_top_up, account_id=account_id, amount_micro=amount_micro))
 
     async def create_key(self, key: NewApiKey) -> ApiKey:
-        def work(db: sqlite3.Connection) -> ApiKey:
-            if db.execute("SELECT 1 FROM accounts WHERE id = ?", (key.account_id,)).fetchone() is None:
-                raise UnknownAccount(key.account_id)
-            row = db.execute(
-                f"INSERT INTO api_keys ({KEY_INSERT_COLUMNS}) VALUES ({', '.join('?' * 12)}) "
-                f"RETURNING {KEY_COLUMNS}",
-                new_key_params(key),
-            ).fetchone()
-            return key_from_row(row)
-
-        return await self._writer.submit(work)
+        return await self._writer.submit(partial(_create_key, key=key))
 
     async def find_key_by_hash(self, key_hash: str) -> ApiKey | None:
-        return await self._one_key("key_hash", key_hash)
+        return await self._read(partial(_one_key, column="key_hash", value=key_hash))
 
     async def get_key(self, key_id: str) -> ApiKey | None:
-        return await self._one_key("id", key_id)
-
-    async def _one_key(self, column: str, value: str) -> ApiKey | None:
-        def work(db: sqlite3.Connection) -> ApiKey | None:
-            row = db.execute(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE {column} = ?", (value,)).fetchone()
-            return key_from_row(row) if row else None
-
-        return await self._read(work)
+        return await self._read(partial(_one_key, column="id", value=key_id))
 
     async def list_keys(self, account_id: str | None = None) -> list[ApiKey]:
-        def work(db: sqlite3.Connection) -> list[ApiKey]:
-            if account_id is None:
-                rows = db.execute(f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at, id").fetchall()
-            else:
-                rows = db.execute(
-                    f"SELECT {KEY_COLUMNS} FROM api_keys WHERE account_id = ? ORDER BY created_at, id",
-                    (account_id,),
-                ).fetchall()
-            return [key_from_row(row) for row in rows]
-
-        return await self._read(work)
+        return await self._read(partial(_list_keys, account_id=account_id))
 
     async def revoke_key(self, key_id: str, revoked_at: float) -> ApiKey | None:
-        def work(db: sqlite3.Connection) -> ApiKey | None:
-            row = db.execute(
-                f"UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ? "
-                f"RETURNING {KEY_COLUMNS}",
-                (revoked_at, key_id),
-            ).fetchone()
-            return key_from_row(row) if row else None
-
-        return await self._writer.submit(work)
+        return await self._writer.submit(partial(_revoke_key, key_id=key_id, revoked_at=revoked_at))
 
     # Money on the request path.
     async def reserve(self, reservation: Reservation) -> ReserveOutcome:
-        r = reservation
-
-        def work(db: sqlite3.Connection) -> ReserveOutcome:
-            if db.execute(_KEY_RESERVE, (r.amount_micro, r.key_id, r.month)).rowcount == 0:
-                revoked = db.execute(_KEY_STATE, (r.key_id,)).fetchone()
-                raise _Refused(
-                    ReserveOutcome.key_revoked
-                    if revoked is None or revoked[0] is not None
-                    else ReserveOutcome.spend_cap_reached
-                )
-            if db.execute(_ACCOUNT_RESERVE, (r.amount_micro, r.account_id)).rowcount == 0:
-                raise _Refused(ReserveOutcome.insufficient_balance)
-            db.execute(
-                "INSERT INTO reservations (record_id, account_id, key_id, amount_micro, holder, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (r.record_id, r.account_id, r.key_id, r.amount_micro, r.holder, r.created_at),
-            )
-            return ReserveOutcome.reserved
-
         try:
-            return await self._writer.submit(work)
+            return await self._writer.submit(partial(_reserve, r=reservation))
         except _Refused as refused:
             return refused.outcome
 
@@ -402,22 +299,7 @@ class SqliteStore(LedgerStore):
         )
 
     async def _release(self, condition: str, params: tuple[Any, ...]) -> int:
-        def work(db: sqlite3.Connection) -> int:
-            rows = db.execute(
-                f"DELETE FROM reservations WHERE {condition} RETURNING key_id, account_id, amount_micro",
-                params,
-            ).fetchall()
-            for key_id, account_id, amount in rows:
-                db.execute(
-                    "UPDATE api_keys SET reserved_micro = reserved_micro - ? WHERE id = ?", (amount, key_id)
-                )
-                db.execute(
-                    "UPDATE accounts SET reserved_micro = reserved_micro - ? WHERE id = ?",
-                    (amount, account_id),
-                )
-            return len(rows)
-
-        return await self._writer.submit(work)
+        return await self._writer.submit(partial(_release, condition=condition, params=params))
 
     # The ledger.
     async def query_ledger(
@@ -432,61 +314,153 @@ class SqliteStore(LedgerStore):
         if cursor is not None:
             conditions.append(("seq > {}" if order == "asc" else "seq < {}", cursor))
         clause, params = _where(conditions)
-
-        def work(db: sqlite3.Connection) -> list[LedgerRecord]:
-            rows = db.execute(
-                f"SELECT {LEDGER_COLUMNS} FROM ledger{clause} ORDER BY seq {order.upper()} LIMIT ?",
-                (*params, limit),
-            ).fetchall()
-            return [ledger_from_row(row) for row in rows]
-
-        return await self._read(work)
+        query = f"SELECT {LEDGER_COLUMNS} FROM ledger{clause} ORDER BY seq {order.upper()} LIMIT ?"
+        return await self._read(partial(_ledger_records, query=query, params=(*params, limit)))
 
     async def count_ledger(self, where: LedgerFilter, after_seq: int = 0) -> int:
         clause, params = _where([*ledger_conditions(where), ("seq > {}", after_seq)])
-        return await self._read(
-            lambda db: int(db.execute(f"SELECT COUNT(*) FROM ledger{clause}", params).fetchone()[0])
-        )
+        return await self._read(partial(_count, query=f"SELECT COUNT(*) FROM ledger{clause}", params=params))
 
     # The outbox.
     async def outbox_cursor(self, worker_id: str) -> int:
-        def work(db: sqlite3.Connection) -> int:
-            row = db.execute(
-                "SELECT last_seq FROM outbox_cursors WHERE worker_id = ?", (worker_id,)
-            ).fetchone()
-            return int(row[0]) if row else 0
-
-        return await self._read(work)
+        return await self._read(partial(_outbox_cursor, worker_id=worker_id))
 
     async def claim_worker_id(
         self, claim: WorkerClaim, stale_before: float, gone_instance: str | None = None
     ) -> WorkerClaim | None:
-        def work(db: sqlite3.Connection) -> WorkerClaim | None:
-            params = (*claim_params(claim), stale_before, gone_instance or "")
-            if db.execute(_WORKER_CLAIM, params).rowcount == 1:
-                return None
-            return claim_from_row(db.execute(_WORKER_CLAIM_HOLDER, (claim.worker_id,)).fetchone())
-
-        return await self._writer.submit(work)
-
-    async def renew_worker_claim(self, worker_id: str, instance_id: str, now: float) -> bool:
         return await self._writer.submit(
-            lambda db: db.execute(_WORKER_CLAIM_RENEW, (worker_id, instance_id, now)).rowcount == 1
+            partial(_claim_worker_id, claim=claim, stale_before=stale_before, gone_instance=gone_instance)
         )
 
+    async def renew_worker_claim(self, worker_id: str, instance_id: str, now: float) -> bool:
+        return await self._writer.submit(partial(_changed_one, query=_WORKER_CLAIM_RENEW,
+                                                 params=(worker_id, instance_id, now)))
+
     async def release_worker_claim(self, worker_id: str, instance_id: str) -> None:
-        await self._writer.submit(lambda db: db.execute(_WORKER_CLAIM_RELEASE, (worker_id, instance_id)))
+        await self._writer.submit(
+            partial(_changed_one, query=_WORKER_CLAIM_RELEASE, params=(worker_id, instance_id))
+        )
 
     async def advance_outbox(self, worker_id: str, seq: int, now: float) -> None:
-        def work(db: sqlite3.Connection) -> None:
-            db.execute(
-                "INSERT INTO outbox_cursors (worker_id, last_seq, updated_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (worker_id) DO UPDATE SET last_seq = excluded.last_seq, "
-                "updated_at = excluded.updated_at WHERE outbox_cursors.last_seq < excluded.last_seq",
-                (worker_id, seq, now),
-            )
+        await self._writer.submit(partial(_changed_one, query=_ADVANCE_OUTBOX, params=(worker_id, seq, now)))
 
-        await self._writer.submit(work)
+
+# The work run in the database process (sqlite_server.py): module-level, so that it pickles.
+def _create_account(db: sqlite3.Connection, params: tuple[Any, ...]) -> Account:
+    row = db.execute(
+        f"INSERT INTO accounts (id, name, balance_micro, created_at) VALUES (?, ?, ?, ?) "
+        f"RETURNING {ACCOUNT_COLUMNS}",
+        params,
+    ).fetchone()
+    return account_from_row(row)
+
+
+def _get_account(db: sqlite3.Connection, account_id: str) -> Account | None:
+    row = db.execute(f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ?", (account_id,)).fetchone()
+    return account_from_row(row) if row else None
+
+
+def _list_accounts(db: sqlite3.Connection) -> list[Account]:
+    rows = db.execute(f"SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY created_at, id").fetchall()
+    return [account_from_row(row) for row in rows]
+
+
+def _top_up(db: sqlite3.Connection, account_id: str, amount_micro: int) -> Account:
+    row = db.execute(
+        f"UPDATE accounts SET balance_micro = balance_micro + ? WHERE id = ? RETURNING {ACCOUNT_COLUMNS}",
+        (amount_micro, account_id),
+    ).fetchone()
+    if row is None:
+        raise UnknownAccount(account_id)
+    return account_from_row(row)
+
+
+def _create_key(db: sqlite3.Connection, key: NewApiKey) -> ApiKey:
+    if db.execute("SELECT 1 FROM accounts WHERE id = ?", (key.account_id,)).fetchone() is None:
+        raise UnknownAccount(key.account_id)
+    row = db.execute(
+        f"INSERT INTO api_keys ({KEY_INSERT_COLUMNS}) VALUES ({', '.join('?' * 12)}) RETURNING {KEY_COLUMNS}",
+        new_key_params(key),
+    ).fetchone()
+    return key_from_row(row)
+
+
+def _one_key(db: sqlite3.Connection, column: str, value: str) -> ApiKey | None:
+    row = db.execute(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE {column} = ?", (value,)).fetchone()
+    return key_from_row(row) if row else None
+
+
+def _list_keys(db: sqlite3.Connection, account_id: str | None) -> list[ApiKey]:
+    if account_id is None:
+        rows = db.execute(f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at, id").fetchall()
+    else:
+        rows = db.execute(
+            f"SELECT {KEY_COLUMNS} FROM api_keys WHERE account_id = ? ORDER BY created_at, id", (account_id,)
+        ).fetchall()
+    return [key_from_row(row) for row in rows]
+
+
+def _revoke_key(db: sqlite3.Connection, key_id: str, revoked_at: float) -> ApiKey | None:
+    row = db.execute(
+        f"UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ? RETURNING {KEY_COLUMNS}",
+        (revoked_at, key_id),
+    ).fetchone()
+    return key_from_row(row) if row else None
+
+
+def _reserve(db: sqlite3.Connection, r: Reservation) -> ReserveOutcome:
+    if db.execute(_KEY_RESERVE, (r.amount_micro, r.key_id, r.month)).rowcount == 0:
+        revoked = db.execute(_KEY_STATE, (r.key_id,)).fetchone()
+        raise _Refused(
+            ReserveOutcome.key_revoked
+            if revoked is None or revoked[0] is not None
+            else ReserveOutcome.spend_cap_reached
+        )
+    if db.execute(_ACCOUNT_RESERVE, (r.amount_micro, r.account_id)).rowcount == 0:
+        raise _Refused(ReserveOutcome.insufficient_balance)
+    db.execute(
+        "INSERT INTO reservations (record_id, account_id, key_id, amount_micro, holder, created_at) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        (r.record_id, r.account_id, r.key_id, r.amount_micro, r.holder, r.created_at),
+    )
+    return ReserveOutcome.reserved
+
+
+def _release(db: sqlite3.Connection, condition: str, params: tuple[Any, ...]) -> int:
+    rows = db.execute(
+        f"DELETE FROM reservations WHERE {condition} RETURNING key_id, account_id, amount_micro", params
+    ).fetchall()
+    for key_id, account_id, amount in rows:
+        db.execute("UPDATE api_keys SET reserved_micro = reserved_micro - ? WHERE id = ?", (amount, key_id))
+        db.execute(
+            "UPDATE accounts SET reserved_micro = reserved_micro - ? WHERE id = ?", (amount, account_id)
+        )
+    return len(rows)
+
+
+def _ledger_records(db: sqlite3.Connection, query: str, params: tuple[Any, ...]) -> list[LedgerRecord]:
+    return [ledger_from_row(row) for row in db.execute(query, params).fetchall()]
+
+
+def _count(db: sqlite3.Connection, query: str, params: list[Any]) -> int:
+    return int(db.execute(query, params).fetchone()[0])
+
+
+def _outbox_cursor(db: sqlite3.Connection, worker_id: str) -> int:
+    row = db.execute("SELECT last_seq FROM outbox_cursors WHERE worker_id = ?", (worker_id,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _claim_worker_id(
+    db: sqlite3.Connection, claim: WorkerClaim, stale_before: float, gone_instance: str | None
+) -> WorkerClaim | None:
+    if db.execute(_WORKER_CLAIM, (*claim_params(claim), stale_before, gone_instance or "")).rowcount == 1:
+        return None
+    return claim_from_row(db.execute(_WORKER_CLAIM_HOLDER, (claim.worker_id,)).fetchone())
+
+
+def _changed_one(db: sqlite3.Connection, query: str, params: tuple[Any, ...]) -> bool:
+    return bool(db.execute(query, params).rowcount == 1)
 
 
 def _settle_rows(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[int | None]:

@@ -1,82 +1,45 @@
-"""One thread owns SQLite's write connection and commits queued work in batches (group commit).
+"""Group commit: writes submitted on the event loop go to the billing database process in batches.
 
-The event loop hands the thread one batch at a time: what callers submit while a batch is being written
-waits on the loop and goes as the next batch. So a commit costs one hand-over to the thread and one
-wake-up of the loop, however many writes it holds, instead of one of each per write.
-
-Each caller's work runs in its own savepoint, so one failure rolls back only that work; the batch then
-commits once, and every caller's future resolves after the commit, i.e. once its write is durable.
-Writes of one kind (`submit_item`, e.g. ledger records) that follow each other in a batch run through a
-single call, which keeps the thread's per-write Python work (it holds the GIL against the event loop)
-small; when that call fails, its items are retried one by one, so only the failing caller hears of it.
+One batch is with the database process at a time; what callers submit meanwhile waits on the loop and goes
+as the next batch. So a commit costs one message each way however many writes it holds, instead of one per
+write. Every caller's future resolves after its batch's commit, i.e. once its write is durable; how a batch
+is committed (a savepoint per job, items of one kind in one call) is in sqlite_server.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import sqlite3
-import threading
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, TypeVar
+
+from worker.billing.store.sqlite_process import DatabaseProcess
+from worker.billing.store.sqlite_server import ManyWork, WriteJob
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Writes many items in the current transaction; returns one result per item, in order.
-ManyWork = Callable[[sqlite3.Connection, list[Any]], Sequence[Any]]
-# (future, result, error) for every job of a batch, resolved on the event loop.
-_Outcome = tuple["asyncio.Future[Any]", Any, "BaseException | None"]
-
-
-@dataclass(slots=True)
-class _Job:
-    future: asyncio.Future[Any]
-    work: Callable[[sqlite3.Connection], Any] | None = None
-    many: ManyWork | None = None
-    item: Any = None
-    # Runs in the writer thread once the job's work has committed (not when it failed).
-    after_commit: Callable[[], None] | None = None
-
-    def run_alone(self, connection: sqlite3.Connection) -> Any:
-        if self.many is not None:
-            return self.many(connection, [self.item])[0]
-        assert self.work is not None
-        return self.work(connection)
-
-
-def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():  # the caller stopped waiting; the write itself has happened regardless
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
-
 
 class GroupCommitWriter:
-    """Used from the one event loop that started it."""
+    """Used from the one event loop that started it. Work must pickle: module-level functions, or
+    `functools.partial` of them, taking the connection (they run in the database process)."""
 
-    def __init__(self, connect: Callable[[], sqlite3.Connection], *, max_batch: int = 256) -> None:
-        self._connect = connect
+    def __init__(self, database: DatabaseProcess, *, max_batch: int = 256) -> None:
+        self._database = database
         self._max_batch = max_batch
-        self._batches: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="billing-sqlite-writer", daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
-        # Loop side: jobs waiting for the next batch; the size of the batch with the thread; and whether
-        # neither a batch nor a hand-over is under way.
-        self._waiting: list[_Job] = []
+        # Jobs waiting for the next batch, and the size of the batch with the database process.
+        self._waiting: list[tuple[WriteJob, asyncio.Future[Any]]] = []
         self._in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._wake = asyncio.Event()
+        self._sender: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._thread.start()
+        self._sender = asyncio.ensure_future(self._send_batches())
 
     @property
     def queued(self) -> int:
@@ -88,147 +51,66 @@ class GroupCommitWriter:
     ) -> T:
         """Run `work` in a write transaction; returns its result once that transaction has committed.
 
-        `after_commit` runs in the writer thread right after the commit, if `work` succeeded."""
-        return await self._enqueue(_Job(self._new_future(), work=work, after_commit=after_commit))
+        `after_commit` runs in the database process right after the commit, if `work` succeeded."""
+        result: T = await self._enqueue(WriteJob(work=work, after_commit=after_commit))
+        return result
 
     async def submit_item(self, many: ManyWork, item: Any) -> Any:
         """Like `submit`, for writes of one kind: items of the same `many` that meet in a batch are
         written by one `many(connection, items)` call."""
-        return await self._enqueue(_Job(self._new_future(), many=many, item=item))
+        return await self._enqueue(WriteJob(many=many, item=item))
 
     async def close(self) -> None:
-        """Commit everything submitted so far, then stop the thread."""
+        """Commit everything submitted so far, then stop sending."""
         if self._closed:
             return
         self._closed = True
-        await self._idle.wait()
-        self._batches.put(None)
-        await asyncio.to_thread(self._thread.join)
+        self._wake.set()
+        if self._sender is not None:
+            await self._sender
 
-    # Event-loop side.
-    def _new_future(self) -> asyncio.Future[Any]:
+    def _enqueue(self, job: WriteJob) -> asyncio.Future[Any]:
         if self._closed:
             raise RuntimeError("the billing store is closed")
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             raise RuntimeError("the billing store is used from another event loop than the one it opened on")
-        return loop.create_future()
+        future = loop.create_future()
+        self._waiting.append((job, future))
+        self._wake.set()
+        return future
 
-    def _enqueue(self, job: _Job) -> asyncio.Future[Any]:
-        self._waiting.append(job)
-        if self._idle.is_set():
-            self._idle.clear()
-            if job.many is None:  # e.g. a reservation, which the engine waits for: at once
-                self._hand_over()
-            else:  # on the next turn of the loop, so that the records submitted in this one join the batch
-                job.future.get_loop().call_soon(self._hand_over)
-        return job.future
+    async def _send_batches(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._waiting:
+                batch = self._waiting[: self._max_batch]
+                del self._waiting[: self._max_batch]
+                self._in_flight = len(batch)
+                await self._commit(batch)
+                self._in_flight = 0
+            if self._closed:
+                return
 
-    def _hand_over(self) -> None:
-        batch = self._waiting[: self._max_batch]
-        del self._waiting[: self._max_batch]
-        self._in_flight = len(batch)
-        self._batches.put(batch)
-
-    def _batch_done(self, outcomes: list[_Outcome]) -> None:
-        self._in_flight = 0
-        for future, result, error in outcomes:
-            _resolve(future, result, error)
-        if self._waiting:
-            self._hand_over()
-        else:
-            self._idle.set()
-
-    # Writer thread.
-    def _run(self) -> None:
-        loop = self._loop
-        assert loop is not None
-        connection: sqlite3.Connection | None = None
+    async def _commit(self, batch: list[tuple[WriteJob, asyncio.Future[Any]]]) -> None:
         try:
-            while (batch := self._batches.get()) is not None:
-                try:
-                    connection = connection or self._connect()
-                    outcomes = self._commit(connection, batch)
-                except Exception as error:  # no connection: every caller hears why, and close() still ends
-                    logger.error("billing database unavailable", extra={"error": repr(error)})
-                    outcomes = [(job.future, None, error) for job in batch]
-                try:
-                    loop.call_soon_threadsafe(self._batch_done, outcomes)
-                except RuntimeError:  # the event loop has closed; nobody is waiting any more
-                    return
-        finally:
-            if connection is not None:
-                connection.close()
-
-    def _commit(self, connection: sqlite3.Connection, batch: list[_Job]) -> list[_Outcome]:
-        outcomes: list[_Outcome] = []
-        try:
-            connection.execute("BEGIN IMMEDIATE")
-            for group in _groups(batch):
-                if len(group) > 1 and _try_together(connection, group, outcomes):
-                    continue
-                for job in group:
-                    _run_in_savepoint(connection, job, outcomes)
-            connection.execute("COMMIT")
-            _run_after_commit(batch, outcomes)
-        except Exception as batch_error:  # e.g. disk full or database locked: every caller hears of it
-            logger.error(
-                "billing write batch failed", extra={"batch": len(batch), "error": repr(batch_error)}
-            )
-            try:
-                if connection.in_transaction:
-                    connection.execute("ROLLBACK")
-            except Exception:  # the callers hear of the first error; the thread must go on
-                logger.exception("billing write batch could not be rolled back")
-            outcomes = [(job.future, None, batch_error) for job in batch]
-        return outcomes
+            outcomes, notes = await self._database.write([job for job, _ in batch])
+        except Exception as error:  # the process could not be started, or died with the batch
+            logger.error("billing write batch failed", extra={"batch": len(batch), "error": repr(error)})
+            for _, future in batch:
+                _resolve(future, None, error)
+            return
+        for note in notes:
+            logger.log(note.level, note.message, extra=note.extra)
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            _resolve(future, outcome.result, outcome.error)
 
 
-def _run_after_commit(batch: list[_Job], outcomes: list[_Outcome]) -> None:
-    failed = {id(future) for future, _, error in outcomes if error is not None}
-    for job in batch:
-        if job.after_commit is not None and id(job.future) not in failed:
-            try:
-                job.after_commit()
-            except Exception:  # the commit stands; only the clean-up after it failed
-                logger.exception("billing post-commit step failed")
-
-
-def _groups(batch: list[_Job]) -> Iterator[list[_Job]]:
-    """Runs of consecutive items of the same kind; every other job alone. Order is kept."""
-    group: list[_Job] = []
-    for job in batch:
-        if group and (job.many is None or job.many != group[0].many):
-            yield group
-            group = []
-        group.append(job)
-        if job.many is None:
-            yield group
-            group = []
-    if group:
-        yield group
-
-
-def _try_together(connection: sqlite3.Connection, group: list[_Job], outcomes: list[_Outcome]) -> bool:
-    many = group[0].many
-    assert many is not None
-    connection.execute("SAVEPOINT together")
-    try:
-        results = many(connection, [job.item for job in group])
-    except Exception:  # one of them fails: find out which by writing each on its own
-        connection.execute("ROLLBACK TO together")
-        connection.execute("RELEASE together")
-        return False
-    connection.execute("RELEASE together")
-    outcomes.extend((job.future, result, None) for job, result in zip(group, results, strict=True))
-    return True
-
-
-def _run_in_savepoint(connection: sqlite3.Connection, job: _Job, outcomes: list[_Outcome]) -> None:
-    connection.execute("SAVEPOINT job")
-    try:
-        outcomes.append((job.future, job.run_alone(connection), None))
-    except Exception as job_error:  # that caller gets its error; the rest of the batch commits
-        connection.execute("ROLLBACK TO job")
-        outcomes.append((job.future, None, job_error))
-    connection.execute("RELEASE job")
+def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # the caller stopped waiting; the write itself has happened regardless
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
