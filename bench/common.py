@@ -153,7 +153,7 @@ def process_cpu_s(pid: int) -> float:
 
 def off_loop_cpu_s(pid: int) -> float:
     """User and system CPU time so far of a process's threads other than its main one, which runs the
-    worker's event loop: the ledger's writer thread, the database readers, the default thread pool."""
+    worker's event loop: e.g. the default thread pool."""
     return sum(thread.user_time + thread.system_time for thread in psutil.Process(pid).threads() if thread.id != pid)
 
 
@@ -248,12 +248,15 @@ class BenchWorker:
         return Target(f"http://127.0.0.1:{engine_port}")
 
     def cpu_s(self) -> float:
-        """CPU time of the worker process itself (gateway, ledger writer), not of its engines."""
-        return process_cpu_s(self.process.process.pid)
+        """CPU time of the worker process and of its billing database's process, not of its engines."""
+        return process_cpu_s(self.process.process.pid) + self._database_cpu_s()
 
     def off_loop_cpu_s(self) -> float:
-        """The part of `cpu_s` spent outside the event loop's thread."""
-        return off_loop_cpu_s(self.process.process.pid)
+        """The part of `cpu_s` spent outside the event loop's thread (the database's process included)."""
+        return off_loop_cpu_s(self.process.process.pid) + self._database_cpu_s()
+
+    def _database_cpu_s(self) -> float:
+        return sum(process_cpu_s(proc.pid) for proc in self.process.billing_database_processes())
 
 
 def _worker_cli(*args: str) -> str:

@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import os
 import platform
-import random
 import signal
 import socket
 import subprocess
@@ -36,7 +35,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import version as package_version
@@ -45,6 +44,8 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import yaml
+
+from bench.arrivals import poisson_arrivals
 
 if TYPE_CHECKING:
     from litellm import Router
@@ -205,14 +206,6 @@ async def one_request(router: Router, phase: str, sent_at: float) -> Outcome:
     if not outcome.ok:
         outcome.failure = f"finish_reason {finish_reason}"
     return outcome
-
-
-def poisson_arrivals(rate: float, duration_s: float, seed: int) -> Iterator[float]:
-    rng = random.Random(seed)
-    at = rng.expovariate(rate)
-    while at < duration_s:
-        yield at
-        at += rng.expovariate(rate)
 
 
 @dataclass

@@ -66,10 +66,10 @@ class LedgerRow:
     concurrency: int
     requests_per_run: int
     paths: dict[str, PathSamples] = field(default_factory=lambda: {path: PathSamples() for path in LEDGER_PATHS})
-    # CPU time of each worker process (gateway and ledger writer; not its engine) over the requests it served.
+    # CPU time of each worker (its process and its billing database's; not its engine) over the requests it served.
     worker_cpu: dict[str, CpuPerRequest] = field(
         default_factory=lambda: {path: CpuPerRequest() for path in LEDGER_PATHS})
-    # The part of it outside the event loop's thread: with the ledger on, mostly its writer thread.
+    # The part of it outside the event loop's thread: with the ledger on, mostly the database's process.
     off_loop_cpu: dict[str, CpuPerRequest] = field(
         default_factory=lambda: {path: CpuPerRequest() for path in LEDGER_PATHS})
 
@@ -151,9 +151,9 @@ under a fixed number of concurrent streams; each run starts with as many warm-up
 cost = 1 - (tok/s ledger on / tok/s ledger off): "pooled" over all runs of each worker, "paired median" = median
 of the per-round costs. The per-round range, and the number of rounds in which the ledger-on worker was the
 faster, show how far the cost stands out from the run-to-run noise. "worker CPU ms per request" = CPU time of the
-worker process (event loop and ledger writer thread, not the engine) over the requests it served, warm-ups
-included; "outside the event loop thread" = the part of it spent in the process's other threads (with the ledger
-on, mostly its SQLite writer): unlike the whole process's figure, it hardly moves with the machine's noise. The
+worker (its process and, with the ledger on SQLite, the billing database's process; not the engine) over the
+requests it served, warm-ups included; "outside the event loop thread" = the part of it spent outside the event
+loop's thread (with the ledger on, mostly in the database's process): unlike the whole process's figure, it hardly moves with the machine's noise. The
 ledger's work on the event loop (building the record, appending it to the journal or handing it to the writer,
 hearing back when its batch has committed) is in the first figure only. The ledger's work is per request, the relay's mostly per streamed token: the ledger's share depends on
 the length of the responses ({shape.output_len} tokens here).

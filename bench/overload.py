@@ -24,20 +24,21 @@ import asyncio
 import contextlib
 import os
 import platform
-import random
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
 import yaml
+
+from bench.arrivals import poisson_arrivals
 
 MODEL = "bench/overload"
 MAX_NUM_SEQS = 8
@@ -173,14 +174,6 @@ async def rejection_reasons(client: aiohttp.ClientSession) -> dict[str, int]:
         text = await response.text()
     return {sample.labels["reason"]: int(sample.value) for family in text_string_to_metric_families(text)
             for sample in family.samples if sample.name == "worker_admission_rejections_total"}
-
-
-def poisson_arrivals(rate: float, duration_s: float, seed: int) -> Iterator[float]:
-    rng = random.Random(seed)
-    at = rng.expovariate(rate)
-    while at < duration_s:
-        yield at
-        at += rng.expovariate(rate)
 
 
 async def open_loop(client: aiohttp.ClientSession, rate: float, duration_s: float, seed: int) -> list[Outcome]:

@@ -89,14 +89,11 @@ class WorkerProcess:
 
     def engine_descendants(self) -> list[psutil.Process]:
         """The engines' processes: every descendant but the billing database's."""
-        engines = []
-        for proc in self.descendants():
-            try:
-                if "worker.billing.store.sqlite_server" not in " ".join(proc.cmdline()):
-                    engines.append(proc)
-            except psutil.NoSuchProcess:
-                continue
-        return engines
+        return [proc for proc in self.descendants() if not _is_billing_database(proc)]
+
+    def billing_database_processes(self) -> list[psutil.Process]:
+        """The process that runs the worker's SQLite work (none with the ledger off or on PostgreSQL)."""
+        return [proc for proc in self.descendants() if _is_billing_database(proc)]
 
     def engine_ports(self, model_id: str | None = None) -> list[int]:
         """Loopback ports of the engine replicas (read from their command lines)."""
@@ -140,6 +137,13 @@ class WorkerProcess:
 def write_config(path: Path, config: dict) -> Path:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def _is_billing_database(proc: psutil.Process) -> bool:
+    try:
+        return "worker.billing.store.sqlite_server" in " ".join(proc.cmdline())
+    except psutil.NoSuchProcess:
+        return False
 
 
 def start_worker(tmp_path: Path, config: dict, *, engine: str = "mock", env: dict[str, str] | None = None,
