@@ -103,8 +103,9 @@ class DatabaseProcess:
         return outcome.result  # type: ignore[no-any-return]
 
     async def _request(self, kind: str, body: Any) -> Any:
-        await self.start()
-        assert self._writer is not None
+        if self._writer is None:
+            await self.start()
+            assert self._writer is not None
         request_id = next(self._ids)
         payload = pickle.dumps((kind, request_id, body), protocol=pickle.HIGHEST_PROTOCOL)
         answer = asyncio.get_running_loop().create_future()
