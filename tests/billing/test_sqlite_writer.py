@@ -175,3 +175,24 @@ async def test_closing_lets_the_process_commit_what_it_was_sent_and_exit(tmp_pat
     assert _rows(path) == list(range(1, 301))
     with pytest.raises(RuntimeError, match="closed"):
         await writer.submit(partial(_insert, value=1000))
+
+
+class _UnreadableThere:
+    """Pickles here, but its unpickling raises (as work naming a function the process cannot import would)."""
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        return getattr, (int, "no_such_attribute")
+
+
+async def test_work_the_process_cannot_read_fails_only_its_request_and_the_process_goes_on(
+    database: tuple[DatabaseProcess, GroupCommitWriter, Path],
+) -> None:
+    process, writer, path = database
+    pid = process.pid
+    with pytest.raises(RuntimeError, match="could not read the work sent"):
+        await writer.submit(partial(_insert, value=_UnreadableThere()))
+    with pytest.raises(RuntimeError, match="could not read the work sent"):
+        await process.read(partial(_insert, value=_UnreadableThere()))
+    assert await writer.submit(partial(_insert, value=5)) == 1
+    assert process.pid == pid
+    assert _rows(path) == [5]

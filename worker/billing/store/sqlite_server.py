@@ -21,7 +21,6 @@ from __future__ import annotations
 import importlib
 import logging
 import pickle
-import queue
 import signal
 import socket
 import sqlite3
@@ -33,8 +32,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
-# Frames on the socket: an 8-byte big-endian length, then a pickle.
-FRAME_HEADER = struct.Struct("!Q")
+# Frames on the sockets: the length of the pickle and the request's id (8 bytes each, big-endian), then
+# the pickle. The id is outside the pickle so that work which cannot be unpickled here still gets its answer.
+FRAME_HEADER = struct.Struct("!QQ")
 BUSY_TIMEOUT_S = 30.0
 
 # Writes many items in the current transaction; returns one result per item, in order.
@@ -98,8 +98,8 @@ def _connect_writer(settings: DatabaseSettings) -> sqlite3.Connection:
     return connection
 
 
-def send_frame(sock: socket.socket, payload: bytes) -> None:
-    sock.sendall(FRAME_HEADER.pack(len(payload)) + payload)
+def send_frame(sock: socket.socket, request_id: int, payload: bytes) -> None:
+    sock.sendall(FRAME_HEADER.pack(len(payload), request_id) + payload)
 
 
 def _recv_exactly(sock: socket.socket, size: int) -> bytes | None:
@@ -115,11 +115,22 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes | None:
     return bytes(chunks)
 
 
-def _recv_frame(sock: socket.socket) -> bytes | None:
+def _recv_frame(sock: socket.socket) -> tuple[int, bytes] | None:
     header = _recv_exactly(sock, FRAME_HEADER.size)
     if header is None:
         return None
-    return _recv_exactly(sock, FRAME_HEADER.unpack(header)[0])
+    size, request_id = FRAME_HEADER.unpack(header)
+    payload = _recv_exactly(sock, size)
+    return None if payload is None else (request_id, payload)
+
+
+def _unpickled_request(payload: bytes) -> tuple[Any, Outcome | None]:
+    """The work sent, or the error to answer with when it cannot be unpickled here."""
+    try:
+        return pickle.loads(payload), None
+    except Exception as error:
+        unreadable = RuntimeError(f"the billing database process could not read the work sent: {error!r}")
+        return None, Outcome(unreadable)
 
 
 def picklable(error: BaseException) -> BaseException:
@@ -132,11 +143,17 @@ def picklable(error: BaseException) -> BaseException:
 
 
 class _Server:
-    def __init__(self, sock: socket.socket, settings: DatabaseSettings) -> None:
-        self._sock = sock
+    """Writes and reads come on sockets of their own: the writer thread serves its socket itself (a batch
+    the worker waits for, e.g. a reservation, crosses no thread hand-off here), and the main thread hands
+    reads to the reader pool, so they never wait behind a batch."""
+
+    def __init__(
+        self, write_sock: socket.socket, read_sock: socket.socket, settings: DatabaseSettings
+    ) -> None:
+        self._write_sock = write_sock
+        self._read_sock = read_sock
         self._settings = settings
-        self._send_lock = threading.Lock()
-        self._writes: queue.SimpleQueue[tuple[int, list[WriteJob]] | None] = queue.SimpleQueue()
+        self._read_send_lock = threading.Lock()
         self._writer = threading.Thread(target=self._write_batches, name="billing-sqlite-writer")
         self._local = threading.local()
         self._reader_connections: list[sqlite3.Connection] = []
@@ -149,29 +166,25 @@ class _Server:
     def run(self) -> None:
         self._writer.start()
         try:
-            while (frame := _recv_frame(self._sock)) is not None:
-                kind, request_id, body = pickle.loads(frame)
-                if kind == "write":
-                    self._writes.put((request_id, body))
-                else:
-                    self._readers.submit(self._read, request_id, body)
-        finally:  # the worker closed its end (or died): finish what was sent, then stop
-            self._writes.put(None)
+            while (frame := _recv_frame(self._read_sock)) is not None:
+                request_id, payload = frame
+                self._readers.submit(self._read, request_id, payload)
+        finally:  # the worker closed its ends (or died): finish what was sent, then stop
             self._writer.join()
             self._readers.shutdown(wait=True)
             with self._reader_lock:
                 for connection in self._reader_connections:
                     connection.close()
-            self._sock.close()
+            self._read_sock.close()
 
-    def _reply(self, request_id: int, answer: Any) -> None:
+    @staticmethod
+    def _reply(sock: socket.socket, request_id: int, answer: Any) -> None:
         try:
-            payload = pickle.dumps((request_id, answer), protocol=pickle.HIGHEST_PROTOCOL)
+            payload = pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as error:  # a result that does not pickle: its caller hears why
-            payload = pickle.dumps((request_id, _unpicklable_answer(answer, error)))
+            payload = pickle.dumps(_unpicklable_answer(answer, error))
         try:
-            with self._send_lock:
-                send_frame(self._sock, payload)
+            send_frame(sock, request_id, payload)
         except OSError:  # the worker is gone; nobody is waiting for the answer
             pass
 
@@ -183,19 +196,26 @@ class _Server:
         with self._reader_lock:
             self._reader_connections.append(connection)
 
-    def _read(self, request_id: int, work: Callable[[sqlite3.Connection], Any]) -> None:
-        try:
-            outcome = Outcome(None, work(self._local.connection))
-        except Exception as error:
-            outcome = Outcome(picklable(error))
-        self._reply(request_id, outcome)
+    def _read(self, request_id: int, payload: bytes) -> None:
+        work, outcome = _unpickled_request(payload)
+        if outcome is None:
+            try:
+                outcome = Outcome(None, work(self._local.connection))
+            except Exception as error:
+                outcome = Outcome(picklable(error))
+        with self._read_send_lock:
+            self._reply(self._read_sock, request_id, outcome)
 
     # Writes.
     def _write_batches(self) -> None:
         connection: sqlite3.Connection | None = None
         try:
-            while (request := self._writes.get()) is not None:
-                request_id, batch = request
+            while (frame := _recv_frame(self._write_sock)) is not None:
+                request_id, payload = frame
+                batch, unreadable = _unpickled_request(payload)
+                if unreadable is not None:  # the worker fails the whole batch with this error
+                    self._reply(self._write_sock, request_id, unreadable)
+                    continue
                 notes: list[LogNote] = []
                 try:
                     connection = connection or _connect_writer(self._settings)
@@ -205,10 +225,11 @@ class _Server:
                         LogNote(logging.ERROR, "billing database unavailable", {"error": repr(error)})
                     )
                     outcomes = [Outcome(picklable(error))] * len(batch)
-                self._reply(request_id, WriteAnswer(outcomes, notes))
+                self._reply(self._write_sock, request_id, WriteAnswer(outcomes, notes))
         finally:
             if connection is not None:
                 connection.close()
+            self._write_sock.close()
 
 
 def _unpicklable_answer(answer: Any, error: Exception) -> Any:
@@ -305,16 +326,18 @@ def _run_in_savepoint(connection: sqlite3.Connection, job: WriteJob, outcomes: l
 
 
 def main() -> None:
-    """The database process's entry point: argv is the socket's file descriptor, then the settings."""
-    fd, path, synchronous, readers = sys.argv[1:5]
+    """The database process's entry point: argv is the write and read sockets' file descriptors, then the
+    settings."""
+    write_fd, read_fd, path, synchronous, readers = sys.argv[1:6]
     # The work the worker sends is defined there: import it now rather than on the first request's unpickling.
     importlib.import_module("worker.billing.store.sqlite")
-    serve(socket.socket(fileno=int(fd)), DatabaseSettings(Path(path), synchronous, int(readers)))
+    serve(socket.socket(fileno=int(write_fd)), socket.socket(fileno=int(read_fd)),
+          DatabaseSettings(Path(path), synchronous, int(readers)))
 
 
-def serve(sock: socket.socket, settings: DatabaseSettings) -> None:
+def serve(write_sock: socket.socket, read_sock: socket.socket, settings: DatabaseSettings) -> None:
     # The worker decides when this process ends (by closing the socket once its writes are in): a Ctrl-C
     # or a signal to the whole process group must not cut a batch off.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _Server(sock, settings).run()
+    _Server(write_sock, read_sock, settings).run()
