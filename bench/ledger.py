@@ -66,7 +66,7 @@ class LedgerRow:
     concurrency: int
     requests_per_run: int
     paths: dict[str, PathSamples] = field(default_factory=lambda: {path: PathSamples() for path in LEDGER_PATHS})
-    # CPU time of each worker (its process and its billing database's; not its engine) over the requests it served.
+    # CPU time of each worker (its process and its billing database's; not its engine) per request served.
     worker_cpu: dict[str, CpuPerRequest] = field(
         default_factory=lambda: {path: CpuPerRequest() for path in LEDGER_PATHS})
     # The part of it outside the event loop's thread: with the ledger on, mostly the database's process.

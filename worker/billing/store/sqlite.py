@@ -114,9 +114,7 @@ class SqliteStore(LedgerStore):
     dialect = "sqlite"
 
     def __init__(self, path: Path, *, synchronous: Literal["full", "normal"], readers: int = 2) -> None:
-        self._path = path
-        self._synchronous = synchronous.upper()
-        self._settings = DatabaseSettings(path, self._synchronous, readers)
+        self._settings = DatabaseSettings(path, synchronous.upper(), readers)
         self._database = DatabaseProcess(self._settings)
         self._writer = GroupCommitWriter(self._database)
         # Journaled ledger rows not yet handed to the writer, and the batches of them it has not committed.
@@ -134,12 +132,13 @@ class SqliteStore(LedgerStore):
         return store
 
     def _prepare(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
+        path = self._settings.path
+        path.parent.mkdir(parents=True, exist_ok=True)
         connection = connect(self._settings)
         try:
             mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
-                raise RuntimeError(f"SQLite refused WAL mode for {self._path} (journal_mode={mode})")
+                raise RuntimeError(f"SQLite refused WAL mode for {path} (journal_mode={mode})")
             connection.execute("BEGIN IMMEDIATE")
             try:
                 connection.execute(SCHEMA_VERSION_TABLE)
@@ -220,9 +219,10 @@ class SqliteStore(LedgerStore):
         return seq
 
     async def start_journal(self, worker_id: str) -> int:
-        if self._synchronous != "NORMAL":  # FULL promises more than a file append in the page cache
+        if self._settings.synchronous != "NORMAL":  # FULL promises more than a file append in the page cache
             return 0
-        directory = self._path.with_name(f"{self._path.name}.journal") / worker_id
+        path = self._settings.path
+        directory = path.with_name(f"{path.name}.journal") / worker_id
         journal, leftovers = await asyncio.to_thread(LedgerJournal.open, directory)
         added = 0
         for path in leftovers:

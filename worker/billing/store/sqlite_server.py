@@ -135,11 +135,7 @@ def _unpickled_request(payload: bytes) -> tuple[Any, Outcome | None]:
 
 def picklable(error: BaseException) -> BaseException:
     """The error itself if it survives pickling, else a RuntimeError that names it."""
-    try:
-        pickle.loads(pickle.dumps(error))
-    except Exception:
-        return RuntimeError(f"{type(error).__name__}: {error}")
-    return error
+    return error if _pickles(error) else RuntimeError(f"{type(error).__name__}: {error}")
 
 
 class _Server:
@@ -241,8 +237,10 @@ def _unpicklable_answer(answer: Any, error: Exception) -> Any:
 
 
 def _pickles(value: Any) -> bool:
+    """Whether `value` comes back out of a pickle (an exception whose constructor takes other arguments
+    than its `args` dumps but does not load)."""
     try:
-        pickle.dumps(value)
+        pickle.loads(pickle.dumps(value))
     except Exception:
         return False
     return True
