@@ -248,12 +248,16 @@ class BenchWorker:
         return Target(f"http://127.0.0.1:{engine_port}")
 
     def cpu_s(self) -> float:
-        """CPU time of the worker process and of its billing database's process, not of its engines."""
-        return process_cpu_s(self.process.process.pid) + self._database_cpu_s()
+        """CPU time of the worker process, its billing database's process and its gateway processes (if
+        any), not of its engines."""
+        return process_cpu_s(self.process.process.pid) + self._database_cpu_s() + self.gateway_processes_cpu_s()
 
     def off_loop_cpu_s(self) -> float:
         """The part of `cpu_s` spent outside the event loop's thread (the database's process included)."""
         return off_loop_cpu_s(self.process.process.pid) + self._database_cpu_s()
+
+    def gateway_processes_cpu_s(self) -> float:
+        return sum(process_cpu_s(proc.pid) for proc in self.process.gateway_processes())
 
     def _database_cpu_s(self) -> float:
         return sum(process_cpu_s(proc.pid) for proc in self.process.billing_database_processes())
@@ -278,15 +282,24 @@ def issue_bench_key(db_url: str) -> str:
 
 @contextlib.contextmanager
 def running_worker(setup: EngineSetup, model_dir: Path, work_dir: Path, *, auth: bool, admission: bool,
-                   ledger: bool = True, synchronous: str | None = None) -> Iterator[BenchWorker]:
+                   ledger: bool = True, synchronous: str | None = None, gateway_processes: int = 1,
+                   engine_url: str | None = None) -> Iterator[BenchWorker]:
     """One `worker serve --engine config` with one replica of the engine; metrics are always on.
 
     The ledger, where on, is SQLite with the worker's default `synchronous` setting unless one is given;
-    with auth on, the load uses a key issued by `worker keys` on that database.
+    with auth on, the load uses a key issued by `worker keys` on that database. With `engine_url` the
+    worker starts no engine but fronts that one (an `external` engine: admission counts in-flight only).
     """
+    model = setup.model_entry(model_dir, admission=admission)
+    if engine_url is not None:
+        model = {"id": model["id"], "engine": "external", "source": engine_url, "pricing": model["pricing"],
+                 "engine_args": {"max_model_len": model["engine_args"]["max_model_len"],
+                                 "max_num_seqs": model["engine_args"]["max_num_seqs"]},
+                 **({"admission": model["admission"]} if "admission" in model else {})}
     config = {
-        "worker": {"id": "bench-worker", "engine_start_timeout_s": ENGINE_START_TIMEOUT_S},
-        "models": [setup.model_entry(model_dir, admission=admission)],
+        "worker": {"id": "bench-worker", "engine_start_timeout_s": ENGINE_START_TIMEOUT_S,
+                   "gateway_processes": gateway_processes},
+        "models": [model],
     }
     work_dir.mkdir(parents=True, exist_ok=True)
     db_url = f"sqlite:///{work_dir / 'ledger.db'}"

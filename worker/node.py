@@ -21,12 +21,14 @@ from worker.engines.supervisor import EngineSupervisor
 from worker.gateway.access_log import AccessLog
 from worker.gateway.app import create_app
 from worker.gateway.gateway import Gateway
+from worker.gateway.processes.coordinator import GatewayProcesses, GatewaySockets
 from worker.gpu import GpuHealth, GpuHealthChange, GpuMetricsCollector, GpuMonitor
 from worker.metrics import (
     BillingCollector,
     CapacityCollector,
     EngineMetricsCollector,
     GatewayMetrics,
+    GatewayProcessCollector,
     ReplicaCollector,
 )
 from worker.registry import (
@@ -43,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 class WorkerNode:
     def __init__(self, config: NodeConfig, settings: Settings, *, gpu_count: int,
-                 gpu_monitor: GpuMonitor | None = None) -> None:
+                 gpu_monitor: GpuMonitor | None = None, gateway_sockets: GatewaySockets | None = None) -> None:
         self.config = config
         self.settings = settings
         self.started_at = int(time.time())
@@ -74,6 +76,12 @@ class WorkerNode:
                                hooks=[GatewayMetrics(self.registry), AccessLog(), DisclosureHook(self.provenance_cache)])
         self.app: FastAPI = create_app(self.gateway, lifespan=self._lifespan,
                                        models_listing=self.catalog.listing, readiness=self.readiness)
+        # With several gateway processes, relays serve the port and this process decides for them.
+        self.gateway_processes = None if gateway_sockets is None else GatewayProcesses(
+            config, self.gateway, gateway_sockets, count=config.worker.gateway_processes,
+            log_level=settings.log_level)
+        if self.gateway_processes is not None:
+            self.registry.register(GatewayProcessCollector(self.gateway_processes.describe))
         self.app.add_api_route("/metrics", self.metrics, methods=["GET"], include_in_schema=False)
         self.app.include_router(build_capacity_router(self.capacity, settings.admin_token))
         self.app.include_router(build_listing_router(self.catalog))
@@ -103,9 +111,13 @@ class WorkerNode:
         await self.capacity.start()
         await self.context_lengths.start()
         await self.registration.start()
+        if self.gateway_processes is not None:
+            await self.gateway_processes.start()
 
     async def stop(self) -> None:
         logger.info("worker stopping", extra={"worker_id": self.config.worker.id})
+        if self.gateway_processes is not None:
+            await self.gateway_processes.stop()
         await self.registration.stop()
         await self.context_lengths.stop()
         await self.capacity.stop()

@@ -36,6 +36,8 @@ def test_yaml_floats_become_exact_decimals(tmp_path: Path) -> None:
          "completion_per_mtok: 1}}]", "worker.port"),
         ("worker: {id: '..'}\nmodels: [{id: a, source: s, pricing: {prompt_per_mtok: 1, "
          "completion_per_mtok: 1}}]", "worker.id"),
+        ("worker: {id: w, gateway_processes: 0}\nmodels: [{id: a, source: s, pricing: {prompt_per_mtok: 1, "
+         "completion_per_mtok: 1}}]", "worker.gateway_processes"),
         ("worker: {id: w}\nmodels: [{id: a, source: s, replicas: 0, pricing: {prompt_per_mtok: 1, "
          "completion_per_mtok: 1}}]", "models[0].replicas"),
         ("worker: {id: w}\nmodels: [{id: a, source: s, engine: tpu, pricing: {prompt_per_mtok: 1, "

@@ -88,8 +88,13 @@ class WorkerProcess:
             return []
 
     def engine_descendants(self) -> list[psutil.Process]:
-        """The engines' processes: every descendant but the billing database's."""
-        return [proc for proc in self.descendants() if not _is_billing_database(proc)]
+        """The engines' processes: every descendant but the billing database's and the gateway's."""
+        return [proc for proc in self.descendants()
+                if not _is_billing_database(proc) and not _is_gateway_process(proc)]
+
+    def gateway_processes(self) -> list[psutil.Process]:
+        """The relay processes that serve the port when `worker.gateway_processes` is above 1."""
+        return [proc for proc in self.descendants() if _is_gateway_process(proc)]
 
     def billing_database_processes(self) -> list[psutil.Process]:
         """The process that runs the worker's SQLite work (none with the ledger off or on PostgreSQL)."""
@@ -139,11 +144,19 @@ def write_config(path: Path, config: dict) -> Path:
     return path
 
 
-def _is_billing_database(proc: psutil.Process) -> bool:
+def _runs(proc: psutil.Process, module: str) -> bool:
     try:
-        return "worker.billing.store.sqlite_server" in " ".join(proc.cmdline())
+        return module in " ".join(proc.cmdline())
     except psutil.NoSuchProcess:
         return False
+
+
+def _is_billing_database(proc: psutil.Process) -> bool:
+    return _runs(proc, "worker.billing.store.sqlite_server")
+
+
+def _is_gateway_process(proc: psutil.Process) -> bool:
+    return _runs(proc, "worker.gateway.processes.relay_process")
 
 
 def start_worker(tmp_path: Path, config: dict, *, engine: str = "mock", env: dict[str, str] | None = None,

@@ -7,7 +7,7 @@ headers and `usage.cost` on every response.
 """
 
 from worker.billing.admin_api import require_admin_token
-from worker.billing.disclosure import DisclosureHook, ProvenanceCache
+from worker.billing.disclosure import DisclosureHook, ProvenanceCache, usage_cost
 from worker.billing.metering import Principal
 from worker.billing.provenance import Provenance, ProvenanceSource
 from worker.billing.service import BillingBacklog, BillingService
@@ -24,4 +24,5 @@ __all__ = [
     "ProvenanceSource",
     "open_store",
     "require_admin_token",
+    "usage_cost",
 ]

@@ -78,6 +78,12 @@ class ProvenanceCache:
         return described
 
 
+def usage_cost(ctx: RequestContext) -> dict[str, Any]:
+    """The `usage.cost` field: what the request's usage so far costs at the model's prices."""
+    cost = charge_micro(ctx.model, ctx.endpoint, ctx.usage, ctx.finish_reason, ctx.outcome)
+    return {"cost": micro_to_json_number(cost)}
+
+
 class DisclosureHook:
     """Request hook: provenance headers on every response, `usage.cost` in every usage object."""
 
@@ -92,8 +98,7 @@ class DisclosureHook:
         ctx.response_headers.update(self.provenance.headers(ctx.replica))
 
     def usage_extras(self, ctx: RequestContext) -> dict[str, Any]:
-        cost = charge_micro(ctx.model, ctx.endpoint, ctx.usage, ctx.finish_reason, ctx.outcome)
-        return {"cost": micro_to_json_number(cost)}
+        return usage_cost(ctx)
 
     async def finalize(self, ctx: RequestContext) -> None:
         return None

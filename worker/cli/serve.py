@@ -101,14 +101,27 @@ def run(args: argparse.Namespace) -> int:
     inventory = detect_gpus()
     config = resolve_engines(config, settings.engine, inventory.count, inventory.reason or "")
 
+    from worker.gateway.processes.coordinator import GatewaySockets
     from worker.node import WorkerNode
 
-    node = WorkerNode(config, settings, gpu_count=inventory.count)
-    # The drain has already ended every request when uvicorn shuts down; its own wait is only a backstop.
-    server = DrainingServer(uvicorn.Config(
-        node.app, host=config.worker.host, port=config.worker.port, loop="uvloop", http="httptools",
-        access_log=False, log_config=None, timeout_graceful_shutdown=5, lifespan="on",
-    ), drain=node.drain)
-    logger.info("listening", extra={"host": config.worker.host, "port": config.worker.port})
-    server.run()
+    host, port = config.worker.host, config.worker.port
+    # Several gateway processes: they accept on the port, this process serves them on a Unix socket.
+    try:
+        sockets = GatewaySockets.open(host, port) if config.worker.gateway_processes > 1 else None
+    except OSError as error:
+        logger.error("cannot listen on the worker's port", extra={"host": host, "port": port, "error": str(error)})
+        return 1
+    try:
+        node = WorkerNode(config, settings, gpu_count=inventory.count, gateway_sockets=sockets)
+        # The drain has already ended every request when uvicorn shuts down; its own wait is only a backstop.
+        server = DrainingServer(uvicorn.Config(
+            node.app, host=host, port=port, loop="uvloop", http="httptools",
+            access_log=False, log_config=None, timeout_graceful_shutdown=5, lifespan="on",
+        ), drain=node.drain)
+        logger.info("listening", extra={"host": host, "port": port,
+                                        "gateway_processes": config.worker.gateway_processes})
+        server.run(sockets=None if sockets is None else [sockets.internal])
+    finally:
+        if sockets is not None:
+            sockets.close()
     return 0

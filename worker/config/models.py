@@ -73,6 +73,10 @@ class WorkerSection(StrictModel):
     drain_grace_s: float = Field(default=30.0, ge=0)
     # A stream whose first token is slower than this gets SSE comment keep-alives meanwhile.
     sse_keepalive_interval_s: float = Field(default=5.0, gt=0)
+    # Processes that accept the port and relay inference bytes. 1: the worker process does it all. More
+    # when one core cannot relay every replica's tokens (roughly 50k tokens/s each); the worker process
+    # then only decides (auth, admission, billing, metrics) and serves the rest of the API behind them.
+    gateway_processes: int = Field(default=1, ge=1, le=64)
 
 
 class Pricing(StrictModel):

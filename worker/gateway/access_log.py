@@ -30,4 +30,5 @@ class AccessLog(ObservingHook):
             "ttft_ms": round(ttft * 1000, 2) if ttft is not None else None,
             "duration_ms": round((end - ctx.started_monotonic) * 1000, 2),
             "error": ctx.error_message,
+            **({"gateway_process": ctx.gateway_process} if ctx.gateway_process is not None else {}),
         })

@@ -55,19 +55,24 @@ class WorkerApp(FastAPI):
         await super().__call__(scope, receive, send)
 
     async def _serve_inference(self, endpoint: str, scope: Scope, receive: Receive, send: Send) -> None:
-        request_id = assign_request_id(scope)
-        try:
-            response = await self.gateway.handle(Request(scope, receive), endpoint)
-        except ApiError as error:
-            response = error.to_response()
-        except Exception:  # noqa: BLE001  logged by unexpected_error_response
-            response = unexpected_error_response(request_id)
-        response.raw_headers.append((b"x-request-id", request_id.encode()))
-        try:
-            await response(scope, receive, send)
-        except Exception:
-            logger.exception("failed while sending the response", extra={"request_id": request_id})
-            raise
+        await serve_inference(self.gateway, endpoint, scope, receive, send)
+
+
+async def serve_inference(gateway: Gateway, endpoint: str, scope: Scope, receive: Receive, send: Send) -> None:
+    """Answer one inference request straight from ASGI: the gateway's response, or its error's."""
+    request_id = assign_request_id(scope)
+    try:
+        response = await gateway.handle(Request(scope, receive), endpoint)
+    except ApiError as error:
+        response = error.to_response()
+    except Exception:  # noqa: BLE001  logged by unexpected_error_response
+        response = unexpected_error_response(request_id)
+    response.raw_headers.append((b"x-request-id", request_id.encode()))
+    try:
+        await response(scope, receive, send)
+    except Exception:
+        logger.exception("failed while sending the response", extra={"request_id": request_id})
+        raise
 
 
 def json_response(content: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:

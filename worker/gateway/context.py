@@ -48,6 +48,8 @@ class RequestContext:
     record_id: str = field(default_factory=lambda: f"rec-{uuid_utils.uuid7().hex}")
     received_at: float = field(default_factory=time.time)
     started_monotonic: float = field(default_factory=time.monotonic)
+    # The relay process that serves it when the worker runs several gateway processes (else None).
+    gateway_process: int | None = None
     # Filled by authentication (billing); None when auth is off.
     principal: Any = None
     replica: Replica | None = None

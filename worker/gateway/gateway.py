@@ -47,6 +47,22 @@ class Gateway:
         await asyncio.gather(*self._finalizing, return_exceptions=True)
 
     async def handle(self, request: Request, endpoint: str) -> Response:
+        ctx = await self.request_context(request, endpoint)
+        finalizer = Finalizer(ctx, [])
+        try:
+            await self.run_before_hooks(ctx, request, finalizer)
+            return await self._serve(request, ctx, finalizer)
+        except ApiError as error:
+            if not finalizer.done:
+                ctx.outcome = "rejected"
+                ctx.status_code = error.status
+                ctx.error_message = error.message
+                await finalizer()
+            error.headers = {**ctx.response_headers, **error.headers}
+            raise
+
+    async def request_context(self, request: Request, endpoint: str) -> RequestContext:
+        """Read and check the request's body: the model must exist here and serve this endpoint."""
         raw = await read_body(request, self.config.worker.max_body_bytes)
         body, head = parse_body(endpoint, raw)
         model = self.config.model(head.model)
@@ -59,38 +75,37 @@ class Gateway:
                            code="unsupported_endpoint", param="model")
         stream = bool(getattr(head, "stream", False))
         options = getattr(head, "stream_options", None)
-        ctx = RequestContext(
+        return RequestContext(
             request_id=request.scope[SCOPE_KEY], endpoint=endpoint, model=model, body=body,
             stream=stream, client_wants_usage=stream and bool(options and options.include_usage),
             headers={},
         )
-        finalizer = Finalizer(ctx, [])
-        try:
-            for passed, hook in enumerate(self.hooks, start=1):
-                await hook.before_request(ctx, request)
-                finalizer.hooks = self.hooks[:passed]  # only hooks that admitted the request finalize it
-            return await self._serve(request, ctx, finalizer)
-        except ApiError as error:
-            if not finalizer.done:
-                ctx.outcome = "rejected"
-                ctx.status_code = error.status
-                ctx.error_message = error.message
-                await finalizer()
-            error.headers = {**ctx.response_headers, **error.headers}
-            raise
+
+    async def run_before_hooks(self, ctx: RequestContext, request: Request, finalizer: Finalizer) -> None:
+        """Every hook's `before_request`, in order; raises the first refusal."""
+        for passed, hook in enumerate(self.hooks, start=1):
+            await hook.before_request(ctx, request)
+            finalizer.hooks = self.hooks[:passed]  # only hooks that admitted the request finalize it
+
+    def refused(self, ctx: RequestContext, finalizer: Finalizer, refusal: ApiError) -> None:
+        """Record a refusal no engine saw: the hooks finalize it right after the answer, not before."""
+        ctx.outcome, ctx.status_code, ctx.error_message = "rejected", refusal.status, refusal.message
+        finalizing = finalizer.start()
+        self._finalizing.add(finalizing)
+        finalizing.add_done_callback(self._finalizing.discard)
+
+    async def admit(self, ctx: RequestContext, exclude: Replica | None = None) -> ReplicaLease:
+        """The lease of the replica that serves `ctx`; raises the refusal (400/429/503)."""
+        return self.admission.admit(ctx, exclude)
 
     async def _serve(self, request: Request, ctx: RequestContext, finalizer: Finalizer) -> Response:
         if ctx.stream:
             ctx.body["stream_options"] = {**(ctx.body.get("stream_options") or {}), "include_usage": True}
         payload = orjson.dumps(ctx.body)
         try:
-            lease = self.admission.admit(ctx)
+            lease = await self.admit(ctx)
         except ApiError as refusal:
-            # Refused before any engine saw it: answer at once, and let the hooks record it right after.
-            ctx.outcome, ctx.status_code, ctx.error_message = "rejected", refusal.status, refusal.message
-            finalizing = finalizer.start()
-            self._finalizing.add(finalizing)
-            finalizing.add_done_callback(self._finalizing.discard)
+            self.refused(ctx, finalizer, refusal)
             raise
         try:
             outcome, opening = await self._open(request, lease, ctx, payload)
@@ -100,7 +115,7 @@ class Gateway:
                 raise
             # The replica died or is restarting: shed to a sibling before any byte was sent.
             try:
-                lease = self.admission.admit(ctx, exclude=lease.replica)
+                lease = await self.admit(ctx, exclude=lease.replica)
             except ApiError:
                 raise error from None
             try:

@@ -51,11 +51,11 @@ class Finalizer:
         # Shielded: a client that disconnects mid-finalize must not cut the ledger write short.
         await asyncio.shield(self.start())
 
-    def start(self) -> asyncio.Future[None]:
+    def start(self, finished_monotonic: float | None = None) -> asyncio.Future[None]:
         """Begin finalizing without waiting for it (for answers that need not wait, like refusals)."""
         if self._task is None:
             self.done = True
-            self.ctx.finished_monotonic = time.monotonic()
+            self.ctx.finished_monotonic = finished_monotonic or time.monotonic()
             self._task = asyncio.ensure_future(self._run())
         return self._task
 

@@ -1,0 +1,192 @@
+"""Several gateway processes against one: the same streamed load, side by side, in front of one engine.
+
+    .venv/bin/pip install -e '.[bench]' && .venv/bin/python -m bench.processes
+        [--engines mock vllm] [--processes 2] [--concurrency 32 128] [--rounds 5]
+        [--doc docs/benchmarks-processes.md]
+
+One engine replica runs under a worker that takes no traffic (its engine host). Two more workers front
+that engine as an external engine, identical but for `worker.gateway_processes`: 1 (the worker process
+relays everything) and N (N relay processes serve the port; the worker process decides for them). Both
+have API keys, admission, the SQLite ledger and metrics on. At each concurrency `vllm bench serve` sends
+the same load to the engine directly, to the one-process worker and to the N-process worker, each path
+going first in turn. Beside throughput and latency, the CPU each worker spends per request is split
+between its worker process (with the billing database's) and its relay processes: the worker
+process's share bounds how many requests per second it can decide for, however many relays serve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import logging
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.common import (
+    ENGINES,
+    CpuPerRequest,
+    EngineSetup,
+    LoadGenerator,
+    LoadShape,
+    PathSamples,
+    add_output_arguments,
+    configure_logging,
+    describe_machine,
+    fmt,
+    paired_ratio,
+    pooled_ratio,
+    rotated,
+    running_worker,
+    table_head,
+    vllm_version,
+)
+from tests.fixtures.tiny_model import make_tiny_model
+
+logger = logging.getLogger("bench.processes")
+INSTALL_COMMAND = ".venv/bin/pip install -e '.[bench]'"
+PATHS = ("direct", "one", "several")
+
+
+@dataclass
+class Row:
+    engine: str
+    concurrency: int
+    paths: dict[str, PathSamples] = field(default_factory=lambda: {path: PathSamples() for path in PATHS})
+    # Per worker ("one", "several"): CPU of its worker process (and database), and of its relays.
+    deciding_cpu: dict[str, CpuPerRequest] = field(default_factory=lambda: {"one": CpuPerRequest(),
+                                                                             "several": CpuPerRequest()})
+    relaying_cpu: CpuPerRequest = field(default_factory=CpuPerRequest)
+
+    def added_ttft_p50(self, path: str) -> float:
+        return self.paths[path].ttft(50) - self.paths["direct"].ttft(50)
+
+
+def bench_engine(setup: EngineSetup, model_dir: Path, work_dir: Path, load: LoadGenerator, processes: int,
+                 concurrencies: list[int], shape: LoadShape) -> list[Row]:
+    with contextlib.ExitStack() as stack:
+        host = stack.enter_context(running_worker(setup, model_dir, work_dir / "engine-host", auth=False,
+                                                  admission=False, ledger=False))
+        engine = host.engine_target(setup.model_id)
+        workers = {
+            name: stack.enter_context(running_worker(setup, model_dir, work_dir / name, auth=True, admission=True,
+                                                     gateway_processes=count, engine_url=engine.base_url))
+            for name, count in (("one", 1), ("several", processes))
+        }
+        targets = {"direct": engine, **{name: worker.target for name, worker in workers.items()}}
+        rows = []
+        for concurrency in concurrencies:
+            row = Row(setup.name, concurrency)
+            num_prompts = setup.num_prompts(concurrency, shape.scale)
+            for round_index in range(shape.rounds):
+                for path in rotated(PATHS, round_index):
+                    worker = workers.get(path)
+                    before = (worker.cpu_s(), worker.gateway_processes_cpu_s()) if worker else (0.0, 0.0)
+                    label = f"{setup.name}-c{concurrency}-{path}-r{round_index}"
+                    result = load.run(targets[path], setup.model_id, concurrency, num_prompts, label)
+                    row.paths[path].add(result)
+                    if worker is not None:
+                        relaying = worker.gateway_processes_cpu_s() - before[1]
+                        deciding = worker.cpu_s() - before[0] - relaying
+                        row.deciding_cpu[path].add_run(deciding, num_prompts, concurrency)
+                        if path == "several":
+                            row.relaying_cpu.add_run(relaying, num_prompts, concurrency)
+                    logger.info("%s: %.0f output tok/s, median TTFT %.1f ms, failed %d", label,
+                                result["output_throughput"], result["median_ttft_ms"], result["failed"])
+            rows.append(row)
+        return rows
+
+
+def render(rows: list[Row], processes: int, shape: LoadShape, command: str, started: datetime.datetime,
+           elapsed_s: float) -> str:
+    lines = [
+        "# Several gateway processes against one",
+        "",
+        (f"Generated by `{command}` on {started:%Y-%m-%d %H:%M} UTC in {elapsed_s / 60:.0f} min. "
+        f"Machine: {describe_machine()}. vLLM {vllm_version()}."),
+        "",
+        (f"The same load, {shape.input_len} prompt and {shape.output_len} output tokens per streamed request, "
+        f"{shape.rounds} runs per path and concurrency, sent in turn straight to one engine (direct), to a worker "
+        f"with one gateway process (one) and to an identical worker with {processes} relay processes "
+        "(several). Both workers front the engine as an external engine, with API keys, admission, the SQLite "
+        "ledger and metrics on. Ratios are pooled over all runs (paired: the median of the per-round ratios)."),
+        "",
+        *table_head("| engine | streams | one / direct | several / direct | several / one (paired) | "
+                    "TTFT p50 added: one / several (ms) | ITL p50: one / several (ms) | failed d / o / s |"),
+    ]
+    for row in rows:
+        direct, one, several = (row.paths[path] for path in PATHS)
+        lines.append(
+            f"| {row.engine} | {row.concurrency} | {fmt(pooled_ratio(one, direct), 3)} | "
+            f"{fmt(pooled_ratio(several, direct), 3)} | {fmt(pooled_ratio(several, one), 3)} "
+            f"({fmt(paired_ratio(several, one), 3)}) | {fmt(row.added_ttft_p50('one'), 2)} / "
+            f"{fmt(row.added_ttft_p50('several'), 2)} | {fmt(one.itl(50), 2)} / {fmt(several.itl(50), 2)} | "
+            f"{direct.failed} / {one.failed} / {several.failed} |")
+    lines += [
+        "",
+        ("CPU per request (ms), the engine's not counted: the worker process with its billing database, and "
+        "the relay processes together."),
+        "",
+        *table_head("| engine | streams | one: worker process | several: worker process | several: relays | "
+                    "several: total | requests/s the worker process could decide for (one core) |"),
+    ]
+    for row in rows:
+        one, deciding, relaying = row.deciding_cpu["one"].ms(), row.deciding_cpu["several"].ms(), row.relaying_cpu.ms()
+        lines.append(
+            f"| {row.engine} | {row.concurrency} | {fmt(one, 3)} | {fmt(deciding, 3)} | {fmt(relaying, 3)} | "
+            f"{fmt(deciding + relaying, 3)} | {fmt(1000 / deciding if deciding else float('nan'))} |")
+    lines += [
+        "",
+        "Output tokens/s per path (pooled):",
+        "",
+        *table_head("| engine | streams | direct | one | several |"),
+        *(f"| {row.engine} | {row.concurrency} | "
+          + " | ".join(fmt(row.paths[path].output_tok_s) for path in PATHS) + " |" for row in rows),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.processes", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--engines", nargs="+", choices=sorted(ENGINES), default=["mock", "vllm"])
+    parser.add_argument("--processes", type=int, default=2, help="relay processes of the 'several' worker")
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[32, 128])
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies the number of requests per run")
+    parser.add_argument("--rounds", type=int, default=5, help="runs per path at each concurrency")
+    parser.add_argument("--doc", type=Path, default=Path("docs/benchmarks-processes.md"))
+    add_output_arguments(parser)
+    args = parser.parse_args(argv)
+    configure_logging()
+    started = datetime.datetime.now(datetime.UTC)
+    started_s = time.monotonic()
+    shape = LoadShape(args.input_len, args.output_len, args.rounds, args.scale)
+    given = argv if argv is not None else sys.argv[1:]
+    command = f"{INSTALL_COMMAND} && .venv/bin/python -m bench.processes {shlex.join(given)}".rstrip()
+    work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-processes-"))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    result_dir = args.result_dir or work_dir / "results"
+    result_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = make_tiny_model(work_dir / "tiny-llama")
+    load = LoadGenerator(model_dir, shape, result_dir, work_dir / "load-generator.log")
+    rows = []
+    for name in args.engines:
+        logger.info("starting the engine host and both workers with the %s engine (logs in %s)", name, work_dir)
+        rows += bench_engine(ENGINES[name], model_dir, work_dir / name, load, args.processes, args.concurrency,
+                             shape)
+    report = render(rows, args.processes, shape, command, started, time.monotonic() - started_s)
+    args.doc.parent.mkdir(parents=True, exist_ok=True)
+    args.doc.write_text(report)
+    print(report)
+    logger.info("wrote %s; per-run results in %s", args.doc, result_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,360 @@
+"""Several gateway processes: the worker process starts relay processes and decides for them.
+
+One process relays roughly 50k tokens/s (the per-event work of the stream relay); a node with several
+GPUs can generate more. With `worker.gateway_processes: N` above 1, N relay processes accept the
+worker's port (one listening socket, shared) and relay inference bytes between clients and engines,
+while every decision stays in the worker process, so that no state has to be shared: a relay asks it
+to admit each request (auth, rate limits, balance reservation, admission, the replica's lease), and
+tells it when the request ended (metering, ledger, metrics, access log, the lease's release). The
+worker process tells a relay when one of its requests must end (replica restart, drain). Everything
+else (health, /metrics, keys, admin) the relays pass to the worker process over a Unix socket.
+
+A relay process that dies is started again; its unfinished requests are recorded as failed and their
+leases released. Relays end when the worker process closes their channels (or dies).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from starlette.requests import Request
+
+from worker.config import NodeConfig
+from worker.engines.replica import ReplicaLease
+from worker.gateway.context import RequestContext, Usage
+from worker.gateway.errors import ApiError
+from worker.gateway.gateway import Gateway
+from worker.gateway.processes.channel import Channel, ChannelClosed, Message
+from worker.gateway.relay import Finalizer
+
+logger = logging.getLogger(__name__)
+
+# A fresh interpreter, as for the billing database: a fork would copy the worker's threads' locks.
+_ENTRY = "from worker.gateway.processes.relay_process import main; main()"
+_RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+_EXIT_TIMEOUT_S = 10.0
+
+
+@dataclass
+class GatewaySockets:
+    """The worker's public listening socket (the relays accept on it) and the worker process's own."""
+
+    public: socket.socket
+    internal: socket.socket
+    internal_path: str
+
+    @classmethod
+    def open(cls, host: str, port: int) -> GatewaySockets:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        public = socket.create_server((host, port), family=family, backlog=2048)
+        directory = tempfile.mkdtemp(prefix="worker-gateway-")
+        path = os.path.join(directory, "worker.sock")
+        internal = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        internal.bind(path)
+        internal.listen(2048)
+        os.chmod(path, 0o600)
+        return cls(public=public, internal=internal, internal_path=path)
+
+    def close(self) -> None:
+        self.public.close()
+        self.internal.close()
+        shutil.rmtree(Path(self.internal_path).parent, ignore_errors=True)
+
+
+def error_message(error: ApiError) -> Message:
+    return {"ok": False, "status": error.status, "message": error.message, "code": error.code,
+            "param": error.param, "type": error.error_type, "headers": error.headers}
+
+
+def error_from(message: Message) -> ApiError:
+    return ApiError(message["status"], message["message"], code=message["code"], param=message["param"],
+                    error_type=message["type"], headers=message["headers"])
+
+
+@dataclass
+class _Relay:
+    index: int
+    process: asyncio.subprocess.Process | None = None
+    channel: Channel | None = None
+    records: set[str] = field(default_factory=set)
+    requests: int = 0
+    restarts: int = 0
+
+
+@dataclass
+class _Relayed:
+    """A request a relay process serves: the worker process's own context, hooks and lease for it."""
+
+    ctx: RequestContext
+    finalizer: Finalizer
+    lease: ReplicaLease
+    relay: _Relay
+
+
+def _scope(message: Message) -> dict[str, Any]:
+    headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in message["headers"]]
+    return {"type": "http", "method": "POST", "path": message["path"], "headers": headers, "query_string": b""}
+
+
+class GatewayProcesses:
+    def __init__(self, config: NodeConfig, gateway: Gateway, sockets: GatewaySockets, *, count: int,
+                 log_level: str) -> None:
+        self.config = config
+        self.gateway = gateway
+        self.sockets = sockets
+        self.log_level = log_level
+        self.relays = [_Relay(index) for index in range(count)]
+        self._records: dict[str, _Relayed] = {}
+        # Each replica's current interruption event -> the relayed records leased under it.
+        self._interruptions: dict[asyncio.Event, set[str]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopping = False
+
+    # Lifecycle.
+    async def start(self) -> None:
+        for relay in self.relays:
+            await self._spawn(relay)
+            self._background(self._supervise(relay))
+
+    async def stop(self) -> None:
+        """Close every relay's channel (it stops accepting and exits), then wait for the processes."""
+        self._stopping = True
+        for relay in self.relays:
+            if relay.channel is not None:
+                await relay.channel.aclose()
+        for relay in self.relays:
+            process = relay.process
+            if process is None:
+                continue
+            try:
+                await asyncio.wait_for(process.wait(), _EXIT_TIMEOUT_S)
+            except TimeoutError:
+                logger.error("gateway process did not exit; killing it", extra={"pid": process.pid})
+                process.kill()
+                await process.wait()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for relay in self.relays:
+            self._relay_gone(relay)
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"process": relay.index, "pid": relay.process.pid if relay.process else None,
+                 "up": relay.channel is not None and not relay.channel.closed.is_set(),
+                 "requests": relay.requests, "restarts": relay.restarts, "in_flight": len(relay.records)}
+                for relay in self.relays]
+
+    def _background(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _spawn(self, relay: _Relay) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        public_fd = self.sockets.public.fileno()
+        try:
+            relay.process = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", _ENTRY, str(theirs.fileno()), str(public_fd),
+                pass_fds=(theirs.fileno(), public_fd), stdin=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        channel = await Channel.over(ours, partial(self._on_message, relay))
+        relay.channel = channel
+        channel.tell({"op": "hello", "index": relay.index, "config": self.config.model_dump(mode="json"),
+                      "internal": self.sockets.internal_path, "log_level": self.log_level})
+        self._background(self._when_closed(relay, channel))
+        logger.info("gateway process started", extra={"gateway_process": relay.index, "pid": relay.process.pid})
+
+    async def _when_closed(self, relay: _Relay, channel: Channel) -> None:
+        await channel.closed.wait()
+        if relay.channel is channel:
+            relay.channel = None
+        self._relay_gone(relay)
+
+    async def _supervise(self, relay: _Relay) -> None:
+        while not self._stopping:
+            process = relay.process
+            assert process is not None
+            code = await process.wait()
+            if self._stopping:
+                return
+            logger.error("gateway process exited; starting it again",
+                         extra={"gateway_process": relay.index, "pid": process.pid, "exit_code": code})
+            if relay.channel is not None:
+                await relay.channel.aclose()
+            await asyncio.sleep(_RESTART_BACKOFF_S[min(relay.restarts, len(_RESTART_BACKOFF_S) - 1)])
+            relay.restarts += 1
+            if not self._stopping:
+                await self._spawn(relay)
+
+    def _relay_gone(self, relay: _Relay) -> None:
+        """The relay's clients lost their connections with it: record their requests as failed."""
+        for record in list(relay.records):
+            relayed = self._records.pop(record, None)
+            if relayed is None:
+                continue
+            ctx = relayed.ctx
+            if ctx.outcome == "ok":
+                ctx.outcome = "upstream_failed"
+                ctx.status_code = ctx.status_code or 502
+                ctx.error_message = "the gateway process relaying the request exited"
+            self._end(relayed)
+        relay.records.clear()
+
+    def _end(self, relayed: _Relayed, finished_monotonic: float | None = None) -> asyncio.Future[None]:
+        relayed.relay.records.discard(relayed.ctx.record_id)
+        self._unwatch(relayed)
+        finishing = relayed.finalizer.start(finished_monotonic)
+        relayed.lease.release()
+        return finishing
+
+    # Messages from relays.
+    def _on_message(self, relay: _Relay, message: Message) -> None:
+        op = message.get("op")
+        if op == "begin":
+            relay.requests += 1
+            self._background(self._begin(relay, message))
+        elif op == "finish":
+            self._background(self._finish(relay, message))
+        elif op == "readmit":
+            self._background(self._readmit(relay, message))
+        elif op == "release":
+            relayed = self._records.get(message["record"])
+            if relayed is not None:
+                self._unwatch(relayed)
+                relayed.lease.release()
+        else:
+            logger.error("unknown message from a gateway process", extra={"gateway_process": relay.index, "op": op})
+
+    async def _begin(self, relay: _Relay, message: Message) -> None:
+        channel = relay.channel
+        if channel is None:
+            return
+        model = self.config.model(message["model"])
+        if model is None:  # the relay checked it against the same configuration
+            channel.reply(message, error_message(ApiError(404, f"The model '{message['model']}' does not exist")))
+            return
+        ctx = RequestContext(
+            request_id=message["request_id"], endpoint=message["endpoint"], model=model, body=message["body"],
+            stream=message["stream"], client_wants_usage=message["wants_usage"], headers={},
+            record_id=message["record"], received_at=message["received_at"],
+            started_monotonic=message["started"], gateway_process=relay.index,
+        )
+        finalizer = Finalizer(ctx, [])
+        gateway = self.gateway
+        try:
+            await gateway.run_before_hooks(ctx, Request(_scope(message)), finalizer)
+        except ApiError as error:
+            ctx.outcome, ctx.status_code, ctx.error_message = "rejected", error.status, error.message
+            await finalizer()
+            error.headers = {**ctx.response_headers, **error.headers}
+            channel.reply(message, error_message(error))
+            return
+        try:
+            lease = await gateway.admit(ctx)
+        except ApiError as refusal:
+            gateway.refused(ctx, finalizer, refusal)
+            refusal.headers = {**ctx.response_headers, **refusal.headers}
+            channel.reply(message, error_message(refusal))
+            return
+        relayed = _Relayed(ctx, finalizer, lease, relay)
+        if relay.channel is not channel:  # the relay died meanwhile
+            ctx.outcome, ctx.error_message = "upstream_failed", "the gateway process relaying the request exited"
+            self._end(relayed)
+            return
+        self._records[ctx.record_id] = relayed
+        relay.records.add(ctx.record_id)
+        self._watch(relayed)
+        channel.reply(message, self._admitted(relayed))
+
+    def _admitted(self, relayed: _Relayed) -> Message:
+        ctx, replica = relayed.ctx, relayed.lease.replica
+        ctx.replica = replica
+        for hook in relayed.finalizer.hooks:
+            hook.after_route(ctx)
+        # What the hooks add to `usage` beside its cost, which the relay prices itself as the usage comes.
+        extras = relayed.finalizer.usage_extras()
+        return {"ok": True, "replica": replica.replica_id, "url": replica.engine.base_url,
+                "headers": ctx.response_headers, "extras": extras}
+
+    async def _readmit(self, relay: _Relay, message: Message) -> None:
+        """The replica failed before answering: the request goes to a sibling, or is refused (still open)."""
+        relayed = self._records.get(message["record"])
+        channel = relay.channel
+        if relayed is None or channel is None:
+            return
+        self._unwatch(relayed)
+        previous = relayed.lease
+        previous.release()
+        try:
+            relayed.lease = await self.gateway.admit(relayed.ctx, exclude=previous.replica)
+        except ApiError as refusal:
+            channel.reply(message, error_message(refusal))
+            return
+        self._watch(relayed)
+        channel.reply(message, self._admitted(relayed))
+
+    async def _finish(self, relay: _Relay, message: Message) -> None:
+        relayed = self._records.pop(message["record"], None)
+        if relayed is None:
+            if relay.channel is not None:
+                relay.channel.reply(message, {})
+            return
+        ctx = relayed.ctx
+        usage = message["usage"]
+        ctx.usage = Usage(*usage) if usage is not None else None
+        ctx.usage_estimated = message["usage_estimated"]
+        ctx.status_code = message["status_code"]
+        ctx.first_byte_monotonic = message["first_byte"]
+        ctx.streamed_events = message["streamed_events"]
+        ctx.finish_reason = message["finish_reason"]
+        ctx.outcome = message["outcome"]
+        ctx.error_message = message["error_message"]
+        # Shielded, like the relay's own finalize: the ledger write is never cut short.
+        await asyncio.shield(self._end(relayed, message["finished"]))
+        if relay.channel is not None:
+            relay.channel.reply(message, {})
+
+    # Interruptions: a replica's restart ends the requests leased on it, in whichever process they run.
+    def _watch(self, relayed: _Relayed) -> None:
+        event = relayed.lease.interrupted
+        holders = self._interruptions.get(event)
+        if holders is None:
+            holders = self._interruptions[event] = set()
+            self._background(self._forward_interruption(event))
+        holders.add(relayed.ctx.record_id)
+
+    def _unwatch(self, relayed: _Relayed) -> None:
+        holders = self._interruptions.get(relayed.lease.interrupted)
+        if holders is not None:
+            holders.discard(relayed.ctx.record_id)
+
+    async def _forward_interruption(self, event: asyncio.Event) -> None:
+        try:
+            await event.wait()
+        finally:
+            records = self._interruptions.pop(event, set())
+        for record in records:
+            relayed = self._records.get(record)
+            channel = relayed.relay.channel if relayed is not None else None
+            if relayed is None or channel is None:
+                continue
+            with contextlib.suppress(ChannelClosed):
+                channel.tell({"op": "interrupt", "record": record, "reason": relayed.lease.interruption_reason})

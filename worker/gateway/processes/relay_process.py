@@ -1,0 +1,265 @@
+"""One relay process (see coordinator.py): serves the worker's port, relays inference bytes, asks the
+worker process for every decision, and passes every other request on to it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import sys
+import time
+from types import FrameType
+from typing import Any
+
+import httpx
+import uvicorn
+import uvloop
+from starlette.requests import Request
+from starlette.types import Receive, Scope, Send
+
+from worker.billing import usage_cost
+from worker.config import NodeConfig
+from worker.engines.data_client import EngineDataClient
+from worker.gateway.app import INFERENCE_ROUTES, serve_inference
+from worker.gateway.context import RequestContext
+from worker.gateway.errors import ApiError
+from worker.gateway.gateway import Gateway
+from worker.gateway.processes.channel import Channel, ChannelClosed, Message
+from worker.gateway.processes.coordinator import error_from
+from worker.logs import configure_logging
+
+logger = logging.getLogger("worker.gateway.relay_process")
+
+# Hop-by-hop headers (RFC 9110 7.6.1) are the proxy's own business on each side.
+_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+                         b"transfer-encoding", b"upgrade", b"host", b"content-length"})
+
+
+class EngineTarget:
+    """A replica as a relay sees it: where to send the bytes (the worker process keeps its state)."""
+
+    __slots__ = ("data", "model_id", "replica_id")
+
+    def __init__(self, replica_id: str, model_id: str, base_url: str) -> None:
+        self.replica_id = replica_id
+        self.model_id = model_id
+        self.data = EngineDataClient(base_url)
+
+
+class RemoteLease:
+    """The worker process's lease, seen from the relay: ended there when the request finishes."""
+
+    __slots__ = ("_link", "_released", "extras", "interrupted", "interruption_reason", "record", "replica")
+
+    def __init__(self, link: WorkerLink, record: str, replica: EngineTarget, extras: dict[str, Any]) -> None:
+        self._link = link
+        self.record = record
+        self.replica = replica
+        self.extras = extras
+        self.interrupted = asyncio.Event()
+        self.interruption_reason = ""
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._link.released(self)
+
+
+class WorkerLink:
+    """The relay's channel to the worker process, and the leases it holds through it."""
+
+    def __init__(self) -> None:
+        self.channel: Channel | None = None
+        self.hello: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self.targets: dict[tuple[str, str], EngineTarget] = {}
+        self.leases: dict[str, RemoteLease] = {}
+
+    def on_message(self, message: Message) -> None:
+        op = message.get("op")
+        if op == "interrupt":
+            lease = self.leases.get(message["record"])
+            if lease is not None:
+                lease.interruption_reason = message["reason"]
+                lease.interrupted.set()
+        elif op == "hello" and not self.hello.done():
+            self.hello.set_result(message)
+
+    async def _call(self, message: Message) -> Message:
+        if self.channel is None:
+            raise ChannelClosed("not connected")
+        try:
+            return await self.channel.call(message)
+        except ChannelClosed:
+            raise ApiError(503, "this worker is restarting; retry shortly", headers={"retry-after": "1"}) from None
+
+    async def begin(self, ctx: RequestContext, request: Request) -> None:
+        headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in request.scope["headers"]]
+        answer = await self._call({
+            "op": "begin", "record": ctx.record_id, "request_id": ctx.request_id, "endpoint": ctx.endpoint,
+            "path": request.scope["path"], "model": ctx.model.id, "body": ctx.body, "stream": ctx.stream,
+            "wants_usage": ctx.client_wants_usage, "headers": headers, "received_at": ctx.received_at,
+            "started": ctx.started_monotonic,
+        })
+        self._admitted(ctx, answer)
+
+    async def readmit(self, ctx: RequestContext) -> RemoteLease:
+        answer = await self._call({"op": "readmit", "record": ctx.record_id})
+        self._admitted(ctx, answer)
+        return self.leases[ctx.record_id]
+
+    def _admitted(self, ctx: RequestContext, answer: Message) -> None:
+        if not answer["ok"]:
+            raise error_from(answer)
+        ctx.response_headers.update(answer["headers"])
+        key = (answer["replica"], answer["url"])
+        target = self.targets.get(key)
+        if target is None:
+            target = self.targets[key] = EngineTarget(answer["replica"], ctx.model.id, answer["url"])
+        self.leases[ctx.record_id] = RemoteLease(self, ctx.record_id, target, answer["extras"])
+
+    def lease_of(self, ctx: RequestContext) -> RemoteLease:
+        return self.leases[ctx.record_id]
+
+    def released(self, lease: RemoteLease) -> None:
+        if self.leases.get(lease.record) is lease and self.channel is not None:
+            with contextlib.suppress(ChannelClosed):  # then the worker process releases it itself
+                self.channel.tell({"op": "release", "record": lease.record})
+
+    async def finish(self, ctx: RequestContext) -> None:
+        self.leases.pop(ctx.record_id, None)
+        usage = ctx.usage
+        await self._call({
+            "op": "finish", "record": ctx.record_id, "status_code": ctx.status_code,
+            "usage": None if usage is None else [usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens],
+            "usage_estimated": ctx.usage_estimated, "first_byte": ctx.first_byte_monotonic,
+            "finished": ctx.finished_monotonic, "streamed_events": ctx.streamed_events,
+            "finish_reason": ctx.finish_reason, "outcome": ctx.outcome, "error_message": ctx.error_message,
+        })
+
+    async def aclose(self) -> None:
+        for target in self.targets.values():
+            await target.data.aclose()
+
+
+class RemoteHooks:
+    """The relay's only request hook: every real hook runs in the worker process."""
+
+    def __init__(self, link: WorkerLink) -> None:
+        self.link = link
+
+    async def before_request(self, ctx: RequestContext, request: Request) -> None:
+        await self.link.begin(ctx, request)
+
+    def after_route(self, ctx: RequestContext) -> None:
+        return None  # the worker process ran them when it admitted the request; their headers came back
+
+    def usage_extras(self, ctx: RequestContext) -> dict[str, Any]:
+        lease = self.link.leases.get(ctx.record_id)
+        return {**(lease.extras if lease is not None else {}), **usage_cost(ctx)}
+
+    async def finalize(self, ctx: RequestContext) -> None:
+        try:
+            await self.link.finish(ctx)
+        except ApiError:
+            logger.error("the worker process went away before recording a request",
+                         extra={"request_id": ctx.request_id, "record_id": ctx.record_id})
+
+
+class RelayGateway(Gateway):
+    def __init__(self, config: NodeConfig, link: WorkerLink) -> None:
+        super().__init__(config, admission=None, hooks=[RemoteHooks(link)])  # type: ignore[arg-type]
+        self.link = link
+
+    async def admit(self, ctx: RequestContext, exclude: Any = None) -> Any:
+        if exclude is None:
+            return self.link.lease_of(ctx)  # leased when the worker process admitted the request
+        return await self.link.readmit(ctx)
+
+
+class RelayApp:
+    """Inference requests are relayed here; every other request goes on to the worker process."""
+
+    def __init__(self, gateway: RelayGateway, internal_path: str) -> None:
+        self.gateway = gateway
+        self.worker = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=internal_path),
+                                        base_url="http://worker", timeout=httpx.Timeout(None, connect=5.0))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["method"] == "POST":
+            endpoint = INFERENCE_ROUTES.get(scope["path"])
+            if endpoint is not None:
+                await serve_inference(self.gateway, endpoint, scope, receive, send)
+                return
+        await self._pass_on(scope, receive, send)
+
+    async def _pass_on(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        headers = [(name, value) for name, value in scope["headers"] if name not in _HOP_BY_HOP]
+        target = scope.get("raw_path") or scope["path"].encode()
+        if scope["query_string"]:
+            target += b"?" + scope["query_string"]
+        request = self.worker.build_request(scope["method"], target.decode("latin-1"), headers=headers,
+                                            content=bytes(body))
+        try:
+            response = await self.worker.send(request, stream=True)
+        except httpx.HTTPError:
+            error = ApiError(503, "this worker is restarting; retry shortly", headers={"retry-after": "1"})
+            await error.to_response()(scope, receive, send)
+            return
+        try:
+            await send({"type": "http.response.start", "status": response.status_code,
+                        "headers": [(n, v) for n, v in response.headers.raw if n.lower() not in _HOP_BY_HOP]})
+            async for chunk in response.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await response.aclose()
+
+    async def aclose(self) -> None:
+        await self.worker.aclose()
+
+
+class RelayServer(uvicorn.Server):
+    """uvicorn, deaf to signals: the relay ends when the worker process closes its channel (after draining)."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        return None
+
+
+async def run(control_fd: int, public_fd: int) -> None:
+    link = WorkerLink()
+    channel = await Channel.over(socket.socket(fileno=control_fd), link.on_message)
+    link.channel = channel
+    hello = await link.hello
+    configure_logging(hello["log_level"])
+    config = NodeConfig.model_validate(hello["config"])
+    app = RelayApp(RelayGateway(config, link), hello["internal"])
+    server = RelayServer(uvicorn.Config(app, http="httptools", lifespan="off", access_log=False, log_config=None,
+                                        timeout_graceful_shutdown=5))
+    serving = asyncio.ensure_future(server.serve(sockets=[socket.socket(fileno=public_fd)]))
+    closed = asyncio.ensure_future(channel.closed.wait())
+    logger.info("gateway process serving", extra={"gateway_process": hello["index"]})
+    await asyncio.wait({serving, closed}, return_when=asyncio.FIRST_COMPLETED)
+    server.should_exit = True
+    started = time.monotonic()
+    await serving
+    await channel.aclose()
+    await link.aclose()
+    await app.aclose()
+    logger.info("gateway process stopped", extra={"gateway_process": hello["index"],
+                                                  "shutdown_s": round(time.monotonic() - started, 3)})
+
+
+def main() -> None:
+    uvloop.run(run(int(sys.argv[1]), int(sys.argv[2])))
