@@ -175,12 +175,16 @@ class GatewayProcesses:
             raise
         finally:
             theirs.close()
-        channel = await Channel.over(ours, partial(self._on_message, relay))
+        await self.connect(relay, ours)
+        logger.info("gateway process started", extra={"gateway_process": relay.index, "pid": relay.process.pid})
+
+    async def connect(self, relay: _Relay, sock: socket.socket) -> None:
+        """Serve the relay process at the other end of `sock` from now on."""
+        channel = await Channel.over(sock, partial(self._on_message, relay))
         relay.channel = channel
         channel.tell({"op": "hello", "index": relay.index, "config": self.config.model_dump(mode="json"),
                       "internal": self.sockets.internal_path, "log_level": self.log_level})
         self._background(self._when_closed(relay, channel))
-        logger.info("gateway process started", extra={"gateway_process": relay.index, "pid": relay.process.pid})
 
     async def _when_closed(self, relay: _Relay, channel: Channel) -> None:
         await channel.closed.wait()
