@@ -168,6 +168,9 @@ async def test_a_request_its_replica_cannot_take_goes_to_a_sibling_and_every_lea
     assert ctx.replica is live and ctx.outcome == "ok" and ctx.status_code == 200
     assert ctx.usage is not None and ctx.usage.completion_tokens == 1
     assert ctx.gateway_process == 0
+    # The relay's timings, on the clock every process on the host shares.
+    assert ctx.admitted_monotonic is not None and ctx.first_byte_monotonic is not None
+    assert ctx.started_monotonic < ctx.admitted_monotonic < ctx.first_byte_monotonic < ctx.finished_monotonic
 
 
 async def test_a_request_no_replica_can_take_is_refused_and_recorded_once() -> None:

@@ -132,7 +132,9 @@ def test_requests_are_relayed_by_every_process_metered_and_recorded(worker: Work
     for request_id in costs:
         [line] = [line for line in log.splitlines() if f'"request_id":"{request_id}"' in line
                   and '"msg":"request"' in line]
-        processes.add(orjson.loads(line)["gateway_process"])
+        logged = orjson.loads(line)
+        processes.add(logged["gateway_process"])
+        assert 0 < logged["admit_ms"] <= logged["ttft_ms"] <= logged["duration_ms"]
     assert processes <= set(range(PROCESSES)) and len(processes) >= 2
     # Every request was relayed (the worker process does not listen on the port itself).
     assert sum(requests_by_process(worker).values()) >= 12

@@ -15,6 +15,7 @@ class AccessLog(ObservingHook):
     async def finalize(self, ctx: RequestContext) -> None:
         end = ctx.finished_monotonic or time.monotonic()
         ttft = ctx.first_byte_monotonic - ctx.started_monotonic if ctx.first_byte_monotonic else None
+        admit = ctx.admitted_monotonic - ctx.started_monotonic if ctx.admitted_monotonic else None
         logger.info("request", extra={
             "request_id": ctx.request_id,
             "record_id": ctx.record_id,
@@ -27,6 +28,7 @@ class AccessLog(ObservingHook):
             "finish_reason": ctx.finish_reason,
             "prompt_tokens": ctx.usage.prompt_tokens if ctx.usage else None,
             "completion_tokens": ctx.usage.completion_tokens if ctx.usage else None,
+            "admit_ms": round(admit * 1000, 2) if admit is not None else None,
             "ttft_ms": round(ttft * 1000, 2) if ttft is not None else None,
             "duration_ms": round((end - ctx.started_monotonic) * 1000, 2),
             "error": ctx.error_message,

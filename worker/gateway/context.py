@@ -54,6 +54,9 @@ class RequestContext:
     principal: Any = None
     replica: Replica | None = None
     status_code: int = 0
+    # When a replica was leased (after auth, the balance reservation and admission) and the engine's first
+    # byte came.
+    admitted_monotonic: float | None = None
     first_byte_monotonic: float | None = None
     finished_monotonic: float | None = None
     usage: Usage | None = None

@@ -107,6 +107,7 @@ class Gateway:
         except ApiError as refusal:
             self.refused(ctx, finalizer, refusal)
             raise
+        ctx.admitted_monotonic = time.monotonic()
         try:
             outcome, opening = await self._open(request, lease, ctx, payload)
         except ApiError as error:

@@ -326,6 +326,7 @@ class GatewayProcesses:
         ctx.usage = Usage(*usage) if usage is not None else None
         ctx.usage_estimated = message["usage_estimated"]
         ctx.status_code = message["status_code"]
+        ctx.admitted_monotonic = message["admitted"]
         ctx.first_byte_monotonic = message["first_byte"]
         ctx.streamed_events = message["streamed_events"]
         ctx.finish_reason = message["finish_reason"]

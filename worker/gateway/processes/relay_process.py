@@ -133,7 +133,8 @@ class WorkerLink:
         await self._call({
             "op": "finish", "record": ctx.record_id, "status_code": ctx.status_code,
             "usage": None if usage is None else [usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens],
-            "usage_estimated": ctx.usage_estimated, "first_byte": ctx.first_byte_monotonic,
+            "usage_estimated": ctx.usage_estimated, "admitted": ctx.admitted_monotonic,
+            "first_byte": ctx.first_byte_monotonic,
             "finished": ctx.finished_monotonic, "streamed_events": ctx.streamed_events,
             "finish_reason": ctx.finish_reason, "outcome": ctx.outcome, "error_message": ctx.error_message,
         })
