@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -358,6 +359,21 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--result-dir", type=Path, help="where per-run JSON results go (default: a temp dir)")
     parser.add_argument("--work-dir", type=Path,
                         help="logs, databases and the tokenizer go here (default: a new temp dir, kept)")
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """How to rerun a benchmark, for its page: its arguments less where it kept its work files."""
+    given = list(argv if argv is not None else sys.argv[1:])
+    kept: list[str] = []
+    skip = False
+    for arg in given:
+        if skip:
+            skip = False
+        elif arg in ("--work-dir", "--result-dir"):
+            skip = True
+        elif not arg.startswith(("--work-dir=", "--result-dir=")):
+            kept.append(arg)
+    return f".venv/bin/python -m {module} {shlex.join(kept)}".rstrip()
 
 
 def configure_logging() -> None:

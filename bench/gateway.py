@@ -22,8 +22,6 @@ import datetime
 import json
 import logging
 import os
-import shlex
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -35,6 +33,7 @@ from bench.common import (
     LoadGenerator,
     LoadShape,
     add_output_arguments,
+    command_line,
     configure_logging,
     rotated,
     running_worker,
@@ -106,12 +105,11 @@ def main(argv: list[str] | None = None) -> int:
 
     started = datetime.datetime.now(datetime.UTC)
     started_s = time.monotonic()
-    given = argv if argv is not None else sys.argv[1:]
     plan = Plan(
         concurrencies=args.concurrency,
         shape=LoadShape(args.input_len, args.output_len, args.rounds, args.scale),
         litellm_share=args.litellm_share,
-        command=f"{INSTALL_COMMAND} && .venv/bin/python -m bench.gateway {shlex.join(given)}".rstrip(),
+        command=f"{INSTALL_COMMAND} && {command_line('bench.gateway', argv)}",
     )
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-gateway-"))
     work_dir.mkdir(parents=True, exist_ok=True)

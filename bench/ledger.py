@@ -20,8 +20,6 @@ import datetime
 import json
 import logging
 import os
-import shlex
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +34,7 @@ from bench.common import (
     LoadShape,
     PathSamples,
     add_output_arguments,
+    command_line,
     configure_logging,
     describe_machine,
     fmt,
@@ -199,8 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(compare_ledger(workers, load, concurrency, args.rounds, args.scale))
         load_averages = (load_before, os.getloadavg()[0])
 
-    given = argv if argv is not None else sys.argv[1:]
-    command = f".venv/bin/python -m bench.ledger {shlex.join(given)}".rstrip()
+    command = command_line("bench.ledger", argv)
     report = render_report(rows, shape, started, load_averages, command)
     args.doc.parent.mkdir(parents=True, exist_ok=True)
     args.doc.write_text(report)

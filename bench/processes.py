@@ -20,8 +20,6 @@ import argparse
 import contextlib
 import datetime
 import logging
-import shlex
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -35,6 +33,7 @@ from bench.common import (
     LoadShape,
     PathSamples,
     add_output_arguments,
+    command_line,
     configure_logging,
     describe_machine,
     fmt,
@@ -167,8 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.datetime.now(datetime.UTC)
     started_s = time.monotonic()
     shape = LoadShape(args.input_len, args.output_len, args.rounds, args.scale)
-    given = argv if argv is not None else sys.argv[1:]
-    command = f"{INSTALL_COMMAND} && .venv/bin/python -m bench.processes {shlex.join(given)}".rstrip()
+    command = f"{INSTALL_COMMAND} && {command_line('bench.processes', argv)}"
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-processes-"))
     work_dir.mkdir(parents=True, exist_ok=True)
     result_dir = args.result_dir or work_dir / "results"

@@ -113,3 +113,11 @@ def test_litellm_runs_carry_a_share_of_the_requests_but_one_per_stream() -> None
     assert litellm_prompts(mock, 128, PLAN) == round(0.25 * mock.num_prompts(128, 1.0))
     assert litellm_prompts(mock, 1, PLAN) == 6  # a quarter of the minimum of 24
     assert litellm_prompts(ENGINES["vllm"], 128, PLAN) == 128  # a quarter would leave streams idle
+
+
+def test_the_rerun_command_leaves_out_where_work_files_went() -> None:
+    from bench.common import command_line
+
+    argv = ["--engines", "mock", "--work-dir", "/tmp/w", "--result-dir=/tmp/r", "--rounds", "3"]
+    assert command_line("bench.gateway", argv) == ".venv/bin/python -m bench.gateway --engines mock --rounds 3"
+    assert command_line("bench.processes", []) == ".venv/bin/python -m bench.processes"

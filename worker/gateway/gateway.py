@@ -53,13 +53,19 @@ class Gateway:
             await self.run_before_hooks(ctx, request, finalizer)
             return await self._serve(request, ctx, finalizer)
         except ApiError as error:
-            if not finalizer.done:
-                ctx.outcome = "rejected"
-                ctx.status_code = error.status
-                ctx.error_message = error.message
-                await finalizer()
-            error.headers = {**ctx.response_headers, **error.headers}
+            await self.answered_with(error, ctx, finalizer)
             raise
+
+    @staticmethod
+    async def answered_with(error: ApiError, ctx: RequestContext, finalizer: Finalizer) -> None:
+        """The request ends with `error`: record it (unless that happened already) and give the error the
+        headers the hooks set."""
+        if not finalizer.done:
+            ctx.outcome = "rejected"
+            ctx.status_code = error.status
+            ctx.error_message = error.message
+            await finalizer()
+        error.headers = {**ctx.response_headers, **error.headers}
 
     async def request_context(self, request: Request, endpoint: str) -> RequestContext:
         """Read and check the request's body: the model must exist here and serve this endpoint."""

@@ -266,9 +266,7 @@ class GatewayProcesses:
         try:
             await gateway.run_before_hooks(ctx, Request(_scope(message)), finalizer)
         except ApiError as error:
-            ctx.outcome, ctx.status_code, ctx.error_message = "rejected", error.status, error.message
-            await finalizer()
-            error.headers = {**ctx.response_headers, **error.headers}
+            await gateway.answered_with(error, ctx, finalizer)
             channel.reply(message, error_message(error))
             return
         try:
