@@ -148,6 +148,8 @@ def test_requests_are_relayed_by_every_process_metered_and_recorded(worker: Work
     assert {r["request_id"]: r["cost_micro"] for r in records} == costs
     assert {r["outcome"] for r in records} == {"ok"}
     assert metric(worker, "worker_gateway_process_up") == {f'process="{i}"': 1.0 for i in range(PROCESSES)}
+    cpu = metric(worker, "worker_gateway_process_cpu_seconds_total")
+    assert set(cpu) == {f'process="{i}"' for i in range(PROCESSES)} and all(value > 0 for value in cpu.values())
 
 
 def test_admission_limit_holds_across_processes(worker: WorkerProcess) -> None:

@@ -22,13 +22,18 @@ class GatewayProcessCollector(Collector):
                                        "Inference requests the gateway process received", labels=["process"])
         restarts = CounterMetricFamily("worker_gateway_process_restarts",
                                        "Times the gateway process exited and was started again", labels=["process"])
+        cpu = CounterMetricFamily("worker_gateway_process_cpu_seconds",
+                                  "CPU time the gateway process has used since it started", labels=["process"])
         for relay in self.processes():
             label = [str(relay["process"])]
             up.add_metric(label, 1.0 if relay["up"] else 0.0)
             in_flight.add_metric(label, relay["in_flight"])
             requests.add_metric(label, relay["requests"])
             restarts.add_metric(label, relay["restarts"])
+            if relay["cpu_seconds"] is not None:
+                cpu.add_metric(label, relay["cpu_seconds"])
         yield up
         yield in_flight
         yield requests
         yield restarts
+        yield cpu

@@ -29,6 +29,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import psutil
 from starlette.requests import Request
 
 from worker.config import NodeConfig
@@ -103,6 +104,17 @@ class _Relayed:
     relay: _Relay
 
 
+def _cpu_seconds(process: asyncio.subprocess.Process | None) -> float | None:
+    """CPU time the relay process has used (a read of /proc: microseconds)."""
+    if process is None or process.returncode is not None:
+        return None
+    try:
+        times = psutil.Process(process.pid).cpu_times()
+    except psutil.Error:
+        return None
+    return float(times.user + times.system)
+
+
 def _scope(message: Message) -> dict[str, Any]:
     headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in message["headers"]]
     return {"type": "http", "method": "POST", "path": message["path"], "headers": headers, "query_string": b""}
@@ -153,7 +165,8 @@ class GatewayProcesses:
     def describe(self) -> list[dict[str, Any]]:
         return [{"process": relay.index, "pid": relay.process.pid if relay.process else None,
                  "up": relay.channel is not None and not relay.channel.closed.is_set(),
-                 "requests": relay.requests, "restarts": relay.restarts, "in_flight": len(relay.records)}
+                 "requests": relay.requests, "restarts": relay.restarts, "in_flight": len(relay.records),
+                 "cpu_seconds": _cpu_seconds(relay.process)}
                 for relay in self.relays]
 
     def _background(self, work: Any) -> None:
