@@ -47,15 +47,18 @@ class WorkerApp(FastAPI):
         self.gateway = gateway
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            endpoint = INFERENCE_ROUTES.get(scope["path"])
-            if endpoint is not None:
-                await self._serve_inference(endpoint, scope, receive, send)
-                return
+        endpoint = inference_endpoint(scope)
+        if endpoint is not None:
+            await serve_inference(self.gateway, endpoint, scope, receive, send)
+            return
         await super().__call__(scope, receive, send)
 
-    async def _serve_inference(self, endpoint: str, scope: Scope, receive: Receive, send: Send) -> None:
-        await serve_inference(self.gateway, endpoint, scope, receive, send)
+
+def inference_endpoint(scope: Scope) -> str | None:
+    """The inference endpoint an HTTP request is for ("chat.completions", ...), None for every other."""
+    if scope["type"] == "http" and scope["method"] == "POST":
+        return INFERENCE_ROUTES.get(scope["path"])
+    return None
 
 
 async def serve_inference(gateway: Gateway, endpoint: str, scope: Scope, receive: Receive, send: Send) -> None:

@@ -43,15 +43,15 @@ class Gateway:
         self._finalizing: set[asyncio.Future[None]] = set()
 
     async def aclose(self) -> None:
-        """Wait for the hooks of refused requests that are still finishing (before their stores close)."""
+        """Wait for the hooks still finishing requests nobody waits for (before their stores close)."""
         await asyncio.gather(*self._finalizing, return_exceptions=True)
 
     async def handle(self, request: Request, endpoint: str) -> Response:
         ctx = await self.request_context(request, endpoint)
         finalizer = Finalizer(ctx, [])
         try:
-            await self.run_before_hooks(ctx, request, finalizer)
-            return await self._serve(request, ctx, finalizer)
+            lease = await self.check_in(ctx, request, finalizer)
+            return await self._serve(request, ctx, finalizer, lease)
         except ApiError as error:
             await self.answered_with(error, ctx, finalizer)
             raise
@@ -87,33 +87,40 @@ class Gateway:
             headers={},
         )
 
-    async def run_before_hooks(self, ctx: RequestContext, request: Request, finalizer: Finalizer) -> None:
-        """Every hook's `before_request`, in order; raises the first refusal."""
+    async def check_in(self, ctx: RequestContext, request: Request, finalizer: Finalizer) -> ReplicaLease:
+        """Every hook's `before_request` in order, then a replica's lease; raises the first refusal.
+
+        Only hooks that admitted the request finalize it. Admission's refusal, which no engine saw, is
+        finalized right after the answer rather than before it.
+        """
         for passed, hook in enumerate(self.hooks, start=1):
             await hook.before_request(ctx, request)
-            finalizer.hooks = self.hooks[:passed]  # only hooks that admitted the request finalize it
+            finalizer.hooks = self.hooks[:passed]
+        try:
+            lease = await self.admit(ctx)
+        except ApiError as refusal:
+            ctx.outcome, ctx.status_code, ctx.error_message = "rejected", refusal.status, refusal.message
+            self.finalize_soon(finalizer)
+            raise
+        ctx.admitted_monotonic = time.monotonic()
+        return lease
 
-    def refused(self, ctx: RequestContext, finalizer: Finalizer, refusal: ApiError) -> None:
-        """Record a refusal no engine saw: the hooks finalize it right after the answer, not before."""
-        ctx.outcome, ctx.status_code, ctx.error_message = "rejected", refusal.status, refusal.message
-        finalizing = finalizer.start()
+    def finalize_soon(self, finalizer: Finalizer, finished_monotonic: float | None = None) -> asyncio.Future[None]:
+        """Start the hooks' finalize without waiting for it; `aclose()` waits for it."""
+        finalizing = finalizer.start(finished_monotonic)
         self._finalizing.add(finalizing)
         finalizing.add_done_callback(self._finalizing.discard)
+        return finalizing
 
     async def admit(self, ctx: RequestContext, exclude: Replica | None = None) -> ReplicaLease:
         """The lease of the replica that serves `ctx`; raises the refusal (400/429/503)."""
         return self.admission.admit(ctx, exclude)
 
-    async def _serve(self, request: Request, ctx: RequestContext, finalizer: Finalizer) -> Response:
+    async def _serve(self, request: Request, ctx: RequestContext, finalizer: Finalizer,
+                     lease: ReplicaLease) -> Response:
         if ctx.stream:
             ctx.body["stream_options"] = {**(ctx.body.get("stream_options") or {}), "include_usage": True}
         payload = orjson.dumps(ctx.body)
-        try:
-            lease = await self.admit(ctx)
-        except ApiError as refusal:
-            self.refused(ctx, finalizer, refusal)
-            raise
-        ctx.admitted_monotonic = time.monotonic()
         try:
             outcome, opening = await self._open(request, lease, ctx, payload)
         except ApiError as error:

@@ -10,8 +10,8 @@ from prometheus_client.registry import Collector
 
 
 class GatewayProcessCollector(Collector):
-    def __init__(self, describe: Callable[[], list[dict[str, Any]]]) -> None:
-        self.processes = describe
+    def __init__(self, processes: Callable[[], list[dict[str, Any]]]) -> None:
+        self.processes = processes  # GatewayProcesses.describe
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("worker_gateway_process_up", "1 while the gateway process serves the port",

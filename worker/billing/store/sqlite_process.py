@@ -12,11 +12,8 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
 import pickle
 import socket
-import subprocess
-import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -27,6 +24,7 @@ from worker.billing.store.sqlite_server import (
     WriteAnswer,
     WriteJob,
 )
+from worker.python_child import start_python, wait_or_kill
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -37,8 +35,6 @@ class DatabaseProcessGone(RuntimeError):
     pass
 
 
-# A fresh interpreter rather than a fork of the worker (which would copy its threads' locks mid-use) or
-# multiprocessing's start methods (which re-run the parent's main script in the child).
 _ENTRY = "from worker.billing.store.sqlite_server import main; main()"
 
 
@@ -79,11 +75,9 @@ class DatabaseProcess:
         theirs = [pairs[kind][1].fileno() for kind in ("write", "read")]
         settings = self._settings
         try:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", _ENTRY,
-                *map(str, theirs), str(settings.path), settings.synchronous, str(settings.readers),
-                pass_fds=theirs, stdin=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+            process = await start_python(
+                _ENTRY, *map(str, theirs), str(settings.path), settings.synchronous, str(settings.readers),
+                pass_fds=tuple(theirs),
             )
         except BaseException:
             for ours, _ in pairs.values():
@@ -168,9 +162,4 @@ class DatabaseProcess:
                 writer.write_eof()  # the process answers what it has, then exits
         await asyncio.gather(*self._answers)
         if process is not None:
-            try:
-                await asyncio.wait_for(process.wait(), _EXIT_TIMEOUT_S)
-            except TimeoutError:
-                logger.error("billing database process did not exit; killing it", extra={"pid": process.pid})
-                process.kill()
-                await process.wait()
+            await wait_or_kill(process, _EXIT_TIMEOUT_S, "billing database process")

@@ -21,8 +21,6 @@ import logging
 import os
 import shutil
 import socket
-import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from functools import partial
@@ -39,10 +37,10 @@ from worker.gateway.errors import ApiError
 from worker.gateway.gateway import Gateway
 from worker.gateway.processes.channel import Channel, ChannelClosed, Message
 from worker.gateway.relay import Finalizer
+from worker.python_child import start_python, wait_or_kill
 
 logger = logging.getLogger(__name__)
 
-# A fresh interpreter, as for the billing database: a fork would copy the worker's threads' locks.
 _ENTRY = "from worker.gateway.processes.relay_process import main; main()"
 _RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 _EXIT_TIMEOUT_S = 10.0
@@ -147,15 +145,8 @@ class GatewayProcesses:
             if relay.channel is not None:
                 await relay.channel.aclose()
         for relay in self.relays:
-            process = relay.process
-            if process is None:
-                continue
-            try:
-                await asyncio.wait_for(process.wait(), _EXIT_TIMEOUT_S)
-            except TimeoutError:
-                logger.error("gateway process did not exit; killing it", extra={"pid": process.pid})
-                process.kill()
-                await process.wait()
+            if relay.process is not None:
+                await wait_or_kill(relay.process, _EXIT_TIMEOUT_S, "gateway process")
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -178,11 +169,8 @@ class GatewayProcesses:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         public_fd = self.sockets.public.fileno()
         try:
-            relay.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", _ENTRY, str(theirs.fileno()), str(public_fd),
-                pass_fds=(theirs.fileno(), public_fd), stdin=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
-            )
+            relay.process = await start_python(_ENTRY, str(theirs.fileno()), str(public_fd),
+                                               pass_fds=(theirs.fileno(), public_fd))
         except BaseException:
             ours.close()
             raise
@@ -238,7 +226,7 @@ class GatewayProcesses:
     def _end(self, relayed: _Relayed, finished_monotonic: float | None = None) -> asyncio.Future[None]:
         relayed.relay.records.discard(relayed.ctx.record_id)
         self._unwatch(relayed)
-        finishing = relayed.finalizer.start(finished_monotonic)
+        finishing = self.gateway.finalize_soon(relayed.finalizer, finished_monotonic)
         relayed.lease.release()
         return finishing
 
@@ -275,19 +263,11 @@ class GatewayProcesses:
             started_monotonic=message["started"], gateway_process=relay.index,
         )
         finalizer = Finalizer(ctx, [])
-        gateway = self.gateway
         try:
-            await gateway.run_before_hooks(ctx, Request(_scope(message)), finalizer)
+            lease = await self.gateway.check_in(ctx, Request(_scope(message)), finalizer)
         except ApiError as error:
-            await gateway.answered_with(error, ctx, finalizer)
+            await self.gateway.answered_with(error, ctx, finalizer)
             channel.reply(message, error_message(error))
-            return
-        try:
-            lease = await gateway.admit(ctx)
-        except ApiError as refusal:
-            gateway.refused(ctx, finalizer, refusal)
-            refusal.headers = {**ctx.response_headers, **refusal.headers}
-            channel.reply(message, error_message(refusal))
             return
         relayed = _Relayed(ctx, finalizer, lease, relay)
         if relay.channel is not channel:  # the relay died meanwhile
@@ -334,7 +314,7 @@ class GatewayProcesses:
             return
         ctx = relayed.ctx
         usage = message["usage"]
-        ctx.usage = Usage(*usage) if usage is not None else None
+        ctx.usage = Usage(**usage) if usage is not None else None
         ctx.usage_estimated = message["usage_estimated"]
         ctx.status_code = message["status_code"]
         ctx.admitted_monotonic = message["admitted"]

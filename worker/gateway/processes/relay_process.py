@@ -21,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 from worker.billing import usage_cost
 from worker.config import NodeConfig
 from worker.engines.data_client import EngineDataClient
-from worker.gateway.app import INFERENCE_ROUTES, serve_inference
+from worker.gateway.app import inference_endpoint, serve_inference
 from worker.gateway.context import RequestContext
 from worker.gateway.errors import ApiError
 from worker.gateway.gateway import Gateway
@@ -132,7 +132,7 @@ class WorkerLink:
         usage = ctx.usage
         await self._call({
             "op": "finish", "record": ctx.record_id, "status_code": ctx.status_code,
-            "usage": None if usage is None else [usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens],
+            "usage": None if usage is None else vars(usage),
             "usage_estimated": ctx.usage_estimated, "admitted": ctx.admitted_monotonic,
             "first_byte": ctx.first_byte_monotonic,
             "finished": ctx.finished_monotonic, "streamed_events": ctx.streamed_events,
@@ -188,14 +188,11 @@ class RelayApp:
                                         base_url="http://worker", timeout=httpx.Timeout(None, connect=5.0))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return
-        if scope["method"] == "POST":
-            endpoint = INFERENCE_ROUTES.get(scope["path"])
-            if endpoint is not None:
-                await serve_inference(self.gateway, endpoint, scope, receive, send)
-                return
-        await self._pass_on(scope, receive, send)
+        endpoint = inference_endpoint(scope)
+        if endpoint is not None:
+            await serve_inference(self.gateway, endpoint, scope, receive, send)
+        elif scope["type"] == "http":
+            await self._pass_on(scope, receive, send)
 
     async def _pass_on(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = bytearray()
