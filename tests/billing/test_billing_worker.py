@@ -14,7 +14,7 @@ import orjson
 import psutil
 import pytest
 
-from tests.support.worker_process import WorkerProcess, fast_mock_model, start_worker
+from tests.support.worker_process import WorkerProcess, fast_mock_model, ready_or_stopped, start_worker
 
 CHAT = "acme/chat-small"
 OTHER = "acme/chat-other"
@@ -37,12 +37,7 @@ def billed_worker(tmp_path: Path) -> WorkerProcess:
         config,
         env={"WORKER_AUTH": "true", "WORKER_ADMIN_TOKEN": ADMIN_TOKEN, "WORKER_DB_SYNCHRONOUS": "normal"},
     )
-    try:
-        proc.wait_ready()
-    except BaseException:
-        proc.stop()
-        raise
-    return proc
+    return ready_or_stopped(proc)
 
 
 @pytest.fixture(scope="module")

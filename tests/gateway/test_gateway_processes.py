@@ -20,7 +20,13 @@ import orjson
 import psutil
 import pytest
 
-from tests.support.worker_process import WorkerProcess, fast_mock_model, start_worker, wait_until
+from tests.support.worker_process import (
+    WorkerProcess,
+    fast_mock_model,
+    ready_or_stopped,
+    start_worker,
+    wait_until,
+)
 
 CHAT = "acme/chat"
 LIMITED = "acme/limited"
@@ -42,13 +48,11 @@ def _start(tmp_path: Path, *, auth: bool, **worker: object) -> WorkerProcess:
     }
     env = {"WORKER_AUTH": "true" if auth else "false", "WORKER_ADMIN_TOKEN": ADMIN_TOKEN}
     proc = start_worker(tmp_path, config, env=env)
-    try:
-        proc.wait_ready()
-        assert wait_until(lambda: len(proc.gateway_processes()) == PROCESSES)
-    except BaseException:
-        proc.stop()
-        raise
-    return proc
+
+    def every_relay_started() -> bool:
+        return len(proc.gateway_processes()) == PROCESSES
+
+    return ready_or_stopped(proc, every_relay_started)
 
 
 @pytest.fixture(scope="module")

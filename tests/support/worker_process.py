@@ -139,6 +139,18 @@ class WorkerProcess:
             return self.process.wait()
 
 
+def ready_or_stopped(proc: WorkerProcess, also: Callable[[], bool] | None = None) -> WorkerProcess:
+    """`proc` once it is ready (and `also()` holds); stopped, and the error raised, if it never gets there."""
+    try:
+        proc.wait_ready()
+        if also is not None and not wait_until(also):
+            raise TimeoutError(f"the worker got ready but not to {also.__name__}:\n{proc.log()[-5000:]}")
+    except BaseException:
+        proc.stop()
+        raise
+    return proc
+
+
 def write_config(path: Path, config: dict) -> Path:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
