@@ -30,6 +30,10 @@ class Settings(BaseSettings):
                          "private deployments without billing (needs WORKER_AUTH=false)")
     db_url: str = Field(default="sqlite:///worker-ledger.db", description="sqlite:///PATH or postgresql://...")
     admin_token: SecretStr | None = Field(default=None, description="bearer token for /admin/*")
+    metrics_token: SecretStr | None = Field(
+        default=None, description="bearer token for /metrics, /metrics/node and /capacity (unset: they are open; "
+        "health endpoints are always open)"
+    )
     db_synchronous: Literal["full", "normal"] = Field(
         default="normal",
         description="SQLite only. normal: records survive the worker process being killed (SIGKILL "
@@ -53,7 +57,7 @@ class Settings(BaseSettings):
         default=None, description="this node's public base URL as routers reach it (overrides worker.public_url)"
     )
 
-    @field_validator("registry_url", "registry_token", "public_url", mode="before")
+    @field_validator("registry_url", "registry_token", "public_url", "metrics_token", mode="before")
     @classmethod
     def _empty_means_unset(cls, value: object) -> object:
         # Deployment templates blank out a variable they do not use instead of removing it.
