@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.responses import Response
 
@@ -31,6 +31,8 @@ from worker.metrics import (
     GatewayProcessCollector,
     ReplicaCollector,
 )
+from worker.metrics.access import require_metrics_token
+from worker.metrics.node_view import readings_from_watches, render_node_page
 from worker.registry import (
     EngineContextLengths,
     ModelCatalog,
@@ -82,8 +84,13 @@ class WorkerNode:
             log_level=settings.log_level)
         if self.gateway_processes is not None:
             self.registry.register(GatewayProcessCollector(self.gateway_processes.describe))
-        self.app.add_api_route("/metrics", self.metrics, methods=["GET"], include_in_schema=False)
-        self.app.include_router(build_capacity_router(self.capacity, settings.admin_token))
+        metrics_access = [Depends(require_metrics_token(settings.metrics_token))]
+        self.app.add_api_route("/metrics", self.metrics, methods=["GET"], include_in_schema=False,
+                               dependencies=metrics_access)
+        self.app.add_api_route("/metrics/node", self.node_metrics, methods=["GET"], include_in_schema=False,
+                               dependencies=metrics_access)
+        self.app.include_router(build_capacity_router(self.capacity, settings.admin_token,
+                                                      settings.metrics_token))
         self.app.include_router(build_listing_router(self.catalog))
 
     @asynccontextmanager
@@ -159,6 +166,11 @@ class WorkerNode:
         # Engines' pages are fetched now rather than with every admission scrape (5 per second).
         await self.capacity.fetch_engine_pages()
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def node_metrics(self) -> Response:
+        """The node as one model server, for an inference gateway's endpoint picker (see node_view)."""
+        page = render_node_page(readings_from_watches(self.capacity.watches))
+        return Response(page, media_type=CONTENT_TYPE_LATEST)
 
     async def drain(self, hurry: asyncio.Event | None = None) -> None:
         """Before shutdown: refuse new requests, let in-flight ones finish (worker.drain_grace_s), end the rest."""

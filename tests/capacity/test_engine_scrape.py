@@ -10,7 +10,7 @@ import pytest
 from tests.capacity.capacity_support import IdleEngine, in_memory_model
 from worker.capacity import CapacityMonitor
 from worker.capacity.stats import ADMISSION_SAMPLES
-from worker.capacity.watchdog import FILTERED_METRICS_PATH, ReplicaWatch
+from worker.capacity.watchdog import ENGINE_INFO_SAMPLES, FILTERED_METRICS_PATH, ReplicaWatch
 from worker.config import NodeConfig
 from worker.engines.base import ReplicaSpec
 from worker.engines.mock.metrics import EngineMetrics
@@ -76,11 +76,14 @@ async def test_admission_scrapes_ask_only_for_the_samples_admission_reads() -> N
     await watch.check_once()
 
     assert exporter.paths == [FILTERED_METRICS_PATH, FILTERED_METRICS_PATH]
-    assert exporter.requests[0].url.params.get_list("name[]") == list(ADMISSION_SAMPLES)
+    assert exporter.requests[0].url.params.get_list("name[]") == [*ADMISSION_SAMPLES, *ENGINE_INFO_SAMPLES]
     stats = watch.load.stats
     assert stats is not None
     assert (stats.running, stats.waiting, stats.kv_cache_usage, stats.generation_tokens_total) == (3, 2, 0.25, 40)
     assert watch.load.engine_page is None  # nothing to re-export was fetched
+    # The info metrics came with it, for the node-level view.
+    assert watch.load.scraped_page is not None and "vllm:cache_config_info{" in watch.load.scraped_page
+    assert "vllm:time_to_first_token_seconds" not in watch.load.scraped_page
 
 
 async def test_an_exporter_without_the_filter_is_scraped_whole_from_then_on() -> None:

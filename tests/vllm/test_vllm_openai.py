@@ -21,7 +21,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.worker_process import WorkerProcess, start_worker
-from worker.capacity.stats import ADMISSION_SAMPLES, EngineStats
+from worker.capacity.stats import EngineStats
 from worker.capacity.watchdog import FILTERED_METRICS_PARAMS, FILTERED_METRICS_PATH
 
 pytestmark = pytest.mark.vllm
@@ -347,7 +347,8 @@ def test_vllm_answers_the_filtered_scrape_admission_makes(worker: WorkerProcess,
     assert filtered.status_code == 200
     names = {sample.name for family in text_string_to_metric_families(filtered.text) for sample in family.samples}
     assert {"vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"} <= names
-    assert names <= set(ADMISSION_SAMPLES)
+    assert names <= set(FILTERED_METRICS_PARAMS["name[]"])
+    assert "vllm:cache_config_info" in names  # for the node-level view, /metrics/node
     assert len(filtered.content) * 10 < len(whole.content)
     stats = EngineStats.from_vllm_scrape(filtered.text)
     assert stats.tokens_total == EngineStats.from_vllm_scrape(whole.text).tokens_total

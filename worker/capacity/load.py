@@ -21,6 +21,7 @@ class EngineLoad:
         """Forget everything: the engine (re)started, or stopped being served."""
         self.stats: EngineStats | None = None
         self.engine_page: str | None = None  # the engine's whole /metrics page, last fetched for re-export
+        self.scraped_page: str | None = None  # the last admission scrape's text (info metrics for /metrics/node)
         self.since = now  # when the current engine instance started being watched
         self.last_scrape_ok_at: float | None = None
         self.last_progress_at = now

@@ -12,6 +12,7 @@ from starlette.responses import Response
 from worker.billing.admin_api import require_admin_token
 from worker.capacity.monitor import CapacityMonitor
 from worker.gateway.errors import ApiError
+from worker.metrics.access import require_metrics_token
 
 logger = logging.getLogger(__name__)
 
@@ -20,10 +21,11 @@ def _json(content: object) -> Response:
     return Response(orjson.dumps(content), media_type="application/json")
 
 
-def build_capacity_router(capacity: CapacityMonitor, admin_token: SecretStr | None) -> APIRouter:
+def build_capacity_router(capacity: CapacityMonitor, admin_token: SecretStr | None,
+                          metrics_token: SecretStr | None = None) -> APIRouter:
     router = APIRouter()
 
-    @router.get("/capacity")
+    @router.get("/capacity", dependencies=[Depends(require_metrics_token(metrics_token))])
     async def capacity_document() -> Response:
         return Response(capacity.document().model_dump_json(), media_type="application/json")
 

@@ -29,7 +29,9 @@ HangHandler = Callable[[Replica, str], Awaitable[None]]
 # `name[]`: ~1.7 KB instead of the whole ~52 KB page, a quarter of the engine's CPU per scrape. (Its
 # /metrics without the slash always renders everything.)
 FILTERED_METRICS_PATH = "/metrics/"
-FILTERED_METRICS_PARAMS = {"name[]": list(ADMISSION_SAMPLES)}
+# The engine's info metrics ride along (a few hundred bytes) for the node-level view, /metrics/node.
+ENGINE_INFO_SAMPLES = ("vllm:cache_config_info", "vllm:lora_requests_info")
+FILTERED_METRICS_PARAMS = {"name[]": [*ADMISSION_SAMPLES, *ENGINE_INFO_SAMPLES]}
 
 
 class ReplicaWatch:
@@ -121,19 +123,20 @@ class ReplicaWatch:
     async def _scrape(self) -> None:
         timeout = min(self.health.hang_after_s, max(1.0, self.health.stale_after_s))
         try:
-            stats = await self._scrape_stats(timeout)
+            stats, page = await self._scrape_stats(timeout)
         except (httpx.HTTPError, ValueError) as error:
             logger.debug("engine scrape failed", extra={"replica": self.replica.replica_id, "error": repr(error)})
             return
         self.load.record(stats)
+        self.load.scraped_page = page
 
-    async def _scrape_stats(self, timeout: float) -> EngineStats:
+    async def _scrape_stats(self, timeout: float) -> tuple[EngineStats, str]:
         if self._filtered_scrapes:
             response = await self.replica.client.get(FILTERED_METRICS_PATH, params=FILTERED_METRICS_PARAMS,
                                                      timeout=timeout)
             try:
                 response.raise_for_status()
-                return EngineStats.from_vllm_scrape(response.text, self.clock())
+                return EngineStats.from_vllm_scrape(response.text, self.clock()), response.text
             except (httpx.HTTPStatusError, ValueError):
                 pass  # an exporter without the filter: try the whole page, which decides
         response = await self.replica.client.get("/metrics", timeout=timeout)
@@ -143,7 +146,7 @@ class ReplicaWatch:
             self._filtered_scrapes = False
             logger.info("engine metrics cannot be filtered; scraping the whole page",
                         extra={"replica": self.replica.replica_id})
-        return stats
+        return stats, response.text
 
     async def fetch_engine_page(self, timeout: float) -> None:
         """Fetch the engine's whole /metrics page for re-export (read when the worker's /metrics is)."""
