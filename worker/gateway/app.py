@@ -128,6 +128,9 @@ def create_app(
     async def live() -> Response:
         return json_response({"status": "alive"})
 
+    # `/health` as vLLM answers it (200 while it can serve, 503 otherwise): GuideLLM's backend check, vLLM's
+    # Kubernetes recipes and production-stack probe that path.
+    @app.get("/health")
     @app.get("/health/ready")
     async def ready() -> Response:
         ok, detail = readiness()
