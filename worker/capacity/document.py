@@ -8,7 +8,8 @@ from pydantic import BaseModel
 
 
 class CapacityState(StrEnum):
-    starting = "starting"  # launching, or up but its load not read yet
+    loading = "loading"  # the engine is launching: downloading or loading its weights, building its cache
+    starting = "starting"  # up, but its load not read yet
     ready = "ready"  # takes requests
     saturated = "saturated"  # up, but full: new requests get 429 until it drains
     draining = "draining"  # the worker takes no new requests
@@ -21,6 +22,17 @@ class GpuView(BaseModel):
     health: str  # healthy | degraded | failed | unknown (no NVML reading)
     reasons: list[str] = []
     xid_last: int | None = None
+
+
+class LoadingView(BaseModel):
+    """How far a loading replica has got, as far as its engine says (`phase` None: nothing said yet)."""
+
+    elapsed_s: float  # since the engine was launched
+    phase: str | None = None  # downloading | loading_weights
+    done: int | None = None
+    total: int | None = None
+    unit: str | None = None  # bytes | shards | tensors
+    fraction: float | None = None  # done / total, 0-1
 
 
 class ReplicaCapacity(BaseModel):
@@ -40,11 +52,12 @@ class ReplicaCapacity(BaseModel):
     restarts: int
     hang_restarts: int
     gpus: list[GpuView]
+    loading: LoadingView | None = None  # set while the state is loading
 
 
 class ModelCapacity(BaseModel):
     id: str
-    state: str  # ready | saturated | starting | draining | unavailable
+    state: str  # ready | saturated | starting | loading | draining | unavailable
     admission_enabled: bool
     max_model_len: int
     replicas: list[ReplicaCapacity]

@@ -8,7 +8,14 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from worker.capacity.admission import Admission, AdmissionLimits
-from worker.capacity.document import CapacityDocument, CapacityState, GpuView, ModelCapacity, ReplicaCapacity
+from worker.capacity.document import (
+    CapacityDocument,
+    CapacityState,
+    GpuView,
+    LoadingView,
+    ModelCapacity,
+    ReplicaCapacity,
+)
 from worker.capacity.drain import DrainState, finish_in_flight, in_flight
 from worker.capacity.watchdog import HangHandler, ReplicaWatch
 from worker.config.models import NodeConfig
@@ -61,6 +68,8 @@ class CapacityMonitor:
                 else CapacityState.unhealthy
         if self.drain.draining:
             return CapacityState.draining
+        if replica.state is ReplicaState.starting:
+            return CapacityState.loading
         if not watch.routable:
             return CapacityState.starting
         if watch.limits.saturation(replica.in_flight, watch.metered_load, now) is not None:
@@ -81,8 +90,14 @@ class CapacityMonitor:
         states = {model_id: [self._state(w, now, failed) for w in watches] for model_id, watches in self.watches.items()}
         ok = not self.drain.draining and all(any(s in _SERVING for s in model_states)
                                              for model_states in states.values())
-        detail = {"draining": self.drain.draining,
-                  "models": {model_id: [s.value for s in model_states] for model_id, model_states in states.items()}}
+        detail: dict[str, object] = {
+            "draining": self.drain.draining,
+            "models": {model_id: [s.value for s in model_states] for model_id, model_states in states.items()}}
+        loading = {watch.replica.replica_id: view.model_dump(exclude_none=True)
+                   for watch in self._by_replica.values()
+                   if (view := _loading_view(watch.replica, now)) is not None}
+        if loading:
+            detail["loading"] = loading
         return ok, detail
 
     def is_ready(self) -> bool:
@@ -126,6 +141,7 @@ class CapacityMonitor:
             restarts=replica.restarts,
             hang_restarts=watch.hang_restarts,
             gpus=[_gpu_view(index, snapshot) for index in replica.spec.gpu_ids],
+            loading=_loading_view(replica, now),
         )
 
     async def fetch_engine_pages(self, timeout: float = 2.0) -> None:
@@ -157,8 +173,21 @@ def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
 
+def _loading_view(replica: Replica, now: float) -> LoadingView | None:
+    if replica.state is not ReplicaState.starting:
+        return None
+    elapsed_s = round(now - replica.state_since, 1)
+    progress = replica.load_progress
+    if progress is None:
+        return LoadingView(elapsed_s=elapsed_s)
+    fraction = progress.fraction
+    return LoadingView(elapsed_s=elapsed_s, phase=progress.phase.value, done=progress.done, total=progress.total,
+                       unit=progress.unit.value, fraction=None if fraction is None else round(fraction, 4))
+
+
 def _model_state(states: list[CapacityState]) -> str:
-    for wanted in (CapacityState.ready, CapacityState.saturated, CapacityState.draining, CapacityState.starting):
+    for wanted in (CapacityState.ready, CapacityState.saturated, CapacityState.draining, CapacityState.starting,
+                   CapacityState.loading):
         if wanted in states:
             return wanted.value
     return "unavailable"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import date
 from decimal import Decimal
 from enum import Enum
@@ -13,6 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, mod
 MANAGED_ENGINE_ARGS = frozenset(
     {"host", "port", "model", "served_model_name", "tensor_parallel_size", "revision", "api_key"}
 )
+
+
+# `s3://bucket/prefix`: S3 bucket naming rules, then the key prefix the checkpoint's files sit under.
+OBJECT_STORAGE_SOURCE = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/[^\s]+$")
+# The load formats vLLM accepts for weights in object storage (the Run:ai Model Streamer).
+OBJECT_STORAGE_LOAD_FORMATS = frozenset({"runai_streamer", "runai_streamer_sharded"})
 
 
 class StrictModel(BaseModel):
@@ -196,7 +203,25 @@ class ModelConfig(StrictModel):
     def _source_matches_engine(self) -> ModelConfig:
         if self.engine is EngineKind.external:
             HttpUrl(self.source)  # raises a ValueError naming the bad URL
+        elif self.engine is EngineKind.vllm and "://" in self.source:
+            self._check_object_storage_source()
         return self
+
+    def _check_object_storage_source(self) -> None:
+        if not OBJECT_STORAGE_SOURCE.match(self.source):
+            raise ValueError(f"source '{self.source}': weights in object storage are given as "
+                             "s3://bucket/prefix (other URLs are only for engine: external)")
+        if self.revision is not None:
+            raise ValueError("revision applies to Hugging Face sources only, not to s3:// sources")
+        load_format = self.engine_args.get("load_format")
+        if load_format is not None and load_format not in OBJECT_STORAGE_LOAD_FORMATS:
+            raise ValueError(f"engine_args.load_format '{load_format}' cannot read s3:// sources; use one of "
+                             f"{sorted(OBJECT_STORAGE_LOAD_FORMATS)} or leave it out")
+
+    @property
+    def weights_in_object_storage(self) -> bool:
+        """True when vLLM streams the weights from an `s3://` source (the Run:ai Model Streamer)."""
+        return self.engine is EngineKind.vllm and self.source.startswith("s3://")
 
     @property
     def max_model_len(self) -> int:

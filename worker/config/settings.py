@@ -57,7 +57,14 @@ class Settings(BaseSettings):
         default=None, description="this node's public base URL as routers reach it (overrides worker.public_url)"
     )
 
-    @field_validator("registry_url", "registry_token", "public_url", "metrics_token", mode="before")
+    # Weights in object storage (`source: s3://bucket/prefix`); credentials are the standard AWS_* variables.
+    s3_endpoint_url: HttpUrl | None = Field(
+        default=None, description="S3-compatible endpoint that s3:// model sources are read from (unset: "
+        "AWS_ENDPOINT_URL if set, else AWS S3 itself)"
+    )
+
+    @field_validator("registry_url", "registry_token", "public_url", "metrics_token", "s3_endpoint_url",
+                     mode="before")
     @classmethod
     def _empty_means_unset(cls, value: object) -> object:
         # Deployment templates blank out a variable they do not use instead of removing it.

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 
 from worker.config import ModelConfig
+from worker.engines.loading import LoadProgress
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class Engine(abc.ABC):
         self.spec = spec
         # "vllm 0.32.0": filled in from the engine's /version once it is healthy.
         self.version = self.kind
+        # The last progress the engine reported while loading its model (engines that report none keep None).
+        self.load_progress: LoadProgress | None = None
 
     @property
     def base_url(self) -> str:

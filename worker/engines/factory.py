@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from worker.config import EngineKind, Settings, WorkerSection
 from worker.engines.base import Engine, ReplicaSpec
 from worker.engines.external import ExternalEngine
@@ -27,5 +29,6 @@ def create_engine(spec: ReplicaSpec, settings: Settings, worker: WorkerSection, 
     from worker.engines.vllm_args import vllm_env, vllm_launch_command
 
     command = vllm_launch_command(settings.engine_python, model, spec.host, spec.port)
-    env = vllm_env(model, spec.gpu_ids, cpu=not gpu_present)
+    s3_endpoint_url = str(settings.s3_endpoint_url) if settings.s3_endpoint_url else None
+    env = vllm_env(model, spec.gpu_ids, cpu=not gpu_present, s3_endpoint_url=s3_endpoint_url, inherited=os.environ)
     return VllmProcessEngine(spec, command, env=env, stop_grace_s=worker.engine_stop_timeout_s)

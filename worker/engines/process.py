@@ -10,6 +10,7 @@ import signal
 import sys
 
 from worker.engines.base import Engine, EngineExited, ReplicaSpec
+from worker.engines.loading import parse_load_progress
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class ProcessEngine(Engine):
         if self._process is not None and self._process.returncode is None:
             raise RuntimeError(f"replica {self.spec.replica_id} is already running")
         self._output_tail.clear()
+        self.load_progress = None
         guard = [self.guard_python, "-m", "worker.engines.guard", "--parent", str(os.getpid()),
                  "--grace", str(self.stop_grace_s), "--"]
         self._process = await asyncio.create_subprocess_exec(
@@ -65,9 +67,18 @@ class ProcessEngine(Engine):
                 continue
             if not raw:
                 return
-            line = raw.decode("utf-8", "replace").rstrip()
-            self._output_tail.append(line)
-            logger.info(line, extra={"replica": self.spec.replica_id, "source": "engine"})
+            # Progress bars redraw themselves after a carriage return: each redraw is a line of its own.
+            for part in raw.decode("utf-8", "replace").split("\r"):
+                line = part.rstrip()
+                if line:
+                    self._take_line(line)
+
+    def _take_line(self, line: str) -> None:
+        self._output_tail.append(line)
+        logger.info(line, extra={"replica": self.spec.replica_id, "source": "engine"})
+        progress = parse_load_progress(line)
+        if progress is not None:
+            self.load_progress = progress
 
     async def wait_exit(self) -> EngineExited:
         process = self._process

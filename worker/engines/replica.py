@@ -10,6 +10,7 @@ import httpx
 
 from worker.engines.base import Engine, EngineExited
 from worker.engines.data_client import EngineDataClient
+from worker.engines.loading import LoadProgress
 
 
 class ReplicaState(str, Enum):
@@ -105,6 +106,11 @@ class Replica:
     @property
     def routable(self) -> bool:
         return self.state is ReplicaState.ready
+
+    @property
+    def load_progress(self) -> LoadProgress | None:
+        """How far the engine has got loading its model, while it is starting and reports it."""
+        return self.engine.load_progress if self.state is ReplicaState.starting else None
 
     def describe(self) -> dict[str, object]:
         return {

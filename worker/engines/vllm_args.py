@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from worker.config import ModelConfig
@@ -31,6 +32,16 @@ STORE_TRUE_ONLY_FLAGS = frozenset(
 # KV cache size for CPU engines when the model sets none: vLLM's own default (0 = auto) claims a
 # large share of host memory, which a shared node cannot spare.
 DEFAULT_CPU_KVCACHE_GIB = "1"
+
+# vLLM reads `s3://` sources with the Run:ai Model Streamer (packages runai-model-streamer and
+# runai-model-streamer-s3): config and tokenizer files are pulled into a local cache directory, the
+# safetensors are streamed from the bucket straight into memory.
+OBJECT_STORAGE_LOAD_FORMAT = "runai_streamer"
+# The streamer's region when an S3-compatible endpoint is set and the environment names none: its S3
+# client refuses an endpoint without a region, and S3-compatible stores accept any.
+DEFAULT_S3_REGION = "us-east-1"
+
+_NO_ENV: Mapping[str, str] = MappingProxyType({})
 
 
 def _flag(name: str) -> str:
@@ -82,6 +93,8 @@ def build_vllm_args(model: ModelConfig, host: str, port: int) -> list[str]:
     for name, value in (("max_model_len", model.max_model_len), ("max_num_seqs", model.max_num_seqs)):
         if name not in model.engine_args:
             args += [f"--{name.replace('_', '-')}", str(value)]
+    if model.weights_in_object_storage and "load_format" not in model.engine_args:
+        args += ["--load-format", OBJECT_STORAGE_LOAD_FORMAT]
     args += engine_arg_flags(model.engine_args)
     return args
 
@@ -91,14 +104,21 @@ def vllm_launch_command(python: str, model: ModelConfig, host: str, port: int) -
     return [python, "-m", VLLM_SERVER_MODULE, *build_vllm_args(model, host, port)]
 
 
-def vllm_env(model: ModelConfig, gpu_ids: tuple[int, ...], cpu: bool) -> dict[str, str]:
+def vllm_env(model: ModelConfig, gpu_ids: tuple[int, ...], cpu: bool, *, s3_endpoint_url: str | None = None,
+             inherited: Mapping[str, str] = _NO_ENV) -> dict[str, str]:
     """Variables to add to the server's inherited environment; `model.engine_env` overrides them.
 
     `gpu_ids` are the GPUs of this replica (one per tensor-parallel rank); `cpu` selects vLLM's CPU
-    backend, which needs no GPU.
+    backend, which needs no GPU. `s3_endpoint_url` is WORKER_S3_ENDPOINT_URL; `inherited` is the
+    worker's own environment, which the server inherits (AWS credentials, AWS_ENDPOINT_URL, HF_TOKEN).
     """
     # No anonymous usage reports to the vLLM project from a node unless its operator opts in.
     env = {"VLLM_NO_USAGE_STATS": "1"}
+    if "HF_XET_HIGH_PERFORMANCE" not in inherited:
+        # huggingface_hub's Xet transfers with all cores and more memory: the fastest cold download.
+        env["HF_XET_HIGH_PERFORMANCE"] = "1"
+    if model.weights_in_object_storage:
+        env.update(object_storage_env(s3_endpoint_url, inherited))
     if cpu:
         env["VLLM_CPU_KVCACHE_SPACE"] = DEFAULT_CPU_KVCACHE_GIB
         # vLLM's `auto` binding pins every single-rank engine to the cores of the first NUMA node (and
@@ -111,4 +131,22 @@ def vllm_env(model: ModelConfig, gpu_ids: tuple[int, ...], cpu: bool) -> dict[st
             )
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu) for gpu in gpu_ids)
     env.update(model.engine_env)
+    return env
+
+
+def object_storage_env(s3_endpoint_url: str | None, inherited: Mapping[str, str]) -> dict[str, str]:
+    """What the Run:ai Model Streamer (its C++ S3 client and the boto3 that pulls config files) needs to
+    read an `s3://` source; credentials stay the standard AWS_* variables the server inherits."""
+    env: dict[str, str] = {}
+    endpoint = s3_endpoint_url or inherited.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        return env  # AWS S3 itself: the SDKs' defaults (virtual-hosted buckets, instance metadata) apply
+    env["AWS_ENDPOINT_URL"] = endpoint.rstrip("/")
+    # S3-compatible stores (MinIO, Ceph, R2, ...) address buckets by path; the streamer defaults to
+    # virtual-hosted names (bucket.host), which they do not resolve.
+    env["RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING"] = "0"
+    # Off AWS there is no instance metadata service; the credential chain would wait on it first.
+    env["AWS_EC2_METADATA_DISABLED"] = "true"
+    if not (inherited.get("AWS_REGION") or inherited.get("AWS_DEFAULT_REGION")):
+        env["AWS_REGION"] = DEFAULT_S3_REGION
     return env

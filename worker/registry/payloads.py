@@ -28,10 +28,12 @@ class GpuInventorySummary(BaseModel):
 
 class ModelCapacitySummary(BaseModel):
     id: str
-    state: str  # ready | saturated | starting | draining | unavailable
+    state: str  # ready | saturated | starting | loading | draining | unavailable
     replicas: int
     ready_replicas: int  # replicas taking requests (saturated ones included)
     max_model_len: int | None = None
+    # While replicas load: the least progress among them (0-1), when their engines report it.
+    loading_fraction: float | None = None
 
 
 class CapacitySummary(BaseModel):
@@ -103,9 +105,11 @@ def summarise_capacity(document: dict[str, Any] | None) -> CapacitySummary | Non
     models = []
     for model in document.get("models", []):
         replicas = model.get("replicas", [])
+        fractions = [r["loading"]["fraction"] for r in replicas
+                     if (r.get("loading") or {}).get("fraction") is not None]
         models.append(ModelCapacitySummary(
             id=model["id"], state=str(model.get("state", "unavailable")), replicas=len(replicas),
             ready_replicas=sum(1 for r in replicas if r.get("state") in ("ready", "saturated")),
-            max_model_len=model.get("max_model_len")))
+            max_model_len=model.get("max_model_len"), loading_fraction=min(fractions) if fractions else None))
     return CapacitySummary(ready=bool(document.get("ready")), draining=bool(document.get("draining")),
                            models=models)
