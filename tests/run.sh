@@ -26,5 +26,7 @@ fi
 eval "$(bash tests/services/postgres.sh)"
 # promtool (from Debian's prometheus package) checks the shipped Prometheus config and alert rules.
 eval "$(bash tests/services/promtool.sh)"
+# tini, the images' PID 1, for the tests that run an image's ENTRYPOINT.
+eval "$(bash tests/services/tini.sh)"
 
 exec .venv/bin/python -m pytest "$@"

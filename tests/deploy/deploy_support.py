@@ -265,6 +265,15 @@ def promtool() -> str:
     )
 
 
+def tini() -> str:
+    """Path of tini, the images' PID 1; fails (never skips) when it is missing."""
+    candidates = [os.environ.get("WORKER_TEST_TINI"), shutil.which("tini"), str(VENV_BIN / "tini")]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    raise AssertionError('tini not found: run `eval "$(bash tests/services/tini.sh)"` (tests/run.sh does)')
+
+
 def venv_tool(name: str, package: str) -> str:
     path = shutil.which(name, path=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     if path is None:

@@ -36,6 +36,7 @@ from tests.deploy.deploy_support import (
     dockerignore_excludes,
     dockerignore_patterns,
     promql_metric_names,
+    tini,
     venv_tool,
 )
 from tests.support.worker_process import free_port
@@ -65,8 +66,9 @@ def test_cuda_image_keeps_vllm_at_the_pinned_version() -> None:
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
     assert pyproject["project"]["optional-dependencies"]["gpu"] == ["vllm==0.32.0"]
     cuda = Dockerfile.load("Dockerfile.cuda")
-    (install,) = [run for run in cuda.values("RUN") if "pip install" in run]
-    assert '".[gpu]"' in install
+    (install,) = [run for run in cuda.values("RUN") if '".[gpu]"' in run]
+    # Every package of the base image is held at its installed version while the worker's are added.
+    assert "image_constraints.py" in install and "-c /tmp/image-constraints.txt" in install
     # The build fails unless the installed vLLM is still 0.32.0 after installing the worker.
     assert "m.version('vllm')" in install and "'0.32.0'" in install
 
@@ -81,11 +83,76 @@ def test_runs_as_a_numeric_non_root_user(dockerfile: Dockerfile) -> None:
     assert max(i for i, name in enumerate(names) if name == "RUN") < names.index("USER")
 
 
-def test_entrypoint_is_the_worker_in_exec_form(dockerfile: Dockerfile) -> None:
-    assert dockerfile.exec_form("ENTRYPOINT") == ["worker"]
+def test_entrypoint_is_the_worker_under_tini_in_exec_form(dockerfile: Dockerfile) -> None:
+    assert dockerfile.exec_form("ENTRYPOINT") == ["tini", "--", "worker"]
     assert dockerfile.exec_form("CMD")[0] == "serve"
     assert Dockerfile.load("Dockerfile.cpu").exec_form("CMD") == ["serve", "--engine", "mock"]
     assert Dockerfile.load("Dockerfile.cuda").exec_form("CMD") == ["serve"]
+
+
+def test_tini_comes_from_the_distribution_pinned(dockerfile: Dockerfile) -> None:
+    (install,) = [run for run in dockerfile.values("RUN") if "apt-get install" in run]
+    assert "tini=0.19.0-1*" in install and "--no-install-recommends" in install
+    assert "rm -rf /var/lib/apt/lists/*" in install
+
+
+def test_dependencies_are_installed_before_the_code_is_copied(dockerfile: Dockerfile) -> None:
+    """Code changes reuse the dependency layer: constraints and metadata first, the package last."""
+    steps = dockerfile.instructions
+    code_copy = next(
+        i for i, (name, value) in enumerate(steps) if name == "COPY" and "worker ./worker" in value
+    )
+    installs = [i for i, (name, value) in enumerate(steps) if name == "RUN" and "pip install" in value]
+    dependencies, package = installs
+    assert dependencies < code_copy < package
+    assert " -c " in steps[dependencies][1] and "--no-deps" not in steps[dependencies][1]
+    assert "--no-deps" in steps[package][1] and "pip check" in steps[package][1]
+    copied_first = [value for name, value in steps[:dependencies] if name == "COPY"]
+    assert any("deploy/constraints.txt" in value for value in copied_first)
+    assert not any("worker" in value.split() for value in copied_first)
+
+
+def test_constraints_pin_every_runtime_dependency() -> None:
+    """deploy/constraints.txt is the lock the images install; it must satisfy pyproject.toml."""
+    from packaging.requirements import Requirement
+
+    from deploy.image_constraints import canonical, locked_versions
+
+    locked = locked_versions((REPO / "deploy" / "constraints.txt").read_text(encoding="utf-8").splitlines())
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    linux = {"sys_platform": "linux", "platform_system": "Linux", "python_version": "3.11"}
+    for line in pyproject["project"]["dependencies"]:
+        requirement = Requirement(line)
+        if requirement.marker and not requirement.marker.evaluate(linux):
+            continue
+        name = canonical(requirement.name)
+        assert name in locked, f"{name} is not in deploy/constraints.txt: regenerate it (docs/deploy.md)"
+        assert requirement.specifier.contains(locked[name], prereleases=True), (
+            f"deploy/constraints.txt pins {name}=={locked[name]}, pyproject.toml asks for {requirement}"
+        )
+
+
+def test_image_constraints_hold_installed_versions_and_lock_the_rest(tmp_path: Path) -> None:
+    from deploy.image_constraints import merged_constraints
+
+    assert merged_constraints(
+        {"PyYAML": "6.0.1", "torch": "2.9.0+cu128"}, {"pyyaml": "6.0.4", "asyncpg": "0.32.0"}
+    ) == ["asyncpg==0.32.0", "pyyaml==6.0.1", "torch==2.9.0+cu128"]
+
+    lock = tmp_path / "constraints.txt"
+    lock.write_text("# a comment\npydantic==0.0.1\n    # via worker\nnot-installed-anywhere==1.2.3\n")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "deploy" / "image_constraints.py"), str(lock)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    import importlib.metadata
+
+    lines = result.stdout.splitlines()
+    assert f"pydantic=={importlib.metadata.version('pydantic')}" in lines
+    assert "not-installed-anywhere==1.2.3" in lines and "pydantic==0.0.1" not in lines
 
 
 def test_port_matches_models_yaml(dockerfile: Dockerfile) -> None:
@@ -149,14 +216,16 @@ def test_copied_files_exist_and_reach_the_build_context(dockerfile: Dockerfile) 
             assert not dockerignore_excludes(patterns, source), f".dockerignore leaves out {source}"
 
 
-def test_package_builds_from_what_the_images_copy(tmp_path: Path) -> None:
-    """Replays the COPY steps before `pip install` into a directory and builds the wheel from it."""
-    cpu = Dockerfile.load("Dockerfile.cpu")
-    workdir = tmp_path / "opt" / "worker"
+def _build_wheel_after_copies(dockerfile: Dockerfile, copy_count: int, root: Path) -> Path:
+    """Replays the first `copy_count` relative COPY steps into a directory and builds the wheel there."""
+    workdir = root / "opt" / "worker"
     workdir.mkdir(parents=True)
-    for sources, destination in cpu.copies():
-        if destination.startswith("/"):
-            continue  # the models.yaml, copied after the install
+    relative = [
+        (sources, destination)
+        for sources, destination in dockerfile.copies()
+        if not destination.startswith("/")
+    ]
+    for sources, destination in relative[:copy_count]:
         for source in sources:
             target = (
                 workdir / destination / Path(source).name
@@ -168,28 +237,40 @@ def test_package_builds_from_what_the_images_copy(tmp_path: Path) -> None:
             else:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(REPO / source, target)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path),
-            ".",
-        ],
-        check=False,
-        capture_output=True,
-        text=True,
-        cwd=workdir,
-        timeout=300,
-    )
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "-q",
+        "-w",
+        str(root),
+        ".",
+    ]
+    result = subprocess.run(command, check=False, capture_output=True, text=True, cwd=workdir, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    (wheel,) = tmp_path.glob("worker-*.whl")
-    with zipfile.ZipFile(wheel) as archive:
+    (wheel,) = root.glob("worker-*.whl")
+    return wheel
+
+
+def test_package_builds_from_what_the_images_copy(dockerfile: Dockerfile, tmp_path: Path) -> None:
+    """The dependency layer builds from metadata alone (no code yet); the last layer has the code."""
+    steps = dockerfile.instructions
+    first_install = next(
+        i for i, (name, value) in enumerate(steps) if name == "RUN" and "pip install" in value
+    )
+    copies_before = sum(
+        1 for name, value in steps[:first_install] if name == "COPY" and not value.split()[-1].startswith("/")
+    )
+    with zipfile.ZipFile(_build_wheel_after_copies(dockerfile, copies_before, tmp_path / "deps")) as archive:
+        names = archive.namelist()
+        assert not [name for name in names if name.startswith("worker/")]
+        (metadata,) = [name for name in names if name.endswith("METADATA")]
+        assert "Requires-Dist: fastapi" in archive.read(metadata).decode()
+
+    with zipfile.ZipFile(_build_wheel_after_copies(dockerfile, 99, tmp_path / "code")) as archive:
         names = archive.namelist()
         assert "worker/cli/main.py" in names and "worker/engines/mock/__init__.py" in names
         (entry_points,) = [name for name in names if name.endswith("entry_points.txt")]
@@ -318,14 +399,14 @@ def cpu_image_worker(tmp_path: Path) -> Iterator[tuple[int, subprocess.Popen[byt
     env = {key: value for key, value in os.environ.items() if not key.startswith("WORKER_")}
     env.update(cpu.env)
     env.update(
+        # In a container tini is PID 1 and reaps orphans as init; here it registers as their subreaper.
+        TINI_SUBREAPER="1",
         WORKER_CONFIG=str(config_path),
         WORKER_DB_URL=f"sqlite:///{tmp_path / 'ledger.db'}",
         PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
     )
-    command = [
-        str(worker_script()) if part == "worker" else part
-        for part in cpu.exec_form("ENTRYPOINT") + cpu.exec_form("CMD")
-    ]
+    local_programs = {"tini": tini(), "worker": str(worker_script())}
+    command = [local_programs.get(part, part) for part in cpu.exec_form("ENTRYPOINT") + cpu.exec_form("CMD")]
     log_path = tmp_path / "worker.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
