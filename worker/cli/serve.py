@@ -101,9 +101,11 @@ def run(args: argparse.Namespace) -> int:
     inventory = detect_gpus()
     config = resolve_engines(config, settings.engine, inventory.count, inventory.reason or "")
 
+    from worker.gateway.http_limits import LimitedConfig, ensure_open_files
     from worker.gateway.processes.coordinator import GatewaySockets
     from worker.node import WorkerNode
 
+    ensure_open_files(config.worker.http)  # relay processes inherit the raised limit
     host, port = config.worker.host, config.worker.port
     # Several gateway processes: they accept on the port, this process serves them on a Unix socket.
     try:
@@ -114,8 +116,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         node = WorkerNode(config, settings, gpu_count=inventory.count, gateway_sockets=sockets)
         # The drain has already ended every request when uvicorn shuts down; its own wait is only a backstop.
-        server = DrainingServer(uvicorn.Config(
-            node.app, host=host, port=port, loop="uvloop", http="httptools",
+        server = DrainingServer(LimitedConfig(
+            node.app, limits=config.worker.http, host=host, port=port, loop="uvloop",
             access_log=False, log_config=None, timeout_graceful_shutdown=5, lifespan="on",
         ), drain=node.drain)
         logger.info("listening", extra={"host": host, "port": port,

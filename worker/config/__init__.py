@@ -4,6 +4,7 @@ from worker.config.loader import ConfigError, load_node_config, with_engine_over
 from worker.config.models import (
     DatacenterConfig,
     EngineKind,
+    HttpLimitsConfig,
     MockEngineConfig,
     ModelConfig,
     NodeConfig,
@@ -16,6 +17,7 @@ __all__ = [
     "ConfigError",
     "DatacenterConfig",
     "EngineKind",
+    "HttpLimitsConfig",
     "MockEngineConfig",
     "ModelConfig",
     "NodeConfig",

@@ -60,6 +60,31 @@ class EngineHealthConfig(StrictModel):
         return self.stats_stale_after_s if self.stats_stale_after_s is not None else 3 * self.stats_interval_s
 
 
+class HttpLimitsConfig(StrictModel):
+    """Limits of the HTTP server on the worker's port, so that no client can hold the worker's memory
+    (the node's control plane: an OOM-killed worker takes every engine with it) or its connections.
+
+    They apply in every process that accepts the port (each relay process when gateway_processes > 1).
+    """
+
+    # A request line and headers larger than this get 431 and the connection is closed; what is read of
+    # them is never more than this.
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    # The request line and headers must arrive within this many seconds of the connection being opened
+    # (or of their first byte on a kept-alive connection); else 408 (or a silent close when nothing came).
+    header_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    # The whole body must arrive within this many seconds of the headers; else 408. A trickled body is
+    # cut here, before the request reaches the gateway (4 MiB in 30 s is 140 KB/s).
+    body_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    # Open connections per process; above it a request gets 429 with Retry-After (health and metrics
+    # paths excepted) and its connection is closed.
+    max_connections: int = Field(default=4096, ge=16, le=1_000_000)
+    # An idle kept-alive connection is closed after this many seconds: longer than the idle timeout of
+    # the client pools in front (routers, load balancers: 60 s on AWS ALB), so the client, not the
+    # worker, closes it and never sends a request on a connection the worker is closing.
+    keep_alive_timeout_s: int = Field(default=75, ge=1, le=3600)
+
+
 class WorkerSection(StrictModel):
     # Also names the worker's ledger journal directory: starts with a letter or digit, so never '.' or '..'.
     id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -84,6 +109,7 @@ class WorkerSection(StrictModel):
     # when one core cannot relay every replica's tokens (roughly 50k tokens/s each); the worker process
     # then only decides (auth, admission, billing, metrics) and serves the rest of the API behind them.
     gateway_processes: int = Field(default=1, ge=1, le=64)
+    http: HttpLimitsConfig = Field(default_factory=HttpLimitsConfig)
 
 
 class Pricing(StrictModel):

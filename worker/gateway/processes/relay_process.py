@@ -25,6 +25,7 @@ from worker.gateway.app import inference_endpoint, serve_inference
 from worker.gateway.context import RequestContext
 from worker.gateway.errors import ApiError
 from worker.gateway.gateway import Gateway
+from worker.gateway.http_limits import LimitedConfig
 from worker.gateway.processes.channel import Channel, ChannelClosed, Message
 from worker.gateway.processes.coordinator import error_from
 from worker.logs import configure_logging
@@ -243,8 +244,8 @@ async def run(control_fd: int, public_fd: int) -> None:
     configure_logging(hello["log_level"])
     config = NodeConfig.model_validate(hello["config"])
     app = RelayApp(RelayGateway(config, link), hello["internal"])
-    server = RelayServer(uvicorn.Config(app, http="httptools", lifespan="off", access_log=False, log_config=None,
-                                        timeout_graceful_shutdown=5))
+    server = RelayServer(LimitedConfig(app, limits=config.worker.http, lifespan="off", access_log=False,
+                                       log_config=None, timeout_graceful_shutdown=5))
     serving = asyncio.ensure_future(server.serve(sockets=[socket.socket(fileno=public_fd)]))
     closed = asyncio.ensure_future(channel.closed.wait())
     logger.info("gateway process serving", extra={"gateway_process": hello["index"]})
