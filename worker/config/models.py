@@ -173,14 +173,24 @@ def _text_only() -> list[InputModality]:
     return ["text"]
 
 
+class ComplianceConfig(StrictModel):
+    """Data-handling claims a router shows users; state only what the deployment guarantees."""
+
+    zdr: bool | None = None  # zero data retention: prompts neither kept nor trained on
+    hipaa: bool | None = None
+
+
 class ModelListingConfig(StrictModel):
     """How the model is described to routers (`GET /v1/models`, `/openrouter/models`, the registry).
 
     Every field is optional; unset ones are derived from the rest of the model's configuration.
     """
 
-    name: str | None = Field(default=None, min_length=1)  # display name (default: the model id)
+    # Display name (default: "Author: Model Name" from the id, as OpenRouter names models).
+    name: str | None = Field(default=None, min_length=1)
     description: str | None = None
+    # Tokenizer family ("Llama3", "Qwen", ...; current format only). Unset: left out.
+    tokenizer: str | None = Field(default=None, min_length=1)
     input_modalities: list[InputModality] = Field(default_factory=_text_only, min_length=1)
     # Default: ["text"], or ["embeddings"] for task embed.
     output_modalities: list[OutputModality] | None = Field(default=None, min_length=1)
@@ -193,6 +203,16 @@ class ModelListingConfig(StrictModel):
     supported_features: list[ListingFeature] | None = None
     deprecation_date: date | None = None
     openrouter_slug: str | None = Field(default=None, min_length=1)
+    # A free endpoint (OpenRouter lists it with the `:free` suffix and ignores its prices).
+    is_free: bool | None = None
+    # Fraction taken off the prices OpenRouter shows users (negative: a markup); 1 or more is invalid.
+    discount_to_user: float | None = Field(default=None, lt=1)
+    # Prompt tokens per minute the model's replicas can take (legacy `capacity_tpm`; a per-minute
+    # prompt capacity on the text input in the current format). Unset: undeclared.
+    capacity_tpm: int | None = Field(default=None, ge=1)
+    # Current format only: the deployment's region label, and its data-handling claims.
+    deployment_region: str | None = Field(default=None, min_length=1)
+    compliance: ComplianceConfig | None = None
 
 
 class ModelConfig(StrictModel):

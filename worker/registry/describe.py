@@ -2,43 +2,53 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import date
 
 from worker.config import ModelConfig
+from worker.registry.checkpoint import CheckpointFacts, declared_quantization
 
-# OpenRouter's legacy enum, and the current (v2.4) one, which adds three microscaling formats.
-LEGACY_QUANTIZATIONS = ("int4", "int8", "fp4", "fp6", "fp8", "fp16", "bf16", "fp32")
-V24_QUANTIZATIONS = (*LEGACY_QUANTIZATIONS, "mxfp4", "nvfp4", "mxfp8")
-_V24_TO_LEGACY = {"mxfp4": "fp4", "nvfp4": "fp4", "mxfp8": "fp8"}
-# Other spellings met in models.yaml files: dtypes, and vLLM quantization methods by weight width.
-_ALIASES = {
-    "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32",
-    "awq": "int4", "gptq": "int4", "w4a16": "int4", "awq_marlin": "int4", "gptq_marlin": "int4",
-    "w8a8": "int8", "w8a16": "int8", "fp8_e4m3": "fp8", "fp8_e5m2": "fp8", "modelopt_fp4": "nvfp4",
+# Authors as OpenRouter names them ("Meta: Llama 3.1 8B Instruct"), for Hugging Face organisations whose
+# name is not simply the author's; any other organisation is shown in title case ("my-org" -> "My Org").
+_AUTHORS = {
+    "meta-llama": "Meta", "mistralai": "Mistral", "deepseek-ai": "DeepSeek", "qwen": "Qwen", "google": "Google",
+    "microsoft": "Microsoft", "nvidia": "NVIDIA", "openai": "OpenAI", "anthropic": "Anthropic",
+    "ibm-granite": "IBM", "allenai": "AllenAI", "moonshotai": "MoonshotAI",
 }
+# Sizes written in lower case ("8b", "1.5b", "560m") read as "8B", "1.5B", "560M" in a display name.
+_SIZE = re.compile(r"^\d+(\.\d+)?[bmkt]$")
+
+
+def quantization_v24(model: ModelConfig) -> str | None:
+    """The quantization models.yaml declares, in OpenRouter's enum; None if it declares none it maps."""
+    return declared_quantization(model)
+
+
+def display_name(model_id: str) -> str:
+    """OpenRouter's "Author: Model Name": "meta-llama/Llama-3.1-8B-Instruct" -> "Meta: Llama 3.1 8B Instruct"."""
+    author, _, model = model_id.rpartition("/")
+    words = [_display_word(word) for word in re.split(r"[-_\s]+", model) if word]
+    name = " ".join(words) or model_id
+    if not author:
+        return name
+    organisation = author.rsplit("/", 1)[-1]
+    shown = _AUTHORS.get(organisation.lower()) or " ".join(
+        _display_word(word) for word in re.split(r"[-_\s]+", organisation) if word)
+    return f"{shown}: {name}" if shown else name
+
+
+def _display_word(word: str) -> str:
+    if word != word.lower():
+        return word  # the author's own capitals ("Llama", "8B", "GPT") stay as written
+    return word.upper() if _SIZE.match(word) else word[:1].upper() + word[1:]
+
 
 # Every sampling parameter of OpenRouter's list that vLLM's OpenAI server accepts (it has no top_a).
 VLLM_SAMPLING_PARAMETERS = (
     "temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty",
     "stop", "seed", "max_tokens", "logit_bias", "logprobs", "top_logprobs",
 )
-
-
-def quantization_v24(model: ModelConfig) -> str | None:
-    """The model's quantization in the v2.4 enum, from `quantization` or else `engine_args.dtype`; None if unknown."""
-    for label in (model.quantization, model.engine_args.get("dtype")):
-        if isinstance(label, str):
-            name = label.strip().lower()
-            name = _ALIASES.get(name, name)
-            if name in V24_QUANTIZATIONS:
-                return name
-    return None
-
-
-def legacy_quantization(v24_value: str | None) -> str | None:
-    """The legacy enum has no microscaling formats: they are listed by their element width."""
-    return _V24_TO_LEGACY.get(v24_value, v24_value) if v24_value is not None else None
 
 
 def _default_features(model: ModelConfig) -> tuple[str, ...]:
@@ -58,7 +68,8 @@ class ModelDescription:
     name: str
     description: str | None
     hugging_face_id: str | None
-    quantization: str | None  # v2.4 enum value
+    quantization: str | None  # OpenRouter's enum value; None when undeclared
+    tokenizer: str | None
     context_length: int
     max_output_length: int | None  # None for embedding models, which produce no tokens
     input_modalities: tuple[str, ...]
@@ -67,8 +78,14 @@ class ModelDescription:
     features: tuple[str, ...]
     streaming: bool
     concurrency: int  # requests the model's replicas batch at once
+    vocab_size: int | None  # from the checkpoint's config.json, when the weights are local
     deprecation_date: date | None
     openrouter_slug: str | None
+    is_free: bool | None
+    discount_to_user: float | None
+    capacity_tpm: int | None
+    deployment_region: str | None
+    compliance: dict[str, bool] | None
 
     @property
     def max_prompt_length(self) -> int:
@@ -76,8 +93,12 @@ class ModelDescription:
         return self.context_length if not self.streaming else max(self.context_length - 1, 1)
 
 
-def describe_model(model: ModelConfig, context_length: int | None = None) -> ModelDescription:
-    """`context_length`: the running engine's real limit when known, else models.yaml's max_model_len."""
+def describe_model(model: ModelConfig, context_length: int | None = None, *,
+                   checkpoint: CheckpointFacts | None = None) -> ModelDescription:
+    """`context_length`: the running engine's real limit when known, else models.yaml's max_model_len.
+
+    `checkpoint`: what the local weights' config.json adds (read once by the caller); None: models.yaml only.
+    """
     listing = model.listing
     embeds = model.task == "embed"
     limit = context_length if context_length is not None and context_length > 0 else model.max_model_len
@@ -89,12 +110,14 @@ def describe_model(model: ModelConfig, context_length: int | None = None) -> Mod
         features = tuple(listing.supported_features)
     outputs = listing.output_modalities or (["embeddings"] if embeds else ["text"])
     max_output = None if embeds else min(listing.max_output_length or limit, limit)
+    compliance = listing.compliance.model_dump(exclude_none=True) if listing.compliance is not None else None
     return ModelDescription(
         id=model.id,
-        name=listing.name or model.id,
+        name=listing.name or display_name(model.id),
         description=listing.description,
         hugging_face_id=model.hugging_face_id,
-        quantization=quantization_v24(model),
+        quantization=checkpoint.quantization if checkpoint is not None else declared_quantization(model),
+        tokenizer=listing.tokenizer,
         context_length=limit,
         max_output_length=max_output,
         input_modalities=tuple(listing.input_modalities),
@@ -103,6 +126,12 @@ def describe_model(model: ModelConfig, context_length: int | None = None) -> Mod
         features=features,
         streaming=not embeds,
         concurrency=model.replicas * model.max_num_seqs,
+        vocab_size=checkpoint.vocab_size if checkpoint is not None else None,
         deprecation_date=listing.deprecation_date,
         openrouter_slug=listing.openrouter_slug,
+        is_free=listing.is_free,
+        discount_to_user=listing.discount_to_user,
+        capacity_tpm=listing.capacity_tpm,
+        deployment_region=listing.deployment_region,
+        compliance=compliance or None,
     )
