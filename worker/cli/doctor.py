@@ -19,12 +19,22 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 import orjson
 import pynvml
 
+from worker.cli.doctor_checks import (
+    Check,
+    Status,
+    check_admin_token,
+    check_database,
+    check_huggingface,
+    check_metrics_token,
+    check_shm,
+    shm_size,
+)
 from worker.config import (
     ConfigError,
     EngineKind,
@@ -39,7 +49,6 @@ from worker.gpu.models import GpuInventory
 from worker.registry.client import redacted_url
 from worker.registry.describe import quantization_v24
 
-Status = Literal["PASS", "WARN", "FAIL", "SKIP"]
 GIB = 1024**3
 MIN_PYTHON = (3, 11)
 _BYTES_PER_PARAMETER = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "mxfp8": 1.0,
@@ -52,14 +61,6 @@ _PARAMETERS = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)([bm])(?![a-z])", re.IGNOREC
 _DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 # Weights above this share of the engine's memory budget leave little room for the KV cache.
 _TIGHT_WEIGHTS_SHARE = 0.85
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    status: Status
-    message: str
-    detail: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class Probes:
     disk_free: Callable[[Path], int] = field(default=lambda path: shutil.disk_usage(path).free)
     import_check: Callable[[str, str], tuple[bool, str]] = field(default=lambda python, module:
                                                                  _import_in(python, module))
+    shm_size: Callable[[], int | None] = field(default=shm_size)
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,8 @@ class DoctorOptions:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("doctor", help="check this node (GPUs, memory, disk, port, registry, vLLM)")
+    parser = subparsers.add_parser("doctor", help="check this node (GPUs, memory, disk, port, registry, vLLM, "
+                                   "billing database, Hugging Face access, /dev/shm, tokens)")
     parser.add_argument("--config", help="path to models.yaml (env WORKER_CONFIG)")
     parser.add_argument("--engine", choices=["auto", "config", "mock"],
                         help="check as `worker serve --engine` would run (env WORKER_ENGINE); mock needs no GPU")
@@ -126,6 +129,7 @@ def run_checks(settings: Settings, options: DoctorOptions, probes: Probes) -> li
     except ConfigError as error:
         checks.append(Check("config", "FAIL", str(error)))
         checks.append(check_registry(settings))
+        checks.extend(_service_checks(settings))
         return checks
     if options.engine == "mock":
         config = with_engine_override(config, EngineKind.mock)
@@ -141,7 +145,15 @@ def run_checks(settings: Settings, options: DoctorOptions, probes: Probes) -> li
     checks.append(check_port(options.host or config.worker.host, options.port or config.worker.port))
     checks.append(check_registry(settings))
     checks.append(check_vllm(config, settings.engine_python, probes.import_check))
+    cache = hub_cache_dir()
+    checks.append(check_huggingface(config, lambda repo_id: _in_hub_cache(cache, repo_id)))
+    checks.append(check_shm(config, probes.shm_size()))
+    checks.extend(_service_checks(settings))
     return checks
+
+
+def _service_checks(settings: Settings) -> list[Check]:
+    return [check_database(settings), check_admin_token(settings), check_metrics_token(settings)]
 
 
 # -- checks -----------------------------------------------------------------------------------------
