@@ -118,7 +118,8 @@ async def test_announce_heartbeats_draining_deregister_in_order_with_retries(
     assert announcement.gpus.count == 1 and announcement.gpus.devices[0].memory_total_bytes == 80 * 1024**3
     assert announcement.capacity is not None
     assert announcement.capacity.models[0].model_dump() == {"id": "llama-70b", "state": "ready", "replicas": 2,
-                                                            "ready_replicas": 1, "max_model_len": 4096}
+                                                            "ready_replicas": 1, "max_model_len": 4096,
+                                                            "loading_fraction": None}
 
     heartbeats = receiver.of("heartbeat")
     assert [c.status for c in heartbeats[:3]] == [200, 500, 200]
