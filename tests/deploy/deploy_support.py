@@ -22,8 +22,12 @@ DEPLOY = REPO / "deploy"
 KUBERNETES = DEPLOY / "kubernetes"
 VENV_BIN = Path(sys.executable).parent
 
-# The Kubernetes release the manifests are validated against.
-KUBERNETES_VERSION = "1.33.0"
+# The Kubernetes releases the manifests are validated against (kubernetes-validate's schemas): the
+# oldest is the minimum the manifests need, the newest the latest release of kubernetes-validate>=1.35.
+OLDEST_KUBERNETES_MINOR, NEWEST_KUBERNETES_MINOR = 29, 35
+KUBERNETES_VERSIONS = [
+    f"1.{minor}.0" for minor in range(OLDEST_KUBERNETES_MINOR, NEWEST_KUBERNETES_MINOR + 1)
+]
 
 # Every metric the worker exports (the engines' re-exported with labels model and replica).
 WORKER_METRICS = frozenset(
@@ -78,6 +82,7 @@ WORKER_ENV_VARIABLES = frozenset(
         "WORKER_ENGINE",
         "WORKER_DB_URL",
         "WORKER_ADMIN_TOKEN",
+        "WORKER_METRICS_TOKEN",
         "WORKER_AUTH",
         "WORKER_LOG_LEVEL",
         "WORKER_REGISTRY_URL",
@@ -85,7 +90,9 @@ WORKER_ENV_VARIABLES = frozenset(
         "WORKER_USAGE_WEBHOOK_URL",
     }
 )
-SECRET_ENV_VARIABLES = frozenset({"WORKER_ADMIN_TOKEN", "WORKER_REGISTRY_TOKEN", "WORKER_DB_URL", "HF_TOKEN"})
+SECRET_ENV_VARIABLES = frozenset(
+    {"WORKER_ADMIN_TOKEN", "WORKER_METRICS_TOKEN", "WORKER_REGISTRY_TOKEN", "WORKER_DB_URL", "HF_TOKEN"}
+)
 
 
 # --- Kubernetes manifests -------------------------------------------------------------------------------
@@ -97,8 +104,12 @@ def load_documents(path: Path) -> list[dict[str, Any]]:
 
 
 def manifest_files() -> list[Path]:
-    """Every Kubernetes manifest under deploy/kubernetes (kustomization files are not manifests)."""
-    return sorted(p for p in KUBERNETES.rglob("*.yaml") if p.name != "kustomization.yaml")
+    """Every Kubernetes manifest under deploy/kubernetes (kustomizations and Helm values are not)."""
+    return sorted(
+        p
+        for p in KUBERNETES.rglob("*.yaml")
+        if p.name != "kustomization.yaml" and not p.name.endswith("values.yaml")
+    )
 
 
 def render_kustomization(directory: Path) -> list[dict[str, Any]]:
