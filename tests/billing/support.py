@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from types import SimpleNamespace
 from typing import Any
 
+import asyncpg
+import pytest
 from starlette.requests import Request
 
 from worker.billing.disclosure import DisclosureHook, ProvenanceCache
@@ -150,3 +155,38 @@ def ledger_entry(
         ttft_ms=12.5,
         duration_ms=40.0,
     )
+
+
+POSTGRES_URL_ENV = "WORKER_TEST_POSTGRES_URL"
+
+
+def postgres_url() -> str:
+    url = os.environ.get(POSTGRES_URL_ENV)
+    if not url:
+        pytest.fail(
+            f'{POSTGRES_URL_ENV} is not set: run `eval "$(bash tests/services/postgres.sh)"` first '
+            "(or deselect these tests with -m 'not postgres')"
+        )
+    return url
+
+
+@contextlib.asynccontextmanager
+async def fresh_database(kind: str, tmp_path: Any) -> AsyncIterator[str]:
+    """The URL of an empty billing database of `kind` ("sqlite" or "postgres"), dropped afterwards."""
+    if kind == "sqlite":
+        yield f"sqlite:///{tmp_path / 'ledger.db'}"
+        return
+    base = postgres_url()
+    schema = f"billing_test_{uuid.uuid4().hex[:12]}"
+    connection = await asyncpg.connect(base)
+    try:
+        await connection.execute(f"CREATE SCHEMA {schema}")
+    finally:
+        await connection.close()
+    # asyncpg passes unknown URL parameters to the server as settings.
+    yield f"{base}{'&' if '?' in base else '?'}search_path={schema}"
+    connection = await asyncpg.connect(base)
+    try:
+        await connection.execute(f"DROP SCHEMA {schema} CASCADE")
+    finally:
+        await connection.close()

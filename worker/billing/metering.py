@@ -20,9 +20,13 @@ class Principal:
 
 
 def ledger_entry(
-    ctx: RequestContext, principal: Principal | None, *, worker_id: str, gpu_uuids: tuple[str, ...]
+    ctx: RequestContext, principal: Principal | None, *, worker_id: str, gpu_uuids: tuple[str, ...],
+    charged: bool = True,
 ) -> LedgerEntry:
-    """The ledger's account of a finished request: who, what, where, how much and how fast."""
+    """The ledger's account of a finished request: who, what, where, how much and how fast.
+
+    `charged=False`: the request is recorded at no cost (the worker could not account for it).
+    """
     usage = ctx.usage or Usage()
     finished = ctx.finished_monotonic or time.monotonic()
     ttft = ctx.first_byte_monotonic - ctx.started_monotonic if ctx.first_byte_monotonic else None
@@ -41,7 +45,8 @@ def ledger_entry(
         completion_tokens=usage.completion_tokens,
         cached_tokens=usage.cached_tokens,
         usage_estimated=ctx.usage_estimated,
-        cost_micro=charge_micro(ctx.model, ctx.endpoint, ctx.usage, ctx.finish_reason, ctx.outcome),
+        cost_micro=(charge_micro(ctx.model, ctx.endpoint, ctx.usage, ctx.finish_reason, ctx.outcome)
+                    if charged else 0),
         status_code=status,
         outcome=ctx.outcome,
         finish_reason=ctx.finish_reason,
@@ -49,4 +54,6 @@ def ledger_entry(
         received_at=ctx.received_at,
         ttft_ms=round(ttft * 1000, 3) if ttft is not None else None,
         duration_ms=round((finished - ctx.started_monotonic) * 1000, 3),
+        prompt_tokens_source=usage.prompt_source if ctx.usage is not None else "none",
+        completion_tokens_source=usage.completion_source if ctx.usage is not None else "none",
     )

@@ -18,7 +18,7 @@ _BYTES_PER_TOKEN = 4
 # Chat templates add role markers and default system text that the JSON body does not contain.
 _TEMPLATE_OVERHEAD_TOKENS = 64
 # Outcomes in which the user received nothing they should pay for.
-_UNBILLED_OUTCOMES = frozenset({"engine_error", "upstream_failed", "rejected", "invalid_request"})
+_UNBILLED_OUTCOMES = frozenset({"engine_error", "upstream_failed", "rejected", "invalid_request", "worker_error"})
 
 
 def cost_usd(pricing: Pricing, usage: Usage) -> Decimal:
@@ -46,10 +46,13 @@ def billable_usage(
     """The usage the user pays for, or None when the request is free.
 
     Routers do not charge for an error finish reason or for a generation with no completion tokens; a
-    client that disconnected pays for what was generated before it left. Embeddings have no completion.
+    client that disconnected after its request reached the engine pays for its prompt (the engine's
+    prefill) and what was generated before it left. Embeddings have no completion.
     """
     if usage is None or outcome in _UNBILLED_OUTCOMES or finish_reason == "error":
         return None
+    if outcome == "client_disconnected":
+        return usage if usage.prompt_tokens > 0 or usage.completion_tokens > 0 else None
     if endpoint != "embeddings" and usage.completion_tokens <= 0:
         return None
     return usage

@@ -138,6 +138,10 @@ class LedgerEntry(NamedTuple):
     received_at: float
     ttft_ms: float | None
     duration_ms: float
+    # Where each count came from (worker.gateway.context.UsageSource): measured ("engine", "tokenizer") or
+    # estimated ("stream", "estimate"); "none" where nothing was counted.
+    prompt_tokens_source: str = "engine"
+    completion_tokens_source: str = "engine"
 
 
 class LedgerRecord(Record):
@@ -165,6 +169,8 @@ class LedgerRecord(Record):
     received_at: datetime
     ttft_ms: float | None
     duration_ms: float
+    prompt_tokens_source: str = "engine"
+    completion_tokens_source: str = "engine"
 
 
 class WorkerClaim(Record):

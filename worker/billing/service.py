@@ -340,8 +340,16 @@ class BillingService:
 
     async def _finalize(self, ctx: RequestContext) -> None:
         principal = ctx.principal if isinstance(ctx.principal, Principal) else None
-        gpu_uuids = self._provenance(ctx.replica).gpu_uuids if ctx.replica is not None else ()
-        entry = ledger_entry(ctx, principal, worker_id=self.worker_id, gpu_uuids=gpu_uuids)
+        try:
+            gpu_uuids = self._provenance(ctx.replica).gpu_uuids if ctx.replica is not None else ()
+            entry = ledger_entry(ctx, principal, worker_id=self.worker_id, gpu_uuids=gpu_uuids)
+        except Exception:
+            # Still record the request and give its hold back: charged nothing, as the worker's failure.
+            logger.exception("cannot account for a request; recording it as the worker's failure",
+                             extra=_ids(ctx))
+            ctx.outcome, ctx.usage = "worker_error", None
+            ctx.status_code = max(ctx.status_code, 500)
+            entry = ledger_entry(ctx, principal, worker_id=self.worker_id, gpu_uuids=(), charged=False)
         if principal is not None:
             self._held -= 1
             if principal.key.limits.tokens_per_minute:

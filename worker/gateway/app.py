@@ -11,12 +11,13 @@ import orjson
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from worker.gateway.errors import ApiError
 from worker.gateway.gateway import Gateway
+from worker.gateway.openapi import inference_route_docs
 from worker.gateway.request_id import SCOPE_KEY, RequestIdMiddleware, assign_request_id
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,35 @@ def unexpected_error_response(request_id: str | None) -> Response:
     """Log the exception being handled and answer a plain 500 (its details stay in the log)."""
     logger.exception("unhandled error", extra={"request_id": request_id})
     return ApiError(500, "internal error in the worker gateway").to_response()
+
+
+class AnswerUnexpectedErrors:
+    """Answer an exception no route handled with a plain 500 and log it once, with its traceback.
+
+    Starlette's own handler for `Exception` re-raises after answering, so the server logged every such
+    error a second time; this one does not. Inference requests never pass here (the gateway answers them).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_noting_start(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_start)
+        except Exception:  # noqa: BLE001  logged by unexpected_error_response
+            response = unexpected_error_response(scope.get(SCOPE_KEY))
+            if not started:  # else the client sees its response cut short
+                await response(scope, receive, send)
 
 
 class WorkerApp(FastAPI):
@@ -62,20 +92,21 @@ def inference_endpoint(scope: Scope) -> str | None:
 
 
 async def serve_inference(gateway: Gateway, endpoint: str, scope: Scope, receive: Receive, send: Send) -> None:
-    """Answer one inference request straight from ASGI: the gateway's response, or its error's."""
-    request_id = assign_request_id(scope)
-    try:
-        response = await gateway.handle(Request(scope, receive), endpoint)
-    except ApiError as error:
-        response = error.to_response()
-    except Exception:  # noqa: BLE001  logged by unexpected_error_response
-        response = unexpected_error_response(request_id)
-    response.raw_headers.append((b"x-request-id", request_id.encode()))
-    try:
-        await response(scope, receive, send)
-    except Exception:
-        logger.exception("failed while sending the response", extra={"request_id": request_id})
-        raise
+    """Answer one inference request straight from ASGI (the gateway answers its errors too)."""
+    assign_request_id(scope)
+    await gateway.serve(endpoint, scope, receive, send)
+
+
+class _GatewayAnswer(Response):
+    """What the registered inference routes return: the gateway answers the request when this is sent."""
+
+    def __init__(self, gateway: Gateway, endpoint: str) -> None:
+        super().__init__()
+        self.gateway = gateway
+        self.endpoint = endpoint
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.gateway.serve(self.endpoint, scope, receive, send)
 
 
 def json_response(content: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -84,7 +115,7 @@ def json_response(content: Any, status_code: int = 200, headers: dict[str, str] 
 
 def _inference_route(gateway: Gateway, endpoint: str) -> Callable[[Request], Any]:
     async def route(request: Request) -> Response:
-        return await gateway.handle(request, endpoint)
+        return _GatewayAnswer(gateway, endpoint)
 
     return route
 
@@ -97,6 +128,7 @@ def create_app(
     readiness: Callable[[], tuple[bool, dict[str, Any]]],
 ) -> WorkerApp:
     app = WorkerApp(gateway, title="worker", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(AnswerUnexpectedErrors)  # inside RequestIdMiddleware: its 500s carry the request id
     app.add_middleware(RequestIdMiddleware)
 
     @app.exception_handler(ApiError)
@@ -104,21 +136,21 @@ def create_app(
         return error.to_response()
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, error: StarletteHTTPException) -> Response:
+    async def http_error(request: Request, error: StarletteHTTPException) -> Response:
+        if isinstance(error.__cause__, ClientDisconnect):  # FastAPI's 400 for a body cut short: the client left
+            logger.info("request body ended before its declared length",
+                        extra={"request_id": request.scope.get(SCOPE_KEY), "path": request.url.path})
         return ApiError(error.status_code, str(error.detail)).to_response(dict(error.headers or {}))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, error: RequestValidationError) -> Response:
         first = error.errors()[0] if error.errors() else {"loc": (), "msg": "invalid request"}
-        param = ".".join(str(p) for p in first["loc"] if p not in ("body", "query")) or None
+        param = ".".join(str(p) for p in first["loc"] if p not in ("body", "query", "path")) or None
         return ApiError(400, f"invalid value for '{param}': {first['msg']}", param=param).to_response()
 
-    @app.exception_handler(Exception)
-    async def unexpected_error(request: Request, error: Exception) -> Response:
-        return unexpected_error_response(request.scope.get(SCOPE_KEY))
-
     for path, endpoint in INFERENCE_ROUTES.items():
-        app.add_api_route(path, _inference_route(gateway, endpoint), methods=["POST"])
+        app.add_api_route(path, _inference_route(gateway, endpoint), methods=["POST"],
+                          **inference_route_docs(endpoint, gateway.config))
 
     @app.get("/v1/models")
     async def list_models() -> Response:

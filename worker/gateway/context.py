@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import uuid_utils
 
@@ -13,11 +13,20 @@ if TYPE_CHECKING:
     from worker.engines.replica import Replica
 
 
+# Where a token count came from. Measured: the engine's own usage, or the model's tokenizer (through the
+# engine's /tokenize) counting the prompt the worker sent. Estimated: one token per streamed event, or the
+# prompt's size at four bytes per token (OpenAI's rule of thumb) when no tokenizer answered.
+UsageSource = Literal["engine", "tokenizer", "stream", "estimate", "none"]
+ESTIMATED_SOURCES: frozenset[str] = frozenset({"stream", "estimate"})
+
+
 @dataclass
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    prompt_source: UsageSource = "engine"
+    completion_source: UsageSource = "engine"
 
     @classmethod
     def from_openai(cls, usage: dict[str, Any] | None) -> Usage | None:
@@ -29,6 +38,10 @@ class Usage:
             completion_tokens=int(usage.get("completion_tokens") or 0),
             cached_tokens=int(details.get("cached_tokens") or 0),
         )
+
+    @property
+    def estimated(self) -> bool:
+        return self.prompt_source in ESTIMATED_SOURCES or self.completion_source in ESTIMATED_SOURCES
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Sequence
 from typing import Protocol
@@ -10,6 +11,7 @@ from typing import Protocol
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from worker.config import NodeConfig
 from worker.engines.data_client import EngineResponse, EngineTransportError, abort, finish
@@ -20,6 +22,8 @@ from worker.gateway.hooks import RequestHooks
 from worker.gateway.relay import Finalizer, Outcome, RelayStreamResponse, open_upstream, race
 from worker.gateway.request_id import SCOPE_KEY
 from worker.gateway.requests import parse_body, read_body
+
+logger = logging.getLogger(__name__)
 
 ENDPOINT_PATHS = {
     "chat.completions": "/v1/chat/completions",
@@ -34,6 +38,44 @@ class ReplicaAdmission(Protocol):
         ...
 
 
+class RequestTicket:
+    """What one inference request holds from its check-in to its end, and the one place it is given back.
+
+    The hooks that admitted the request (its balance hold, rate-limit debit, ledger record) are finalized
+    through `finalizer`, exactly once; `lease` is the replica slot it occupies. `close()` releases the lease
+    and finalizes whatever is not finalized yet; `failed()` first marks a request that ended on an
+    unexpected exception as the worker's own failure (recorded, charged nothing).
+    """
+
+    __slots__ = ("ctx", "finalizer", "lease")
+
+    def __init__(self, ctx: RequestContext) -> None:
+        self.ctx = ctx
+        self.finalizer = Finalizer(ctx, [])
+        self.lease: ReplicaLease | None = None
+
+    def held_lease(self) -> ReplicaLease:
+        if self.lease is None:
+            raise RuntimeError("the request holds no replica lease")
+        return self.lease
+
+    def failed(self, error: BaseException) -> None:
+        if self.finalizer.done:
+            return
+        ctx = self.ctx
+        ctx.outcome = "worker_error"
+        ctx.status_code = max(ctx.status_code, 500)
+        ctx.error_message = f"internal error in the worker gateway: {type(error).__name__}"
+
+    async def close(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+        if not self.finalizer.done:
+            if self.ctx.outcome == "ok" and not self.ctx.status_code:
+                self.ctx.outcome, self.ctx.status_code = "worker_error", 500
+            await self.finalizer()
+
+
 class Gateway:
     def __init__(self, config: NodeConfig, admission: ReplicaAdmission, hooks: Sequence[RequestHooks]) -> None:
         self.config = config
@@ -46,15 +88,46 @@ class Gateway:
         """Wait for the hooks still finishing requests nobody waits for (before their stores close)."""
         await asyncio.gather(*self._finalizing, return_exceptions=True)
 
-    async def handle(self, request: Request, endpoint: str) -> Response:
-        ctx = await self.request_context(request, endpoint)
-        finalizer = Finalizer(ctx, [])
+    async def serve(self, endpoint: str, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer one inference request, from its body to its last byte.
+
+        Whatever the request took (its hooks' holds and ledger record, its replica lease) belongs to its
+        `RequestTicket`, which is closed when this returns, whatever happened on the way: an unexpected
+        exception ends the request as a recorded failure of the worker's, with everything given back.
+        """
+        request_id = scope[SCOPE_KEY]
+        request = Request(scope, receive)
+        ticket: RequestTicket | None = None
         try:
-            lease = await self.check_in(ctx, request, finalizer)
-            return await self._serve(request, ctx, finalizer, lease)
-        except ApiError as error:
-            await self.answered_with(error, ctx, finalizer)
+            try:
+                ctx = await self.request_context(request, endpoint)
+                ticket = RequestTicket(ctx)
+                response = await self.handle(request, ticket)
+            except ApiError as error:
+                if ticket is not None:
+                    await self.answered_with(error, ticket.ctx, ticket.finalizer)
+                response = error.to_response()
+            except Exception as error:  # a fault of the worker's own
+                logger.exception("unhandled error", extra={"request_id": request_id})
+                if ticket is not None:  # recorded before the answer, like every answer
+                    ticket.failed(error)
+                    await ticket.close()
+                response = ApiError(500, "internal error in the worker gateway").to_response()
+            response.raw_headers.append((b"x-request-id", request_id.encode()))
+            await response(scope, receive, send)
+        except Exception as error:
+            if ticket is not None:
+                ticket.failed(error)
+            logger.exception("failed while sending the response", extra={"request_id": request_id})
             raise
+        finally:
+            if ticket is not None:
+                await ticket.close()
+
+    async def handle(self, request: Request, ticket: RequestTicket) -> Response:
+        """Check the request in and serve it; raises the ApiError that refuses it."""
+        ticket.lease = await self.check_in(ticket.ctx, request, ticket.finalizer)
+        return await self._serve(request, ticket)
 
     @staticmethod
     async def answered_with(error: ApiError, ctx: RequestContext, finalizer: Finalizer) -> None:
@@ -116,11 +189,15 @@ class Gateway:
         """The lease of the replica that serves `ctx`; raises the refusal (400/429/503)."""
         return self.admission.admit(ctx, exclude)
 
-    async def _serve(self, request: Request, ctx: RequestContext, finalizer: Finalizer,
-                     lease: ReplicaLease) -> Response:
+    def engine_payload(self, ctx: RequestContext) -> bytes:
+        """The body the engine receives: the validated one, always asking the engine for usage."""
         if ctx.stream:
             ctx.body["stream_options"] = {**(ctx.body.get("stream_options") or {}), "include_usage": True}
-        payload = orjson.dumps(ctx.body)
+        return orjson.dumps(ctx.body)
+
+    async def _serve(self, request: Request, ticket: RequestTicket) -> Response:
+        ctx, finalizer, lease = ticket.ctx, ticket.finalizer, ticket.held_lease()
+        payload = self.engine_payload(ctx)
         try:
             outcome, opening = await self._open(request, lease, ctx, payload)
         except ApiError as error:
@@ -129,14 +206,10 @@ class Gateway:
                 raise
             # The replica died or is restarting: shed to a sibling before any byte was sent.
             try:
-                lease = await self.admit(ctx, exclude=lease.replica)
+                lease = ticket.lease = await self.admit(ctx, exclude=lease.replica)
             except ApiError:
                 raise error from None
-            try:
-                outcome, opening = await self._open(request, lease, ctx, payload)
-            except ApiError:
-                lease.release()
-                raise
+            outcome, opening = await self._open(request, lease, ctx, payload)
         replica = lease.replica
         ctx.replica = replica
         for hook in finalizer.hooks:
@@ -146,9 +219,7 @@ class Gateway:
             # The engine is slow to answer a stream: send headers now, keep-alives until it does.
             return RelayStreamResponse(opening, ctx, finalizer, headers, lease, self.keepalive_s)
         if outcome is Outcome.disconnected:
-            lease.release()
             ctx.outcome = "client_disconnected"
-            await finalizer()
             return Response(status_code=499)
         upstream = opening.result()
         if upstream.status == 200 and ctx.stream:

@@ -29,6 +29,7 @@ from worker.engines.replica import Replica, ReplicaLease
 from worker.gateway.context import RequestContext, Usage
 from worker.gateway.errors import ApiError, normalise_engine_error
 from worker.gateway.hooks import RequestHooks
+from worker.gateway.prompt_count import complete_usage
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,10 @@ class Finalizer:
 
     async def _run(self) -> None:
         ctx = self.ctx
+        try:
+            await complete_usage(ctx)
+        except Exception:  # the record is written without the count rather than not at all
+            logger.exception("cannot complete the usage of an abandoned request", extra={"request_id": ctx.request_id})
         for hook in self.hooks:
             try:
                 await hook.finalize(ctx)
@@ -215,10 +220,15 @@ class SseRelay:
         return b"".join(out)
 
     def estimate_usage_if_missing(self) -> None:
+        """The stream ended before the engine's usage chunk: count what was generated from its events.
+
+        The prompt's count is left to `complete_usage` (a tokenizer call, only where it will be charged).
+        """
         if self.ctx.usage is None and self.ctx.streamed_events:
-            n = int(self.ctx.body.get("n") or 1)
+            n = self.ctx.body.get("n", 1)
             # One engine event per generated token per choice, less the role-only opening event.
-            self.ctx.usage = Usage(completion_tokens=max(0, self.ctx.streamed_events - n))
+            self.ctx.usage = Usage(completion_tokens=max(0, self.ctx.streamed_events - n),
+                                   prompt_source="none", completion_source="stream")
             self.ctx.usage_estimated = True
 
 
@@ -338,13 +348,21 @@ class RelayStreamResponse(Response):
             pump = asyncio.ensure_future(self._pump(send, relay))
             outcome = await race(pump, receive=receive, interrupted=self.lease.interrupted)
             if outcome is Outcome.done:
-                pump.result()
+                try:
+                    pump.result()
+                except OSError:
+                    raise
+                except Exception:  # the worker's own fault mid-stream: still end the stream the router's way
+                    logger.exception("relay failed mid-stream", extra={"request_id": ctx.request_id})
+                    ctx.outcome = "worker_error"
+                    ctx.error_message = "internal error in the worker gateway"
+                    self.error_code = "internal_error"
             if outcome is Outcome.disconnected:
                 ctx.outcome = "client_disconnected"
             else:
                 if outcome is Outcome.interrupted:
                     ctx.error_message = self.lease.interruption_reason or "the worker ended the request"
-                if relay.saw_done and not self.ended:
+                if relay.saw_done and not self.ended and ctx.outcome != "worker_error":
                     await self._send_done(send)
                 elif not self.ended:
                     await self._end_broken(send, relay)

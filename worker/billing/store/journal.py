@@ -18,9 +18,13 @@ from typing import Any
 
 import orjson
 
+from worker.billing.records import LedgerEntry
+
 logger = logging.getLogger(__name__)
 
 _SUFFIX = ".jsonl"
+_LEDGER_WIDTH = len(LedgerEntry._fields)
+_LEDGER_DEFAULTS = tuple(LedgerEntry._field_defaults.values())
 
 
 class LedgerJournal:
@@ -66,7 +70,10 @@ class LedgerJournal:
         rows: list[tuple[Any, ...]] = []
         for number, line in enumerate(path.read_bytes().splitlines(), start=1):
             try:
-                rows.append(tuple(orjson.loads(line)))
+                row = tuple(orjson.loads(line))
+                # A record journaled by an older worker lacks the columns added since: their defaults.
+                missing = _LEDGER_WIDTH - len(row)
+                rows.append(row + _LEDGER_DEFAULTS[len(_LEDGER_DEFAULTS) - missing:] if missing > 0 else row)
             except orjson.JSONDecodeError:
                 # Only a machine crash can tear a line, and only the last one; that record was not sent.
                 logger.error(

@@ -110,6 +110,27 @@ _WORKER_CLAIMS = """CREATE TABLE worker_claims (
 )"""
 
 
+# Records written before this step were all counted by the engine, or flagged `usage_estimated`.
+_USAGE_SOURCES = (
+    "ALTER TABLE ledger ADD COLUMN prompt_tokens_source TEXT NOT NULL DEFAULT 'engine'",
+    "ALTER TABLE ledger ADD COLUMN completion_tokens_source TEXT NOT NULL DEFAULT 'engine'",
+)
+
+
+# Every change made with the admin token or `worker keys`; append-only like the ledger.
+def _admin_audit(seq: str) -> str:
+    return f"""CREATE TABLE admin_audit (
+        seq {seq},
+        at DOUBLE PRECISION NOT NULL,
+        actor TEXT NOT NULL,
+        client TEXT,
+        request_id TEXT,
+        action TEXT NOT NULL,
+        target TEXT,
+        changes TEXT NOT NULL
+    )"""
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         version=1,
@@ -134,6 +155,30 @@ MIGRATIONS: tuple[Migration, ...] = (
         description="worker claims: one running worker per worker id",
         sqlite=(_WORKER_CLAIMS,),
         postgres=(_WORKER_CLAIMS,),
+    ),
+    Migration(
+        version=3,
+        description="ledger: where each token count came from (measured or estimated)",
+        sqlite=_USAGE_SOURCES,
+        postgres=_USAGE_SOURCES,
+    ),
+    Migration(
+        version=4,
+        description="admin audit: every change made with the admin token or `worker keys`",
+        sqlite=(
+            _admin_audit("INTEGER PRIMARY KEY AUTOINCREMENT"),
+            """CREATE TRIGGER admin_audit_no_update BEFORE UPDATE ON admin_audit
+               BEGIN SELECT RAISE(ABORT, 'the admin audit is append-only'); END""",
+            """CREATE TRIGGER admin_audit_no_delete BEFORE DELETE ON admin_audit
+               BEGIN SELECT RAISE(ABORT, 'the admin audit is append-only'); END""",
+        ),
+        postgres=(
+            _admin_audit("BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"),
+            """CREATE FUNCTION admin_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN RAISE EXCEPTION 'the admin audit is append-only'; END $$""",
+            """CREATE TRIGGER admin_audit_append_only BEFORE UPDATE OR DELETE ON admin_audit
+               FOR EACH STATEMENT EXECUTE FUNCTION admin_audit_append_only()""",
+        ),
     ),
 )
 

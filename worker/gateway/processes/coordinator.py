@@ -263,21 +263,35 @@ class GatewayProcesses:
             started_monotonic=message["started"], gateway_process=relay.index,
         )
         finalizer = Finalizer(ctx, [])
+        relayed: _Relayed | None = None
         try:
             lease = await self.gateway.check_in(ctx, Request(_scope(message)), finalizer)
+            relayed = _Relayed(ctx, finalizer, lease, relay)
+            if relay.channel is not channel:  # the relay died meanwhile
+                ctx.outcome = "upstream_failed"
+                ctx.error_message = "the gateway process relaying the request exited"
+                self._end(relayed)
+                return
+            self._records[ctx.record_id] = relayed
+            relay.records.add(ctx.record_id)
+            self._watch(relayed)
+            answer = self._admitted(relayed)
         except ApiError as error:
             await self.gateway.answered_with(error, ctx, finalizer)
             channel.reply(message, error_message(error))
             return
-        relayed = _Relayed(ctx, finalizer, lease, relay)
-        if relay.channel is not channel:  # the relay died meanwhile
-            ctx.outcome, ctx.error_message = "upstream_failed", "the gateway process relaying the request exited"
-            self._end(relayed)
+        except Exception as error:  # the worker's own fault: recorded, and everything it held given back
+            logger.exception("cannot admit a relayed request", extra={"request_id": ctx.request_id})
+            ctx.outcome, ctx.status_code = "worker_error", 500
+            ctx.error_message = f"internal error in the worker gateway: {type(error).__name__}"
+            if relayed is not None:
+                self._records.pop(ctx.record_id, None)
+                self._end(relayed)
+            else:
+                self.gateway.finalize_soon(finalizer)
+            channel.reply(message, error_message(ApiError(500, "internal error in the worker gateway")))
             return
-        self._records[ctx.record_id] = relayed
-        relay.records.add(ctx.record_id)
-        self._watch(relayed)
-        channel.reply(message, self._admitted(relayed))
+        channel.reply(message, answer)
 
     def _admitted(self, relayed: _Relayed) -> Message:
         ctx, replica = relayed.ctx, relayed.lease.replica
