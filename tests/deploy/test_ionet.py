@@ -36,6 +36,7 @@ FULL_ENV = {
     "REGISTRY_USERNAME": "acme",
     "REGISTRY_SECRET": "pull-token",
     "WORKER_ADMIN_TOKEN": ADMIN_TOKEN,
+    "WORKER_METRICS_TOKEN": "metrics-secret-0123456789abcdef01234567",
     "WORKER_REGISTRY_URL": "https://registry.acme.test/workers",
     "WORKER_REGISTRY_TOKEN": "registry-secret",
     "WORKER_USAGE_WEBHOOK_URL": "https://billing.acme.test/usage",
@@ -184,7 +185,7 @@ def test_render_prints_the_sdks_payload_and_masks_secrets_on_request() -> None:
 
     redacted = run_render("body", "--redacted", env=FULL_ENV)
     assert redacted.returncode == 0, redacted.stderr
-    for secret in ("hf_secret", ADMIN_TOKEN, "pull-token", "registry-secret", "pw@db"):
+    for secret in ("hf_secret", ADMIN_TOKEN, "metrics-secret", "pull-token", "registry-secret", "pw@db"):
         assert secret not in redacted.stdout
     assert json.loads(redacted.stdout)["container_config"]["secret_env_variables"]["HF_TOKEN"] == "***"
 
