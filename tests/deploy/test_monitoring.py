@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -14,12 +15,15 @@ from tests.deploy import deploy_support
 from tests.deploy.deploy_support import (
     DASHBOARD,
     EXPORTED_SERIES,
+    KUBERNETES,
     PROMETHEUS,
     SCRAPE_SERIES,
     alert_rules,
     dashboard,
     dashboard_queries,
     grafana_variable_free,
+    load_documents,
+    node_shapes,
     promql_metric_names,
     promtool,
     walk,
@@ -35,10 +39,42 @@ def run_promtool(*args: str) -> subprocess.CompletedProcess[str]:
 # --- promtool ---------------------------------------------------------------------------------------
 
 
-def test_prometheus_config_is_valid() -> None:
-    result = run_promtool("check", "config", str(PROMETHEUS / "prometheus.yml"))
+def test_prometheus_config_is_valid(tmp_path: Path) -> None:
+    # As deployed: with the metrics token file the scrape jobs read, which promtool checks exists.
+    deployed = tmp_path / "prometheus"
+    shutil.copytree(PROMETHEUS, deployed)
+    (deployed / "secrets" / "worker-metrics-token").write_text("0123456789abcdef" * 4 + "\n")
+    result = run_promtool("check", "config", str(deployed / "prometheus.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "WARNING" not in result.stdout + result.stderr
+    # Without the file, promtool (and Prometheus) refuse it: the credential is really read from there.
+    (deployed / "secrets" / "worker-metrics-token").unlink()
+    result = run_promtool("check", "config", str(deployed / "prometheus.yml"))
+    assert result.returncode != 0 and "worker-metrics-token" in result.stdout + result.stderr
+
+
+def test_every_scrape_job_sends_the_metrics_token() -> None:
+    config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text(encoding="utf-8"))
+    jobs = config["scrape_configs"]
+    assert {job["job_name"] for job in jobs} == {"worker", "worker-public"}
+    for job in jobs:
+        assert job["authorization"] == {"type": "Bearer", "credentials_file": "secrets/worker-metrics-token"}
+    # The token file itself never enters the repository.
+    ignored = (PROMETHEUS / "secrets" / ".gitignore").read_text(encoding="utf-8").splitlines()
+    assert "*" in ignored
+
+
+def test_pod_monitor_sends_the_token_the_pods_require() -> None:
+    (monitor,) = load_documents(KUBERNETES / "monitoring" / "podmonitor.yaml")
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    credentials = endpoint["authorization"]["credentials"]
+    (secret,) = load_documents(KUBERNETES / "secret.example.yaml")
+    assert endpoint["authorization"]["type"] == "Bearer"
+    assert credentials["name"] == secret["metadata"]["name"] and credentials["key"] in secret["stringData"]
+    for shape in node_shapes():
+        env = {item["name"]: item for item in shape.container["env"]}
+        reference = env["WORKER_METRICS_TOKEN"]["valueFrom"]["secretKeyRef"]
+        assert (reference["name"], reference["key"]) == (credentials["name"], credentials["key"]), shape
 
 
 def test_alert_rules_are_valid() -> None:
