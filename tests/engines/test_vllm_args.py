@@ -313,3 +313,55 @@ def test_engine_gets_the_limits_admission_control_assumes() -> None:
     args = build_vllm_args(make_model(engine_args={"max_num_seqs": 8, "max_model_len": 512}), "h", 1)
     assert args.count("--max-num-seqs") == 1 and flag_value(args, "--max-num-seqs") == "8"
     assert args.count("--max-model-len") == 1 and flag_value(args, "--max-model-len") == "512"
+
+
+# -- weights in object storage and hub downloads ---------------------------------------------------
+
+S3_SOURCE = "s3://acme-models/chat-8b"
+
+
+def test_s3_sources_are_read_with_the_runai_streamer_unless_engine_args_choose_its_sharded_form() -> None:
+    assert flag_value(build_vllm_args(make_model(source=S3_SOURCE), "h", 1), "--load-format") == "runai_streamer"
+    sharded = make_model(source=S3_SOURCE, engine_args={"load_format": "runai_streamer_sharded"})
+    assert flag_value(build_vllm_args(sharded, "h", 1), "--load-format") == "runai_streamer_sharded"
+    assert "--load-format" not in build_vllm_args(make_model(), "h", 1)
+
+
+def test_s3_compatible_endpoint_reaches_the_streamer_with_path_style_buckets() -> None:
+    env = vllm_env(make_model(source=S3_SOURCE), (), cpu=True, s3_endpoint_url="http://127.0.0.1:9000/",
+                   inherited={"AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret"})
+    assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000"
+    assert env["RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING"] == "0"
+    assert env["AWS_EC2_METADATA_DISABLED"] == "true"
+    assert env["AWS_REGION"] == "us-east-1"  # the streamer refuses an endpoint without a region
+    # Credentials are inherited by the engine, never copied into the worker's own additions.
+    assert "AWS_ACCESS_KEY_ID" not in env and "AWS_SECRET_ACCESS_KEY" not in env
+
+
+def test_the_standard_aws_endpoint_variable_works_too_and_a_region_already_set_is_kept() -> None:
+    inherited = {"AWS_ENDPOINT_URL": "https://minio.internal", "AWS_DEFAULT_REGION": "eu-central-1"}
+    env = vllm_env(make_model(source=S3_SOURCE), (), cpu=True, inherited=inherited)
+    assert env["AWS_ENDPOINT_URL"] == "https://minio.internal"
+    assert env["RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING"] == "0"
+    assert "AWS_REGION" not in env
+
+
+def test_aws_s3_itself_keeps_the_sdk_defaults_and_other_sources_get_no_s3_settings() -> None:
+    env = vllm_env(make_model(source=S3_SOURCE), (), cpu=True)
+    assert not {"AWS_ENDPOINT_URL", "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING", "AWS_REGION"} & env.keys()
+    hub = vllm_env(make_model(), (), cpu=True, s3_endpoint_url="http://127.0.0.1:9000")
+    assert "AWS_ENDPOINT_URL" not in hub
+
+
+def test_hub_downloads_use_the_fast_xet_transfers_unless_the_operator_chose_otherwise() -> None:
+    assert vllm_env(make_model(), (), cpu=True)["HF_XET_HIGH_PERFORMANCE"] == "1"
+    assert "HF_XET_HIGH_PERFORMANCE" not in vllm_env(make_model(), (), cpu=True,
+                                                     inherited={"HF_XET_HIGH_PERFORMANCE": "0"})
+
+
+def test_real_parser_reads_an_s3_source_with_the_streamer(vllm_parse: Any) -> None:
+    parsed = vllm_parse(build_vllm_args(make_model(source=S3_SOURCE, engine_args={
+        "model_loader_extra_config": {"concurrency": 32}}), "127.0.0.1", 8101))
+    assert parsed.model == S3_SOURCE
+    assert parsed.load_format == "runai_streamer"
+    assert parsed.model_loader_extra_config == {"concurrency": 32}

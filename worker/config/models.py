@@ -16,6 +16,9 @@ MANAGED_ENGINE_ARGS = frozenset(
 )
 
 
+# engine_args vLLM reads as JSON objects (the Run:ai streamer's concurrency and memory limit are set in
+# model_loader_extra_config); every other one is a scalar.
+JSON_ENGINE_ARGS = frozenset({"hf_overrides", "override_generation_config", "model_loader_extra_config"})
 # `s3://bucket/prefix`: S3 bucket naming rules, then the key prefix the checkpoint's files sit under.
 OBJECT_STORAGE_SOURCE = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/[^\s]+$")
 # The load formats vLLM accepts for weights in object storage (the Run:ai Model Streamer).
@@ -157,6 +160,29 @@ class AdmissionConfig(StrictModel):
     # The engine's own waiting queue must be shorter than this (default: queue_allowance, at least 1).
     max_waiting: int | None = Field(default=None, ge=1)
     max_kv_cache_usage: float = Field(default=0.95, gt=0, le=1)
+    # The first-token objective: a request is queued in the worker while its predicted wait for a batch
+    # slot is within this, refused with 429 when it is not, and refused the same way if it is still
+    # queued this long after it arrived. Keep it below the router's first-byte timeout: nothing is sent
+    # to a queued request, so that a refusal is still a clean 429.
+    ttft_objective_s: float = Field(default=10.0, gt=0)
+    # Memory bounds of the worker's queue for this model (requests, and their bodies' bytes).
+    max_queued: int = Field(default=1024, ge=0)
+    max_queued_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+
+
+class RoutingConfig(StrictModel):
+    """Which replica with room takes a queued request when it is bound (late binding)."""
+
+    # cache_aware: the replica holding the longest prefix of the prompt, unless its load exceeds the
+    # least-loaded one's by `load_margin`; least_loaded; round_robin (for comparison).
+    policy: Literal["cache_aware", "least_loaded", "round_robin"] = "cache_aware"
+    # How the worker knows what each replica caches: approximate (prefixes it sent there) or exact (the
+    # engine's KV-cache events).
+    prefix_index: Literal["approximate", "exact"] = "approximate"
+    # Load scores are in_flight / max_in_flight (+ KV use / 2): 0.25 is a quarter of a replica's slots.
+    load_margin: float = Field(default=0.25, ge=0)
+    # A client's own session key: turns with the same value go to the replica that served the last one.
+    session_header: str = "x-session-id"
 
 
 # What OpenRouter's listing format allows in each list (names as the router spells them).
@@ -230,6 +256,7 @@ class ModelConfig(StrictModel):
     hugging_face_id: str | None = None
     mock: MockEngineConfig = Field(default_factory=MockEngineConfig)
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
     listing: ModelListingConfig = Field(default_factory=ModelListingConfig)
 
     @field_validator("engine_args")
@@ -240,7 +267,7 @@ class ModelConfig(StrictModel):
             name = key.replace("-", "_")
             if name in MANAGED_ENGINE_ARGS:
                 raise ValueError(f"'{key}' is set by the worker itself and cannot appear in engine_args")
-            if isinstance(value, (dict, list)) and name not in {"hf_overrides", "override_generation_config"}:
+            if isinstance(value, (dict, list)) and name not in JSON_ENGINE_ARGS:
                 raise ValueError(f"'{key}' must be a scalar (string, number or boolean)")
             normalised[name] = value
         return normalised
