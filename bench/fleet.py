@@ -433,6 +433,36 @@ router = Router(
 The worker that served a request is in its response headers: LiteLLM relays them in
 `response._hidden_params["additional_headers"]` (`llm_provider-x-worker-id`, `llm_provider-x-worker-replica`,
 next to its own `x-litellm-attempted-fallbacks`), for streams as well.
+
+## Which router above the workers
+
+A worker node decides for itself (admission, 429 with `Retry-After` before the first byte, drain,
+GPU quarantine); what sits above a fleet of nodes decides where each request goes. Three kinds fit,
+at different scales:
+
+| | LiteLLM Router | OpenRouter (and io.net's IO Intelligence) | GIE / llm-d inference gateway |
+|---|---|---|---|
+| what it is | a Python library or proxy you run, with a list of worker URLs | a public marketplace that routes users' requests among providers; your node(s) are one provider's endpoint | Kubernetes Gateway API + an endpoint picker over an `InferencePool` of pods |
+| picks a node by | `order`, then failures: a refusal cools the node down for its `Retry-After` | price and uptime across providers; not your nodes' load | each node's live queue, running requests and KV-cache use (`/metrics/node`), plus prefix-cache affinity |
+| sees load | only refusals it receives (each router process on its own) | only its own outcomes (429s, errors, latency) | polls every node continuously |
+| where | anywhere with HTTP to the nodes | the public internet (your node's URL, `/v1/models` and `/openrouter/models` listings) | inside one Kubernetes cluster |
+| use it when | a handful of nodes, failover and a reserve group, no Kubernetes (this page's measurements) | you sell capacity to the public, or take BYOK traffic for io.net | many nodes of the same models in a cluster, where queue-aware placement pays: long prompts, bursty load, shared prefixes |
+
+They stack: OpenRouter reaches one public URL per provider endpoint, and behind that URL either one
+node or a router of your own (LiteLLM's proxy, or a GIE Gateway in front of a pool). What changes
+with the layer:
+
+- **LiteLLM** learns a node is full from its 429 and skips it for `Retry-After` seconds; until then it
+  sends by `order` regardless of load. Good for failover, not for balancing load across equal nodes.
+- **OpenRouter** counts every 5xx, 401/402/404 and mid-stream error against the provider's uptime, and
+  moves users to other providers below 95%; it never knows which of your nodes answered. Keep
+  refusals to early 429s (the worker's admission control does) and spread load yourself when one URL
+  fronts several nodes. io.net deployments are prepaid and expire: extend them before a node's URL
+  disappears (`deploy/ionet/README.md`).
+- **GIE / llm-d** schedule every request from the model-server metrics of each node, so a node must
+  answer them as one server: `/metrics/node` does (the worker's own queue counted as waiting), while
+  `/metrics` re-exports each engine replica. The picker chooses a node; the node then chooses its
+  replica. Put nodes serving the same models in one pool. Setup: `deploy/kubernetes/gie/README.md`.
 """
 
 
