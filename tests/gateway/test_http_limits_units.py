@@ -207,6 +207,48 @@ async def test_slow_handling_is_not_cut_and_a_kept_alive_connection_serves_sever
     assert app.paths == ["/slow"] * 3
 
 
+async def test_an_idle_kept_alive_connection_is_closed_after_the_keep_alive_timeout() -> None:
+    async with limited_server(RecordingApp(), keep_alive_timeout_s=1, header_timeout_s=60) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert (await get(port, "/", (reader, writer))).status == 200
+        started = time.monotonic()
+        assert await asyncio.wait_for(reader.read(100), DEADLINE_S) == b""
+        assert time.monotonic() - started < DEADLINE_S
+        writer.close()
+
+
+async def test_pipelined_requests_are_all_answered() -> None:
+    app = RecordingApp()
+    async with limited_server(app, max_header_bytes=1024) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        # Three heads of ~400 bytes in one write: more than max_header_bytes together, each within it.
+        padding = "p" * 350
+        writer.write(b"".join(f"POST /{n} HTTP/1.1\r\nhost: test\r\nx-pad: {padding}\r\n"
+                              f"content-length: 2\r\n\r\n{n}{n}".encode() for n in range(3)))
+        await writer.drain()
+        answers = [await read_answer(reader) for _ in range(3)]
+        writer.close()
+    assert [answer.status for answer in answers] == [200, 200, 200]
+    assert app.paths == ["/0", "/1", "/2"]
+
+
+async def test_a_pipelined_head_over_the_limit_closes_the_connection_without_answering_out_of_turn() -> None:
+    app = RecordingApp(delay_s=0.5)
+    async with limited_server(app, max_header_bytes=1024) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /first HTTP/1.1\r\nhost: test\r\n\r\n"
+                     b"GET /second HTTP/1.1\r\nhost: test\r\nx-big: " + b"b" * 4096 + b"\r\n\r\n")
+        await writer.drain()
+        received = b""
+        with contextlib.suppress(ConnectionError):
+            while chunk := await asyncio.wait_for(reader.read(65536), DEADLINE_S):
+                received += chunk
+        writer.close()
+    # The 431 would have been read as the answer to /first: nothing is answered, the connection is closed.
+    assert b" 431 " not in received
+    assert app.paths == ["/first"]
+
+
 async def test_above_max_connections_a_request_gets_429_but_health_paths_are_served() -> None:
     app = RecordingApp()
     async with limited_server(app, max_connections=16) as port:

@@ -94,6 +94,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.awaiting_head = True
         self.head_bytes = 0
         self.head_complete = False
+        self.heads_read = 0
         self.over_cap = False
         self.refused = False
         self.deadline: asyncio.TimerHandle | None = None
@@ -122,14 +123,17 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self.head_bytes += len(data)
             super().data_received(data)
             return
-        # The head may end within the allowed bytes and a body follow in the same read: parse up to
-        # the limit, and refuse only if the head is still not complete there.
+        # The head may end within the allowed bytes and a body (or pipelined requests) follow in the
+        # same read: parse up to the limit, and refuse only if no head was completed there. (A head that
+        # began within those bytes is then counted from where they end, so it may read up to one read's
+        # worth more than the limit.)
+        heads_read = self.heads_read
         if room > 0:
             self.head_bytes += room
             super().data_received(data[:room])
         if self.refused or self.transport.is_closing():
             return
-        if self.awaiting_head:
+        if self.heads_read == heads_read:
             too_large = f"request line and headers exceed {self.limits.max_header_bytes} bytes"
             self._refuse(ApiError(431, too_large, code="request_header_fields_too_large",
                                   error_type="invalid_request_error"), kind="header_too_large")
@@ -147,6 +151,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.awaiting_head = False
         self.head_bytes = 0
         self.head_complete = True
+        self.heads_read += 1
         if self.over_cap and self.url.split(b"?", 1)[0] not in EXEMPT_FROM_CONNECTION_CAP:
             self._refuse(ApiError(429, "this worker has too many open connections; retry shortly",
                                   code="too_many_connections", headers={"retry-after": "1"}),
@@ -191,10 +196,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _body_timed_out(self) -> None:
         self.deadline = None
         self._refuse(ApiError(408, f"request body not received within {self.limits.body_timeout_s:g} s",
-                              code="timeout"), kind="body_timeout")
+                              code="timeout"), kind="body_timeout", own_cycle=True)
 
-    def _refuse(self, error: ApiError, kind: str) -> None:
-        """Answer `error` and close the connection, whatever request it was reading."""
+    def _refuse(self, error: ApiError, kind: str, *, own_cycle: bool = False) -> None:
+        """Answer `error` and close the connection. `own_cycle`: the refused request is `self.cycle` (its
+        head was read); otherwise it is a head being read, and `self.cycle` an earlier request."""
         self._disarm()
         self.refused = True
         # Once the head is complete the client's own id is known; a cut head gets a new one.
@@ -204,12 +210,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                          status=error.status)
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
+            if not own_cycle or cycle.response_started or self.pipeline:
+                # A response is due first (an earlier pipelined request's) or being written: no answer
+                # can be put in between, so the connection is only closed.
+                self.transport.close()
+                return
             # The application's receive() now answers http.disconnect and its sends are dropped.
             cycle.disconnected = True
             cycle.message_event.set()
-            if cycle.response_started:
-                self.transport.close()
-                return
         self.transport.write(self._response(error, request_id))
         if self.transport.can_write_eof():
             self.transport.write_eof()  # the client reads the answer, then its end of the connection
