@@ -31,6 +31,16 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
+class ClientErrorsAtInfo(logging.Filter):
+    """uvicorn logs a request it cannot parse (malformed request line or headers) as a warning: the client's
+    mistake, not the worker's, so it is logged at info like the other client errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and record.getMessage().startswith("Invalid HTTP request"):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
 def configure_logging(level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
@@ -43,3 +53,6 @@ def configure_logging(level: str = "info") -> None:
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
+    uvicorn_errors = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, ClientErrorsAtInfo) for f in uvicorn_errors.filters):
+        uvicorn_errors.addFilter(ClientErrorsAtInfo())

@@ -13,7 +13,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.responses import Response
 
 from worker import __version__
-from worker.billing import BillingService, DisclosureHook, Provenance, ProvenanceCache
+from worker.billing import AdminAccess, BillingService, DisclosureHook, Provenance, ProvenanceCache
+from worker.billing.admin_api import build_admin_router
 from worker.capacity import CapacityMonitor, CapacityState, build_capacity_router
 from worker.config import NodeConfig, Settings
 from worker.engines.replica import Replica
@@ -89,8 +90,9 @@ class WorkerNode:
                                dependencies=metrics_access)
         self.app.add_api_route("/metrics/node", self.node_metrics, methods=["GET"], include_in_schema=False,
                                dependencies=metrics_access)
-        self.app.include_router(build_capacity_router(self.capacity, settings.admin_token,
-                                                      settings.metrics_token))
+        # One admin token check for every /admin route: failed attempts count per address across them all.
+        self.admin_access = AdminAccess(settings.admin_token)
+        self.app.include_router(build_capacity_router(self.capacity, self.admin_access, settings.metrics_token))
         self.app.include_router(build_listing_router(self.catalog))
 
     @asynccontextmanager
@@ -108,8 +110,7 @@ class WorkerNode:
             self.billing = await BillingService.open(self.settings, self.config, self.provenance_cache)
             self.billing.when_claim_lost(self._worker_id_taken_over)
             self.gateway.hooks.append(self.billing)  # last: metrics and the access log also see its refusals
-            self.app.include_router(self.billing.key_router())
-            self.app.include_router(self.billing.admin_router())
+            self.mount_billing_routes(self.billing)
         else:
             logger.warning("usage ledger off (WORKER_LEDGER=false): requests are served unrecorded")
         await self.gpu_monitor.start()
@@ -120,6 +121,12 @@ class WorkerNode:
         await self.registration.start()
         if self.gateway_processes is not None:
             await self.gateway_processes.start()
+
+    def mount_billing_routes(self, billing: BillingService) -> None:
+        """The key holder's and the admin's routes on `billing`'s store; admin actions are audited there."""
+        self.admin_access.store = billing.store
+        self.app.include_router(billing.key_router())
+        self.app.include_router(build_admin_router(billing.store, self.admin_access))
 
     async def stop(self) -> None:
         logger.info("worker stopping", extra={"worker_id": self.config.worker.id})

@@ -102,7 +102,7 @@ def test_errors_are_reported_with_a_failing_status(db_url: str, capsys: pytest.C
     account_id = new_account(capsys)
     with pytest.raises(SystemExit, match="micro-USD"):
         run("keys", "topup", account_id, "0.0000001")
-    with pytest.raises(SystemExit, match="positive"):
+    with pytest.raises(SystemExit, match="greater than 0"):
         run("keys", "topup", account_id, "-1")
 
 

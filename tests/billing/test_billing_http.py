@@ -21,7 +21,7 @@ from worker.billing.store import LedgerStore
 from worker.gateway.context import RequestContext, Usage
 from worker.gateway.errors import ApiError
 
-ADMIN_TOKEN = "admin-secret-token"
+ADMIN_TOKEN = "admin-secret-token-0123456789abcdef"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 

@@ -19,7 +19,7 @@ from tests.support.worker_process import WorkerProcess, fast_mock_model, ready_o
 CHAT = "acme/chat-small"
 OTHER = "acme/chat-other"
 SLOW = "acme/chat-slow"
-ADMIN_TOKEN = "test-admin-token"
+ADMIN_TOKEN = "test-admin-token-0123456789abcdef0123"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 

@@ -154,7 +154,8 @@ async def test_a_node_whose_worker_id_was_taken_over_is_not_ready_and_refuses_re
         "worker": {"id": "worker-1", "engine_health": FAST_HEALTH},
         "models": [paced_model("acme/chat", step_ms=1.0)],
     })
-    settings = Settings(auth=False, db_url=f"sqlite:///{tmp_path / 'ledger.db'}", admin_token="admin-secret")
+    admin_token = "admin-secret-0123456789abcdef0123456789"
+    settings = Settings(auth=False, db_url=f"sqlite:///{tmp_path / 'ledger.db'}", admin_token=admin_token)
     node = WorkerNode(config, settings, gpu_count=0)
     async with serving(node.app) as base_url, httpx.AsyncClient(base_url=base_url, timeout=30) as client:
         assert await eventually(lambda: _ready(client, 200))
@@ -170,7 +171,7 @@ async def test_a_node_whose_worker_id_was_taken_over_is_not_ready_and_refuses_re
         assert refused.status_code == 503
         assert refused.json()["error"]["code"] == "worker_id_taken_over"
         # The drain is for good: undraining cannot put a worker whose id is taken back in service.
-        undrain = await client.post("/admin/undrain", headers={"authorization": "Bearer admin-secret"})
+        undrain = await client.post("/admin/undrain", headers={"authorization": f"Bearer {admin_token}"})
         assert (undrain.status_code, undrain.json()["error"]["code"]) == (409, "shutting_down")
         assert await _ready(client, 503)
 

@@ -21,7 +21,7 @@ from tests.capacity.capacity_support import (
 from tests.support.worker_process import WorkerProcess, start_worker
 
 MODEL = "acme/drainable"
-ADMIN_TOKEN = "admin-secret-for-tests"
+ADMIN_TOKEN = "admin-secret-for-tests-0123456789abcdef"
 
 
 class BackgroundStream:

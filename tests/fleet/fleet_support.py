@@ -21,7 +21,7 @@ from tests.support.worker_process import fast_mock_model
 MODEL = "acme/fleet-tiny"
 # A second model group serving the same model: the target of LiteLLM's cross-group `fallbacks`.
 RESERVE_GROUP = "acme/fleet-tiny-reserve"
-ADMIN_TOKEN = "fleet-admin-token"
+ADMIN_TOKEN = "fleet-admin-token-0123456789abcdef"
 # Engine stats may age on a busy 2-core machine without a backup worker counting as saturated.
 ENGINE_HEALTH = {"stats_interval_s": 0.1, "stats_stale_after_s": 2.0, "probe_interval_s": None}
 PROMPT = [{"role": "user", "content": "tell me a story"}]

@@ -31,7 +31,7 @@ from tests.support.worker_process import (
 CHAT = "acme/chat"
 LIMITED = "acme/limited"
 PROCESSES = 3
-ADMIN_TOKEN = "test-admin-token"
+ADMIN_TOKEN = "test-admin-token-0123456789abcdef0123"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 

@@ -6,7 +6,7 @@ ledger before the response ends. `DisclosureHook`, installed with or without the
 headers and `usage.cost` on every response.
 """
 
-from worker.billing.admin_api import require_admin_token
+from worker.billing.admin_api import AdminAccess
 from worker.billing.disclosure import DisclosureHook, ProvenanceCache, usage_cost
 from worker.billing.metering import Principal
 from worker.billing.provenance import Provenance, ProvenanceSource
@@ -14,6 +14,7 @@ from worker.billing.service import BillingBacklog, BillingService
 from worker.billing.store import LedgerStore, open_store
 
 __all__ = [
+    "AdminAccess",
     "BillingBacklog",
     "BillingService",
     "DisclosureHook",
@@ -23,6 +24,5 @@ __all__ = [
     "ProvenanceCache",
     "ProvenanceSource",
     "open_store",
-    "require_admin_token",
     "usage_cost",
 ]

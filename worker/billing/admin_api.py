@@ -1,69 +1,153 @@
-"""`/admin/*`: accounts, keys and usage export for the operator, behind a bearer admin token."""
+"""`/admin/*`: accounts, keys, usage export and the audit trail for the operator, behind a bearer admin token."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI must see the real `Annotated[..., Path()]` parameters.
 import hmac
+import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Path, Query
 from pydantic import SecretStr
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
+from worker.billing.audit import AdminAction, audit
 from worker.billing.export import MEDIA_TYPES, export_lines
 from worker.billing.issuing import issue_key, open_account
-from worker.billing.money import usd_to_micro
+from worker.billing.money import MAX_BALANCE_USD, usd_to_micro
+from worker.billing.paging import Cursor, PageSize, cursor_value, next_cursor
+from worker.billing.ratelimit import TokenBucket, retry_after_header
 from worker.billing.records import KeyLimits, LedgerFilter, utc_month
-from worker.billing.store import LedgerStore, UnknownAccount
+from worker.billing.store import BalanceLimitExceeded, LedgerStore, UnknownAccount
 from worker.billing.views import (
     AccountView,
     CreateAccountRequest,
     CreatedKey,
     CreateKeyRequest,
     KeyView,
+    QueryText,
     TopUpRequest,
 )
 from worker.gateway.errors import ApiError
+from worker.gateway.request_id import SCOPE_KEY
+
+logger = logging.getLogger(__name__)
+
+# Wrong admin tokens one client address may present per minute (a burst of this many, then one every
+# 60/N s) before its attempts are refused with 429 unread: a 32-character token cannot be guessed at that rate.
+ADMIN_FAILURES_PER_MINUTE = 10
+# Addresses whose buckets are tracked at once before full (forgotten) buckets are dropped.
+_PRUNE_ABOVE = 10_000
+
+AccountId = Annotated[QueryText, Path(description="an account id (acct_...)")]
+KeyId = Annotated[QueryText, Path(description="a key id (key_...)")]
 
 
-def require_admin_token(admin_token: SecretStr | None) -> Callable[[Request], Awaitable[None]]:
-    """A FastAPI dependency admitting only `Authorization: Bearer <admin token>`.
+class AdminAccess:
+    """Who may use `/admin/*`, and the record of what they changed; one per worker, shared by every admin
+    router (the billing and the capacity routes).
 
-    Use as `APIRouter(dependencies=[Depends(require_admin_token(settings.admin_token))])`. Without a
-    configured token every admin route answers 503, so an unset token never means "open".
+    A FastAPI dependency admitting only `Authorization: Bearer <admin token>`. Without a configured token
+    every admin route answers 503, so an unset token never means "open". Failed attempts are logged
+    (client address and path, never what was presented) and limited per client address.
     """
-    expected = (
-        admin_token.get_secret_value().encode() if admin_token and admin_token.get_secret_value() else None
-    )
 
-    async def check_admin_token(request: Request) -> None:
-        if expected is None:
+    def __init__(
+        self,
+        admin_token: SecretStr | None,
+        *,
+        store: LedgerStore | None = None,
+        failures_per_minute: int = ADMIN_FAILURES_PER_MINUTE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        secret = admin_token.get_secret_value() if admin_token is not None else ""
+        self._expected = secret.encode() if secret else None
+        # Where admin actions are kept; None while the ledger is off (or not open yet): the log only.
+        self.store = store
+        self._failures_per_minute = failures_per_minute
+        self.clock = clock
+        self._failures: dict[str, TokenBucket] = {}
+
+    async def __call__(self, request: Request) -> None:
+        if self._expected is None:
             raise ApiError(
                 503, "admin API disabled: set WORKER_ADMIN_TOKEN to enable it", code="admin_disabled"
             )
+        client = _client_address(request)
+        now = self.clock()
+        bucket = self._failures.get(client)
+        if bucket is not None:
+            bucket.refill(now)
+            if bucket.level < 1:
+                raise ApiError(
+                    429,
+                    "too many failed admin attempts from this address",
+                    code="rate_limit_exceeded",
+                    headers={"retry-after": retry_after_header(bucket.wait_for(1))},
+                )
         scheme, _, presented = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), expected):
-            raise ApiError(
-                401,
-                "missing or wrong admin token",
-                code="invalid_admin_token",
-                headers={"www-authenticate": "Bearer"},
+        if scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), self._expected):
+            return
+        self._count_failure(client, now)
+        logger.warning(
+            "admin token refused",
+            extra={"client": client, "path": request.url.path, "request_id": request.scope.get(SCOPE_KEY)},
+        )
+        raise ApiError(
+            401, "missing or wrong admin token", code="invalid_admin_token", headers={"www-authenticate": "Bearer"}
+        )
+
+    def _count_failure(self, client: str, now: float) -> None:
+        if len(self._failures) > _PRUNE_ABOVE:
+            for address, bucket in list(self._failures.items()):
+                bucket.refill(now)
+                if bucket.level >= bucket.capacity:
+                    del self._failures[address]
+        bucket = self._failures.setdefault(client, TokenBucket.full(self._failures_per_minute, now))
+        bucket.level -= 1
+        if bucket.level < 1:
+            logger.warning(
+                "admin attempts from this address refused for a while: too many wrong tokens",
+                extra={"client": client, "retry_after_s": round(bucket.wait_for(1), 1)},
             )
 
-    return check_admin_token
+    async def record(
+        self, request: Request, action: str, target: str | None, changes: dict[str, Any]
+    ) -> None:
+        """Log an admin change and keep it in the audit table."""
+        await audit(
+            self.store,
+            AdminAction(
+                at=time.time(),
+                actor="admin",
+                client=_client_address(request),
+                request_id=request.scope.get(SCOPE_KEY),
+                action=action,
+                target=target,
+                changes=changes,
+            ),
+        )
 
 
-def build_admin_router(store: LedgerStore, admin_token: SecretStr | None) -> APIRouter:
-    router = APIRouter(
-        prefix="/admin", dependencies=[Depends(require_admin_token(admin_token))], tags=["admin"]
-    )
+def _client_address(request: Request) -> str:
+    return request.client.host if request.client is not None else "unknown"
+
+
+def build_admin_router(store: LedgerStore, access: AdminAccess | SecretStr | None) -> APIRouter:
+    """The billing admin routes; `access` is the worker's AdminAccess (or just the admin token)."""
+    if not isinstance(access, AdminAccess):
+        access = AdminAccess(access, store=store)
+    admin = access
+    router = APIRouter(prefix="/admin", dependencies=[Depends(admin)], tags=["admin"])
 
     @router.post("/accounts", status_code=201)
-    async def create_account(body: CreateAccountRequest) -> dict[str, Any]:
+    async def create_account(request: Request, body: CreateAccountRequest) -> dict[str, Any]:
         account = await open_account(store, body.name, usd_to_micro(body.initial_balance_usd))
+        await admin.record(
+            request, "account.create", account.id, {"name": account.name, "balance_micro": account.balance_micro}
+        )
         return {"data": AccountView.of(account)}
 
     @router.get("/accounts")
@@ -71,22 +155,30 @@ def build_admin_router(store: LedgerStore, admin_token: SecretStr | None) -> API
         return {"object": "list", "data": [AccountView.of(a) for a in await store.list_accounts()]}
 
     @router.get("/accounts/{account_id}")
-    async def get_account(account_id: str) -> dict[str, Any]:
+    async def get_account(account_id: AccountId) -> dict[str, Any]:
         account = await store.get_account(account_id)
         if account is None:
             raise ApiError(404, f"no account '{account_id}'", code="account_not_found")
         return {"data": AccountView.of(account)}
 
     @router.post("/accounts/{account_id}/topup")
-    async def top_up(account_id: str, body: TopUpRequest) -> dict[str, Any]:
+    async def top_up(request: Request, account_id: AccountId, body: TopUpRequest) -> dict[str, Any]:
+        amount = usd_to_micro(body.amount_usd)
         try:
-            account = await store.top_up(account_id, usd_to_micro(body.amount_usd))
+            account = await store.top_up(account_id, amount)
         except UnknownAccount:
             raise ApiError(404, f"no account '{account_id}'", code="account_not_found") from None
+        except BalanceLimitExceeded:
+            raise ApiError(
+                400, f"the balance after this top-up would exceed {MAX_BALANCE_USD} USD", param="amount_usd"
+            ) from None
+        await admin.record(
+            request, "account.topup", account.id, {"amount_micro": amount, "balance_micro": account.balance_micro}
+        )
         return {"data": AccountView.of(account)}
 
     @router.post("/keys", status_code=201)
-    async def create_key(body: CreateKeyRequest) -> CreatedKey:
+    async def create_key(request: Request, body: CreateKeyRequest) -> CreatedKey:
         expires_at = body.expires_at
         if body.expires_in_days is not None:
             expires_at = datetime.now(UTC) + timedelta(days=body.expires_in_days)
@@ -110,29 +202,44 @@ def build_admin_router(store: LedgerStore, admin_token: SecretStr | None) -> API
             raise ApiError(
                 404, f"no account '{body.account_id}'", code="account_not_found", param="account_id"
             ) from None
-        return CreatedKey(key=issued.plaintext.get_secret_value(), data=KeyView.of(issued.key, _month()))
+        view = KeyView.of(issued.key, _month())
+        await admin.record(request, "key.create", issued.key.id, view.settings())
+        return CreatedKey(key=issued.plaintext.get_secret_value(), data=view)
 
     @router.get("/keys")
-    async def list_keys(account_id: str | None = None) -> dict[str, Any]:
+    async def list_keys(account_id: Annotated[QueryText | None, Query()] = None) -> dict[str, Any]:
         month = _month()
         return {"object": "list", "data": [KeyView.of(k, month) for k in await store.list_keys(account_id)]}
 
     @router.post("/keys/{key_id}/revoke")
-    async def revoke_key(key_id: str) -> dict[str, Any]:
+    async def revoke_key(request: Request, key_id: KeyId) -> dict[str, Any]:
         key = await store.revoke_key(key_id, time.time())
         if key is None:
             raise ApiError(404, f"no key '{key_id}'", code="key_not_found")
-        return {"data": KeyView.of(key, _month())}
+        view = KeyView.of(key, _month())
+        revoked_at = key.revoked_at.isoformat() if key.revoked_at else None
+        await admin.record(request, "key.revoke", key.id, {"account_id": key.account_id, "revoked_at": revoked_at})
+        return {"data": view}
+
+    @router.get("/audit")
+    async def audit_trail(limit: PageSize = 50, cursor: Cursor = None) -> dict[str, Any]:
+        """Admin changes, newest first: account creation, top-ups, key creation and revocation, drains."""
+        records = await store.query_admin_audit(limit=limit, cursor=cursor_value(cursor))
+        return {
+            "object": "list",
+            "data": [record.view() for record in records],
+            "next_cursor": next_cursor([record.seq for record in records], limit),
+        }
 
     @router.get("/usage/export")
     async def export_usage(
         format: Literal["csv", "jsonl"] = "jsonl",
         since: datetime | None = None,
         until: datetime | None = None,
-        model: str | None = None,
-        account_id: str | None = None,
-        key_id: str | None = None,
-        request_id: str | None = None,
+        model: Annotated[QueryText | None, Query()] = None,
+        account_id: Annotated[QueryText | None, Query()] = None,
+        key_id: Annotated[QueryText | None, Query()] = None,
+        request_id: Annotated[QueryText | None, Query()] = None,
     ) -> StreamingResponse:
         where = LedgerFilter(
             since=since,

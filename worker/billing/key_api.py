@@ -9,8 +9,9 @@ from fastapi import APIRouter, Depends, Query
 from starlette.requests import Request
 
 from worker.billing.export import record_json
+from worker.billing.paging import Cursor, PageSize, cursor_value, next_cursor
 from worker.billing.records import ApiKey, LedgerFilter, utc_month
-from worker.billing.views import OwnKeyView
+from worker.billing.views import OwnKeyView, QueryText
 from worker.gateway.errors import ApiError
 
 if TYPE_CHECKING:
@@ -35,21 +36,21 @@ def build_key_router(service: "BillingService") -> APIRouter:
     @router.get("/v1/usage")
     async def own_usage(
         key: OwnKey,
-        limit: int = Query(default=50, ge=1, le=500),
-        cursor: str | None = Query(default=None, description="next_cursor of the previous page"),
+        limit: PageSize = 50,
+        cursor: Cursor = None,
         since: datetime | None = None,
         until: datetime | None = None,
-        model: str | None = None,
-        request_id: str | None = Query(default=None, description="only records with this x-request-id"),
+        model: Annotated[QueryText | None, Query()] = None,
+        request_id: Annotated[
+            QueryText | None, Query(description="only records with this x-request-id")
+        ] = None,
     ) -> dict[str, Any]:
-        before: int | None = None
-        if cursor is not None:
-            if not cursor.isdigit():
-                raise ApiError(400, "invalid cursor: pass next_cursor from the previous page", param="cursor")
-            before = int(cursor)
         where = LedgerFilter(key_id=key.id, model=model, since=since, until=until, request_id=request_id)
-        records = await service.store.query_ledger(where, limit=limit, order="desc", cursor=before)
-        next_cursor = str(records[-1].seq) if len(records) == limit else None
-        return {"object": "list", "data": [record_json(r) for r in records], "next_cursor": next_cursor}
+        records = await service.store.query_ledger(where, limit=limit, order="desc", cursor=cursor_value(cursor))
+        return {
+            "object": "list",
+            "data": [record_json(r) for r in records],
+            "next_cursor": next_cursor([r.seq or 0 for r in records], limit),
+        }
 
     return router

@@ -6,6 +6,10 @@ from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal, InvalidOperation
 
 MICROS_PER_USD = 1_000_000
 _ONE_MICRO = Decimal("0.000001")
+# The most an account may hold, and so the most one top-up or cap may be: USD 1e9 (1e15 micro-USD) is far
+# beyond any prepaid balance, and sums and differences of such amounts stay well inside int64 (9.2e18).
+MAX_BALANCE_USD = 1_000_000_000
+MAX_BALANCE_MICRO = MAX_BALANCE_USD * MICROS_PER_USD
 
 
 def usd_to_micro(amount: Decimal | str | int) -> int:
@@ -16,7 +20,10 @@ def usd_to_micro(amount: Decimal | str | int) -> int:
         raise ValueError(f"not a USD amount: {amount!r}") from None
     if not value.is_finite():
         raise ValueError(f"not a USD amount: {amount!r}")
-    micro = value * MICROS_PER_USD
+    try:
+        micro = value * MICROS_PER_USD
+    except ArithmeticError:  # an exponent past Decimal's range: no amount anyone meant
+        raise ValueError(f"not a USD amount: {amount!r}") from None
     if micro != micro.to_integral_value():
         raise ValueError(f"{amount} USD is not a whole number of micro-USD (at most 6 decimals)")
     return int(micro)

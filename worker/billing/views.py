@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
-from worker.billing.money import micro_to_usd_text, usd_to_micro
+from worker.billing.money import MAX_BALANCE_USD, micro_to_usd_text, usd_to_micro
 from worker.billing.records import Account, ApiKey
+
+# Bounds of what the admin API stores, so that nothing it is given overflows a column: RPM/TPM limits are
+# PostgreSQL INTEGERs; money is at most MAX_BALANCE_USD; expiries are dates Python can read back.
+MAX_PER_MINUTE = 2**31 - 1
+MAX_EXPIRY_DAYS = 36_500
+_LATEST_EXPIRY = datetime(9000, 1, 1, tzinfo=UTC)
+MAX_ALLOWED_MODELS = 1000
+MAX_ID_CHARS = 200
 
 
 def _decimal_from_text(value: Any) -> Any:
@@ -22,7 +30,58 @@ def _whole_micro_usd(value: Decimal) -> Decimal:
     return value
 
 
-UsdAmount = Annotated[Decimal, BeforeValidator(_decimal_from_text), AfterValidator(_whole_micro_usd)]
+def _storable_text(value: str) -> str:
+    # PostgreSQL's text cannot hold NUL, and neither database encodes a lone surrogate ("\ud800" in JSON).
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (no lone surrogates)") from None
+    return value
+
+
+def _expiry_within_range(value: datetime | None) -> datetime | None:
+    if value is not None and not datetime(1970, 1, 2, tzinfo=UTC) <= value.replace(
+        tzinfo=value.tzinfo or UTC
+    ) < _LATEST_EXPIRY:
+        raise ValueError(f"must be between 1970 and {_LATEST_EXPIRY.year}")
+    return value
+
+
+def _usd_schema(exclusive_minimum: bool) -> dict[str, Any]:
+    low = {"exclusiveMinimum": 0} if exclusive_minimum else {"minimum": 0}
+    return {
+        "anyOf": [
+            {"type": "number", **low, "maximum": MAX_BALANCE_USD},
+            {"type": "string", "pattern": r"^[0-9]{1,10}(\.[0-9]{1,6})?$"},
+        ],
+        "description": f"USD, a JSON number or a decimal string, at most 6 decimals and {MAX_BALANCE_USD}",
+    }
+
+
+# USD amounts: a JSON number or a decimal string, whole micro-USD, within [0, MAX_BALANCE_USD] (the bounds
+# come first, so that an absurd exponent is refused before it is multiplied out).
+UsdAmount = Annotated[
+    Decimal,
+    BeforeValidator(_decimal_from_text),
+    Field(ge=0, le=MAX_BALANCE_USD),
+    AfterValidator(_whole_micro_usd),
+    WithJsonSchema(_usd_schema(exclusive_minimum=False)),
+]
+PositiveUsdAmount = Annotated[
+    Decimal,
+    BeforeValidator(_decimal_from_text),
+    Field(gt=0, le=MAX_BALANCE_USD),
+    AfterValidator(_whole_micro_usd),
+    WithJsonSchema(_usd_schema(exclusive_minimum=True)),
+]
+# Names and ids the admin gives: text both databases store as it came.
+Text = Annotated[str, AfterValidator(_storable_text)]
+Identifier = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS), AfterValidator(_storable_text)]
+PerMinute = Annotated[int, Field(ge=1, le=MAX_PER_MINUTE)]
+# A filter or path parameter compared with stored ids: the same text rules (a NUL would fail the query).
+QueryText = Annotated[str, Field(max_length=MAX_ID_CHARS), AfterValidator(_storable_text)]
 
 
 class View(BaseModel):
@@ -92,6 +151,14 @@ class KeyView(View):
     def of(cls, key: ApiKey, month: str) -> KeyView:
         return cls(**cls.fields_of(key, month))
 
+    def settings(self) -> dict[str, Any]:
+        """What the key was given when it was issued, for the audit trail (never the key itself)."""
+        return self.model_dump(
+            mode="json",
+            include={"account_id", "name", "allowed_models", "requests_per_minute", "tokens_per_minute",
+                     "monthly_spend_cap_usd", "is_byok", "expires_at"},
+        )
+
 
 class OwnKeyView(KeyView):
     """What a key holder sees of their key: also the account's spendable balance."""
@@ -109,23 +176,27 @@ class OwnKeyView(KeyView):
 
 
 class CreateAccountRequest(View):
-    name: str = Field(min_length=1, max_length=200)
+    name: Text = Field(min_length=1, max_length=200)
     initial_balance_usd: UsdAmount = Decimal(0)
 
 
 class TopUpRequest(View):
-    amount_usd: UsdAmount = Field(gt=0)
+    amount_usd: PositiveUsdAmount = Field(
+        description=f"more than 0; the balance after it at most {MAX_BALANCE_USD} USD"
+    )
 
 
 class CreateKeyRequest(View):
-    account_id: str
-    name: str = Field(default="", max_length=200)
-    allowed_models: list[str] = Field(default_factory=list)
-    requests_per_minute: int | None = Field(default=None, ge=1)
-    tokens_per_minute: int | None = Field(default=None, ge=1)
-    monthly_spend_cap_usd: UsdAmount | None = Field(default=None, ge=0)
-    expires_at: datetime | None = None
-    expires_in_days: float | None = Field(default=None, gt=0)
+    account_id: Identifier
+    name: Text = Field(default="", max_length=200)
+    allowed_models: list[Identifier] = Field(default_factory=list, max_length=MAX_ALLOWED_MODELS)
+    requests_per_minute: PerMinute | None = None
+    tokens_per_minute: PerMinute | None = None
+    monthly_spend_cap_usd: UsdAmount | None = None
+    expires_at: Annotated[datetime | None, AfterValidator(_expiry_within_range)] = Field(
+        default=None, description=f"before the year {_LATEST_EXPIRY.year}; without a zone, UTC"
+    )
+    expires_in_days: float | None = Field(default=None, gt=0, le=MAX_EXPIRY_DAYS)
     is_byok: bool = False
 
 

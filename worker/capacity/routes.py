@@ -7,9 +7,10 @@ import logging
 import orjson
 from fastapi import APIRouter, Depends
 from pydantic import SecretStr
+from starlette.requests import Request
 from starlette.responses import Response
 
-from worker.billing.admin_api import require_admin_token
+from worker.billing.admin_api import AdminAccess
 from worker.capacity.monitor import CapacityMonitor
 from worker.gateway.errors import ApiError
 from worker.metrics.access import require_metrics_token
@@ -21,7 +22,7 @@ def _json(content: object) -> Response:
     return Response(orjson.dumps(content), media_type="application/json")
 
 
-def build_capacity_router(capacity: CapacityMonitor, admin_token: SecretStr | None,
+def build_capacity_router(capacity: CapacityMonitor, admin_access: AdminAccess | SecretStr | None,
                           metrics_token: SecretStr | None = None) -> APIRouter:
     router = APIRouter()
 
@@ -29,19 +30,20 @@ def build_capacity_router(capacity: CapacityMonitor, admin_token: SecretStr | No
     async def capacity_document() -> Response:
         return Response(capacity.document().model_dump_json(), media_type="application/json")
 
-    admin = APIRouter(prefix="/admin", dependencies=[Depends(require_admin_token(admin_token))])
+    access = admin_access if isinstance(admin_access, AdminAccess) else AdminAccess(admin_access)
+    admin = APIRouter(prefix="/admin", dependencies=[Depends(access)])
 
     @admin.post("/drain")
-    async def drain() -> Response:
+    async def drain(request: Request) -> Response:
         capacity.drain.begin()
-        logger.warning("drain requested", extra={"in_flight": capacity.in_flight})
+        await access.record(request, "worker.drain", None, {"draining": True, "in_flight": capacity.in_flight})
         return _json({"draining": True, "in_flight": capacity.in_flight})
 
     @admin.post("/undrain")
-    async def undrain() -> Response:
+    async def undrain(request: Request) -> Response:
         if not capacity.drain.end():
             raise ApiError(409, "the worker is shutting down and cannot take work again", code="shutting_down")
-        logger.warning("drain lifted")
+        await access.record(request, "worker.undrain", None, {"draining": False, "in_flight": capacity.in_flight})
         return _json({"draining": False, "in_flight": capacity.in_flight})
 
     router.include_router(admin)

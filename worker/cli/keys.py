@@ -6,15 +6,20 @@ import argparse
 import sys
 import time
 from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
 
 import orjson
+from pydantic import ValidationError
 
+from worker.billing.audit import AdminAction, audit
 from worker.billing.cli_support import database_options, store_handler
 from worker.billing.issuing import issue_key, open_account
-from worker.billing.money import micro_to_usd_text, usd_to_micro
+from worker.billing.money import MAX_BALANCE_USD, micro_to_usd_text, usd_to_micro
 from worker.billing.records import KeyLimits, utc_month
-from worker.billing.store import LedgerStore, UnknownAccount
-from worker.billing.views import AccountView, KeyView
+from worker.billing.store import BalanceLimitExceeded, LedgerStore, UnknownAccount
+from worker.billing.views import AccountView, CreateAccountRequest, CreateKeyRequest, KeyView, TopUpRequest, View
+
+Request = TypeVar("Request", bound=View)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -62,15 +67,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     top_up.set_defaults(handler=store_handler(_top_up))
 
 
-def _usd(text: str, what: str) -> int:
+def _validated(model: type[Request], flags: dict[str, str], **fields: Any) -> Request:
+    """The admin API's request, with its bounds; a refusal names the command-line flag."""
     try:
-        return usd_to_micro(text)
-    except ValueError as error:
-        raise SystemExit(f"worker keys: {what}: {error}") from None
+        return model.model_validate({name: value for name, value in fields.items() if value is not None})
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else ""
+        raise SystemExit(f"worker keys: {flags.get(field, field)}: {first['msg']}") from None
+
+
+async def _audit(store: LedgerStore, action: str, target: str, changes: dict[str, Any]) -> None:
+    await audit(store, AdminAction(at=time.time(), actor="cli", action=action, target=target, changes=changes))
 
 
 async def _create_account(store: LedgerStore, args: argparse.Namespace) -> int:
-    account = await open_account(store, args.name, _usd(args.balance_usd, "--balance-usd"))
+    request = _validated(
+        CreateAccountRequest, {"initial_balance_usd": "--balance-usd"},
+        name=args.name, initial_balance_usd=args.balance_usd,
+    )
+    account = await open_account(store, request.name, usd_to_micro(request.initial_balance_usd))
+    await _audit(store, "account.create", account.id, {"name": account.name, "balance_micro": account.balance_micro})
     print(f"account {account.id} ({account.name}), balance {micro_to_usd_text(account.balance_micro)} USD")
     return 0
 
@@ -88,32 +105,46 @@ async def _list_accounts(store: LedgerStore, args: argparse.Namespace) -> int:
 
 
 async def _create_key(store: LedgerStore, args: argparse.Namespace) -> int:
-    for flag, value in (("--rpm", args.rpm), ("--tpm", args.tpm)):
-        if value is not None and value < 1:
-            raise SystemExit(f"worker keys: {flag} must be at least 1")
-    cap = _usd(args.monthly_cap_usd, "--monthly-cap-usd") if args.monthly_cap_usd is not None else None
-    limits = KeyLimits(
-        allowed_models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
+    request = _validated(
+        CreateKeyRequest,
+        {"account_id": "--account", "allowed_models": "--models", "requests_per_minute": "--rpm",
+         "tokens_per_minute": "--tpm", "monthly_spend_cap_usd": "--monthly-cap-usd",
+         "expires_in_days": "--expires-in-days"},
+        account_id=args.account,
+        name=args.name,
+        allowed_models=[m.strip() for m in args.models.split(",") if m.strip()],
         requests_per_minute=args.rpm,
         tokens_per_minute=args.tpm,
-        monthly_spend_cap_micro=cap,
+        monthly_spend_cap_usd=args.monthly_cap_usd,
+        expires_in_days=args.expires_in_days,
+        is_byok=args.byok,
     )
-    expires_at = datetime.now(UTC) + timedelta(days=args.expires_in_days) if args.expires_in_days else None
+    cap = request.monthly_spend_cap_usd
+    limits = KeyLimits(
+        allowed_models=tuple(request.allowed_models),
+        requests_per_minute=request.requests_per_minute,
+        tokens_per_minute=request.tokens_per_minute,
+        monthly_spend_cap_micro=usd_to_micro(cap) if cap is not None else None,
+    )
+    days = request.expires_in_days
+    expires_at = datetime.now(UTC) + timedelta(days=days) if days else None
     try:
         issued = await issue_key(
             store,
-            account_id=args.account,
-            name=args.name,
+            account_id=request.account_id,
+            name=request.name,
             limits=limits,
-            byok=args.byok,
+            byok=request.is_byok,
             expires_at=expires_at,
         )
     except UnknownAccount:
         print(f"worker keys: no account '{args.account}' (see `worker keys accounts`)", file=sys.stderr)
         return 1
+    key_view = KeyView.of(issued.key, utc_month(time.time()))
+    await _audit(store, "key.create", issued.key.id, key_view.settings())
     plaintext = issued.plaintext.get_secret_value()
     if args.json:
-        view = KeyView.of(issued.key, utc_month(time.time())).model_dump(mode="json")
+        view = key_view.model_dump(mode="json")
         print(orjson.dumps({"key": plaintext, "data": view}).decode())
     else:
         print(f"key id {issued.key.id} for account {issued.key.account_id}", file=sys.stderr)
@@ -142,18 +173,23 @@ async def _revoke_key(store: LedgerStore, args: argparse.Namespace) -> int:
     if key is None:
         print(f"worker keys: no key '{args.key_id}'", file=sys.stderr)
         return 1
+    revoked_at = key.revoked_at.isoformat() if key.revoked_at else None
+    await _audit(store, "key.revoke", key.id, {"account_id": key.account_id, "revoked_at": revoked_at})
     print(f"revoked {key.id}")
     return 0
 
 
 async def _top_up(store: LedgerStore, args: argparse.Namespace) -> int:
-    amount = _usd(args.amount_usd, "amount")
-    if amount <= 0:
-        raise SystemExit("worker keys: the amount must be positive")
+    request = _validated(TopUpRequest, {"amount_usd": "amount"}, amount_usd=args.amount_usd)
+    amount = usd_to_micro(request.amount_usd)
     try:
         account = await store.top_up(args.account_id, amount)
     except UnknownAccount:
         print(f"worker keys: no account '{args.account_id}'", file=sys.stderr)
         return 1
+    except BalanceLimitExceeded:
+        print(f"worker keys: the balance after this top-up would exceed {MAX_BALANCE_USD} USD", file=sys.stderr)
+        return 1
+    await _audit(store, "account.topup", account.id, {"amount_micro": amount, "balance_micro": account.balance_micro})
     print(f"account {account.id} balance {micro_to_usd_text(account.balance_micro)} USD")
     return 0

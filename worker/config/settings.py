@@ -11,6 +11,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.config.loader import ConfigError
 
+# The admin token issues keys and money: long enough that guessing it, even at the admin API's limit on
+# failed attempts, is hopeless (`openssl rand -hex 32` gives 64 characters).
+MIN_ADMIN_TOKEN_CHARS = 32
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="WORKER_", extra="ignore", frozen=True)
@@ -29,7 +33,10 @@ class Settings(BaseSettings):
     ledger: bool = Field(default=True, description="record every request in the usage ledger; off only for "
                          "private deployments without billing (needs WORKER_AUTH=false)")
     db_url: str = Field(default="sqlite:///worker-ledger.db", description="sqlite:///PATH or postgresql://...")
-    admin_token: SecretStr | None = Field(default=None, description="bearer token for /admin/*")
+    admin_token: SecretStr | None = Field(
+        default=None, description=f"bearer token for /admin/*, at least {MIN_ADMIN_TOKEN_CHARS} characters (unset: "
+        "the admin API is off)"
+    )
     metrics_token: SecretStr | None = Field(
         default=None, description="bearer token for /metrics, /metrics/node and /capacity (unset: they are open; "
         "health endpoints are always open)"
@@ -69,6 +76,19 @@ class Settings(BaseSettings):
     def _empty_means_unset(cls, value: object) -> object:
         # Deployment templates blank out a variable they do not use instead of removing it.
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _admin_token_long_enough(cls, value: object) -> object:
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if isinstance(text, str):
+            if not text.strip():
+                return None  # blanked out: the admin API is off
+            if len(text) < MIN_ADMIN_TOKEN_CHARS:
+                raise ValueError(
+                    f"must be at least {MIN_ADMIN_TOKEN_CHARS} characters (e.g. `openssl rand -hex 32`)"
+                )
+        return value
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:

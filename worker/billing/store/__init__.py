@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from worker.billing.store.base import DuplicateRecordId, LedgerStore, UnknownAccount
+from worker.billing.store.base import BalanceLimitExceeded, DuplicateRecordId, LedgerStore, UnknownAccount
 from worker.billing.store.schema import LATEST_VERSION, SchemaTooNew
 
 _SQLITE_PREFIX = "sqlite:///"
@@ -33,6 +33,7 @@ async def open_store(db_url: str, *, sqlite_synchronous: Literal["full", "normal
 
 __all__ = [
     "LATEST_VERSION",
+    "BalanceLimitExceeded",
     "DuplicateRecordId",
     "LedgerStore",
     "SchemaTooNew",

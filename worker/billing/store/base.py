@@ -9,6 +9,7 @@ import abc
 import asyncio
 from typing import Literal
 
+from worker.billing.audit import AdminAction, AdminAuditRecord
 from worker.billing.records import (
     Account,
     ApiKey,
@@ -24,6 +25,10 @@ from worker.billing.records import (
 
 class UnknownAccount(LookupError):
     pass
+
+
+class BalanceLimitExceeded(ValueError):
+    """A top-up would take the balance past MAX_BALANCE_MICRO; nothing was changed."""
 
 
 class DuplicateRecordId(ValueError):
@@ -51,7 +56,8 @@ class LedgerStore(abc.ABC):
 
     @abc.abstractmethod
     async def top_up(self, account_id: str, amount_micro: int) -> Account:
-        """Add to (or, negative, take from) the balance; raises UnknownAccount."""
+        """Add to (or, negative, take from) the balance; raises UnknownAccount, and BalanceLimitExceeded
+        when the balance would pass MAX_BALANCE_MICRO."""
 
     @abc.abstractmethod
     async def create_key(self, key: NewApiKey) -> ApiKey:
@@ -136,6 +142,15 @@ class LedgerStore(abc.ABC):
 
     @abc.abstractmethod
     async def count_ledger(self, where: LedgerFilter, after_seq: int = 0) -> int: ...
+
+    # The admin audit trail.
+    @abc.abstractmethod
+    async def append_admin_audit(self, action: AdminAction) -> int:
+        """Append one admin change (committed when this returns); returns its seq."""
+
+    @abc.abstractmethod
+    async def query_admin_audit(self, *, limit: int, cursor: int | None = None) -> list[AdminAuditRecord]:
+        """The newest changes first; `cursor` excludes seq >= cursor (the previous page's last seq)."""
 
     # One running worker per worker id.
     @abc.abstractmethod

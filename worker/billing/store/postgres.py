@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import asyncpg
 
+from worker.billing.audit import AdminAction, AdminAuditRecord
+from worker.billing.money import MAX_BALANCE_MICRO
 from worker.billing.records import (
     Account,
     ApiKey,
@@ -29,14 +31,18 @@ from worker.billing.records import (
     WorkerClaim,
     utc_month,
 )
-from worker.billing.store.base import DuplicateRecordId, LedgerStore, UnknownAccount
+from worker.billing.store.base import BalanceLimitExceeded, DuplicateRecordId, LedgerStore, UnknownAccount
 from worker.billing.store.rows import (
     ACCOUNT_COLUMNS,
+    ADMIN_AUDIT_COLUMNS,
+    ADMIN_AUDIT_INSERT,
     KEY_COLUMNS,
     KEY_INSERT_COLUMNS,
     LEDGER_COLUMNS,
     LEDGER_INSERT_COLUMNS,
     account_from_row,
+    admin_audit_from_row,
+    admin_audit_params,
     claim_from_row,
     claim_params,
     key_from_row,
@@ -161,14 +167,18 @@ class PostgresStore(LedgerStore):
         return [account_from_row(row) for row in rows]
 
     async def top_up(self, account_id: str, amount_micro: int) -> Account:
-        row = await self._pool.fetchrow(
-            f"UPDATE accounts SET balance_micro = balance_micro + $1 WHERE id = $2 "
-            f"RETURNING {ACCOUNT_COLUMNS}",
-            amount_micro,
-            account_id,
-        )
-        if row is None:
-            raise UnknownAccount(account_id)
+        async with self._pool.acquire() as connection, connection.transaction():
+            row = await connection.fetchrow(
+                f"UPDATE accounts SET balance_micro = balance_micro + $1 WHERE id = $2 "
+                f"AND balance_micro + $1 <= $3 RETURNING {ACCOUNT_COLUMNS}",
+                amount_micro,
+                account_id,
+                MAX_BALANCE_MICRO,
+            )
+            if row is None:
+                if await connection.fetchval("SELECT 1 FROM accounts WHERE id = $1", account_id) is None:
+                    raise UnknownAccount(account_id)
+                raise BalanceLimitExceeded(account_id)
         return account_from_row(row)
 
     async def create_key(self, key: NewApiKey) -> ApiKey:
@@ -340,6 +350,22 @@ class PostgresStore(LedgerStore):
     async def count_ledger(self, where: LedgerFilter, after_seq: int = 0) -> int:
         clause, params = _where([*ledger_conditions(where), ("seq > {}", after_seq)])
         return int(await self._pool.fetchval(f"SELECT COUNT(*) FROM ledger{clause}", *params))
+
+    # The admin audit trail.
+    async def append_admin_audit(self, action: AdminAction) -> int:
+        params = admin_audit_params(action)
+        placeholders = ", ".join(f"${i}" for i in range(1, len(params) + 1))
+        return int(await self._pool.fetchval(
+            f"INSERT INTO admin_audit ({ADMIN_AUDIT_INSERT}) VALUES ({placeholders}) RETURNING seq", *params
+        ))
+
+    async def query_admin_audit(self, *, limit: int, cursor: int | None = None) -> list[AdminAuditRecord]:
+        rows = await self._pool.fetch(
+            f"SELECT {ADMIN_AUDIT_COLUMNS} FROM admin_audit WHERE seq < $1 ORDER BY seq DESC LIMIT $2",
+            cursor if cursor is not None else 2**63 - 1,
+            limit,
+        )
+        return [admin_audit_from_row(row) for row in rows]
 
     # The outbox.
     async def outbox_cursor(self, worker_id: str) -> int:

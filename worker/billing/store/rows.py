@@ -7,6 +7,7 @@ from typing import Any
 
 import orjson
 
+from worker.billing.audit import AdminAction, AdminAuditRecord
 from worker.billing.records import (
     Account,
     ApiKey,
@@ -86,6 +87,20 @@ KEY_INSERT_COLUMNS = (
     "id, account_id, name, prefix, key_hash, allowed_models, rpm_limit, tpm_limit, monthly_cap_micro, byok, "
     "created_at, expires_at"
 )
+
+
+ADMIN_AUDIT_INSERT = "at, actor, client, request_id, action, target, changes"
+ADMIN_AUDIT_COLUMNS = "seq, " + ADMIN_AUDIT_INSERT
+
+
+def admin_audit_params(action: AdminAction) -> tuple[Any, ...]:
+    """In the order of ADMIN_AUDIT_INSERT."""
+    return (action.at, action.actor, action.client, action.request_id, action.action, action.target,
+            orjson.dumps(action.changes, default=str).decode())
+
+
+def admin_audit_from_row(row: Mapping[str, Any]) -> AdminAuditRecord:
+    return AdminAuditRecord(**{**dict(row), "changes": orjson.loads(row["changes"])})
 
 
 def claim_from_row(row: Mapping[str, Any]) -> WorkerClaim:

@@ -16,7 +16,9 @@ functions at the end of this file.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -24,6 +26,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from worker.billing.audit import AdminAction, AdminAuditRecord
+from worker.billing.money import MAX_BALANCE_MICRO
 from worker.billing.records import (
     Account,
     ApiKey,
@@ -36,15 +40,19 @@ from worker.billing.records import (
     WorkerClaim,
     utc_month,
 )
-from worker.billing.store.base import DuplicateRecordId, LedgerStore, UnknownAccount
+from worker.billing.store.base import BalanceLimitExceeded, DuplicateRecordId, LedgerStore, UnknownAccount
 from worker.billing.store.journal import LedgerJournal
 from worker.billing.store.rows import (
     ACCOUNT_COLUMNS,
+    ADMIN_AUDIT_COLUMNS,
+    ADMIN_AUDIT_INSERT,
     KEY_COLUMNS,
     KEY_INSERT_COLUMNS,
     LEDGER_COLUMNS,
     LEDGER_INSERT_COLUMNS,
     account_from_row,
+    admin_audit_from_row,
+    admin_audit_params,
     claim_from_row,
     claim_params,
     key_from_row,
@@ -133,7 +141,7 @@ class SqliteStore(LedgerStore):
 
     def _prepare(self) -> None:
         path = self._settings.path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        create_private_files(path)
         connection = connect(self._settings)
         try:
             mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -222,8 +230,9 @@ class SqliteStore(LedgerStore):
         if self._settings.synchronous != "NORMAL":  # FULL promises more than a file append in the page cache
             return 0
         path = self._settings.path
-        directory = path.with_name(f"{path.name}.journal") / worker_id
-        journal, leftovers = await asyncio.to_thread(LedgerJournal.open, directory)
+        root = path.with_name(f"{path.name}.journal")
+        await asyncio.to_thread(root.mkdir, mode=0o700, exist_ok=True)  # `mkdir(parents=True)` makes it 0755
+        journal, leftovers = await asyncio.to_thread(LedgerJournal.open, root / worker_id)
         added = 0
         for path in leftovers:
             rows = await asyncio.to_thread(LedgerJournal.read, path)
@@ -321,6 +330,13 @@ class SqliteStore(LedgerStore):
         clause, params = _where([*ledger_conditions(where), ("seq > {}", after_seq)])
         return await self._read(partial(_count, query=f"SELECT COUNT(*) FROM ledger{clause}", params=params))
 
+    # The admin audit trail.
+    async def append_admin_audit(self, action: AdminAction) -> int:
+        return await self._writer.submit(partial(_append_admin_audit, params=admin_audit_params(action)))
+
+    async def query_admin_audit(self, *, limit: int, cursor: int | None = None) -> list[AdminAuditRecord]:
+        return await self._read(partial(_admin_audit_records, limit=limit, cursor=cursor))
+
     # The outbox.
     async def outbox_cursor(self, worker_id: str) -> int:
         return await self._read(partial(_outbox_cursor, worker_id=worker_id))
@@ -367,11 +383,14 @@ def _list_accounts(db: sqlite3.Connection) -> list[Account]:
 
 def _top_up(db: sqlite3.Connection, account_id: str, amount_micro: int) -> Account:
     row = db.execute(
-        f"UPDATE accounts SET balance_micro = balance_micro + ? WHERE id = ? RETURNING {ACCOUNT_COLUMNS}",
-        (amount_micro, account_id),
+        f"UPDATE accounts SET balance_micro = balance_micro + ?1 WHERE id = ?2 AND balance_micro + ?1 <= ?3 "
+        f"RETURNING {ACCOUNT_COLUMNS}",
+        (amount_micro, account_id, MAX_BALANCE_MICRO),
     ).fetchone()
     if row is None:
-        raise UnknownAccount(account_id)
+        if db.execute("SELECT 1 FROM accounts WHERE id = ?", (account_id,)).fetchone() is None:
+            raise UnknownAccount(account_id)
+        raise BalanceLimitExceeded(account_id)
     return account_from_row(row)
 
 
@@ -446,6 +465,19 @@ def _count(db: sqlite3.Connection, query: str, params: list[Any]) -> int:
     return int(db.execute(query, params).fetchone()[0])
 
 
+def _append_admin_audit(db: sqlite3.Connection, params: tuple[Any, ...]) -> int:
+    placeholders = ", ".join("?" * len(params))
+    return int(db.execute(f"INSERT INTO admin_audit ({ADMIN_AUDIT_INSERT}) VALUES ({placeholders})", params).lastrowid)
+
+
+def _admin_audit_records(db: sqlite3.Connection, limit: int, cursor: int | None) -> list[AdminAuditRecord]:
+    rows = db.execute(
+        f"SELECT {ADMIN_AUDIT_COLUMNS} FROM admin_audit WHERE seq < ? ORDER BY seq DESC LIMIT ?",
+        (cursor if cursor is not None else 2**63 - 1, limit),
+    ).fetchall()
+    return [admin_audit_from_row(row) for row in rows]
+
+
 def _outbox_cursor(db: sqlite3.Connection, worker_id: str) -> int:
     row = db.execute("SELECT last_seq FROM outbox_cursors WHERE worker_id = ?", (worker_id,)).fetchone()
     return int(row[0]) if row else 0
@@ -501,6 +533,19 @@ def _charge(db: sqlite3.Connection, row: tuple[Any, ...]) -> None:
         db.execute(_KEY_CHARGE, (released, utc_month(row[_RECEIVED_AT]), cost, row[_KEY_ID]))
     if row[_ACCOUNT_ID] is not None:
         db.execute(_ACCOUNT_CHARGE, (cost, released, row[_ACCOUNT_ID]))
+
+
+def create_private_files(path: Path) -> None:
+    """Make the database file readable by this user only (0600), and its directory, when this makes it,
+    0700. SQLite gives its WAL and shared-memory files the database file's mode. A directory that exists
+    already (the working directory, say) keeps its mode: the files in it are private anyway."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    for file in (path, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")):
+        # Files an older worker created with the umask's 0644: close them to others too.
+        with contextlib.suppress(FileNotFoundError):
+            if file.stat().st_mode & 0o077:
+                file.chmod(0o600)
 
 
 def _where(conditions: list[tuple[str, Any]]) -> tuple[str, list[Any]]:
