@@ -447,3 +447,17 @@ def test_the_endpoint_picker_reads_the_node_level_metrics_and_matches_the_pool()
     assert picker["failureMode"] == values["inferenceExtension"]["failureMode"]
     assert values["inferencePool"]["targetPorts"] == pool["spec"]["targetPorts"]
     assert values["inferencePool"]["modelServers"]["matchLabels"] == pool["spec"]["selector"]["matchLabels"]
+
+
+def test_multi_node_secrets_come_from_the_example_secret() -> None:
+    (secret,) = load_documents(KUBERNETES / "secret.example.yaml")
+    _, leader, worker = multi_node()
+    for spec in (leader, worker):
+        (container,) = spec["containers"]
+        for item in container["env"]:
+            if "valueFrom" in item:
+                ref = item["valueFrom"]["secretKeyRef"]
+                assert item["name"] in SECRET_ENV_VARIABLES
+                assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
+            else:
+                assert item["name"] not in SECRET_ENV_VARIABLES
