@@ -17,7 +17,8 @@ connection's protocol here adds:
 
 Every refusal is written with `connection: close`; the connection then keeps reading (and dropping)
 what the client still sends for a short while, so that the client reads the answer instead of a reset.
-uvicorn's own `timeout_keep_alive` bounds idle kept-alive connections.
+uvicorn's own `timeout_keep_alive` bounds idle kept-alive connections. (Its `h11_max_incomplete_event_size`
+bounds heads only in its h11 protocol, and the worker runs httptools.)
 """
 
 from __future__ import annotations
