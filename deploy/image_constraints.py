@@ -46,11 +46,13 @@ def merged_constraints(installed: Mapping[str, str], locked: Mapping[str, str]) 
 
 
 def installed_versions() -> dict[str, str]:
-    return {
-        dist.metadata["Name"]: dist.version
-        for dist in importlib.metadata.distributions()
-        if dist.metadata["Name"]
-    }
+    """Name and version of each distribution Python imports: the first found on sys.path wins."""
+    versions: dict[str, str] = {}
+    for dist in importlib.metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:
+            versions.setdefault(canonical(name), dist.version)
+    return versions
 
 
 def main(argv: list[str]) -> int:

@@ -92,7 +92,7 @@ def test_entrypoint_is_the_worker_under_tini_in_exec_form(dockerfile: Dockerfile
 
 def test_tini_comes_from_the_distribution_pinned(dockerfile: Dockerfile) -> None:
     (install,) = [run for run in dockerfile.values("RUN") if "apt-get install" in run]
-    assert "tini=0.19.0-1*" in install and "--no-install-recommends" in install
+    assert "tini=0.19.0-*" in install and "--no-install-recommends" in install
     assert "rm -rf /var/lib/apt/lists/*" in install
 
 
@@ -106,7 +106,9 @@ def test_dependencies_are_installed_before_the_code_is_copied(dockerfile: Docker
     dependencies, package = installs
     assert dependencies < code_copy < package
     assert " -c " in steps[dependencies][1] and "--no-deps" not in steps[dependencies][1]
-    assert "--no-deps" in steps[package][1] and "pip check" in steps[package][1]
+    assert "--no-deps" in steps[package][1]
+    # The CPU image's environment is the worker's alone: pip checks all of it.
+    assert ("pip check" in steps[package][1]) == (dockerfile.path.name == "Dockerfile.cpu")
     copied_first = [value for name, value in steps[:dependencies] if name == "COPY"]
     assert any("deploy/constraints.txt" in value for value in copied_first)
     assert not any("worker" in value.split() for value in copied_first)
