@@ -356,6 +356,15 @@ def test_vllm_answers_the_filtered_scrape_admission_makes(worker: WorkerProcess,
     assert metric_total(worker.base_url, "vllm:time_to_first_token_seconds_count", replica="tiny-chat-0") > 0
 
 
+def test_node_view_reads_vllms_own_cache_config(worker: WorkerProcess) -> None:
+    page = httpx.get(f"{worker.base_url}/metrics/node", timeout=10).text
+    families = {family.name: family.samples for family in text_string_to_metric_families(page)}
+    [cache] = [s for s in families["vllm:cache_config_info"] if s.labels["model_name"] == CHAT]
+    assert int(cache.labels["num_gpu_blocks"]) > 0 and int(cache.labels["block_size"]) > 0
+    for name in ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc"):
+        assert {s.labels["model_name"] for s in families[name]} == {CHAT, EMBED}, name
+
+
 def test_client_disconnect_mid_stream_aborts_the_vllm_request(worker: WorkerProcess) -> None:
     (port,) = worker.engine_ports(CHAT)
     engine_url = f"http://127.0.0.1:{port}"
