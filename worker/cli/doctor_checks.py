@@ -93,7 +93,7 @@ def _sqlite_schema_version(path: Path) -> int:
             raise PermissionError(f"cannot create {path}: {directory} is not writable")
         raise _NewDatabase(f"no database yet at {path}")
     # Read-only: the doctor must not migrate, lock or create anything.
-    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=DATABASE_TIMEOUT_S)
+    connection = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=DATABASE_TIMEOUT_S)
     try:
         tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if "schema_version" not in tables:
