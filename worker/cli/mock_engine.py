@@ -16,6 +16,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", default="models.yaml", help="models.yaml to read --model from")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8100)
+    parser.add_argument("--kv-events-port", type=int, default=None,
+                        help="publish KV-cache events on this port (overrides the model's mock.kv_events_port)")
+    parser.add_argument("--kv-events-replay-port", type=int, default=None,
+                        help="answer KV-event replay requests on this port (mock.kv_events_replay_port)")
     parser.set_defaults(handler=run)
 
 
@@ -28,6 +32,11 @@ def run(args: argparse.Namespace) -> int:
         if found is None:
             raise ConfigError(f"{args.config}: no model with id '{args.model}'")
         model = found
+    overrides = {name: getattr(args, name) for name in ("kv_events_port", "kv_events_replay_port")
+                 if getattr(args, name) is not None}
+    if overrides:
+        mock = type(model.mock).model_validate({**model.mock.model_dump(), **overrides})
+        model = model.model_copy(update={"mock": mock})
     from worker.engines.mock import run_mock_engine
 
     run_mock_engine(model, args.host, args.port)

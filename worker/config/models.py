@@ -142,6 +142,24 @@ class MockEngineConfig(StrictModel):
     num_kv_blocks: int = Field(default=8192, ge=1)
     block_size: int = Field(default=16, ge=1)
     embedding_dim: int = Field(default=64, ge=1)
+    # Prefix caching as vLLM's v1 engine does it (on by default there too): full blocks stay cached after
+    # their request and later prompts that start with them skip that prefill.
+    enable_prefix_caching: bool = True
+    # vLLM's --enable-prompt-tokens-details: usage carries prompt_tokens_details (cached tokens).
+    enable_prompt_tokens_details: bool = False
+    # KV-cache events as vLLM's --kv-events-config publishes them: a ZMQ PUB socket on this port of the
+    # engine's host, and optionally the replay (ROUTER) socket (`worker mock-engine --kv-events-port` sets
+    # one per replica).
+    kv_events_port: int | None = Field(default=None, ge=1, le=65535)
+    kv_events_replay_port: int | None = Field(default=None, ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _replay_needs_events(self) -> MockEngineConfig:
+        if self.kv_events_replay_port is not None and self.kv_events_port is None:
+            raise ValueError("kv_events_replay_port needs kv_events_port")
+        if self.kv_events_port is not None and self.kv_events_port == self.kv_events_replay_port:
+            raise ValueError("kv_events_replay_port must differ from kv_events_port")
+        return self
 
 
 class AdmissionConfig(StrictModel):

@@ -26,9 +26,10 @@ from worker.engines.mock.wire import models_response
 logger = logging.getLogger(__name__)
 
 
-def build_mock_app(model: ModelConfig) -> FastAPI:
-    """An app that answers like `vllm serve` for `model`, with simulated continuous batching."""
-    engine = MockEngine(model)
+def build_mock_app(model: ModelConfig, *, kv_events_host: str | None = None) -> FastAPI:
+    """An app that answers like `vllm serve` for `model`, with simulated continuous batching; KV-cache
+    events are published on `kv_events_host` when the model's mock config sets `kv_events_port`."""
+    engine = MockEngine(model, kv_events_host=kv_events_host)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

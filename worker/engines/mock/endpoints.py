@@ -80,14 +80,17 @@ def _start_generation(engine: MockEngine, body: SamplingRequest, response_id: st
                       prompts: list[tuple[list[int], int, str]]) -> Response:
     notify = asyncio.Event()
     choices: list[Choice] = []
+    prompt_heads = []
     for prompt_ids, max_tokens, echo in prompts:
         sequences = engine.submit(response_id, prompt_ids, max_tokens, body.n, body.seed, body.stop_strings(),
                                   body.include_stop_str_in_output, notify)
+        prompt_heads.append(sequences[0])
         choices.extend(Choice(len(choices), sequence, len(prompt_ids), echo) for sequence in sequences)
     options = body.stream_options
     generation = Generation(
         engine=engine, chat=chat, response_id=response_id, created=int(time.time()),
         prompt_tokens=sum(len(prompt_ids) for prompt_ids, _, _ in prompts), choices=choices, notify=notify,
+        prompt_heads=prompt_heads,
         include_usage=bool(options and options.include_usage),
         continuous_usage=bool(options and options.include_usage and options.continuous_usage_stats),
     )

@@ -12,6 +12,7 @@ from collections.abc import Sequence as Seq
 from worker.config import ModelConfig
 from worker.engines.mock.errors import engine_failed, model_not_found
 from worker.engines.mock.faults import FaultState
+from worker.engines.mock.kv_publisher import KvEventPublisher
 from worker.engines.mock.latency import LatencyModel
 from worker.engines.mock.metrics import EngineMetrics
 from worker.engines.mock.scheduler import EngineLimits, Scheduler
@@ -24,7 +25,8 @@ VLLM_VERSION = "0.32.0"  # the server this engine answers like
 
 
 class MockEngine:
-    def __init__(self, model: ModelConfig) -> None:
+    def __init__(self, model: ModelConfig, *, kv_events_host: str | None = None) -> None:
+        """`kv_events_host`: where to publish KV-cache events when the model's mock config has a port."""
         mock = model.mock
         self.model = model
         self.limits = EngineLimits(
@@ -33,15 +35,23 @@ class MockEngine:
             max_model_len=model.max_model_len,
             num_kv_blocks=mock.num_kv_blocks,
             block_size=mock.block_size,
+            prefix_caching=mock.enable_prefix_caching,
         )
         if mock.num_kv_blocks * mock.block_size < model.max_model_len:
             # vLLM refuses to start when one full-length sequence cannot fit in the KV cache.
             raise ValueError(
                 f"model '{model.id}': the KV cache ({mock.num_kv_blocks} blocks of {mock.block_size} tokens) "
                 f"cannot hold one sequence of max_model_len={model.max_model_len} tokens")
-        self.metrics = EngineMetrics(model.id, mock.block_size, mock.num_kv_blocks)
+        self.metrics = EngineMetrics(model.id, mock.block_size, mock.num_kv_blocks, mock.enable_prefix_caching)
         self.faults = FaultState()
-        self.scheduler = Scheduler(self.limits, LatencyModel.from_config(mock), self.metrics, self.faults)
+        self.kv_events: KvEventPublisher | None = None
+        if kv_events_host is not None and mock.kv_events_port is not None:
+            replay = mock.kv_events_replay_port
+            self.kv_events = KvEventPublisher(
+                f"tcp://{kv_events_host}:{mock.kv_events_port}",
+                f"tcp://{kv_events_host}:{replay}" if replay is not None else None)
+        self.scheduler = Scheduler(self.limits, LatencyModel.from_config(mock), self.metrics, self.faults,
+                                   self.kv_events.publish if self.kv_events is not None else None)
         self.created = int(time.time())
         config_digest = hashlib.blake2b(model.model_dump_json().encode(), digest_size=4).hexdigest()
         self.system_fingerprint = f"vllm-{VLLM_VERSION}-{config_digest}"
@@ -54,6 +64,8 @@ class MockEngine:
     def ensure_running(self) -> None:
         """Starts the step loop on first use (lifespan events do not run under every ASGI host)."""
         if self._loop_task is None:
+            if self.kv_events is not None:
+                self.kv_events.start()
             self._loop_task = asyncio.get_running_loop().create_task(self.scheduler.run(), name="mock-engine-steps")
             self._loop_task.add_done_callback(self._on_loop_exit)
 
@@ -63,6 +75,8 @@ class MockEngine:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.kv_events is not None:
+            await self.kv_events.aclose()
 
     def _on_loop_exit(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -91,6 +105,7 @@ class MockEngine:
             sequence = Sequence(
                 request_id=f"{request_id}-{index}" if n > 1 else request_id,
                 prompt_tokens=len(prompt_ids),
+                token_ids=list(prompt_ids),
                 max_tokens=max_tokens,
                 sampler=sampler,
                 stop=StopMatcher(stops, include_stop) if stops else None,

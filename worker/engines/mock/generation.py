@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 from starlette.types import Send
@@ -14,7 +15,14 @@ from worker.engines.mock.errors import generation_failed
 from worker.engines.mock.faults import FaultMode
 from worker.engines.mock.responses import json_start, sse_start
 from worker.engines.mock.sequence import Sequence
-from worker.engines.mock.wire import DONE, ChunkWriter, chat_response, completion_response, error_event
+from worker.engines.mock.wire import (
+    DONE,
+    ChunkWriter,
+    chat_response,
+    completion_response,
+    error_event,
+    prompt_tokens_details,
+)
 
 
 @dataclass(eq=False, slots=True)
@@ -38,12 +46,21 @@ class Generation:
     prompt_tokens: int
     choices: list[Choice]
     notify: asyncio.Event
+    prompt_heads: list[Sequence]  # each prompt's first sequence (n > 1 makes more per prompt)
     include_usage: bool = False
     continuous_usage: bool = False
     sequences: list[Sequence] = field(init=False)
 
     def __post_init__(self) -> None:
         self.sequences = [choice.sequence for choice in self.choices]
+
+    def prompt_details(self) -> dict[str, Any] | None:
+        """`usage.prompt_tokens_details` when the engine reports it: like vLLM, the counts of the last
+        prompt's first sequence (a chat request has one prompt)."""
+        if not self.engine.model.mock.enable_prompt_tokens_details:
+            return None
+        head = self.prompt_heads[-1]
+        return prompt_tokens_details(head.cached_tokens or 0, head.created_cache_tokens, chat=self.chat)
 
     def abort(self) -> None:
         self.engine.abort(self.sequences)
@@ -94,7 +111,8 @@ class Generation:
             if fault is not None:
                 return await self._fail_stream(send, fault)
             pending = [choice for choice in pending if not choice.done]
-        closing = writer.usage(self.prompt_tokens, sent_tokens) + DONE if self.include_usage else DONE
+        closing = (writer.usage(self.prompt_tokens, sent_tokens, self.prompt_details()) + DONE
+                   if self.include_usage else DONE)
         await _body(send, closing, more=False)
         return True
 
@@ -123,7 +141,7 @@ class Generation:
                                 choice.sequence.stop_reason))
             build = chat_response if self.chat else completion_response
             body = build(self.response_id, self.created, self.engine.model.id, self.engine.system_fingerprint,
-                         results, self.prompt_tokens, completion_tokens)
+                         results, self.prompt_tokens, completion_tokens, self.prompt_details())
             status = 200
         await json_start(send, status, len(body))
         if fault is FaultMode.abort_midstream:

@@ -18,7 +18,7 @@ _ENGINE_INDEX = "0"
 class EngineMetrics:
     """What the scheduler reports each step, exposed as vLLM's `/metrics` text."""
 
-    def __init__(self, model_name: str, block_size: int, num_gpu_blocks: int) -> None:
+    def __init__(self, model_name: str, block_size: int, num_gpu_blocks: int, prefix_caching: bool = False) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         labels = ("model_name", "engine")
         values = (model_name, _ENGINE_INDEX)
@@ -31,7 +31,14 @@ class EngineMetrics:
                                labels, registry=reg).labels(*values)
         cache_info = Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
                            ("block_size", "num_gpu_blocks", "enable_prefix_caching", "engine"), registry=reg)
-        cache_info.labels(str(block_size), str(num_gpu_blocks), "False", _ENGINE_INDEX).set(1)
+        cache_info.labels(str(block_size), str(num_gpu_blocks), str(prefix_caching), _ENGINE_INDEX).set(1)
+        # Tokens, as vLLM 0.32 counts them (vllm/v1/metrics/loggers.py): prompt tokens looked up in the
+        # prefix cache when a request is scheduled, and how many of them were found there.
+        self._prefix_queries = Counter("vllm:prefix_cache_queries",
+                                       "Prefix cache queries, in terms of number of queried tokens.",
+                                       labels, registry=reg).labels(*values)
+        self._prefix_hits = Counter("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
+                                    labels, registry=reg).labels(*values)
         self._preemptions = Counter("vllm:num_preemptions", "Cumulative number of preemption from the engine.",
                                     labels, registry=reg).labels(*values)
         self._prompt_tokens = Counter("vllm:prompt_tokens", "Number of prefill tokens processed.",
@@ -69,6 +76,10 @@ class EngineMetrics:
 
     def inter_token(self, seconds: float) -> None:
         self._itl.observe(seconds)
+
+    def prefix_cache_queried(self, queried_tokens: int, hit_tokens: int) -> None:
+        self._prefix_queries.inc(queried_tokens)
+        self._prefix_hits.inc(hit_tokens)
 
     def preempted(self) -> None:
         self._preemptions.inc()

@@ -3,8 +3,10 @@
 Each step: running sequences first (decodes take one token, unfinished prefills a chunk), preempting the
 newest running sequence when KV blocks run out; then, if nothing was preempted, waiting sequences are
 admitted first-come-first-served while there is room in `max_num_seqs`, the token budget and the KV
-cache. The step then "runs" for the latency model's time, and every sequence whose tokens are all
-computed samples one new token.
+cache. A waiting sequence first takes the cached blocks that start its prompt (prefix caching), so only
+its uncached tokens are computed and charged prefill time. The step then "runs" for the latency model's
+time, every sequence whose tokens are all computed samples one new token, and newly full blocks are
+cached and published as KV-cache events.
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from worker.engines.kv_events import KvCacheEvent
 from worker.engines.mock.faults import FaultState
+from worker.engines.mock.kv_cache import BlockPool
 from worker.engines.mock.latency import LatencyModel
 from worker.engines.mock.metrics import EngineMetrics
 from worker.engines.mock.sequence import Sequence, SequenceStatus
@@ -30,19 +35,25 @@ class EngineLimits:
     max_model_len: int
     num_kv_blocks: int
     block_size: int
+    prefix_caching: bool = True
 
 
 class Scheduler:
     def __init__(self, limits: EngineLimits, latency: LatencyModel, metrics: EngineMetrics,
-                 faults: FaultState) -> None:
+                 faults: FaultState, publish_events: Callable[[list[KvCacheEvent]], None] | None = None) -> None:
         self.limits = limits
         self._latency = latency
         self._metrics = metrics
         self._faults = faults
+        self._publish_events = publish_events
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.free_blocks = limits.num_kv_blocks
+        self.blocks = BlockPool(limits.num_kv_blocks, limits.block_size, prefix_caching=limits.prefix_caching)
         self._work_arrived = asyncio.Event()
+
+    @property
+    def free_blocks(self) -> int:
+        return self.blocks.free_blocks
 
     # -- called by request handlers -------------------------------------------------------------
 
@@ -62,6 +73,7 @@ class Scheduler:
         sequence.finish_reason = "abort"
         self._finish(sequence, time.monotonic())
         self._publish_load()
+        self._flush_events()
 
     # -- the step loop --------------------------------------------------------------------------
 
@@ -107,9 +119,16 @@ class Scheduler:
         while (not preempted and self.waiting and budget > 0
                and len(self.running) < self.limits.max_num_seqs):
             sequence = self.waiting[0]
-            new_tokens = min(sequence.total_tokens - sequence.num_computed, budget)
-            if not self._allocate(sequence, new_tokens):
+            hits = self.blocks.computed_blocks(sequence)
+            hit_tokens = len(hits) * self.limits.block_size
+            new_tokens = min(sequence.total_tokens - hit_tokens, budget)
+            if not self.blocks.allocate(sequence, new_tokens, hits):
                 break
+            if self.limits.prefix_caching:
+                self._metrics.prefix_cache_queried(sequence.total_tokens, hit_tokens)
+            sequence.num_computed = hit_tokens
+            if sequence.cached_tokens is None:
+                sequence.cached_tokens = hit_tokens
             self.waiting.popleft()
             sequence.status = SequenceStatus.RUNNING
             self.running.append(sequence)
@@ -130,8 +149,13 @@ class Scheduler:
             if sequence.status is not SequenceStatus.RUNNING:
                 continue  # aborted while the step ran
             sequence.num_computed += new_tokens
+            self.blocks.cache_full_blocks(sequence)
             if sequence.num_computed < sequence.total_tokens:
                 continue  # a chunk of a longer prefill
+            if sequence.output_tokens == 0:
+                # Like vLLM's created_cache_tokens: prompt tokens this prefill added to the cache.
+                cached_now = min(sequence.num_cached_blocks * self.limits.block_size, sequence.prompt_tokens)
+                sequence.created_cache_tokens = max(0, cached_now - (sequence.cached_tokens or 0))
             if sequence.max_tokens == 0:
                 self._metrics.prompt_done(sequence.prompt_tokens, None)
                 sequence.finish_reason = "stop"
@@ -154,21 +178,21 @@ class Scheduler:
         if any_finished:
             self.running = [s for s in self.running if s.status is SequenceStatus.RUNNING]
         self._publish_load()
+        self._flush_events()
 
     # -- KV blocks ------------------------------------------------------------------------------
 
     def _allocate(self, sequence: Sequence, new_tokens: int) -> bool:
-        needed = -(-(sequence.num_computed + new_tokens) // self.limits.block_size) - sequence.num_blocks
-        if needed > self.free_blocks:
-            return False
-        if needed > 0:
-            self.free_blocks -= needed
-            sequence.num_blocks += needed
-        return True
+        return self.blocks.allocate(sequence, new_tokens)
 
     def _release(self, sequence: Sequence) -> None:
-        self.free_blocks += sequence.num_blocks
-        sequence.num_blocks = 0
+        self.blocks.free(sequence)
+
+    def _flush_events(self) -> None:
+        """Hands this step's KV-cache events to the publisher (vLLM publishes once per engine step)."""
+        events = self.blocks.take_events()
+        if events and self._publish_events is not None:
+            self._publish_events(events)
 
     def _preempt(self, sequence: Sequence) -> None:
         """Recompute-style preemption: blocks are dropped and the sequence queues first in line."""
@@ -186,8 +210,7 @@ class Scheduler:
         sequence.notify.set()
 
     def _publish_load(self) -> None:
-        used = self.limits.num_kv_blocks - self.free_blocks
-        self._metrics.set_load(len(self.running), len(self.waiting), used / self.limits.num_kv_blocks)
+        self._metrics.set_load(len(self.running), len(self.waiting), self.blocks.usage())
 
 
 def _is_decode(sequence: Sequence) -> bool:

@@ -65,9 +65,15 @@ class Sequence:
     stop: StopMatcher | None
     notify: asyncio.Event
     arrival: float
+    # Prompt then generated token ids: what the KV cache holds and prefix caching hashes.
+    token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed: int = 0
-    num_blocks: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # hash chain of its full blocks so far
+    num_cached_blocks: int = 0  # leading blocks already in the prefix cache (hits or stored by it)
+    cached_tokens: int | None = None  # prompt tokens found cached when it was first scheduled
+    created_cache_tokens: int = 0  # prompt tokens it added to the cache by the end of its prefill
     output_tokens: int = 0
     finish_reason: str | None = None
     stop_reason: str | None = None
@@ -89,7 +95,9 @@ class Sequence:
     def append_token(self) -> bool:
         """Samples the next token; returns True when it ends the sequence (finish_reason is then set)."""
         assert self.sampler is not None
-        piece = self.sampler.next_token().text
+        token = self.sampler.next_token()
+        piece = token.text
+        self.token_ids.append(token.token_id)
         self.output_tokens += 1
         self.pending_tokens += 1
         if self.stop is not None:

@@ -19,6 +19,13 @@ def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
             "completion_tokens": completion_tokens}
 
 
+def prompt_tokens_details(cached_tokens: int, created_cache_tokens: int, *, chat: bool) -> dict[str, Any]:
+    """vLLM's `usage.prompt_tokens_details` with --enable-prompt-tokens-details (completions leave the cache
+    creation count unset)."""
+    return {"cached_tokens": cached_tokens, "created_cache_tokens": created_cache_tokens if chat else None,
+            "multimodal_tokens": None}
+
+
 def _continuous_usage(prompt_tokens: int, completion_tokens: int, with_details: bool) -> bytes:
     usage = usage_dict(prompt_tokens, completion_tokens)
     if with_details:
@@ -87,19 +94,23 @@ class ChunkWriter:
                       + b',"logprobs":null' + reasons + b',"prompt_token_ids":null,"token_ids":null}]')
         return self._head + choice + usage + self._finish_stamp + b"}\n\n"
 
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+    def usage(self, prompt_tokens: int, completion_tokens: int, details: dict[str, Any] | None = None) -> bytes:
         """The closing `include_usage` chunk: no choices, usage of all choices together."""
-        return (self._usage_head + orjson.dumps(usage_dict(prompt_tokens, completion_tokens)) + self._usage_stamp
-                + b"}\n\n")
+        usage = usage_dict(prompt_tokens, completion_tokens)
+        if details is not None:
+            # Streamed usage leaves out unset fields: completions set only cached_tokens.
+            usage["prompt_tokens_details"] = details if self._chat else {"cached_tokens": details["cached_tokens"]}
+        return self._usage_head + orjson.dumps(usage) + self._usage_stamp + b"}\n\n"
 
 
-def _full_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    return {**usage_dict(prompt_tokens, completion_tokens), "prompt_tokens_details": None,
+def _full_usage(prompt_tokens: int, completion_tokens: int, details: dict[str, Any] | None) -> dict[str, Any]:
+    return {**usage_dict(prompt_tokens, completion_tokens), "prompt_tokens_details": details,
             "completion_tokens_details": None}
 
 
 def chat_response(response_id: str, created: int, model: str, fingerprint: str,
-                  choices: list[tuple[str, str, str | None]], prompt_tokens: int, completion_tokens: int) -> bytes:
+                  choices: list[tuple[str, str, str | None]], prompt_tokens: int, completion_tokens: int,
+                  details: dict[str, Any] | None = None) -> bytes:
     """`choices`: (text, finish_reason, stop_reason) per choice index."""
     return orjson.dumps({
         "id": response_id, "object": "chat.completion", "created": created, "model": model,
@@ -111,15 +122,15 @@ def chat_response(response_id: str, created: int, model: str, fingerprint: str,
              "routed_experts": None}
             for index, (text, finish_reason, stop_reason) in enumerate(choices)
         ],
-        "service_tier": None, "system_fingerprint": fingerprint, "usage": _full_usage(prompt_tokens, completion_tokens),
-        "prompt_logprobs": None, "prompt_token_ids": None, "prompt_text": None, "kv_transfer_params": None,
+        "service_tier": None, "system_fingerprint": fingerprint,
+        "usage": _full_usage(prompt_tokens, completion_tokens, details), "prompt_logprobs": None, "prompt_token_ids": None, "prompt_text": None, "kv_transfer_params": None,
         "ec_transfer_params": None, "metrics": None,
     })
 
 
 def completion_response(response_id: str, created: int, model: str, fingerprint: str,
                         choices: list[tuple[str, str, str | None]], prompt_tokens: int,
-                        completion_tokens: int) -> bytes:
+                        completion_tokens: int, details: dict[str, Any] | None = None) -> bytes:
     return orjson.dumps({
         "id": response_id, "object": "text_completion", "created": created, "model": model,
         "choices": [
@@ -128,8 +139,8 @@ def completion_response(response_id: str, created: int, model: str, fingerprint:
              "routed_experts": None}
             for index, (text, finish_reason, stop_reason) in enumerate(choices)
         ],
-        "service_tier": None, "system_fingerprint": fingerprint, "usage": _full_usage(prompt_tokens, completion_tokens),
-        "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None,
+        "service_tier": None, "system_fingerprint": fingerprint,
+        "usage": _full_usage(prompt_tokens, completion_tokens, details), "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None,
     })
 
 
