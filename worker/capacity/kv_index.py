@@ -290,11 +290,15 @@ class KvEventsPrefixIndex:
                     continue
                 seq = seq_of(frames[1])
                 last = blocks.last_seq
-                if last is not None and seq <= last:
+                if last is None:
+                    if seq > 0 and replay_endpoint is not None:
+                        # Joined late (the engine was up before us): fetch what it published before.
+                        await self._replay(replica_id, replay_endpoint, 0, seq)
+                elif seq <= last:
                     # The engine restarted (its numbering starts over): what we knew of it is gone.
                     logger.info("kv events restarted", extra={"replica": replica_id, "seq": seq})
                     blocks.clear()
-                elif last is not None and seq > last + 1:
+                elif seq > last + 1:
                     await self._fill_gap(replica_id, blocks, last + 1, seq, replay_endpoint)
                 self._apply_payload(replica_id, frames[2])
                 blocks.last_seq = seq

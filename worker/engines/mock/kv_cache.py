@@ -71,10 +71,11 @@ class BlockPool:
         hits_in_free = sum(1 for block in computed if self._ref_count[block] == 0)
         if max(0, needed) + hits_in_free > len(self._free):
             return False
-        for block in computed:
-            self._take(block)
-        sequence.block_ids.extend(computed)
-        sequence.num_cached_blocks = len(sequence.block_ids)
+        if computed:
+            for block in computed:
+                self._take(block)
+            sequence.block_ids.extend(computed)
+            sequence.num_cached_blocks = len(sequence.block_ids)
         for _ in range(max(0, needed)):
             block, _ = self._free.popitem(last=False)
             self._evict(block)
