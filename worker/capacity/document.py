@@ -35,9 +35,19 @@ class LoadingView(BaseModel):
     fraction: float | None = None  # done / total, 0-1
 
 
+class PortHolderView(BaseModel):
+    """Who listens on a replica's port instead of its engine (pid None: a process this user cannot see)."""
+
+    port: int
+    pid: int | None
+    name: str | None
+
+
 class ReplicaCapacity(BaseModel):
     replica: str
     state: CapacityState
+    # The supervisor's view behind `state`: starting | ready | restarting | port_in_use | unhealthy | stopped
+    lifecycle: str
     engine: str
     in_flight: int
     max_in_flight: int
@@ -53,6 +63,7 @@ class ReplicaCapacity(BaseModel):
     hang_restarts: int
     gpus: list[GpuView]
     loading: LoadingView | None = None  # set while the state is loading
+    port_holder: PortHolderView | None = None  # set while the lifecycle is port_in_use
 
 
 class ModelCapacity(BaseModel):

@@ -14,6 +14,7 @@ from worker.capacity.document import (
     GpuView,
     LoadingView,
     ModelCapacity,
+    PortHolderView,
     ReplicaCapacity,
 )
 from worker.capacity.drain import DrainState, finish_in_flight, in_flight
@@ -25,7 +26,8 @@ from worker.gpu import GpuFleetSnapshot, GpuHealth
 logger = logging.getLogger(__name__)
 
 _SERVING = (CapacityState.ready, CapacityState.saturated)
-_LIFECYCLE_DOWN = (ReplicaState.unhealthy, ReplicaState.restarting, ReplicaState.stopped)
+_LIFECYCLE_DOWN = (ReplicaState.unhealthy, ReplicaState.restarting, ReplicaState.port_in_use,
+                   ReplicaState.stopped)
 
 
 class CapacityMonitor:
@@ -127,6 +129,7 @@ class CapacityMonitor:
         return ReplicaCapacity(
             replica=replica.replica_id,
             state=self._state(watch, now, failed),
+            lifecycle=replica.state.value,
             engine=replica.engine.kind,
             in_flight=replica.in_flight,
             max_in_flight=watch.limits.max_in_flight,
@@ -142,6 +145,7 @@ class CapacityMonitor:
             hang_restarts=watch.hang_restarts,
             gpus=[_gpu_view(index, snapshot) for index in replica.spec.gpu_ids],
             loading=_loading_view(replica, now),
+            port_holder=_port_holder_view(replica),
         )
 
     async def fetch_engine_pages(self, timeout: float = 2.0) -> None:
@@ -183,6 +187,13 @@ def _loading_view(replica: Replica, now: float) -> LoadingView | None:
     fraction = progress.fraction
     return LoadingView(elapsed_s=elapsed_s, phase=progress.phase.value, done=progress.done, total=progress.total,
                        unit=progress.unit.value, fraction=None if fraction is None else round(fraction, 4))
+
+
+def _port_holder_view(replica: Replica) -> PortHolderView | None:
+    holder = replica.port_holder
+    if replica.state is not ReplicaState.port_in_use or holder is None:
+        return None
+    return PortHolderView(port=holder.port, pid=holder.holder_pid, name=holder.holder_name)
 
 
 def _model_state(states: list[CapacityState]) -> str:

@@ -39,6 +39,17 @@ class EngineExited(Exception):
         self.output_tail = output_tail
 
 
+class PortInUse(Exception):
+    """The replica's port is held by a process the worker does not own; nothing was started."""
+
+    def __init__(self, port: int, holder_pid: int | None, holder_name: str | None) -> None:
+        super().__init__(f"port {port} is in use by " + (f"pid {holder_pid} ({holder_name})" if holder_pid
+                                                         else "a process this user cannot see"))
+        self.port = port
+        self.holder_pid = holder_pid
+        self.holder_name = holder_name
+
+
 class Engine(abc.ABC):
     """One engine replica the gateway sends OpenAI-style HTTP requests to."""
 
@@ -57,7 +68,7 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     async def start(self) -> None:
-        """Launch the engine (returns once launched, not once healthy)."""
+        """Launch the engine (returns once launched, not once healthy); `PortInUse` if its port is taken."""
 
     @abc.abstractmethod
     async def wait_exit(self) -> EngineExited:
@@ -65,7 +76,7 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     async def stop(self, timeout_s: float) -> None:
-        """Stop the engine and everything it started; idempotent."""
+        """Stop the engine and everything it started, also after it exited on its own; idempotent."""
 
     @property
     @abc.abstractmethod

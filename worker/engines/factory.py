@@ -26,7 +26,8 @@ def create_engine(spec: ReplicaSpec, settings: Settings, worker: WorkerSection, 
     if model.engine is EngineKind.mock:
         command = [settings.engine_python, "-m", "worker", "mock-engine",
                    "--model-json", model.model_dump_json(), "--host", spec.host, "--port", str(spec.port)]
-        return MockProcessEngine(spec, command, env={}, stop_grace_s=worker.engine_stop_timeout_s)
+        return MockProcessEngine(spec, command, env={}, stop_grace_s=worker.engine_stop_timeout_s,
+                                 worker_id=worker.id)
     from worker.engines.vllm_args import vllm_env, vllm_launch_command
 
     # Weights on the hub are downloaded first with progress lines (vLLM's own download prints none).
@@ -34,4 +35,5 @@ def create_engine(spec: ReplicaSpec, settings: Settings, worker: WorkerSection, 
     command = vllm_launch_command(settings.engine_python, model, spec.host, spec.port, download_first=from_hub)
     s3_endpoint_url = str(settings.s3_endpoint_url) if settings.s3_endpoint_url else None
     env = vllm_env(model, spec.gpu_ids, cpu=not gpu_present, s3_endpoint_url=s3_endpoint_url, inherited=os.environ)
-    return VllmProcessEngine(spec, command, env=env, stop_grace_s=worker.engine_stop_timeout_s)
+    return VllmProcessEngine(spec, command, env=env, stop_grace_s=worker.engine_stop_timeout_s,
+                             worker_id=worker.id)

@@ -2,7 +2,9 @@
 
 Run as `python -m worker.engines.guard --parent PID --grace S -- CMD...`. It asks the kernel for a
 signal when the worker dies (even by SIGKILL), adopts every orphaned descendant (child subreaper), and
-on any exit path terminates the whole tree, so no engine process is ever left behind.
+on any exit path terminates the whole tree. The engine it starts gets SIGTERM from the kernel when the
+guard itself dies, even by SIGKILL; what the engine started in turn is ended by the worker, which sweeps
+the guard's process group and every process that carries the launch's marker once the guard is gone.
 """
 
 from __future__ import annotations
@@ -25,6 +27,13 @@ def _prctl(option: int, value: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(option, value, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), f"prctl({option}) failed")
+
+
+def _die_with_guard(guard_pid: int) -> None:
+    """Runs in the engine's process between fork and exec: the kernel signals it when the guard dies."""
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)  # survives exec; SIGTERM lets vLLM stop its engine core
+    if os.getppid() != guard_pid:  # the guard died before the signal was armed
+        os._exit(1)
 
 
 def _terminate_descendants(grace_s: float) -> None:
@@ -75,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     if os.getppid() != args.parent:  # the worker died before the death signal was armed
         return 1
 
-    engine = subprocess.Popen(command)
+    guard_pid = os.getpid()
+    # The guard is single-threaded, so preexec_fn is safe here.
+    engine = subprocess.Popen(command, preexec_fn=lambda: _die_with_guard(guard_pid))  # noqa: PLW1509
     while engine.poll() is None and not stop_requested:
         # Also poll the parent: a belt to the PDEATHSIG braces.
         if os.getppid() != args.parent:

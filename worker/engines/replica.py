@@ -8,7 +8,7 @@ from enum import Enum
 
 import httpx
 
-from worker.engines.base import Engine, EngineExited
+from worker.engines.base import Engine, EngineExited, PortInUse
 from worker.engines.data_client import EngineDataClient
 from worker.engines.loading import LoadProgress
 
@@ -18,6 +18,7 @@ class ReplicaState(str, Enum):
     ready = "ready"
     unhealthy = "unhealthy"
     restarting = "restarting"
+    port_in_use = "port_in_use"  # another process listens on the replica's port: retried with backoff
     stopped = "stopped"
 
 
@@ -78,6 +79,8 @@ class Replica:
         self.last_exit: EngineExited | None = None
         # Set when the replica's hardware failed: it stays out of service until the worker restarts.
         self.quarantine_reason: str | None = None
+        # While the state is port_in_use: who listens on the replica's port (pid None: not visible to us).
+        self.port_holder: PortInUse | None = None
         # Control calls (health, stats, version) on `client`; inference traffic on `data`.
         self.client = make_engine_client(engine.base_url)
         self.data = EngineDataClient(engine.base_url)
@@ -122,4 +125,5 @@ class Replica:
             "engine": self.engine.describe(),
             "last_exit_code": self.last_exit.returncode if self.last_exit else None,
             "quarantine_reason": self.quarantine_reason,
+            "port_holder_pid": self.port_holder.holder_pid if self.port_holder else None,
         }

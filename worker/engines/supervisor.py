@@ -11,8 +11,9 @@ import time
 import httpx
 
 from worker.config import ConfigError, EngineKind, NodeConfig, Settings
-from worker.engines.base import ReplicaSpec
+from worker.engines.base import PortInUse, ReplicaSpec
 from worker.engines.factory import create_engine
+from worker.engines.process_tree import end_processes, leftover_processes
 from worker.engines.replica import Replica, ReplicaState
 
 logger = logging.getLogger(__name__)
@@ -76,10 +77,23 @@ class EngineSupervisor:
         return next((r for r in self.replicas if r.replica_id == replica_id), None)
 
     async def start(self) -> None:
+        await self.end_leftover_engines()
         self._watchers = [
             asyncio.create_task(self._supervise(replica), name=f"supervise-{replica.replica_id}")
             for replica in self.replicas
         ]
+
+    async def end_leftover_engines(self) -> None:
+        """End engine processes whose worker is gone (a worker or guard killed before it could stop them):
+        they hold GPU memory and ports that this worker's replicas need."""
+        leftovers = await asyncio.to_thread(leftover_processes)
+        if not leftovers:
+            return
+        grace = self.config.worker.engine_stop_timeout_s
+        pids = await asyncio.to_thread(end_processes, [found.process for found in leftovers], grace)
+        logger.warning("ended engine processes left behind by a previous worker", extra={
+            "pids": pids, "replicas": sorted({found.marker.replica for found in leftovers}),
+            "worker_pids": sorted({found.marker.owner_pid for found in leftovers})})
 
     async def wait_all_ready(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -123,7 +137,21 @@ class EngineSupervisor:
             self._set_state(replica, ReplicaState.starting)
             started_at = time.monotonic()
             try:
-                await replica.engine.start()
+                try:
+                    await replica.engine.start()
+                except PortInUse as busy:
+                    # Not restarted blindly: a second server on the port would fail, and health checks
+                    # would be answered by whoever holds it.
+                    replica.port_holder = busy
+                    self._set_state(replica, ReplicaState.port_in_use)
+                    failures += 1
+                    delay = self._backoff(failures)
+                    logger.error("replica port is in use by another process; retrying after backoff", extra={
+                        "replica": replica.replica_id, "port": busy.port, "holder_pid": busy.holder_pid,
+                        "holder_name": busy.holder_name, "backoff_s": delay})
+                    await asyncio.sleep(delay)
+                    continue
+                replica.port_holder = None
                 exit_task = asyncio.create_task(replica.engine.wait_exit())
                 healthy = await self._wait_healthy(replica, exit_task, worker.engine_start_timeout_s)
                 if healthy:
@@ -136,6 +164,8 @@ class EngineSupervisor:
                                  extra={"replica": replica.replica_id, "timeout_s": worker.engine_start_timeout_s})
                     await replica.engine.stop(worker.engine_stop_timeout_s)
                 exited = await exit_task
+                # Whatever ended the guard, nothing of its engine tree may outlive it.
+                await replica.engine.stop(worker.engine_stop_timeout_s)
             except asyncio.CancelledError:
                 raise
             except Exception:  # a broken launch must not take the worker down
@@ -150,12 +180,16 @@ class EngineSupervisor:
             replica.restarts += 1
             self._set_state(replica, ReplicaState.restarting)
             failures = 1 if time.monotonic() - started_at > STABLE_AFTER_S else failures + 1
-            delay = min(worker.restart_backoff_initial_s * 2 ** (failures - 1), worker.restart_backoff_max_s)
+            delay = self._backoff(failures)
             logger.error("replica exited; restarting after backoff", extra={
                 "replica": replica.replica_id, "returncode": exited.returncode if exited else None,
                 "backoff_s": delay, "output_tail": exited.output_tail[-2000:] if exited else None})
             await asyncio.sleep(delay)
         self._set_state(replica, ReplicaState.stopped)
+
+    def _backoff(self, failures: int) -> float:
+        worker = self.config.worker
+        return float(min(worker.restart_backoff_initial_s * 2 ** (failures - 1), worker.restart_backoff_max_s))
 
     async def _read_version(self, replica: Replica) -> None:
         with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError):
