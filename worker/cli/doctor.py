@@ -105,12 +105,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace, probes: Probes | None = None) -> int:
     overrides = {key: value for key, value in (("config", args.config), ("engine", args.engine)) if value}
-    settings = Settings.from_env(**overrides)
+    try:
+        settings = Settings.from_env(**overrides)
+    except ConfigError as error:
+        # `worker serve` would refuse to start: the one finding that matters, reported like the others.
+        return report([check_python(), Check("environment", "FAIL", str(error))], as_json=args.json)
     options = DoctorOptions(engine=settings.engine, host=args.host, port=args.port,
                             min_free_disk_gib=args.min_free_disk_gib)
-    checks = run_checks(settings, options, probes or Probes())
+    return report(run_checks(settings, options, probes or Probes()), as_json=args.json)
+
+
+def report(checks: list[Check], *, as_json: bool) -> int:
+    """Print the checks; the exit status is 1 when any FAILed."""
     failed = any(check.status == "FAIL" for check in checks)
-    if args.json:
+    if as_json:
         document = {"ok": not failed, "checks": [asdict(check) for check in checks]}
         sys.stdout.write(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:

@@ -11,9 +11,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.config.loader import ConfigError
 
-# The admin token issues keys and money: long enough that guessing it, even at the admin API's limit on
-# failed attempts, is hopeless (`openssl rand -hex 32` gives 64 characters).
-MIN_ADMIN_TOKEN_CHARS = 32
+# The admin token issues keys and money, the metrics token guards what the node reveals: long enough that
+# guessing either, even at the admin API's limit on failed attempts, is hopeless (`openssl rand -hex 32`
+# gives 64 characters).
+MIN_TOKEN_CHARS = 32
 
 
 class Settings(BaseSettings):
@@ -34,12 +35,12 @@ class Settings(BaseSettings):
                          "private deployments without billing (needs WORKER_AUTH=false)")
     db_url: str = Field(default="sqlite:///worker-ledger.db", description="sqlite:///PATH or postgresql://...")
     admin_token: SecretStr | None = Field(
-        default=None, description=f"bearer token for /admin/*, at least {MIN_ADMIN_TOKEN_CHARS} characters (unset: "
+        default=None, description=f"bearer token for /admin/*, at least {MIN_TOKEN_CHARS} characters (unset: "
         "the admin API is off)"
     )
     metrics_token: SecretStr | None = Field(
-        default=None, description="bearer token for /metrics, /metrics/node and /capacity (unset: they are open; "
-        "health endpoints are always open)"
+        default=None, description=f"bearer token for /metrics, /metrics/node and /capacity, at least "
+        f"{MIN_TOKEN_CHARS} characters (unset: they are open; health endpoints are always open)"
     )
     db_synchronous: Literal["full", "normal"] = Field(
         default="normal",
@@ -70,23 +71,22 @@ class Settings(BaseSettings):
         "AWS_ENDPOINT_URL if set, else AWS S3 itself)"
     )
 
-    @field_validator("registry_url", "registry_token", "public_url", "metrics_token", "s3_endpoint_url",
-                     mode="before")
+    @field_validator("registry_url", "registry_token", "public_url", "s3_endpoint_url", mode="before")
     @classmethod
     def _empty_means_unset(cls, value: object) -> object:
         # Deployment templates blank out a variable they do not use instead of removing it.
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("admin_token", mode="before")
+    @field_validator("admin_token", "metrics_token", mode="before")
     @classmethod
-    def _admin_token_long_enough(cls, value: object) -> object:
+    def _token_long_enough(cls, value: object) -> object:
         text = value.get_secret_value() if isinstance(value, SecretStr) else value
         if isinstance(text, str):
             if not text.strip():
-                return None  # blanked out: the admin API is off
-            if len(text) < MIN_ADMIN_TOKEN_CHARS:
+                return None  # blanked out: the admin API is off, the monitoring pages open
+            if len(text) < MIN_TOKEN_CHARS:
                 raise ValueError(
-                    f"must be at least {MIN_ADMIN_TOKEN_CHARS} characters (e.g. `openssl rand -hex 32`)"
+                    f"must be at least {MIN_TOKEN_CHARS} characters (e.g. `openssl rand -hex 32`)"
                 )
         return value
 
