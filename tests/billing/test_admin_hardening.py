@@ -38,6 +38,7 @@ from worker.billing.service import BillingService
 from worker.billing.store import LedgerStore, open_store
 from worker.cli import keys
 from worker.config import ConfigError, NodeConfig, Settings
+from worker.gateway.client_address import RELAYED_CLIENT_HEADER, client_address, with_relayed_client
 from worker.node import WorkerNode
 
 ADMIN_TOKEN = "admin-token-for-tests-0123456789abcdef"
@@ -374,6 +375,34 @@ async def test_an_admin_500_is_logged_once(
     assert response.status_code == 500 and response.json()["error"]["type"] == "internal_server_error"
     [logged] = [r for r in caplog.records if r.exc_info]
     assert logged.getMessage() == "unhandled error" and logged.request_id == response.headers["x-request-id"]  # type: ignore[attr-defined]
+
+
+def test_a_relayed_request_has_the_address_the_relay_saw_never_one_the_client_claimed() -> None:
+    claimed = (RELAYED_CLIENT_HEADER, b"10.0.0.1")
+    at_the_relay = {"client": ("203.0.113.9", 5555), "headers": [claimed, (b"accept", b"*/*")]}
+    passed_on = with_relayed_client(at_the_relay, at_the_relay["headers"])
+    assert passed_on == [(b"accept", b"*/*"), (RELAYED_CLIENT_HEADER, b"203.0.113.9")]
+    # The worker process reads the header only on its internal Unix socket, where there is no peer address.
+    assert client_address({"client": None, "headers": passed_on}) == "203.0.113.9"
+    assert client_address({"client": ("198.51.100.7", 1), "headers": [claimed]}) == "198.51.100.7"
+
+
+def test_admin_requests_through_relay_processes_keep_their_client_address(tmp_path: Path) -> None:
+    config = {"worker": {"id": "w1", "gateway_processes": 2}, "models": [fast_mock_model("acme/chat")]}
+    proc = ready_or_stopped(start_worker(tmp_path, config, env={"WORKER_AUTH": "true", "WORKER_ADMIN_TOKEN": ADMIN_TOKEN}))
+    try:
+        # Each attempt claims another address: were the claim believed, none would ever be limited.
+        statuses = []
+        for attempt in range(5 * ADMIN_FAILURES_PER_MINUTE):
+            claimed = {RELAYED_CLIENT_HEADER.decode(): f"10.0.0.{attempt}", "Authorization": "Bearer no"}
+            statuses.append(httpx.get(f"{proc.base_url}/admin/accounts", headers=claimed).status_code)
+            if statuses[-1] == 429:
+                break
+        assert statuses[-1] == 429 and set(statuses[:-1]) == {401}
+        refusals = [line for line in log_lines(proc, 0) if line["msg"] == "admin token refused"]
+        assert len(refusals) == len(statuses) - 1 and {line["client"] for line in refusals} == {"127.0.0.1"}
+    finally:
+        proc.stop()
 
 
 # The admin token.

@@ -30,6 +30,7 @@ from worker.billing.views import (
     QueryText,
     TopUpRequest,
 )
+from worker.gateway.client_address import client_address
 from worker.gateway.errors import ApiError
 from worker.gateway.request_id import SCOPE_KEY
 
@@ -132,7 +133,7 @@ class AdminAccess:
 
 
 def _client_address(request: Request) -> str:
-    return request.client.host if request.client is not None else "unknown"
+    return client_address(request.scope)
 
 
 def build_admin_router(store: LedgerStore, access: AdminAccess | SecretStr | None) -> APIRouter:
@@ -196,6 +197,7 @@ def build_admin_router(store: LedgerStore, access: AdminAccess | SecretStr | Non
                 name=body.name,
                 limits=limits,
                 byok=body.is_byok,
+                priority=body.priority,
                 expires_at=expires_at,
             )
         except UnknownAccount:

@@ -22,6 +22,7 @@ from worker.billing import usage_cost
 from worker.config import NodeConfig
 from worker.engines.data_client import EngineDataClient
 from worker.gateway.app import inference_endpoint, serve_inference
+from worker.gateway.client_address import with_relayed_client
 from worker.gateway.context import RequestContext
 from worker.gateway.errors import ApiError
 from worker.gateway.gateway import Gateway
@@ -204,7 +205,7 @@ class RelayApp:
             body += message.get("body", b"")
             if not message.get("more_body", False):
                 break
-        headers = [(name, value) for name, value in scope["headers"] if name not in _HOP_BY_HOP]
+        headers = with_relayed_client(scope, [(n, v) for n, v in scope["headers"] if n not in _HOP_BY_HOP])
         target = scope.get("raw_path") or scope["path"].encode()
         if scope["query_string"]:
             target += b"?" + scope["query_string"]
