@@ -102,3 +102,28 @@ def test_hub_sources_download_first_then_become_the_server() -> None:
 def test_its_progress_lines_are_read_as_the_download_phase() -> None:
     progress = parse_load_progress(progress_line(PROGRESS_DESCRIPTION, 3_000_000_000, 6_000_000_000))
     assert progress is not None and progress.phase is LoadPhase.downloading and progress.fraction == 0.5
+
+
+def test_it_downloads_into_the_cache_with_progress_then_starts_the_engine(tmp_path: Path) -> None:
+    import json
+
+    from tests.engines.hub_files import serve_hub_files
+
+    weights = os.urandom(3_000_000)
+    files = {"config.json": b'{"model_type": "llama"}', "tokenizer.json": b"{}", "README.md": b"# not fetched",
+             "model.safetensors": weights, "original/consolidated.00.pth": b"not fetched either"}
+    cache = tmp_path / "hub"
+    with serve_hub_files("acme/tiny", files, lfs=frozenset({"model.safetensors", "original/consolidated.00.pth"})) \
+            as endpoint:
+        done = run_step("--repo", "acme/tiny", "--cache-dir", str(cache),
+                        env={"HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_TOKEN": ""})
+    lines = done.stdout.strip().splitlines()
+    progress = [p for p in map(parse_load_progress, lines) if p is not None]
+    total = len(weights) + len(files["config.json"]) + len(files["tokenizer.json"])
+    assert progress[0].phase is LoadPhase.downloading and progress[0].total == total
+    assert (progress[-1].done, progress[-1].total) == (total, total)
+    assert lines[-1] == "engine started with ['--port', '8101']"
+    [snapshot] = (cache / "models--acme--tiny" / "snapshots").iterdir()
+    assert sorted(p.name for p in snapshot.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert (snapshot / "model.safetensors").read_bytes() == weights
+    assert json.loads((snapshot / "config.json").read_text()) == {"model_type": "llama"}
