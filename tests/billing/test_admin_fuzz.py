@@ -41,20 +41,32 @@ class FuzzRun:
         return sum(self.statuses.values())
 
 
-def fuzz_admin_routes(base_url: str, account_id: str, key_id: str, examples: int = EXAMPLES_PER_RUN) -> FuzzRun:
+def fuzz_admin_routes(
+    base_url: str, account_id: str, key_id: str, examples: int = EXAMPLES_PER_RUN
+) -> FuzzRun:
     """Send generated requests to every `/admin/*` operation the worker documents; count what came back."""
     schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
     run = FuzzRun()
     real_ids = {"account_id": account_id, "key_id": key_id}
 
-    def send_generated(session: requests.Session, operation: schemathesis.APIOperation,
-                       mode: schemathesis.GenerationMode, on_real_ids: bool) -> None:
+    def send_generated(
+        session: requests.Session,
+        operation: schemathesis.APIOperation,
+        mode: schemathesis.GenerationMode,
+        on_real_ids: bool,
+    ) -> None:
         named = {p.name for p in operation.path_parameters}
         path_parameters = {name: real_ids[name] for name in named} if on_real_ids else None
 
         # Deterministic (derandomized, no example database): CI sends the same requests each run.
-        @hypothesis.settings(max_examples=examples, deadline=None, derandomize=True, database=None,
-                             phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+        @hypothesis.settings(
+            max_examples=examples,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            phases=[Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
         @hypothesis.given(case=operation.as_strategy(generation_mode=mode, path_parameters=path_parameters))
         def send(case: schemathesis.Case) -> None:
             if on_real_ids and isinstance(case.body, dict) and "account_id" in case.body:
@@ -87,14 +99,19 @@ def fuzz_admin_routes(base_url: str, account_id: str, key_id: str, examples: int
 
 
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def worker(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+def worker(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorkerProcess]:
     tmp_path = tmp_path_factory.mktemp(f"admin-fuzz-{request.param}")
     database = fresh_database(request.param, tmp_path)
     db_url = asyncio.run(database.__aenter__())  # each step opens and closes its own connection
-    proc = ready_or_stopped(start_worker(
-        tmp_path, {"worker": {"id": "fuzz"}, "models": [fast_mock_model("acme/chat")]},
-        env={"WORKER_AUTH": "true", "WORKER_ADMIN_TOKEN": ADMIN_TOKEN, "WORKER_DB_URL": db_url},
-    ))
+    proc = ready_or_stopped(
+        start_worker(
+            tmp_path,
+            {"worker": {"id": "fuzz"}, "models": [fast_mock_model("acme/chat")]},
+            env={"WORKER_AUTH": "true", "WORKER_ADMIN_TOKEN": ADMIN_TOKEN, "WORKER_DB_URL": db_url},
+        )
+    )
     try:
         yield proc
     finally:
@@ -104,26 +121,42 @@ def worker(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 def test_fuzzed_admin_requests_get_no_server_error(worker: WorkerProcess) -> None:
     account = httpx.post(f"{worker.base_url}/admin/accounts", headers=ADMIN, json={"name": "fuzz"})
-    key = httpx.post(f"{worker.base_url}/admin/keys", headers=ADMIN, json={"account_id": account.json()["data"]["id"]})
+    key = httpx.post(
+        f"{worker.base_url}/admin/keys", headers=ADMIN, json={"account_id": account.json()["data"]["id"]}
+    )
     run = fuzz_admin_routes(worker.base_url, account.json()["data"]["id"], key.json()["data"]["id"])
 
     summary = f"{run.requests} requests; statuses: {dict(sorted(run.statuses.items()))}"
     print(summary)
-    assert not run.server_errors, "\n\n".join(run.server_errors[:10]) + f"\n\nworker log:\n{worker.log()[-6000:]}"
+    assert not run.server_errors, (
+        "\n\n".join(run.server_errors[:10]) + f"\n\nworker log:\n{worker.log()[-6000:]}"
+    )
     operations = {label for label, _ in run.statuses}
-    assert {"POST /admin/accounts", "POST /admin/accounts/{account_id}/topup", "POST /admin/keys",
-            "GET /admin/audit", "GET /admin/usage/export", "POST /admin/drain"} <= operations, summary
+    assert {
+        "POST /admin/accounts",
+        "POST /admin/accounts/{account_id}/topup",
+        "POST /admin/keys",
+        "GET /admin/audit",
+        "GET /admin/usage/export",
+        "POST /admin/drain",
+    } <= operations, summary
     # Generated values were both taken and refused, on the routes that change money and keys.
     for label in ("POST /admin/accounts", "POST /admin/accounts/{account_id}/topup", "POST /admin/keys"):
         assert run.statuses[(label, 400)] > 0, summary
         assert run.statuses[(label, 200)] + run.statuses[(label, 201)] > 0, summary
     # Every change that was taken is in the audit trail.
-    changes = sum(count for (label, status), count in run.statuses.items()
-                  if label.startswith("POST") and status in (200, 201))
+    changes = sum(
+        count
+        for (label, status), count in run.statuses.items()
+        if label.startswith("POST") and status in (200, 201)
+    )
     audited, cursor = 0, None
     while True:
-        page = httpx.get(f"{worker.base_url}/admin/audit", headers=ADMIN,
-                         params={"limit": 500, **({"cursor": cursor} if cursor else {})}).json()
+        page = httpx.get(
+            f"{worker.base_url}/admin/audit",
+            headers=ADMIN,
+            params={"limit": 500, **({"cursor": cursor} if cursor else {})},
+        ).json()
         audited += len(page["data"])
         if (cursor := page["next_cursor"]) is None:
             break

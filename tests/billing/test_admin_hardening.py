@@ -56,8 +56,11 @@ class FakeClock:
 
 @pytest.fixture
 async def node(store: LedgerStore, tmp_path: Path) -> WorkerNode:
-    """The worker's app with its billing routes on `store`; no engine is started (no admin route needs one)."""
-    config = NodeConfig.model_validate({"worker": {"id": "admin-node"}, "models": [fast_mock_model("acme/chat")]})
+    """The worker's app with its billing routes on `store`; no engine is started (no admin route needs
+    one)."""
+    config = NodeConfig.model_validate(
+        {"worker": {"id": "admin-node"}, "models": [fast_mock_model("acme/chat")]}
+    )
     settings = Settings(auth=True, db_url=f"sqlite:///{tmp_path / 'unused.db'}", admin_token=ADMIN_TOKEN)
     worker = WorkerNode(config, settings, gpu_count=0)
     worker.admin_access.clock = FakeClock()
@@ -86,13 +89,17 @@ def refused_param(response: httpx.Response) -> str | None:
 
 
 async def new_account(admin: httpx.AsyncClient, balance: str = "10") -> str:
-    created = await admin.post("/admin/accounts", json={"name": "acme", "initial_balance_usd": balance}, headers=ADMIN)
+    created = await admin.post(
+        "/admin/accounts", json={"name": "acme", "initial_balance_usd": balance}, headers=ADMIN
+    )
     assert created.status_code == 201, created.text
     return created.json()["data"]["id"]
 
 
 # Query values a key holder controls.
-async def test_usage_cursor_out_of_range_is_a_400_naming_cursor(admin: httpx.AsyncClient, store: LedgerStore) -> None:
+async def test_usage_cursor_out_of_range_is_a_400_naming_cursor(
+    admin: httpx.AsyncClient, store: LedgerStore
+) -> None:
     key = await make_key(store)
     for cursor in ["9223372036854775808", "²", "-1", "1e3", "abc", "99999999999999999999", ""]:
         response = await admin.get("/v1/usage", params={"cursor": cursor}, headers=bearer(key.plaintext))
@@ -103,7 +110,9 @@ async def test_usage_pages_up_to_the_largest_cursor(admin: httpx.AsyncClient, st
     key = await make_key(store)
     for number in range(3):
         await store.settle(ledger_entry(f"rec-{number}", key=key.key))
-    newest_first = await admin.get("/v1/usage", params={"cursor": str(INT64_MAX)}, headers=bearer(key.plaintext))
+    newest_first = await admin.get(
+        "/v1/usage", params={"cursor": str(INT64_MAX)}, headers=bearer(key.plaintext)
+    )
     assert newest_first.status_code == 200
     assert [r["record_id"] for r in newest_first.json()["data"]] == ["rec-2", "rec-1", "rec-0"]
     page = await admin.get("/v1/usage", params={"limit": 2}, headers=bearer(key.plaintext))
@@ -116,8 +125,11 @@ async def test_usage_pages_up_to_the_largest_cursor(admin: httpx.AsyncClient, st
 async def test_usage_filters_out_of_range_are_400s(admin: httpx.AsyncClient, store: LedgerStore) -> None:
     key = await make_key(store)
     for params, param in [
-        ({"limit": "0"}, "limit"), ({"limit": "501"}, "limit"), ({"limit": str(2**64)}, "limit"),
-        ({"model": "acme\x00chat"}, "model"), ({"request_id": "x" * 201}, "request_id"),
+        ({"limit": "0"}, "limit"),
+        ({"limit": "501"}, "limit"),
+        ({"limit": str(2**64)}, "limit"),
+        ({"model": "acme\x00chat"}, "model"),
+        ({"request_id": "x" * 201}, "request_id"),
         ({"since": "not-a-date"}, "since"),
     ]:
         response = await admin.get("/v1/usage", params=params, headers=bearer(key.plaintext))
@@ -126,15 +138,15 @@ async def test_usage_filters_out_of_range_are_400s(admin: httpx.AsyncClient, sto
 
 # Admin values.
 ACCOUNT_REFUSALS = [
-        ({"name": "acme", "initial_balance_usd": "-1"}, "initial_balance_usd"),
-        ({"name": "acme", "initial_balance_usd": -0.000001}, "initial_balance_usd"),
-        ({"name": "acme", "initial_balance_usd": "1000000000.000001"}, "initial_balance_usd"),
-        ({"name": "acme", "initial_balance_usd": "1e999999"}, "initial_balance_usd"),
-        ({"name": "acme", "initial_balance_usd": 1e300}, "initial_balance_usd"),
-        ({"name": "acme", "initial_balance_usd": "NaN"}, "initial_balance_usd"),
-        ({"name": "ac\x00me"}, "name"),
-        ({"name": "\ud800"}, "name"),
-        ({"name": ""}, "name"),
+    ({"name": "acme", "initial_balance_usd": "-1"}, "initial_balance_usd"),
+    ({"name": "acme", "initial_balance_usd": -0.000001}, "initial_balance_usd"),
+    ({"name": "acme", "initial_balance_usd": "1000000000.000001"}, "initial_balance_usd"),
+    ({"name": "acme", "initial_balance_usd": "1e999999"}, "initial_balance_usd"),
+    ({"name": "acme", "initial_balance_usd": 1e300}, "initial_balance_usd"),
+    ({"name": "acme", "initial_balance_usd": "NaN"}, "initial_balance_usd"),
+    ({"name": "ac\x00me"}, "name"),
+    ({"name": "\ud800"}, "name"),
+    ({"name": ""}, "name"),
 ]
 
 
@@ -156,7 +168,9 @@ async def test_the_largest_balance_is_accepted_and_a_top_up_past_it_refused(
     account_id = await new_account(admin, balance="999999999")
     topped = await admin.post(f"/admin/accounts/{account_id}/topup", json={"amount_usd": "1"}, headers=ADMIN)
     assert topped.status_code == 200 and topped.json()["data"]["balance_micro"] == MAX_BALANCE_MICRO
-    over = await admin.post(f"/admin/accounts/{account_id}/topup", json={"amount_usd": "0.000001"}, headers=ADMIN)
+    over = await admin.post(
+        f"/admin/accounts/{account_id}/topup", json={"amount_usd": "0.000001"}, headers=ADMIN
+    )
     assert refused_param(over) == "amount_usd"
     account = await store.get_account(account_id)
     assert account is not None and account.balance_micro == MAX_BALANCE_MICRO
@@ -174,23 +188,25 @@ async def test_top_up_values_out_of_range_are_400s(admin: httpx.AsyncClient, sto
 
 
 KEY_REFUSALS = [
-        ({"requests_per_minute": 2**31}, "requests_per_minute"),
-        ({"requests_per_minute": 0}, "requests_per_minute"),
-        ({"tokens_per_minute": 2**63}, "tokens_per_minute"),
-        ({"monthly_spend_cap_usd": "1e10"}, "monthly_spend_cap_usd"),
-        ({"monthly_spend_cap_usd": "-1"}, "monthly_spend_cap_usd"),
-        ({"expires_in_days": 1e9}, "expires_in_days"),
-        ({"expires_in_days": 0}, "expires_in_days"),
-        ({"expires_at": "9999-12-31T23:59:59-14:00"}, "expires_at"),
-        ({"expires_at": "0001-01-01T00:00:00+14:00"}, "expires_at"),
-        ({"allowed_models": ["acme/chat", "bad\x00"]}, "allowed_models.1"),
-        ({"allowed_models": ["m"] * 1001}, "allowed_models"),
-        ({"name": "x\x00"}, "name"),
-        ({"account_id": ""}, "account_id"),
+    ({"requests_per_minute": 2**31}, "requests_per_minute"),
+    ({"requests_per_minute": 0}, "requests_per_minute"),
+    ({"tokens_per_minute": 2**63}, "tokens_per_minute"),
+    ({"monthly_spend_cap_usd": "1e10"}, "monthly_spend_cap_usd"),
+    ({"monthly_spend_cap_usd": "-1"}, "monthly_spend_cap_usd"),
+    ({"expires_in_days": 1e9}, "expires_in_days"),
+    ({"expires_in_days": 0}, "expires_in_days"),
+    ({"expires_at": "9999-12-31T23:59:59-14:00"}, "expires_at"),
+    ({"expires_at": "0001-01-01T00:00:00+14:00"}, "expires_at"),
+    ({"allowed_models": ["acme/chat", "bad\x00"]}, "allowed_models.1"),
+    ({"allowed_models": ["m"] * 1001}, "allowed_models"),
+    ({"name": "x\x00"}, "name"),
+    ({"account_id": ""}, "account_id"),
 ]
 
 
-async def test_key_values_out_of_range_are_400s_naming_the_field(admin: httpx.AsyncClient, store: LedgerStore) -> None:
+async def test_key_values_out_of_range_are_400s_naming_the_field(
+    admin: httpx.AsyncClient, store: LedgerStore
+) -> None:
     account_id = await new_account(admin)
     for fields, param in KEY_REFUSALS:
         response = await admin.post("/admin/keys", json={"account_id": account_id, **fields}, headers=ADMIN)
@@ -205,8 +221,13 @@ async def test_key_limits_at_their_bounds_are_stored_and_read_back(
     response = await admin.post(
         "/admin/keys",
         headers=ADMIN,
-        json={"account_id": account_id, "requests_per_minute": 2**31 - 1, "tokens_per_minute": 2**31 - 1,
-              "monthly_spend_cap_usd": "1000000000", "expires_at": "8999-12-31T00:00:00Z"},
+        json={
+            "account_id": account_id,
+            "requests_per_minute": 2**31 - 1,
+            "tokens_per_minute": 2**31 - 1,
+            "monthly_spend_cap_usd": "1000000000",
+            "expires_at": "8999-12-31T00:00:00Z",
+        },
     )
     assert response.status_code == 201, response.text
     [key] = (await admin.get("/admin/keys", headers=ADMIN)).json()["data"]
@@ -216,9 +237,12 @@ async def test_key_limits_at_their_bounds_are_stored_and_read_back(
 
 async def test_admin_path_and_query_values_are_checked(admin: httpx.AsyncClient) -> None:
     for method, path, param in [
-        ("GET", "/admin/accounts/acct%00x", "account_id"), ("POST", "/admin/keys/key%00x/revoke", "key_id"),
-        ("GET", "/admin/keys?account_id=a%00", "account_id"), ("GET", "/admin/usage/export?model=%00", "model"),
-        ("GET", "/admin/audit?cursor=9223372036854775808", "cursor"), ("GET", "/admin/audit?limit=0", "limit"),
+        ("GET", "/admin/accounts/acct%00x", "account_id"),
+        ("POST", "/admin/keys/key%00x/revoke", "key_id"),
+        ("GET", "/admin/keys?account_id=a%00", "account_id"),
+        ("GET", "/admin/usage/export?model=%00", "model"),
+        ("GET", "/admin/audit?cursor=9223372036854775808", "cursor"),
+        ("GET", "/admin/audit?limit=0", "limit"),
         ("GET", "/admin/audit?cursor=%C2%B2", "cursor"),
     ]:
         assert refused_param(await admin.request(method, path, headers=ADMIN)) == param, path
@@ -229,11 +253,15 @@ async def test_every_admin_action_is_audited_and_readable_in_pages(
     node: WorkerNode, admin: httpx.AsyncClient, store: LedgerStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="worker.billing.audit")
-    created = await admin.post("/admin/accounts", json={"name": "acme", "initial_balance_usd": "2"}, headers=ADMIN)
+    created = await admin.post(
+        "/admin/accounts", json={"name": "acme", "initial_balance_usd": "2"}, headers=ADMIN
+    )
     account_id = created.json()["data"]["id"]
     await admin.post(f"/admin/accounts/{account_id}/topup", json={"amount_usd": "0.5"}, headers=ADMIN)
     issued = await admin.post(
-        "/admin/keys", json={"account_id": account_id, "name": "prod", "requests_per_minute": 60}, headers=ADMIN
+        "/admin/keys",
+        json={"account_id": account_id, "name": "prod", "requests_per_minute": 60},
+        headers=ADMIN,
     )
     key_id, plaintext = issued.json()["data"]["id"], issued.json()["key"]
     revoked = await admin.post(f"/admin/keys/{key_id}/revoke", headers=ADMIN)
@@ -244,8 +272,12 @@ async def test_every_admin_action_is_audited_and_readable_in_pages(
 
     trail = (await admin.get("/admin/audit", headers=ADMIN)).json()
     assert [(r["action"], r["target"]) for r in trail["data"]] == [
-        ("worker.undrain", None), ("worker.drain", None), ("key.revoke", key_id), ("key.create", key_id),
-        ("account.topup", account_id), ("account.create", account_id),
+        ("worker.undrain", None),
+        ("worker.drain", None),
+        ("key.revoke", key_id),
+        ("key.create", key_id),
+        ("account.topup", account_id),
+        ("account.create", account_id),
     ]
     assert trail["next_cursor"] is None
     by_action = {r["action"]: r for r in trail["data"]}
@@ -262,18 +294,27 @@ async def test_every_admin_action_is_audited_and_readable_in_pages(
     assert plaintext not in orjson.dumps(trail).decode()  # the key itself is shown once, never kept
 
     first = (await admin.get("/admin/audit", params={"limit": 4}, headers=ADMIN)).json()
-    rest = (await admin.get("/admin/audit", params={"limit": 4, "cursor": first["next_cursor"]}, headers=ADMIN)).json()
+    rest = (
+        await admin.get("/admin/audit", params={"limit": 4, "cursor": first["next_cursor"]}, headers=ADMIN)
+    ).json()
     assert [r["seq"] for r in first["data"] + rest["data"]] == [r["seq"] for r in trail["data"]]
     assert rest["next_cursor"] is None
 
     logged = [r for r in caplog.records if r.getMessage() == "admin action"]
     assert [r.action for r in logged] == [  # type: ignore[attr-defined]
-        "account.create", "account.topup", "key.create", "key.revoke", "worker.drain", "worker.undrain"
+        "account.create",
+        "account.topup",
+        "key.create",
+        "key.revoke",
+        "worker.drain",
+        "worker.undrain",
     ]
     assert all(plaintext not in str(vars(r)) for r in caplog.records)
 
 
-async def test_the_audit_table_is_append_only(store: LedgerStore, admin: httpx.AsyncClient, db_url: str) -> None:
+async def test_the_audit_table_is_append_only(
+    store: LedgerStore, admin: httpx.AsyncClient, db_url: str
+) -> None:
     await new_account(admin)
     if db_url.startswith("sqlite"):
         import sqlite3
@@ -314,9 +355,13 @@ async def test_cli_actions_are_audited_with_actor_cli(
         assert run_cli(*argv, "--db-url", db_url) == 0
         return capsys.readouterr().out
 
-    account_id = (await asyncio.to_thread(cli, "keys", "create-account", "acme", "--balance-usd", "3")).split()[1]
+    account_id = (
+        await asyncio.to_thread(cli, "keys", "create-account", "acme", "--balance-usd", "3")
+    ).split()[1]
     await asyncio.to_thread(cli, "keys", "topup", account_id, "2")
-    key = orjson.loads(await asyncio.to_thread(cli, "keys", "create", "--account", account_id, "--rpm", "5", "--json"))
+    key = orjson.loads(
+        await asyncio.to_thread(cli, "keys", "create", "--account", account_id, "--rpm", "5", "--json")
+    )
     await asyncio.to_thread(cli, "keys", "revoke", key["data"]["id"])
     with pytest.raises(SystemExit, match="--balance-usd"):
         await asyncio.to_thread(cli, "keys", "create-account", "acme", "--balance-usd", "-1")
@@ -325,7 +370,10 @@ async def test_cli_actions_are_audited_with_actor_cli(
 
     trail = await store.query_admin_audit(limit=10)
     assert [(r.actor, r.action) for r in trail] == [
-        ("cli", "key.revoke"), ("cli", "key.create"), ("cli", "account.topup"), ("cli", "account.create")
+        ("cli", "key.revoke"),
+        ("cli", "key.create"),
+        ("cli", "account.topup"),
+        ("cli", "account.create"),
     ]
     assert trail[2].changes == {"amount_micro": 2_000_000, "balance_micro": 5_000_000}
     assert trail[1].changes["requests_per_minute"] == 5 and trail[0].client is None
@@ -346,7 +394,9 @@ async def test_failed_admin_attempts_are_limited_per_address_and_logged(
         # While limited the address is refused unread, the right token included; other addresses are not.
         assert (await attacker.post("/admin/drain", headers=ADMIN)).status_code == 429
         assert (await operator.get("/admin/accounts", headers=ADMIN)).status_code == 200
-        assert (await operator.post("/admin/undrain", headers={"Authorization": "Bearer nope"})).status_code == 401
+        assert (
+            await operator.post("/admin/undrain", headers={"Authorization": "Bearer nope"})
+        ).status_code == 401
 
         node.admin_access.clock.now += 60 / ADMIN_FAILURES_PER_MINUTE  # type: ignore[attr-defined]
         assert (await attacker.get("/admin/accounts", headers=ADMIN)).status_code == 200
@@ -354,16 +404,22 @@ async def test_failed_admin_attempts_are_limited_per_address_and_logged(
     refusals = [r for r in caplog.records if r.getMessage() == "admin token refused"]
     assert len(refusals) == ADMIN_FAILURES_PER_MINUTE + 1
     assert {(r.client, r.path) for r in refusals} == {  # type: ignore[attr-defined]
-        ("10.9.9.9", "/admin/accounts"), ("10.1.1.1", "/admin/undrain")
+        ("10.9.9.9", "/admin/accounts"),
+        ("10.1.1.1", "/admin/undrain"),
     }
-    assert any("refused for a while" in r.getMessage() and r.client == "10.9.9.9"  # type: ignore[attr-defined]
-               for r in caplog.records)
+    assert any(
+        "refused for a while" in r.getMessage() and r.client == "10.9.9.9"  # type: ignore[attr-defined]
+        for r in caplog.records
+    )
     everything_logged = " ".join(str(vars(r)) for r in caplog.records)
     assert "guess-" not in everything_logged and ADMIN_TOKEN not in everything_logged
 
 
 async def test_an_admin_500_is_logged_once(
-    admin: httpx.AsyncClient, store: LedgerStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    admin: httpx.AsyncClient,
+    store: LedgerStore,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     async def broken() -> None:
         raise RuntimeError("the database went away")
@@ -389,7 +445,9 @@ def test_a_relayed_request_has_the_address_the_relay_saw_never_one_the_client_cl
 
 def test_admin_requests_through_relay_processes_keep_their_client_address(tmp_path: Path) -> None:
     config = {"worker": {"id": "w1", "gateway_processes": 2}, "models": [fast_mock_model("acme/chat")]}
-    proc = ready_or_stopped(start_worker(tmp_path, config, env={"WORKER_AUTH": "true", "WORKER_ADMIN_TOKEN": ADMIN_TOKEN}))
+    proc = ready_or_stopped(
+        start_worker(tmp_path, config, env={"WORKER_AUTH": "true", "WORKER_ADMIN_TOKEN": ADMIN_TOKEN})
+    )
     try:
         # Each attempt claims another address: were the claim believed, none would ever be limited.
         statuses = []
@@ -419,12 +477,17 @@ def test_admin_token_of_32_characters_or_blank() -> None:
 
 
 def test_worker_serve_refuses_a_short_admin_token(tmp_path: Path) -> None:
-    config = write_config(tmp_path / "models.yaml", {"worker": {"id": "w"}, "models": [fast_mock_model("acme/chat")]})
+    config = write_config(
+        tmp_path / "models.yaml", {"worker": {"id": "w"}, "models": [fast_mock_model("acme/chat")]}
+    )
     token = "short-token-1234"
     completed = subprocess.run(
         [sys.executable, "-m", "worker", "serve", "--config", str(config), "--engine", "mock"],
         env={**os.environ, "WORKER_ADMIN_TOKEN": token, "WORKER_DB_URL": f"sqlite:///{tmp_path / 'l.db'}"},
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert completed.returncode == 2
     assert "WORKER_ADMIN_TOKEN" in completed.stderr and "at least 32 characters" in completed.stderr
@@ -462,7 +525,10 @@ async def test_ledger_files_are_private(tmp_path: Path) -> None:
         assert journal_modes == [0o600]
         assert mode(database.parent) == 0o700
         assert {p.name: mode(p) for p in database.parent.iterdir()} == {
-            "ledger.db": 0o600, "ledger.db-wal": 0o600, "ledger.db-shm": 0o600, "ledger.db.journal": 0o700
+            "ledger.db": 0o600,
+            "ledger.db-wal": 0o600,
+            "ledger.db-shm": 0o600,
+            "ledger.db.journal": 0o700,
         }
         assert mode(journal / "worker-1") == 0o700
     finally:
@@ -487,11 +553,13 @@ async def test_ledger_files_created_open_by_an_older_worker_are_closed(tmp_path:
 # How client errors are logged, by `worker serve` itself.
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
-    """`worker serve` with keys and the admin token, its ledger where it goes by default (the working directory)."""
+    """`worker serve` with keys and the admin token, its ledger where it goes by default (the working
+    directory)."""
     tmp_path = tmp_path_factory.mktemp("served")
     env = {"WORKER_AUTH": "true", "WORKER_ADMIN_TOKEN": ADMIN_TOKEN, "WORKER_DB_URL": Settings().db_url}
-    proc = ready_or_stopped(start_worker(tmp_path, {"worker": {"id": "w1"}, "models": [fast_mock_model("acme/chat")]},
-                                         env=env))
+    proc = ready_or_stopped(
+        start_worker(tmp_path, {"worker": {"id": "w1"}, "models": [fast_mock_model("acme/chat")]}, env=env)
+    )
     yield proc
     proc.stop()
 
@@ -522,13 +590,16 @@ def lines_after(proc: WorkerProcess, mark: int, predicate: Any) -> list[dict[str
     "request_bytes",
     [
         b"POST /v1/chat/completions HTTP/1.1\r\nhost: w\r\ncontent-type: application/json\r\n"
-        b"content-length: 100\r\n\r\n{\"model\":",
-        b"POST /admin/accounts HTTP/1.1\r\nhost: w\r\nauthorization: Bearer " + ADMIN_TOKEN.encode()
-        + b"\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"name\":",
+        b'content-length: 100\r\n\r\n{"model":',
+        b"POST /admin/accounts HTTP/1.1\r\nhost: w\r\nauthorization: Bearer "
+        + ADMIN_TOKEN.encode()
+        + b'\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{"name":',
     ],
     ids=["inference", "admin"],
 )
-def test_a_body_shorter_than_its_length_is_logged_once_at_info(served: WorkerProcess, request_bytes: bytes) -> None:
+def test_a_body_shorter_than_its_length_is_logged_once_at_info(
+    served: WorkerProcess, request_bytes: bytes
+) -> None:
     mark = len(served.log())
     send_raw(served, request_bytes)
     lines = lines_after(served, mark, lambda line: "declared length" in line["msg"])
@@ -553,7 +624,11 @@ def test_wrong_admin_tokens_are_logged_with_address_and_path_only(served: Worker
     assert response.status_code == 401
     lines = lines_after(served, mark, lambda line: line["msg"] == "admin token refused")
     [refusal] = [line for line in lines if line["msg"] == "admin token refused"]
-    assert refusal["level"] == "warning" and refusal["client"] == "127.0.0.1" and refusal["path"] == "/admin/audit"
+    assert (
+        refusal["level"] == "warning"
+        and refusal["client"] == "127.0.0.1"
+        and refusal["path"] == "/admin/audit"
+    )
     assert presented not in served.log() and ADMIN_TOKEN not in served.log()
 
 
@@ -562,8 +637,12 @@ def test_the_default_ledger_is_private_in_the_working_directory(served: WorkerPr
     assert created.status_code == 201
     workdir = served.log_path.parent
     ledger = {p.name: mode(p) for p in workdir.iterdir() if p.name.startswith("worker-ledger.db")}
-    assert ledger == {"worker-ledger.db": 0o600, "worker-ledger.db-wal": 0o600, "worker-ledger.db-shm": 0o600,
-                      "worker-ledger.db.journal": 0o700}
+    assert ledger == {
+        "worker-ledger.db": 0o600,
+        "worker-ledger.db-wal": 0o600,
+        "worker-ledger.db-shm": 0o600,
+        "worker-ledger.db.journal": 0o700,
+    }
     assert {mode(p) for p in (workdir / "worker-ledger.db.journal").iterdir()} == {0o700}
     [audited] = httpx.get(f"{served.base_url}/admin/audit", headers=ADMIN).json()["data"]
     assert audited["action"] == "account.create" and audited["client"] == "127.0.0.1"

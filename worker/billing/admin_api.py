@@ -1,4 +1,5 @@
-"""`/admin/*`: accounts, keys, usage export and the audit trail for the operator, behind a bearer admin token."""
+"""`/admin/*`: accounts, keys, usage export and the audit trail for the operator, behind a bearer admin
+token."""
 
 # No `from __future__ import annotations`: FastAPI must see the real `Annotated[..., Path()]` parameters.
 import hmac
@@ -37,7 +38,8 @@ from worker.gateway.request_id import SCOPE_KEY
 logger = logging.getLogger(__name__)
 
 # Wrong admin tokens one client address may present per minute (a burst of this many, then one every
-# 60/N s) before its attempts are refused with 429 unread: a 32-character token cannot be guessed at that rate.
+# 60/N s) before its attempts are refused with 429 unread: a 32-character token cannot be guessed at that
+# rate.
 ADMIN_FAILURES_PER_MINUTE = 10
 # Addresses whose buckets are tracked at once before full (forgotten) buckets are dropped.
 _PRUNE_ABOVE = 10_000
@@ -97,7 +99,10 @@ class AdminAccess:
             extra={"client": client, "path": request.url.path, "request_id": request.scope.get(SCOPE_KEY)},
         )
         raise ApiError(
-            401, "missing or wrong admin token", code="invalid_admin_token", headers={"www-authenticate": "Bearer"}
+            401,
+            "missing or wrong admin token",
+            code="invalid_admin_token",
+            headers={"www-authenticate": "Bearer"},
         )
 
     def _count_failure(self, client: str, now: float) -> None:
@@ -147,7 +152,10 @@ def build_admin_router(store: LedgerStore, access: AdminAccess | SecretStr | Non
     async def create_account(request: Request, body: CreateAccountRequest) -> dict[str, Any]:
         account = await open_account(store, body.name, usd_to_micro(body.initial_balance_usd))
         await admin.record(
-            request, "account.create", account.id, {"name": account.name, "balance_micro": account.balance_micro}
+            request,
+            "account.create",
+            account.id,
+            {"name": account.name, "balance_micro": account.balance_micro},
         )
         return {"data": AccountView.of(account)}
 
@@ -174,7 +182,10 @@ def build_admin_router(store: LedgerStore, access: AdminAccess | SecretStr | Non
                 400, f"the balance after this top-up would exceed {MAX_BALANCE_USD} USD", param="amount_usd"
             ) from None
         await admin.record(
-            request, "account.topup", account.id, {"amount_micro": amount, "balance_micro": account.balance_micro}
+            request,
+            "account.topup",
+            account.id,
+            {"amount_micro": amount, "balance_micro": account.balance_micro},
         )
         return {"data": AccountView.of(account)}
 
@@ -220,7 +231,9 @@ def build_admin_router(store: LedgerStore, access: AdminAccess | SecretStr | Non
             raise ApiError(404, f"no key '{key_id}'", code="key_not_found")
         view = KeyView.of(key, _month())
         revoked_at = key.revoked_at.isoformat() if key.revoked_at else None
-        await admin.record(request, "key.revoke", key.id, {"account_id": key.account_id, "revoked_at": revoked_at})
+        await admin.record(
+            request, "key.revoke", key.id, {"account_id": key.account_id, "revoked_at": revoked_at}
+        )
         return {"data": view}
 
     @router.get("/audit")

@@ -46,7 +46,9 @@ def build_key_router(service: "BillingService") -> APIRouter:
         ] = None,
     ) -> dict[str, Any]:
         where = LedgerFilter(key_id=key.id, model=model, since=since, until=until, request_id=request_id)
-        records = await service.store.query_ledger(where, limit=limit, order="desc", cursor=cursor_value(cursor))
+        records = await service.store.query_ledger(
+            where, limit=limit, order="desc", cursor=cursor_value(cursor)
+        )
         return {
             "object": "list",
             "data": [record_json(r) for r in records],

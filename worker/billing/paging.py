@@ -1,4 +1,5 @@
-"""Paging lists newest first: a page's `next_cursor` is the seq of its last item, validated on the way back in."""
+"""Paging lists newest first: a page's `next_cursor` is the seq of its last item, validated on the way
+back in."""
 
 from __future__ import annotations
 

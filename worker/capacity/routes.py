@@ -36,14 +36,16 @@ def build_capacity_router(capacity: CapacityMonitor, admin_access: AdminAccess |
     @admin.post("/drain")
     async def drain(request: Request) -> Response:
         capacity.drain.begin()
-        await access.record(request, "worker.drain", None, {"draining": True, "in_flight": capacity.in_flight})
+        await access.record(request, "worker.drain", None,
+                            {"draining": True, "in_flight": capacity.in_flight})
         return _json({"draining": True, "in_flight": capacity.in_flight})
 
     @admin.post("/undrain")
     async def undrain(request: Request) -> Response:
         if not capacity.drain.end():
             raise ApiError(409, "the worker is shutting down and cannot take work again", code="shutting_down")
-        await access.record(request, "worker.undrain", None, {"draining": False, "in_flight": capacity.in_flight})
+        await access.record(request, "worker.undrain", None,
+                            {"draining": False, "in_flight": capacity.in_flight})
         return _json({"draining": False, "in_flight": capacity.in_flight})
 
     router.include_router(admin)
