@@ -20,7 +20,8 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 def _git_blob_id(content: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()  # noqa: S324 (git's own id)
+    """The id git gives a file's content (SHA-1 as git uses it, not for security)."""
+    return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
 
 
 def build_app(repo_id: str, files: dict[str, bytes], lfs: frozenset[str]) -> Starlette:
