@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from litellm import Router
 
 MODEL = "bench/fleet"
-ADMIN_TOKEN = "fleet-bench-admin"
+ADMIN_TOKEN = "fleet-bench-admin-0123456789abcdef0123"
 OUTPUT_TOKENS = 24
 PROMPT = [{"role": "user", "content": "tell me a story"}]
 # Both workers step at the same speed, so TTFT differences come from routing, not from the engines.
