@@ -78,7 +78,9 @@ def _validated(model: type[Request], flags: dict[str, str], **fields: Any) -> Re
 
 
 async def _audit(store: LedgerStore, action: str, target: str, changes: dict[str, Any]) -> None:
-    await audit(store, AdminAction(at=time.time(), actor="cli", action=action, target=target, changes=changes))
+    await audit(
+        store, AdminAction(at=time.time(), actor="cli", action=action, target=target, changes=changes)
+    )
 
 
 async def _create_account(store: LedgerStore, args: argparse.Namespace) -> int:
@@ -87,7 +89,8 @@ async def _create_account(store: LedgerStore, args: argparse.Namespace) -> int:
         name=args.name, initial_balance_usd=args.balance_usd,
     )
     account = await open_account(store, request.name, usd_to_micro(request.initial_balance_usd))
-    await _audit(store, "account.create", account.id, {"name": account.name, "balance_micro": account.balance_micro})
+    changes = {"name": account.name, "balance_micro": account.balance_micro}
+    await _audit(store, "account.create", account.id, changes)
     print(f"account {account.id} ({account.name}), balance {micro_to_usd_text(account.balance_micro)} USD")
     return 0
 
@@ -188,8 +191,10 @@ async def _top_up(store: LedgerStore, args: argparse.Namespace) -> int:
         print(f"worker keys: no account '{args.account_id}'", file=sys.stderr)
         return 1
     except BalanceLimitExceeded:
-        print(f"worker keys: the balance after this top-up would exceed {MAX_BALANCE_USD} USD", file=sys.stderr)
+        print(f"worker keys: the balance after this top-up would exceed {MAX_BALANCE_USD} USD",
+              file=sys.stderr)
         return 1
-    await _audit(store, "account.topup", account.id, {"amount_micro": amount, "balance_micro": account.balance_micro})
+    changes = {"amount_micro": amount, "balance_micro": account.balance_micro}
+    await _audit(store, "account.topup", account.id, changes)
     print(f"account {account.id} balance {micro_to_usd_text(account.balance_micro)} USD")
     return 0
