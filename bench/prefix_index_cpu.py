@@ -16,11 +16,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from worker.capacity.kv_index import HfPromptTokenizer, KvEventsPrefixIndex, MockPromptTokenizer, PromptTokenizer
+from worker.capacity.kv_index import (
+    HfPromptTokenizer,
+    KvEventsPrefixIndex,
+    MockPromptTokenizer,
+    PromptTokenizer,
+)
 from worker.capacity.prefix_index import ApproximatePrefixIndex, PrefixIndex
 
-WORDS = ("the river carries light and stone through the garden where people read paper signals about music "
-         "and the engine queues every batch of tokens for the model").split()
+WORDS = ("the", "river", "carries", "light", "and", "stone", "through", "the", "garden", "where", "people",
+         "read", "paper", "signals", "about", "music", "and", "the", "engine", "queues", "every", "batch", "of",
+         "tokens", "for", "the", "model")
 
 
 def conversation(tokens: int, turn: int) -> dict[str, Any]:

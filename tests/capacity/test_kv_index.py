@@ -115,3 +115,28 @@ async def test_a_late_subscriber_catches_up_through_the_replay_socket(mock_engin
         assert index.match("r0", key) == len(key.chain) * 16 > 150
     finally:
         await index.aclose()
+
+
+async def test_an_engine_restart_empties_its_replica_in_the_index() -> None:
+    port = free_port()
+    model = make_model(kv_events_port=port)
+    index = KvEventsPrefixIndex.for_model(model)
+    first_body, second_body = long_chat("What is a river?"), {"model": "mock-model", "prompt": "stone " * 40,
+                                                              "max_tokens": 1}
+    try:
+        index.subscribe("r0", f"tcp://127.0.0.1:{port}")
+        for body, path in ((first_body, "/v1/chat/completions"), (second_body, "/v1/completions")):
+            # A new engine process on the same port: its batches are numbered from 0 again.
+            app = build_mock_app(model, kv_events_host="127.0.0.1")
+            try:
+                async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://m") as client:
+                    await asyncio.sleep(0.3)  # the subscriber reconnects to the new publisher
+                    await client.post(path, json=body)
+                    await client.post(path, json=body)  # a second batch, in case the first was missed
+                    key = index.keys("completions" if path == "/v1/completions" else "chat.completions", body)
+                    await eventually(lambda: index.match("r0", key) > 0)  # noqa: B023 (awaited here)
+            finally:
+                await app.state.engine.aclose()
+        assert index.match("r0", index.keys("chat.completions", first_body)) == 0
+    finally:
+        await index.aclose()

@@ -60,9 +60,12 @@ class AllBlocksCleared(KvCacheEvent, tag="AllBlocksCleared"):
     pass
 
 
+KvEvent = BlockStored | BlockRemoved | AllBlocksCleared
+
+
 class KvEventBatch(msgspec.Struct, array_like=True, omit_defaults=True):
     ts: float
-    events: list[BlockStored | BlockRemoved | AllBlocksCleared]
+    events: list[KvEvent]
     data_parallel_rank: int | None = None
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from tests.engines.mock.mock_engine_support import asgi_client, make_model, metric_value, sse_json
 from tests.engines.mock.test_mock_scheduler import step
-from worker.engines.kv_events import BlockRemoved, BlockStored, KvCacheEvent
+from worker.engines.kv_events import BlockRemoved, BlockStored, KvEvent
 from worker.engines.mock.faults import FaultState
 from worker.engines.mock.latency import LatencyModel
 from worker.engines.mock.metrics import EngineMetrics
@@ -21,7 +21,7 @@ BLOCK = 4
 
 
 def make_scheduler(num_kv_blocks: int = 64, *, prefix_caching: bool = True, max_num_seqs: int = 8,
-                   events: list[KvCacheEvent] | None = None) -> Scheduler:
+                   events: list[KvEvent] | None = None) -> Scheduler:
     limits = EngineLimits(max_num_seqs, 2048, 256, num_kv_blocks, BLOCK, prefix_caching)
     return Scheduler(limits, LatencyModel(0.0, 0.0, 0.001), EngineMetrics("m", BLOCK, num_kv_blocks, prefix_caching),
                      FaultState(), events.extend if events is not None else None)
@@ -79,7 +79,7 @@ def test_generated_tokens_are_cached_too_so_the_next_turn_hits_them() -> None:
 
 
 def test_prefix_caching_off_caches_nothing() -> None:
-    events: list[KvCacheEvent] = []
+    events: list[KvEvent] = []
     scheduler = make_scheduler(prefix_caching=False, events=events)
     run(scheduler, sequence("a", PROMPT))
     again = sequence("b", PROMPT)
@@ -88,7 +88,7 @@ def test_prefix_caching_off_caches_nothing() -> None:
 
 
 def test_eviction_takes_least_recently_freed_blocks_and_a_prefix_tail_first() -> None:
-    events: list[KvCacheEvent] = []
+    events: list[KvEvent] = []
     scheduler = make_scheduler(num_kv_blocks=8, events=events)
     old = sequence("old", list(range(16)), max_tokens=1)  # 4 full blocks, then 1 more for its output
     run(scheduler, old)
@@ -116,7 +116,7 @@ def test_blocks_of_running_sequences_are_never_evicted() -> None:
 
 
 def test_events_describe_stored_chains_and_evictions_like_vllm() -> None:
-    events: list[KvCacheEvent] = []
+    events: list[KvEvent] = []
     scheduler = make_scheduler(num_kv_blocks=5, events=events)
     first = sequence("a", PROMPT[:12], max_tokens=1)
     run(scheduler, first)

@@ -15,7 +15,7 @@ import hashlib
 import os
 from collections import OrderedDict
 
-from worker.engines.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KvCacheEvent
+from worker.engines.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
 from worker.engines.mock.sequence import Sequence
 
 _MEDIUM = "GPU"  # what vLLM calls its device cache, on CPU too
@@ -33,7 +33,7 @@ class BlockPool:
         self._ref_count = [0] * num_blocks
         self._hash_of: list[bytes | None] = [None] * num_blocks
         self._cached: dict[bytes, int] = {}
-        self.events: list[KvCacheEvent] = []
+        self.events: list[KvEvent] = []
 
     @property
     def free_blocks(self) -> int:
@@ -130,7 +130,7 @@ class BlockPool:
         self.events.append(AllBlocksCleared())
         return True
 
-    def take_events(self) -> list[KvCacheEvent]:
+    def take_events(self) -> list[KvEvent]:
         events, self.events = self.events, []
         return events
 

@@ -17,7 +17,7 @@ from collections import deque
 import zmq
 import zmq.asyncio
 
-from worker.engines.kv_events import REPLAY_END_SEQ, KvCacheEvent, KvEventBatch, encode_batch, seq_bytes
+from worker.engines.kv_events import REPLAY_END_SEQ, KvEvent, KvEventBatch, encode_batch, seq_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class KvEventPublisher:
         if self._replay is not None and self._replay_task is None:
             self._replay_task = asyncio.get_running_loop().create_task(self._serve_replay(), name="kv-events-replay")
 
-    def publish(self, events: list[KvCacheEvent]) -> None:
+    def publish(self, events: list[KvEvent]) -> None:
         seq, self._next_seq = self._next_seq, self._next_seq + 1
         payload = encode_batch(KvEventBatch(ts=time.time(), events=events, data_parallel_rank=0))
         self._buffer.append((seq, payload))

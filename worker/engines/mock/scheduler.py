@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from worker.engines.kv_events import KvCacheEvent
+from worker.engines.kv_events import KvEvent
 from worker.engines.mock.faults import FaultState
 from worker.engines.mock.kv_cache import BlockPool
 from worker.engines.mock.latency import LatencyModel
@@ -40,7 +40,7 @@ class EngineLimits:
 
 class Scheduler:
     def __init__(self, limits: EngineLimits, latency: LatencyModel, metrics: EngineMetrics,
-                 faults: FaultState, publish_events: Callable[[list[KvCacheEvent]], None] | None = None) -> None:
+                 faults: FaultState, publish_events: Callable[[list[KvEvent]], None] | None = None) -> None:
         self.limits = limits
         self._latency = latency
         self._metrics = metrics
