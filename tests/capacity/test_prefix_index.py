@@ -259,3 +259,9 @@ def test_mock_tokenizer_gives_the_mock_engine_token_ids() -> None:
     assert MockPromptTokenizer().prompt_token_ids("chat.completions", body) == tokens.encode_chat(body["messages"])
     assert MockPromptTokenizer().prompt_token_ids("completions", {"prompt": [5, 6]}) == [5, 6]
     assert KvEventsPrefixIndex(None).keys("completions", {"prompt": "x"}).chain == ()
+
+
+async def test_keys_async_gives_the_same_key_as_keys() -> None:
+    body = chat("What is a river?")
+    for prefixes in (index(), KvEventsPrefixIndex(MockPromptTokenizer(), block_size=4)):
+        assert await prefixes.keys_async("chat.completions", body) == prefixes.keys("chat.completions", body)

@@ -50,6 +50,10 @@ class PrefixIndex(Protocol):
         """The request's key; `endpoint` is "chat.completions", "completions" or "embeddings"."""
         ...
 
+    async def keys_async(self, endpoint: str, body: Mapping[str, Any]) -> PromptKey:
+        """`keys` without holding the event loop: the exact index tokenizes in a worker thread."""
+        ...
+
     def match(self, replica_id: str, key: PromptKey) -> int:
         """Estimated prompt tokens of `key` already cached on the replica."""
         ...
@@ -122,6 +126,9 @@ class ApproximatePrefixIndex:
 
     def keys(self, endpoint: str, body: Mapping[str, Any]) -> PromptKey:
         return PromptKey(chain_links(prompt_text(endpoint, body), self._chunk_bytes), self.chunk_tokens)
+
+    async def keys_async(self, endpoint: str, body: Mapping[str, Any]) -> PromptKey:
+        return self.keys(endpoint, body)  # ~0.1 ms for a 6k-token prompt: cheaper than a thread hop
 
     def match(self, replica_id: str, key: PromptKey) -> int:
         links = self._links.get(replica_id)
