@@ -176,7 +176,8 @@ class WorkerNode:
 
     async def node_metrics(self) -> Response:
         """The node as one model server, for an inference gateway's endpoint picker (see node_view)."""
-        page = render_node_page(readings_from_watches(self.capacity.watches))
+        queued = {model_id: queue.depth for model_id, queue in self.capacity.admission.queues.items()}
+        page = render_node_page(readings_from_watches(self.capacity.watches), queued)
         return Response(page, media_type=CONTENT_TYPE_LATEST)
 
     async def drain(self, hurry: asyncio.Event | None = None) -> None:

@@ -113,6 +113,14 @@ def test_create_with_json_output(db_url: str, capsys: pytest.CaptureFixture[str]
     assert looks_like_api_key(created["key"]) and created["data"]["is_byok"] is True
 
 
+def test_a_key_created_with_a_priority_keeps_it(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    account_id = new_account(capsys)
+    assert run("keys", "create", "--account", account_id, "--priority", "5", "--json") == 0
+    assert orjson.loads(capsys.readouterr().out)["data"]["priority"] == 5
+    with pytest.raises(SystemExit, match="--priority"):
+        run("keys", "create", "--account", account_id, "--priority", "11")
+
+
 def test_usage_export(db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ids = [f"rec-{uuid4().hex}" for _ in range(3)]
 

@@ -20,10 +20,11 @@ from tests.billing.support import (
     make_request,
     provenance_for,
 )
+from worker.billing.issuing import issue_key
 from worker.billing.keys import generate_api_key
 from worker.billing.metering import Principal
 from worker.billing.pricing import RequestShape, worst_case_micro
-from worker.billing.records import LedgerFilter, LedgerRecord
+from worker.billing.records import KeyLimits, LedgerFilter, LedgerRecord
 from worker.billing.service import BillingService
 from worker.billing.store import LedgerStore
 from worker.gateway.context import RequestContext, Usage
@@ -313,6 +314,19 @@ async def test_byok_keys_mark_usage(service: BillingService, store: LedgerStore)
     await service.before_request(ctx, make_request(bearer(funded.plaintext)))
     finish(ctx, Usage(prompt_tokens=1, completion_tokens=1))
     assert service.usage_extras(ctx) == {"is_byok": True}
+
+
+async def test_requests_queue_by_account_at_their_keys_priority(service: BillingService, store: LedgerStore) -> None:
+    funded = await make_key(store)
+    prioritised = await issue_key(store, account_id=funded.account.id, name="router", limits=KeyLimits(),
+                                  priority=3)
+    assert (await store.get_key(prioritised.key.id)).priority == 3  # type: ignore[union-attr]
+    for plaintext, priority in ((funded.plaintext, 0), (prioritised.plaintext.get_secret_value(), 3)):
+        ctx = make_context()
+        await service.before_request(ctx, make_request(bearer(plaintext)))
+        assert (ctx.flow, ctx.priority) == (funded.account.id, priority)  # one account, one share
+        finish(ctx, Usage(prompt_tokens=1, completion_tokens=1))
+        await service.finalize(ctx)
 
 
 async def test_tokens_per_minute_are_corrected_to_the_real_count(

@@ -463,13 +463,27 @@ async def test_a_version_1_database_is_migrated_to_hold_worker_claims(
     monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:1])
     monkeypatch.setattr(schema, "LATEST_VERSION", 1)
     old = await open_store(db_url)
-    funded = await make_key(old)
+    account = await old.create_account("acct_v1", "acme", 1_000_000, time.time())
     await old.close()
     monkeypatch.undo()
+    # A key as version 1 stored it: the columns it had then.
+    row = ("key_v1", account.id, "old", "iow_old", "hash-v1", "[]", None, None, None, False, time.time(), None)
+    insert = ("INSERT INTO api_keys (id, account_id, name, prefix, key_hash, allowed_models, rpm_limit, "
+              "tpm_limit, monthly_cap_micro, byok, created_at, expires_at) VALUES ({})")
+    if db_url.startswith("sqlite"):
+        with sqlite3.connect(db_url.removeprefix("sqlite:///")) as connection:
+            connection.execute(insert.format(", ".join("?" * len(row))), row)
+    else:
+        connection = await asyncpg.connect(db_url)
+        try:
+            await connection.execute(insert.format(", ".join(f"${i}" for i in range(1, len(row) + 1))), *row)
+        finally:
+            await connection.close()
 
     store = await open_store(db_url)
     try:
-        assert (await store.get_key(funded.key.id)) == funded.key
+        key = await store.get_key("key_v1")
+        assert key is not None and (key.account_id, key.name, key.priority) == (account.id, "old", 0)
         assert await store.claim_worker_id(claim("first", 1000.0), stale_before=970.0) is None
     finally:
         await store.close()

@@ -51,6 +51,11 @@ def test_core_flags_name_model_address_and_parallelism() -> None:
     assert flag_value(args, "--tensor-parallel-size") == "2"
     assert "--disable-uvicorn-access-log" in args
     assert "--enable-server-load-tracking" in args
+    assert "--enable-prompt-tokens-details" in args  # cached tokens are billed at the cache-read price
+
+
+def test_embedding_models_are_not_asked_for_prompt_token_details() -> None:
+    assert "--enable-prompt-tokens-details" not in build_vllm_args(make_model(task="embed"), "127.0.0.1", 1)
 
 
 def test_revision_only_when_set() -> None:

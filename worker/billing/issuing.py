@@ -32,6 +32,7 @@ async def issue_key(
     name: str,
     limits: KeyLimits,
     byok: bool = False,
+    priority: int = 0,
     expires_at: datetime | None = None,
 ) -> IssuedKey:
     """Raises UnknownAccount when the account does not exist."""
@@ -44,6 +45,7 @@ async def issue_key(
         key_hash=hash_api_key(plaintext),
         limits=limits,
         byok=byok,
+        priority=priority,
         created_at=datetime.now(UTC),
         expires_at=expires_at,
     )

@@ -61,6 +61,8 @@ class ApiKey(Record):
     key_hash: str = Field(repr=False)
     limits: KeyLimits
     byok: bool = False
+    # Queued requests of a higher priority go first (routers mark keys prioritised or fallback).
+    priority: int = 0
     created_at: datetime
     expires_at: datetime | None = None
     revoked_at: datetime | None = None
@@ -88,6 +90,7 @@ class NewApiKey(Record):
     key_hash: str = Field(repr=False)
     limits: KeyLimits
     byok: bool = False
+    priority: int = 0
     created_at: datetime
     expires_at: datetime | None = None
 

@@ -316,6 +316,8 @@ class BillingService:
             status, code = _REFUSALS[outcome]
             raise _refusal(ctx, status, _refusal_message(outcome, amount, key), code)
         ctx.principal = Principal(key=key, reserved_micro=amount, rate_tokens=rate_tokens)
+        # Queued requests take turns by account: more keys buy an account no larger share of a model.
+        ctx.flow, ctx.priority = key.account_id, key.priority
         self._held += 1
 
     def _forget_reservation(self, record_id: str) -> None:

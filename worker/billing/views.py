@@ -120,6 +120,7 @@ class KeyView(View):
     tokens_per_minute: int | None
     monthly_spend_cap_usd: str | None
     is_byok: bool
+    priority: int
     created_at: datetime
     expires_at: datetime | None
     revoked_at: datetime | None
@@ -140,6 +141,7 @@ class KeyView(View):
             "tokens_per_minute": key.limits.tokens_per_minute,
             "monthly_spend_cap_usd": micro_to_usd_text(cap) if cap is not None else None,
             "is_byok": key.byok,
+            "priority": key.priority,
             "created_at": key.created_at,
             "expires_at": key.expires_at,
             "revoked_at": key.revoked_at,
@@ -156,7 +158,7 @@ class KeyView(View):
         return self.model_dump(
             mode="json",
             include={"account_id", "name", "allowed_models", "requests_per_minute", "tokens_per_minute",
-                     "monthly_spend_cap_usd", "is_byok", "expires_at"},
+                     "monthly_spend_cap_usd", "is_byok", "priority", "expires_at"},
         )
 
 
@@ -173,6 +175,9 @@ class OwnKeyView(KeyView):
             balance_usd=micro_to_usd_text(account.available_micro),
             balance_micro=account.available_micro,
         )
+
+
+MIN_KEY_PRIORITY, MAX_KEY_PRIORITY = -10, 10
 
 
 class CreateAccountRequest(View):
@@ -198,6 +203,9 @@ class CreateKeyRequest(View):
     )
     expires_in_days: float | None = Field(default=None, gt=0, le=MAX_EXPIRY_DAYS)
     is_byok: bool = False
+    priority: int = Field(default=0, ge=MIN_KEY_PRIORITY, le=MAX_KEY_PRIORITY,
+                          description="queued requests of higher-priority keys go first (a router's "
+                          "prioritised keys above 0, fallback keys below)")
 
 
 class CreatedKey(View):

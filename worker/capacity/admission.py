@@ -1,21 +1,25 @@
-"""Admission: take a request only while some replica can batch it soon; otherwise refuse it at once.
+"""Admission: bind a request to a replica that can batch it soon, queue it until one can, or refuse it.
 
-Everything here is synchronous and reads state already in memory (the gateway's in-flight counts and
-the engines' last scrapes), so a refusal costs microseconds and the engine never sees the request.
+Deciding reads only state already in memory (the gateway's in-flight counts, the engines' last scrapes,
+the queue), so a refusal costs microseconds and the engine never sees the request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 from worker.capacity.context_length import check_context_length
 from worker.capacity.drain import DrainState
-from worker.config.models import ModelConfig
+from worker.capacity.placement import Placement
+from worker.capacity.queue import FairQueue, Waiter
+from worker.config.models import ModelConfig, RoutingConfig
 from worker.gateway.context import RequestContext
 from worker.gateway.errors import ApiError
 from worker.gateway.routing import ReplicaRouter
@@ -100,18 +104,49 @@ class AdmissionLimits:
 
 
 class Admission:
-    """Chooses the replica for each request (lowest load among those with room) or refuses it."""
+    """Binds each request to a replica with room, or queues it until one has room, or refuses it.
 
-    def __init__(self, watches: Mapping[str, Sequence[ReplicaWatch]], drain: DrainState) -> None:
+    A request is bound at once when a replica has room and nothing is queued ahead of it. Otherwise it
+    waits in the model's fair queue while its predicted wait is within the model's first-token objective;
+    it is refused with 429 when the prediction exceeds the objective, when the queue's memory bounds are
+    reached, or when it is still queued at its deadline. Every refusal comes before any byte is sent.
+    """
+
+    def __init__(self, watches: Mapping[str, Sequence[ReplicaWatch]], drain: DrainState,
+                 models: Sequence[ModelConfig] = (), clock: Callable[[], float] = time.monotonic) -> None:
         self.watches = watches
         self.drain = drain
+        self.clock = clock
         self.router = ReplicaRouter()
-        # (model, reason) -> count. Reasons: in_flight, engine_queue, kv_cache, stale_stats (the replica
-        # is full); unavailable, draining (503); context_length (400).
+        self.models = {model.id: model for model in models}
+        self.queues: dict[str, FairQueue] = {model_id: FairQueue() for model_id in watches}
+        self.placement = {model_id: Placement(self.models[model_id].routing if model_id in self.models
+                                              else RoutingConfig(), [w.replica for w in model_watches])
+                          for model_id, model_watches in watches.items()}
+        # (model, reason) -> count. Reasons: in_flight, engine_queue, kv_cache, stale_stats (every replica
+        # full and the request may not queue); predicted_wait, queue_full, queue_deadline (the queue's);
+        # unavailable, draining (503); context_length (400).
         self.rejections: Counter[tuple[str, str]] = Counter()
+        self._kicks: set[str] = set()
+        for model_id, model_watches in watches.items():
+            for watch in model_watches:
+                # A freed slot or a fresh scrape may let the head of the queue in.
+                watch.replica.on_free = partial(self.kick, model_id)
+                watch.on_update = partial(self.kick, model_id)
+                watch.on_new_instance = partial(self.placement[model_id].forget, watch.replica.replica_id)
+
+    # -- binding ----------------------------------------------------------------------------------
 
     def admit(self, ctx: RequestContext, exclude: Replica | None = None) -> ReplicaLease:
-        """Lease a replica for `ctx`, or raise the ApiError to answer (400, 429 or 503)."""
+        """Lease a replica for `ctx` now, or raise the ApiError to answer (400, 429 or 503). Never queues."""
+        lease = self.admit_now(ctx, exclude, may_queue=False)
+        assert lease is not None
+        return lease
+
+    def admit_now(self, ctx: RequestContext, exclude: Replica | None = None, *,
+                  may_queue: bool = True) -> ReplicaLease | None:
+        """A lease when a replica has room and nothing waits ahead; None when the request should queue
+        (`wait_for_slot`); or the refusal raised (draining, too long, no replica ready, full)."""
         model_id = ctx.model.id
         if self.drain.draining:
             raise self._reject(model_id, "draining", ApiError(
@@ -121,37 +156,151 @@ class Admission:
             check_context_length(ctx)
         except ApiError as error:
             raise self._reject(model_id, "context_length", error) from None
-        now = time.monotonic()
-        candidates: list[tuple[float, ReplicaWatch]] = []
-        retry_after: int | None = None
-        full_because = ""  # why the replica that frees up first is full
-        routable = 0
-        for watch in self.watches.get(model_id, ()):
-            replica = watch.replica
-            if replica is exclude or not watch.routable:
-                continue
-            routable += 1
-            limits, load = watch.limits, watch.metered_load
-            reason = limits.saturation(replica.in_flight, load, now) if limits.enabled else None
-            if reason is not None:
-                wait = limits.retry_after_s(replica.in_flight, load)
-                if retry_after is None or wait < retry_after:
-                    retry_after, full_because = wait, reason
-                continue
-            candidates.append((limits.score(replica.in_flight, load), watch))
-        chosen = self.router.choose(candidates)
-        if chosen is not None:
-            lease = chosen.replica.lease()
-            ctx.response_headers.update(chosen.load_headers())
-            return lease
-        if routable == 0:
+        queue = self.queues.get(model_id)
+        if queue is None or not queue.depth or exclude is not None:
+            lease = self._bind(ctx, exclude)
+            if lease is not None:
+                return lease
+        routable = [w for w in self.watches.get(model_id, ()) if w.routable and w.replica is not exclude]
+        if not routable:
             raise self._reject(model_id, "unavailable", ApiError(
                 503, f"no replica of model '{model_id}' is ready; retry shortly",
                 headers={"retry-after": str(UNAVAILABLE_RETRY_AFTER_S)}))
-        raise self._reject(model_id, full_because, ApiError(
-            429, f"model '{model_id}' is at capacity on this worker; retry after {retry_after}s",
-            code="rate_limit_exceeded", headers={"retry-after": str(retry_after or 1)}))
+        if may_queue and exclude is None and queue is not None:
+            return None
+        now = self.clock()
+        full = [(w.limits.retry_after_s(w.replica.in_flight, w.metered_load),
+                 w.limits.saturation(w.replica.in_flight, w.metered_load, now) or "in_flight")
+                for w in routable]
+        retry_after, reason = min(full)
+        raise self._reject(model_id, reason, _at_capacity(model_id, retry_after))
+
+    def _bind(self, ctx: RequestContext, exclude: Replica | None) -> ReplicaLease | None:
+        now = self.clock()
+        candidates: list[tuple[float, ReplicaWatch]] = []
+        for watch in self.watches.get(ctx.model.id, ()):
+            replica = watch.replica
+            if replica is exclude or not watch.routable:
+                continue
+            limits, load = watch.limits, watch.metered_load
+            if limits.enabled and limits.saturation(replica.in_flight, load, now) is not None:
+                continue
+            candidates.append((limits.score(replica.in_flight, load), watch))
+        if not candidates:
+            return None
+        chosen = self.placement[ctx.model.id].choose(ctx, candidates, self.router)
+        lease = chosen.replica.lease()
+        headers = ctx.response_headers
+        headers.update(chosen.load_headers())
+        headers["x-worker-queued"] = str(self.queues[ctx.model.id].depth)
+        return lease
+
+    # -- queueing ---------------------------------------------------------------------------------
+
+    async def wait_for_slot(self, ctx: RequestContext, size_bytes: int = 0) -> ReplicaLease:
+        """Queue `ctx` until a replica has room for it; raises the 429 that refuses it.
+
+        Cancelled (its client left): it leaves the queue, or gives back the lease it was just granted.
+        """
+        model = ctx.model
+        queue = self.queues[model.id]
+        config = model.admission
+        flow, priority = ctx.flow or "", ctx.priority
+        now = self.clock()
+        predicted = self.predicted_wait_s(model.id, flow, priority)
+        if predicted is not None and predicted > config.ttft_objective_s:
+            raise self._reject(model.id, "predicted_wait", _at_capacity(
+                model.id, math.ceil(predicted - config.ttft_objective_s),
+                f"its predicted wait of {predicted:.1f}s exceeds the first-token objective of "
+                f"{config.ttft_objective_s:g}s"))
+        if queue.depth >= config.max_queued or queue.size_bytes + size_bytes > config.max_queued_bytes:
+            raise self._reject(model.id, "queue_full", _at_capacity(
+                model.id, math.ceil(predicted or 1), "its queue is full"))
+        waiter = Waiter(ctx, flow, priority, size_bytes, now, now + config.ttft_objective_s)
+        queue.push(waiter)
+        self.kick(model.id)
+        granted = waiter.granted
+        try:
+            await asyncio.wait({granted}, timeout=max(0.0, waiter.deadline - self.clock()))
+        except asyncio.CancelledError:
+            queue.remove(waiter)
+            if granted.done() and not granted.cancelled() and granted.exception() is None:
+                granted.result().release()  # bound while its client was leaving: the slot goes on
+            granted.cancel()
+            raise
+        queue.remove(waiter)
+        if granted.done():
+            return granted.result()  # a lease, or the drain's refusal
+        granted.cancel()
+        raise self._reject(model.id, "queue_deadline", _at_capacity(
+            model.id, math.ceil(self.predicted_wait_s(model.id, flow, priority) or 1),
+            f"no batch slot came free within the first-token objective of {config.ttft_objective_s:g}s"))
+
+    def kick(self, model_id: str) -> None:
+        """Bind queued requests of `model_id` soon (once per loop turn, however many slots came free)."""
+        queue = self.queues.get(model_id)
+        if queue is None or not queue.depth or model_id in self._kicks:
+            return
+        self._kicks.add(model_id)
+        asyncio.get_running_loop().call_soon(self._dispatch, model_id)
+
+    def _dispatch(self, model_id: str) -> None:
+        self._kicks.discard(model_id)
+        queue = self.queues[model_id]
+        while (waiter := queue.peek()) is not None:
+            if waiter.granted.done():  # abandoned meanwhile
+                queue.pop(waiter)
+                continue
+            lease = self._bind(waiter.ctx, None)
+            if lease is None:
+                return
+            queue.pop(waiter)
+            headers = waiter.ctx.response_headers
+            headers["x-worker-queued"] = str(queue.depth)
+            headers["x-worker-queue-wait-ms"] = f"{(self.clock() - waiter.enqueued_at) * 1000:.0f}"
+            waiter.granted.set_result(lease)
+
+    def predicted_wait_s(self, model_id: str, flow: str = "", priority: int = 0) -> float | None:
+        """Seconds a new request of `flow` would wait for a batch slot: the requests it would wait behind,
+        at the rate the model's replicas have been finishing requests. None until a rate is known."""
+        queue = self.queues.get(model_id)
+        if queue is None or not queue.depth:
+            return 0.0
+        rate = sum(w.load.drain_rate_per_s or 0.0 for w in self.watches.get(model_id, ()) if w.routable)
+        if rate <= 0:
+            return None
+        return (queue.ahead_of(flow, priority) + 1) / rate
+
+    def queue_view(self, model_id: str) -> tuple[int, float | None, float | None]:
+        """(queued requests, seconds the oldest has waited, predicted wait of a new request)."""
+        queue = self.queues.get(model_id)
+        if queue is None:
+            return 0, None, 0.0
+        oldest = queue.oldest_enqueued_at()
+        return queue.depth, None if oldest is None else self.clock() - oldest, self.predicted_wait_s(model_id)
+
+    def queued(self) -> int:
+        return sum(queue.depth for queue in self.queues.values())
+
+    def refuse_queued(self, error: ApiError) -> int:
+        """End every queued request with `error` (the drain's grace period is over)."""
+        refused = 0
+        for model_id, queue in self.queues.items():
+            for waiter in queue.waiters():
+                queue.remove(waiter)
+                if not waiter.granted.done():
+                    waiter.granted.set_exception(self._reject(model_id, "draining", error))
+                    refused += 1
+        return refused
 
     def _reject(self, model_id: str, reason: str, error: ApiError) -> ApiError:
         self.rejections[(model_id, reason)] += 1
         return error
+
+
+def _at_capacity(model_id: str, retry_after_s: int, why: str = "") -> ApiError:
+    retry_after = min(MAX_RETRY_AFTER_S, max(1, retry_after_s))
+    because = f": {why}" if why else ""
+    return ApiError(429, f"model '{model_id}' is at capacity on this worker{because}; "
+                         f"retry after {retry_after}s", code="rate_limit_exceeded",
+                    headers={"retry-after": str(retry_after)})

@@ -66,11 +66,22 @@ class ReplicaCapacity(BaseModel):
     port_holder: PortHolderView | None = None  # set while the lifecycle is port_in_use
 
 
+class QueueView(BaseModel):
+    """The worker's own queue for a model: requests admitted and waiting for a batch slot."""
+
+    depth: int
+    oldest_wait_s: float | None  # how long the oldest queued request has waited
+    predicted_wait_s: float | None  # for a request arriving now (None: no completion rate measured yet)
+    ttft_objective_s: float  # requests predicted to wait longer are refused with 429
+
+
 class ModelCapacity(BaseModel):
     id: str
     state: str  # ready | saturated | starting | loading | draining | unavailable
     admission_enabled: bool
     max_model_len: int
+    queue: QueueView
+    routing: str  # the placement policy: cache_aware | least_loaded | round_robin
     replicas: list[ReplicaCapacity]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from worker.engines.replica import Replica
 
@@ -43,9 +43,10 @@ def in_flight(replicas: Sequence[Replica]) -> int:
     return sum(replica.in_flight for replica in replicas)
 
 
-async def _wait_idle(replicas: Sequence[Replica], timeout_s: float, hurry: asyncio.Event | None) -> bool:
+async def _wait_idle(replicas: Sequence[Replica], timeout_s: float, hurry: asyncio.Event | None,
+                     queued: Callable[[], int] = lambda: 0) -> bool:
     deadline = time.monotonic() + timeout_s
-    while in_flight(replicas) > 0:
+    while in_flight(replicas) > 0 or queued() > 0:
         remaining = deadline - time.monotonic()
         if remaining <= 0 or (hurry is not None and hurry.is_set()):
             return False
@@ -53,16 +54,22 @@ async def _wait_idle(replicas: Sequence[Replica], timeout_s: float, hurry: async
     return True
 
 
-async def finish_in_flight(replicas: Sequence[Replica], grace_s: float, hurry: asyncio.Event | None = None) -> int:
-    """Wait up to `grace_s` (or until `hurry` is set) for in-flight requests, then end the rest.
+async def finish_in_flight(replicas: Sequence[Replica], grace_s: float, hurry: asyncio.Event | None = None,
+                           queued: Callable[[], int] = lambda: 0,
+                           refuse_queued: Callable[[], int] = lambda: 0) -> int:
+    """Wait up to `grace_s` (or until `hurry` is set) for in-flight and queued requests, then end the rest.
 
-    Ended streams close with the router's error chunk and `[DONE]`. Returns how many were ended.
+    Queued requests are still bound to replicas as slots free up meanwhile; those left at the end are
+    refused (`refuse_queued`: 503 before any byte). Ended streams close with the router's error chunk and
+    `[DONE]`. Returns how many were ended or refused.
     """
-    if await _wait_idle(replicas, grace_s, hurry):
+    if await _wait_idle(replicas, grace_s, hurry, queued):
         return 0
+    refused = refuse_queued()
     left = in_flight(replicas)
-    logger.warning("drain grace period over; ending in-flight requests", extra={"in_flight": left})
+    logger.warning("drain grace period over; ending in-flight requests",
+                   extra={"in_flight": left, "queued_refused": refused})
     for replica in replicas:
         replica.interrupt_requests("the worker is shutting down")
     await _wait_idle(replicas, CLOSE_WAIT_S, None)
-    return left
+    return left + refused

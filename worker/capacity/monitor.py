@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from worker.capacity.admission import Admission, AdmissionLimits
+from worker.capacity.admission import UNAVAILABLE_RETRY_AFTER_S, Admission, AdmissionLimits
 from worker.capacity.document import (
     CapacityDocument,
     CapacityState,
@@ -15,12 +15,14 @@ from worker.capacity.document import (
     LoadingView,
     ModelCapacity,
     PortHolderView,
+    QueueView,
     ReplicaCapacity,
 )
 from worker.capacity.drain import DrainState, finish_in_flight, in_flight
 from worker.capacity.watchdog import HangHandler, ReplicaWatch
 from worker.config.models import NodeConfig
 from worker.engines.replica import Replica, ReplicaState
+from worker.gateway.errors import ApiError
 from worker.gpu import GpuFleetSnapshot, GpuHealth
 
 logger = logging.getLogger(__name__)
@@ -43,7 +45,7 @@ class CapacityMonitor:
         }
         self._by_replica = {w.replica.replica_id: w for watches in self.watches.values() for w in watches}
         self.drain = DrainState()
-        self.admission = Admission(self.watches, self.drain)
+        self.admission = Admission(self.watches, self.drain, config.models)
         self._gpu_snapshot = gpu_snapshot
 
     @property
@@ -114,9 +116,13 @@ class CapacityMonitor:
         models = []
         for model in self.config.models:
             replicas = [self._replica_view(w, now, failed, snapshot) for w in self.watches.get(model.id, ())]
+            depth, oldest, predicted = self.admission.queue_view(model.id)
+            queue = QueueView(depth=depth, oldest_wait_s=_rounded(oldest), predicted_wait_s=_rounded(predicted),
+                              ttft_objective_s=model.admission.ttft_objective_s)
             models.append(ModelCapacity(id=model.id, state=_model_state([r.state for r in replicas]),
                                         admission_enabled=model.admission.enabled,
-                                        max_model_len=model.max_model_len, replicas=replicas))
+                                        max_model_len=model.max_model_len, queue=queue,
+                                        routing=model.routing.policy, replicas=replicas))
         ready = not self.drain.draining and all(m.state in ("ready", "saturated") for m in models)
         return CapacityDocument(
             worker_id=self.config.worker.id, ready=ready, draining=self.drain.draining, taken_at=time.time(),
@@ -169,7 +175,11 @@ class CapacityMonitor:
         """Refuse new work, give in-flight requests `grace_s` (until `hurry` is set), then end the rest."""
         self.drain.begin(shutting_down=True)
         logger.info("draining before shutdown", extra={"in_flight": self.in_flight, "grace_s": grace_s})
-        ended = await finish_in_flight(self.replicas, grace_s, hurry)
+        ended = await finish_in_flight(
+            self.replicas, grace_s, hurry, queued=self.admission.queued,
+            refuse_queued=lambda: self.admission.refuse_queued(ApiError(
+                503, "this worker is shutting down; retry on another worker",
+                headers={"retry-after": str(UNAVAILABLE_RETRY_AFTER_S)})))
         logger.info("drained", extra={"ended_early": ended})
 
 

@@ -53,6 +53,10 @@ class ReplicaWatch:
         # False once this engine's exporter answered a filtered scrape with something else than the
         # samples asked for: from then on it is scraped whole.
         self._filtered_scrapes = True
+        # Called after each scrape: the engine's queue or KV use may have room again.
+        self.on_update: Callable[[], None] | None = None
+        # Called when a new engine instance is watched: whatever the old one cached is gone.
+        self.on_new_instance: Callable[[], None] | None = None
 
     # -- what admission and /capacity read ------------------------------------------------------
 
@@ -109,6 +113,8 @@ class ReplicaWatch:
             self._watching = True
             self.load.reset(now)
             self._last_probe_at = now
+            if self.on_new_instance is not None:
+                self.on_new_instance()
         if not self.has_metrics:
             return
         await self._scrape()
@@ -129,6 +135,8 @@ class ReplicaWatch:
             return
         self.load.record(stats)
         self.load.scraped_page = page
+        if self.on_update is not None:
+            self.on_update()
 
     async def _scrape_stats(self, timeout: float) -> tuple[EngineStats, str]:
         if self._filtered_scrapes:

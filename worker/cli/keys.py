@@ -17,7 +17,14 @@ from worker.billing.issuing import issue_key, open_account
 from worker.billing.money import MAX_BALANCE_USD, micro_to_usd_text, usd_to_micro
 from worker.billing.records import KeyLimits, utc_month
 from worker.billing.store import BalanceLimitExceeded, LedgerStore, UnknownAccount
-from worker.billing.views import AccountView, CreateAccountRequest, CreateKeyRequest, KeyView, TopUpRequest, View
+from worker.billing.views import (
+    AccountView,
+    CreateAccountRequest,
+    CreateKeyRequest,
+    KeyView,
+    TopUpRequest,
+    View,
+)
 
 Request = TypeVar("Request", bound=View)
 
@@ -49,6 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     create.add_argument(
         "--byok", action="store_true", help="mark responses as bring-your-own-key (usage.is_byok)"
     )
+    create.add_argument("--priority", type=int, default=0,
+                        help="queued requests of higher-priority keys go first (-10 to 10; default 0)")
     create.add_argument("--json", action="store_true", help="print the key and its record as JSON")
     create.set_defaults(handler=store_handler(_create_key))
 
@@ -112,7 +121,7 @@ async def _create_key(store: LedgerStore, args: argparse.Namespace) -> int:
         CreateKeyRequest,
         {"account_id": "--account", "allowed_models": "--models", "requests_per_minute": "--rpm",
          "tokens_per_minute": "--tpm", "monthly_spend_cap_usd": "--monthly-cap-usd",
-         "expires_in_days": "--expires-in-days"},
+         "expires_in_days": "--expires-in-days", "priority": "--priority"},
         account_id=args.account,
         name=args.name,
         allowed_models=[m.strip() for m in args.models.split(",") if m.strip()],
@@ -121,6 +130,7 @@ async def _create_key(store: LedgerStore, args: argparse.Namespace) -> int:
         monthly_spend_cap_usd=args.monthly_cap_usd,
         expires_in_days=args.expires_in_days,
         is_byok=args.byok,
+        priority=args.priority,
     )
     cap = request.monthly_spend_cap_usd
     limits = KeyLimits(
@@ -138,6 +148,7 @@ async def _create_key(store: LedgerStore, args: argparse.Namespace) -> int:
             name=request.name,
             limits=limits,
             byok=request.is_byok,
+            priority=request.priority,
             expires_at=expires_at,
         )
     except UnknownAccount:

@@ -24,8 +24,11 @@ def create_engine(spec: ReplicaSpec, settings: Settings, worker: WorkerSection, 
     if model.engine is EngineKind.external:
         return ExternalEngine(spec)
     if model.engine is EngineKind.mock:
-        command = [settings.engine_python, "-m", "worker", "mock-engine",
-                   "--model-json", model.model_dump_json(), "--host", spec.host, "--port", str(spec.port)]
+        # Like vLLM's replicas, asked for cached prompt tokens in usage (billed at the cache-read price).
+        mock = model.mock.model_copy(update={"enable_prompt_tokens_details": True})
+        command = [settings.engine_python, "-m", "worker", "mock-engine", "--model-json",
+                   model.model_copy(update={"mock": mock}).model_dump_json(), "--host", spec.host,
+                   "--port", str(spec.port)]
         return MockProcessEngine(spec, command, env={}, stop_grace_s=worker.engine_stop_timeout_s,
                                  worker_id=worker.id)
     from worker.engines.vllm_args import vllm_env, vllm_launch_command

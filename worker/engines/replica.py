@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from enum import Enum
 
 import httpx
@@ -63,7 +64,10 @@ class ReplicaLease:
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self.replica.in_flight -= 1
+            replica = self.replica
+            replica.in_flight -= 1
+            if replica.on_free is not None:
+                replica.on_free()
 
 
 class Replica:
@@ -75,6 +79,8 @@ class Replica:
         self.state = ReplicaState.starting
         self.state_since = time.monotonic()
         self.in_flight = 0
+        # Called when a lease ends: a queued request may take the slot.
+        self.on_free: Callable[[], None] | None = None
         self.restarts = 0
         self.last_exit: EngineExited | None = None
         # Set when the replica's hardware failed: it stays out of service until the worker restarts.

@@ -89,6 +89,9 @@ def build_vllm_args(model: ModelConfig, host: str, port: int) -> list[str]:
         args += ["--runner", "pooling"]
     # The gateway logs every request itself; /load gives the supervisor the engine's in-flight count.
     args += ["--disable-uvicorn-access-log", "--enable-server-load-tracking"]
+    # Cached prompt tokens in every usage object: they are billed at the model's cache-read price.
+    if model.task != "embed" and "enable_prompt_tokens_details" not in model.engine_args:
+        args += ["--enable-prompt-tokens-details"]
     # Admission control and the listing assume these limits: make the engine use the very same ones
     # instead of vLLM's GPU-dependent defaults.
     for name, value in (("max_model_len", model.max_model_len), ("max_num_seqs", model.max_num_seqs)):

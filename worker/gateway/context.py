@@ -65,6 +65,13 @@ class RequestContext:
     gateway_process: int | None = None
     # Filled by authentication (billing); None when auth is off.
     principal: Any = None
+    # Whose share of a queued model this request uses (billing sets the account), and its priority.
+    flow: str | None = None
+    priority: int = 0
+    # The client's session (its session header, else the OpenAI `user` field): turns go where the last went.
+    session_key: str | None = None
+    # The size of the request's body as received: what it costs to keep it queued.
+    body_bytes: int = 0
     replica: Replica | None = None
     status_code: int = 0
     # When a replica was leased (after auth, the balance reservation and admission) and the engine's first

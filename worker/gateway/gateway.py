@@ -17,11 +17,11 @@ from worker.config import NodeConfig
 from worker.engines.data_client import EngineResponse, EngineTransportError, abort, finish
 from worker.engines.replica import Replica, ReplicaLease
 from worker.gateway.context import RequestContext, Usage
-from worker.gateway.errors import ApiError, normalise_engine_error
+from worker.gateway.errors import ApiError, ClientDisconnected, normalise_engine_error
 from worker.gateway.hooks import RequestHooks
 from worker.gateway.relay import Finalizer, Outcome, RelayStreamResponse, open_upstream, race
 from worker.gateway.request_id import SCOPE_KEY
-from worker.gateway.requests import parse_body, read_body
+from worker.gateway.requests import parse_body, read_body, session_key
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +33,13 @@ ENDPOINT_PATHS = {
 
 
 class ReplicaAdmission(Protocol):
-    def admit(self, ctx: RequestContext, exclude: Replica | None = None) -> ReplicaLease:
-        """Lease the replica that serves `ctx`, or raise the ApiError that refuses it (400/429/503)."""
+    def admit_now(self, ctx: RequestContext, exclude: Replica | None = None) -> ReplicaLease | None:
+        """Lease a replica with room for `ctx` now; None when it should queue (never with `exclude`);
+        raises the ApiError that refuses it (400/429/503)."""
+        ...
+
+    async def wait_for_slot(self, ctx: RequestContext, size_bytes: int = 0) -> ReplicaLease:
+        """Queue `ctx` until a replica has room; raises the ApiError that refuses it (429/503)."""
         ...
 
 
@@ -107,6 +112,8 @@ class Gateway:
                 if ticket is not None:
                     await self.answered_with(error, ticket.ctx, ticket.finalizer)
                 response = error.to_response()
+            except ClientDisconnected:
+                response = Response(status_code=499)  # nobody reads it
             except Exception as error:  # a fault of the worker's own
                 logger.exception("unhandled error", extra={"request_id": request_id})
                 if ticket is not None:  # recorded before the answer, like every answer
@@ -126,7 +133,7 @@ class Gateway:
 
     async def handle(self, request: Request, ticket: RequestTicket) -> Response:
         """Check the request in and serve it; raises the ApiError that refuses it."""
-        ticket.lease = await self.check_in(ticket.ctx, request, ticket.finalizer)
+        ticket.lease = await self.check_in(ticket.ctx, request, ticket.finalizer, receive=request.receive)
         return await self._serve(request, ticket)
 
     @staticmethod
@@ -157,11 +164,13 @@ class Gateway:
         return RequestContext(
             request_id=request.scope[SCOPE_KEY], endpoint=endpoint, model=model, body=body,
             stream=stream, client_wants_usage=stream and bool(options and options.include_usage),
-            headers={},
+            headers={}, body_bytes=len(raw), session_key=session_key(model, request.headers, body),
         )
 
-    async def check_in(self, ctx: RequestContext, request: Request, finalizer: Finalizer) -> ReplicaLease:
-        """Every hook's `before_request` in order, then a replica's lease; raises the first refusal.
+    async def check_in(self, ctx: RequestContext, request: Request, finalizer: Finalizer,
+                       receive: Receive | None = None) -> ReplicaLease:
+        """Every hook's `before_request` in order, then a replica's lease (after queueing for one if need
+        be); raises the first refusal, or ClientDisconnected when `receive` says the client left meanwhile.
 
         Only hooks that admitted the request finalize it. Admission's refusal, which no engine saw, is
         finalized right after the answer rather than before it.
@@ -170,9 +179,13 @@ class Gateway:
             await hook.before_request(ctx, request)
             finalizer.hooks = self.hooks[:passed]
         try:
-            lease = await self.admit(ctx)
+            lease = await self.admit(ctx, receive=receive)
         except ApiError as refusal:
             ctx.outcome, ctx.status_code, ctx.error_message = "rejected", refusal.status, refusal.message
+            self.finalize_soon(finalizer)
+            raise
+        except ClientDisconnected:
+            ctx.outcome, ctx.status_code = "client_disconnected", 499
             self.finalize_soon(finalizer)
             raise
         ctx.admitted_monotonic = time.monotonic()
@@ -185,9 +198,19 @@ class Gateway:
         finalizing.add_done_callback(self._finalizing.discard)
         return finalizing
 
-    async def admit(self, ctx: RequestContext, exclude: Replica | None = None) -> ReplicaLease:
-        """The lease of the replica that serves `ctx`; raises the refusal (400/429/503)."""
-        return self.admission.admit(ctx, exclude)
+    async def admit(self, ctx: RequestContext, exclude: Replica | None = None,
+                    receive: Receive | None = None) -> ReplicaLease:
+        """The lease of the replica that serves `ctx`, bound at once or after waiting in the model's queue;
+        raises the refusal (400/429/503), or ClientDisconnected when the client left while queued."""
+        lease = self.admission.admit_now(ctx, exclude)
+        if lease is not None:
+            return lease
+        waiting = asyncio.ensure_future(self.admission.wait_for_slot(ctx, ctx.body_bytes))
+        if receive is None:
+            return await waiting
+        if await race(waiting, receive=receive) is Outcome.disconnected:
+            raise ClientDisconnected("the client left while its request was queued")
+        return waiting.result()
 
     def engine_payload(self, ctx: RequestContext) -> bytes:
         """The body the engine receives: the validated one, always asking the engine for usage."""

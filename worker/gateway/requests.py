@@ -9,13 +9,17 @@ are the engine's to validate and are forwarded untouched.
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any, Literal
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import ClientDisconnect, Request
 
 from worker.gateway.errors import ApiError
+
+if TYPE_CHECKING:
+    from worker.config import ModelConfig
 from worker.gateway.request_id import SCOPE_KEY
 
 # Deeper JSON is refused before any hold: orjson writes back at most 254 levels, and no OpenAI request
@@ -162,3 +166,9 @@ def parse_body(endpoint: str, raw: bytes) -> tuple[dict[str, Any], InferenceRequ
         raise ApiError(400, message, param=param)
     # Extra fields come back as they were; declared ones as validated (strict, so never coerced).
     return head.model_dump(exclude_unset=True), head
+
+
+def session_key(model: ModelConfig, headers: Mapping[str, str], body: dict[str, Any]) -> str | None:
+    """The client's session: its session header (`routing.session_header`), else the OpenAI `user` field."""
+    value = headers.get(model.routing.session_header) or body.get("user")
+    return value[:256] if isinstance(value, str) and value else None

@@ -25,6 +25,21 @@ class CapacityCollector:
                                 value=1.0 if capacity.is_ready() else 0.0)
         yield GaugeMetricFamily("worker_draining", "1 while the worker refuses new requests",
                                 value=1.0 if capacity.drain.draining else 0.0)
+        depth = GaugeMetricFamily("worker_queue_depth", "Requests queued in the worker for a batch slot",
+                                  labels=["model"])
+        oldest = GaugeMetricFamily("worker_queue_oldest_wait_seconds",
+                                   "How long the oldest queued request has waited", labels=["model"])
+        predicted = GaugeMetricFamily("worker_queue_predicted_wait_seconds",
+                                      "Predicted wait for a batch slot of a request arriving now", labels=["model"])
+        for model_id in capacity.admission.queues:
+            queued, oldest_s, predicted_s = capacity.admission.queue_view(model_id)
+            depth.add_metric([model_id], queued)
+            oldest.add_metric([model_id], oldest_s or 0.0)
+            if predicted_s is not None:
+                predicted.add_metric([model_id], predicted_s)
+        yield depth
+        yield oldest
+        yield predicted
         rejections = CounterMetricFamily("worker_admission_rejections",
                                          "Requests refused before reaching an engine, by reason",
                                          labels=["model", "reason"])

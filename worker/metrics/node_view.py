@@ -6,8 +6,8 @@ The Gateway API Inference Extension's endpoint picker (and llm-d, which uses it)
 replica (labels `model`, `replica`), which a picker would read as several servers or not at all. Here
 each model has one answer, labelled `model_name`:
 
-- running and waiting: the sums over the model's replicas (the node's queue is its engines' queues;
-  the gateway admits or refuses at once and keeps no queue of its own);
+- running: the sum over the model's replicas; waiting: the sum of their engines' waiting queues and the
+  worker's own queue of the model (requests admitted and not yet bound to a replica);
 - KV-cache usage: the mean over replicas, i.e. the share of the node's KV-cache blocks in use (replicas of
   a model share one configuration). The gateway sends each request to its least-loaded replica, so the
   room left is the node's total; the maximum would call a node full while a sibling replica is empty;
@@ -111,8 +111,10 @@ def engine_info(page: str, replica_id: str = "") -> tuple[CacheConfig | None, Lo
 
 
 class NodeModelServerCollector:
-    def __init__(self, readings: Mapping[str, Sequence[ReplicaReading]]) -> None:
+    def __init__(self, readings: Mapping[str, Sequence[ReplicaReading]],
+                 queued: Mapping[str, int] | None = None) -> None:
         self.readings = readings
+        self.queued = queued or {}
 
     def describe(self) -> list[Metric]:
         return []
@@ -120,7 +122,8 @@ class NodeModelServerCollector:
     def collect(self) -> Iterator[Metric]:
         model = ["model_name"]
         waiting = GaugeMetricFamily(
-            "vllm:num_requests_waiting", "Requests waiting on the node's replicas of the model", labels=model)
+            "vllm:num_requests_waiting", "Requests waiting on the node for the model (its engines' and the worker's "
+            "queues)", labels=model)
         running = GaugeMetricFamily(
             "vllm:num_requests_running", "Requests in the batches of the model's replicas", labels=model)
         kv_usage = GaugeMetricFamily(
@@ -137,7 +140,7 @@ class NodeModelServerCollector:
         for model_id, readings in sorted(self.readings.items()):
             if not readings:
                 continue
-            waiting.add_metric([model_id], sum(r.waiting for r in readings))
+            waiting.add_metric([model_id], sum(r.waiting for r in readings) + self.queued.get(model_id, 0))
             running.add_metric([model_id], sum(r.running for r in readings))
             kv_usage.add_metric([model_id], sum(r.kv_cache_usage for r in readings) / len(readings))
             configs = [r.cache_config for r in readings if r.cache_config is not None]
@@ -154,9 +157,10 @@ class NodeModelServerCollector:
         yield from (waiting, running, kv_usage, cache_info, lora_info)
 
 
-def render_node_page(readings: Mapping[str, Sequence[ReplicaReading]]) -> bytes:
+def render_node_page(readings: Mapping[str, Sequence[ReplicaReading]],
+                     queued: Mapping[str, int] | None = None) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(NodeModelServerCollector(readings))
+    registry.register(NodeModelServerCollector(readings, queued))
     return generate_latest(registry)
 
 

@@ -38,6 +38,7 @@ from worker.billing.store.rows import (
     ADMIN_AUDIT_INSERT,
     KEY_COLUMNS,
     KEY_INSERT_COLUMNS,
+    KEY_INSERT_COUNT,
     LEDGER_COLUMNS,
     LEDGER_INSERT_COLUMNS,
     account_from_row,
@@ -182,7 +183,7 @@ class PostgresStore(LedgerStore):
         return account_from_row(row)
 
     async def create_key(self, key: NewApiKey) -> ApiKey:
-        placeholders = ", ".join(f"${i}" for i in range(1, 13))
+        placeholders = ", ".join(f"${i}" for i in range(1, KEY_INSERT_COUNT + 1))
         try:
             row = await self._pool.fetchrow(
                 f"INSERT INTO api_keys ({KEY_INSERT_COLUMNS}) VALUES ({placeholders}) "

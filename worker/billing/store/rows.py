@@ -25,7 +25,7 @@ from worker.billing.records import (
 ACCOUNT_COLUMNS = "id, name, balance_micro, reserved_micro, created_at"
 KEY_COLUMNS = (
     "id, account_id, name, prefix, key_hash, allowed_models, rpm_limit, tpm_limit, monthly_cap_micro, byok, "
-    "created_at, expires_at, revoked_at, reserved_micro, spend_month, month_spent_micro"
+    "created_at, expires_at, revoked_at, reserved_micro, spend_month, month_spent_micro, priority"
 )
 LEDGER_INSERT_COLUMNS = LedgerEntry._fields
 LEDGER_COLUMNS = "seq, " + ", ".join(LEDGER_INSERT_COLUMNS)
@@ -56,6 +56,7 @@ def key_from_row(row: Mapping[str, Any]) -> ApiKey:
         key_hash=row["key_hash"],
         limits=limits,
         byok=bool(row["byok"]),
+        priority=row["priority"],
         created_at=from_epoch(row["created_at"]),
         expires_at=from_optional_epoch(row["expires_at"]),
         revoked_at=from_optional_epoch(row["revoked_at"]),
@@ -80,13 +81,15 @@ def new_key_params(key: NewApiKey) -> tuple[Any, ...]:
         key.byok,
         to_epoch(key.created_at),
         to_epoch(key.expires_at) if key.expires_at else None,
+        key.priority,
     )
 
 
 KEY_INSERT_COLUMNS = (
     "id, account_id, name, prefix, key_hash, allowed_models, rpm_limit, tpm_limit, monthly_cap_micro, byok, "
-    "created_at, expires_at"
+    "created_at, expires_at, priority"
 )
+KEY_INSERT_COUNT = KEY_INSERT_COLUMNS.count(",") + 1
 
 
 ADMIN_AUDIT_INSERT = "at, actor, client, request_id, action, target, changes"

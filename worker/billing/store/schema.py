@@ -131,6 +131,10 @@ def _admin_audit(seq: str) -> str:
     )"""
 
 
+# Keys a router marks prioritised get a higher priority in the worker's queue; 0 for every key before.
+_KEY_PRIORITY = ("ALTER TABLE api_keys ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         version=1,
@@ -179,6 +183,12 @@ MIGRATIONS: tuple[Migration, ...] = (
             """CREATE TRIGGER admin_audit_append_only BEFORE UPDATE OR DELETE ON admin_audit
                FOR EACH STATEMENT EXECUTE FUNCTION admin_audit_append_only()""",
         ),
+    ),
+    Migration(
+        version=5,
+        description="api keys: a priority in the worker's queue",
+        sqlite=_KEY_PRIORITY,
+        postgres=_KEY_PRIORITY,
     ),
 )
 

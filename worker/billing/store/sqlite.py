@@ -48,6 +48,7 @@ from worker.billing.store.rows import (
     ADMIN_AUDIT_INSERT,
     KEY_COLUMNS,
     KEY_INSERT_COLUMNS,
+    KEY_INSERT_COUNT,
     LEDGER_COLUMNS,
     LEDGER_INSERT_COLUMNS,
     account_from_row,
@@ -398,7 +399,7 @@ def _create_key(db: sqlite3.Connection, key: NewApiKey) -> ApiKey:
     if db.execute("SELECT 1 FROM accounts WHERE id = ?", (key.account_id,)).fetchone() is None:
         raise UnknownAccount(key.account_id)
     row = db.execute(
-        f"INSERT INTO api_keys ({KEY_INSERT_COLUMNS}) VALUES ({', '.join('?' * 12)}) RETURNING {KEY_COLUMNS}",
+        f"INSERT INTO api_keys ({KEY_INSERT_COLUMNS}) VALUES ({', '.join('?' * KEY_INSERT_COUNT)}) RETURNING {KEY_COLUMNS}",
         new_key_params(key),
     ).fetchone()
     return key_from_row(row)

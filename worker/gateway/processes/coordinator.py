@@ -127,6 +127,8 @@ class GatewayProcesses:
         self.log_level = log_level
         self.relays = [_Relay(index) for index in range(count)]
         self._records: dict[str, _Relayed] = {}
+        # Requests being admitted (possibly queued): a relay whose client leaves cancels its admission.
+        self._beginning: dict[str, asyncio.Future[None]] = {}
         # Each replica's current interruption event -> the relayed records leased under it.
         self._interruptions: dict[asyncio.Event, set[str]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -235,11 +237,16 @@ class GatewayProcesses:
         op = message.get("op")
         if op == "begin":
             relay.requests += 1
-            self._background(self._begin(relay, message))
+            beginning = asyncio.ensure_future(self._begin(relay, message))
+            self._beginning[message["record"]] = beginning
+            beginning.add_done_callback(lambda _: self._beginning.pop(message["record"], None))
+            self._background(beginning)
         elif op == "finish":
             self._background(self._finish(relay, message))
         elif op == "readmit":
             self._background(self._readmit(relay, message))
+        elif op == "abandon":
+            self._abandon(message["record"])
         elif op == "release":
             relayed = self._records.get(message["record"])
             if relayed is not None:
@@ -247,6 +254,17 @@ class GatewayProcesses:
                 relayed.lease.release()
         else:
             logger.error("unknown message from a gateway process", extra={"gateway_process": relay.index, "op": op})
+
+    def _abandon(self, record: str) -> None:
+        """The relay's client left while the request was being admitted (typically queued)."""
+        beginning = self._beginning.get(record)
+        if beginning is not None:
+            beginning.cancel()
+            return
+        relayed = self._records.pop(record, None)
+        if relayed is not None:  # admitted just before the client left: its slot goes back
+            relayed.ctx.outcome, relayed.ctx.status_code = "client_disconnected", 499
+            self._end(relayed)
 
     async def _begin(self, relay: _Relay, message: Message) -> None:
         channel = relay.channel
@@ -261,6 +279,7 @@ class GatewayProcesses:
             stream=message["stream"], client_wants_usage=message["wants_usage"], headers={},
             record_id=message["record"], received_at=message["received_at"],
             started_monotonic=message["started"], gateway_process=relay.index,
+            body_bytes=message.get("size", 0), session_key=message.get("session"),
         )
         finalizer = Finalizer(ctx, [])
         relayed: _Relayed | None = None
@@ -280,6 +299,14 @@ class GatewayProcesses:
             await self.gateway.answered_with(error, ctx, finalizer)
             channel.reply(message, error_message(error))
             return
+        except asyncio.CancelledError:  # abandoned by the relay's client (or the worker is stopping)
+            ctx.outcome, ctx.status_code = "client_disconnected", 499
+            if relayed is not None:
+                self._records.pop(ctx.record_id, None)
+                self._end(relayed)
+            else:
+                self.gateway.finalize_soon(finalizer)
+            raise
         except Exception as error:  # the worker's own fault: recorded, and everything it held given back
             logger.exception("cannot admit a relayed request", extra={"request_id": ctx.request_id})
             ctx.outcome, ctx.status_code = "worker_error", 500

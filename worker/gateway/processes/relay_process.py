@@ -24,11 +24,12 @@ from worker.engines.data_client import EngineDataClient
 from worker.gateway.app import inference_endpoint, serve_inference
 from worker.gateway.client_address import with_relayed_client
 from worker.gateway.context import RequestContext
-from worker.gateway.errors import ApiError
+from worker.gateway.errors import ApiError, ClientDisconnected
 from worker.gateway.gateway import Gateway
 from worker.gateway.http_limits import LimitedConfig
 from worker.gateway.processes.channel import Channel, ChannelClosed, Message
 from worker.gateway.processes.coordinator import error_from
+from worker.gateway.relay import Outcome, race
 from worker.logs import configure_logging
 
 logger = logging.getLogger("worker.gateway.relay_process")
@@ -102,7 +103,7 @@ class WorkerLink:
             "op": "begin", "record": ctx.record_id, "request_id": ctx.request_id, "endpoint": ctx.endpoint,
             "path": request.scope["path"], "model": ctx.model.id, "body": ctx.body, "stream": ctx.stream,
             "wants_usage": ctx.client_wants_usage, "headers": headers, "received_at": ctx.received_at,
-            "started": ctx.started_monotonic,
+            "started": ctx.started_monotonic, "size": ctx.body_bytes, "session": ctx.session_key,
         })
         self._admitted(ctx, answer)
 
@@ -120,6 +121,12 @@ class WorkerLink:
         if target is None:
             target = self.targets[key] = EngineTarget(answer["replica"], ctx.model.id, answer["url"])
         self.leases[ctx.record_id] = RemoteLease(self, ctx.record_id, target, answer["extras"])
+
+    def abandon(self, ctx: RequestContext) -> None:
+        """The client left before the worker process answered `begin`: it ends the request there."""
+        if self.channel is not None:
+            with contextlib.suppress(ChannelClosed):
+                self.channel.tell({"op": "abandon", "record": ctx.record_id})
 
     def lease_of(self, ctx: RequestContext) -> RemoteLease:
         return self.leases[ctx.record_id]
@@ -153,7 +160,13 @@ class RemoteHooks:
         self.link = link
 
     async def before_request(self, ctx: RequestContext, request: Request) -> None:
-        await self.link.begin(ctx, request)
+        # The worker process may queue the request for a while: a client that leaves meanwhile must
+        # leave the queue there too, so that it never reaches an engine.
+        beginning = asyncio.ensure_future(self.link.begin(ctx, request))
+        if await race(beginning, receive=request.receive) is Outcome.disconnected:
+            self.link.abandon(ctx)
+            raise ClientDisconnected("the client left while its request was queued")
+        beginning.result()
 
     def after_route(self, ctx: RequestContext) -> None:
         return None  # the worker process ran them when it admitted the request; their headers came back
@@ -175,7 +188,7 @@ class RelayGateway(Gateway):
         super().__init__(config, admission=None, hooks=[RemoteHooks(link)])  # type: ignore[arg-type]
         self.link = link
 
-    async def admit(self, ctx: RequestContext, exclude: Any = None) -> Any:
+    async def admit(self, ctx: RequestContext, exclude: Any = None, receive: Any = None) -> Any:
         if exclude is None:
             return self.link.lease_of(ctx)  # leased when the worker process admitted the request
         return await self.link.readmit(ctx)

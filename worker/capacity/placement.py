@@ -1,0 +1,77 @@
+"""Which replica with room takes a request when it is bound: where its prefix is cached, within reason.
+
+Replicas are not interchangeable once they have served a conversation: the one that holds the longest
+prefix of a prompt skips that much prefill. Cache-aware placement prefers it (or the replica that served
+the client's session last) unless its load exceeds the least-loaded candidate's by `load_margin`; then
+load wins, so a hot prefix cannot pile every request onto one replica.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from worker.config.models import RoutingConfig
+
+if TYPE_CHECKING:
+    from worker.capacity.prefix_index import PrefixIndex, SessionAffinity
+    from worker.capacity.watchdog import ReplicaWatch
+    from worker.engines.replica import Replica
+    from worker.gateway.context import RequestContext
+    from worker.gateway.routing import ReplicaRouter
+
+
+class Placement:
+    def __init__(self, routing: RoutingConfig, replicas: Sequence[Replica]) -> None:
+        self.routing = routing
+        self.index: PrefixIndex | None = None
+        self.sessions: SessionAffinity | None = None
+        if routing.policy == "cache_aware":
+            from worker.capacity.prefix_index import SessionAffinity, build_prefix_index
+
+            self.index = build_prefix_index(routing, replicas)
+            self.sessions = SessionAffinity()
+        self._turn = itertools.count()
+
+    def choose(self, ctx: RequestContext, candidates: Sequence[tuple[float, ReplicaWatch]],
+               router: ReplicaRouter) -> ReplicaWatch:
+        """One of `candidates` (load score, watch), every one of which has room."""
+        policy = self.routing.policy
+        if policy == "round_robin":
+            return candidates[next(self._turn) % len(candidates)][1]
+        least_loaded = router.choose(candidates)
+        assert least_loaded is not None
+        if policy == "least_loaded" or self.index is None:
+            return least_loaded
+        least_score = min(score for score, _ in candidates)
+        within_margin = [(score, watch) for score, watch in candidates
+                         if score - least_score <= self.routing.load_margin]
+        chosen = self._sticky(ctx, within_margin) or least_loaded
+        key = self.index.keys(ctx.endpoint, ctx.body)
+        if chosen is least_loaded:
+            matched = [(self.index.match(watch.replica.replica_id, key), -score, watch)
+                       for score, watch in within_margin]
+            best_match, _, best = max(matched, key=lambda item: (item[0], item[1]))
+            if best_match > 0:
+                chosen = best
+        self.index.record(chosen.replica.replica_id, key)
+        if self.sessions is not None and ctx.session_key:
+            self.sessions.remember(ctx.session_key, chosen.replica.replica_id)
+        return chosen
+
+    def _sticky(self, ctx: RequestContext, candidates: Sequence[tuple[float, ReplicaWatch]]) -> ReplicaWatch | None:
+        """The replica that served the client's session last, if it is among `candidates`."""
+        if self.sessions is None or not ctx.session_key:
+            return None
+        replica_id = self.sessions.replica_of(ctx.session_key)
+        return next((watch for _, watch in candidates if watch.replica.replica_id == replica_id), None)
+
+    def forget(self, replica_id: str) -> None:
+        """The replica restarted: whatever it cached is gone."""
+        if self.index is not None:
+            self.index.forget(replica_id)
+
+    def describe(self) -> dict[str, Any]:
+        return {"policy": self.routing.policy,
+                "prefix_index": self.routing.prefix_index if self.index is not None else None}
