@@ -77,6 +77,12 @@ def test_one_answer_per_model_sums_queues_and_averages_the_kv_cache() -> None:
     assert not [s for name in PROTOCOL_NAMES for s in found[name] if s.labels["model_name"] == "acme/starting"]
 
 
+def test_the_workers_own_queue_counts_as_waiting() -> None:
+    readings = {MODEL: [ReplicaReading(running=8, waiting=1, kv_cache_usage=0.5)]}
+    found = samples(render_node_page(readings, {MODEL: 12}))
+    assert only(found["vllm:num_requests_waiting"]).value == 13  # the engine's 1 and the worker's 12
+
+
 def test_engine_info_takes_the_newest_lora_state_and_every_data_parallel_engines_blocks() -> None:
     cache, lora = engine_info(LORA_PAGE)
     assert cache == CacheConfig("16", 2200)
