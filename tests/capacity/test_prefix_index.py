@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from starlette.datastructures import Headers
 
 from worker.capacity.kv_index import KvEventsPrefixIndex, MockPromptTokenizer, token_links
 from worker.capacity.prefix_index import (
@@ -17,8 +18,8 @@ from worker.capacity.prefix_index import (
     prompt_text,
 )
 from worker.config import ModelConfig
-from worker.config.models import RoutingConfig
 from worker.engines.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KvEventBatch
+from worker.gateway.requests import session_key
 
 PRICING = {"prompt_per_mtok": "1", "completion_per_mtok": "2"}
 SYSTEM = "You are a careful assistant who answers in full sentences. " * 40  # ~2.4k characters
@@ -148,26 +149,28 @@ class FakeReplica:
         self.spec = type("Spec", (), {"model": model})()
 
 
-def test_build_prefix_index_picks_the_configured_kind() -> None:
+def test_placement_builds_the_approximate_index_sized_from_each_replicas_kv_cache() -> None:
     model = ModelConfig.model_validate({"id": "m", "engine": "mock", "source": "mock://m", "pricing": PRICING,
                                         "engine_args": {"max_model_len": 256}, "mock": {"block_size": 4}})
     replicas: Any = [FakeReplica("m-0", model), FakeReplica("m-1", model)]
-    approximate = build_prefix_index(RoutingConfig(), replicas)
+    approximate = build_prefix_index(replicas)
     assert isinstance(approximate, ApproximatePrefixIndex)
-    approximate.record("m-1", approximate.keys("chat.completions", chat("x")))
-    exact = build_prefix_index(RoutingConfig(prefix_index="exact"), replicas)
-    assert isinstance(exact, KvEventsPrefixIndex) and exact.block_size == 4
+    key = approximate.keys("chat.completions", chat("x"))
+    approximate.record("m-1", key)
+    assert approximate.match("m-1", key) > 0 and approximate.match("m-0", key) == 0
 
 
 # -- session affinity ----------------------------------------------------------------------------
 
 
 def test_session_key_is_the_header_else_the_user_field() -> None:
-    key = SessionAffinity.session_key
-    assert key({"x-session-id": "s1"}, {"user": "u1"}, "x-session-id") == "s1"
-    assert key({}, {"user": "u1"}, "X-Session-Id") == "u1"
-    assert key({}, {"user": ""}, "x-session-id") is None
-    assert key({}, {"user": 42}, "x-session-id") is None
+    model = ModelConfig.model_validate({"id": "m", "engine": "mock", "source": "mock://m", "pricing": PRICING,
+                                        "routing": {"session_header": "X-Session-Id"}})
+    headers = Headers({"x-session-id": "s1"})
+    assert session_key(model, headers, {"user": "u1"}) == "s1"
+    assert session_key(model, Headers({}), {"user": "u1"}) == "u1"
+    assert session_key(model, Headers({}), {"user": ""}) is None
+    assert session_key(model, Headers({}), {"user": 42}) is None
 
 
 def test_sessions_remember_their_last_replica_within_a_bound() -> None:

@@ -30,7 +30,7 @@ class Placement:
         if routing.policy == "cache_aware":
             from worker.capacity.prefix_index import SessionAffinity, build_prefix_index
 
-            self.index = build_prefix_index(routing, replicas)
+            self.index = build_prefix_index(replicas)
             self.sessions = SessionAffinity()
         self._turn = itertools.count()
 
@@ -73,5 +73,4 @@ class Placement:
             self.index.forget(replica_id)
 
     def describe(self) -> dict[str, Any]:
-        return {"policy": self.routing.policy,
-                "prefix_index": self.routing.prefix_index if self.index is not None else None}
+        return {"policy": self.routing.policy}

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import orjson
 
 if TYPE_CHECKING:
-    from worker.config.models import ModelConfig, RoutingConfig
+    from worker.config.models import ModelConfig
     from worker.engines.replica import Replica
 
 # llm-d's approximate prefix scorer also hashes 64-token blocks: short enough that a system prompt and
@@ -170,7 +170,8 @@ class ApproximatePrefixIndex:
 class SessionAffinity:
     """Session key -> the replica that served its last turn, for the `max_sessions` most recent sessions.
 
-    The key is the client's own session header (`routing.session_header`), else the OpenAI `user` field.
+    The key is the client's own session header (`routing.session_header`), else the OpenAI `user` field
+    (worker.gateway.requests.session_key).
     """
 
     def __init__(self, max_sessions: int = 100_000) -> None:
@@ -178,15 +179,6 @@ class SessionAffinity:
             raise ValueError("max_sessions must be at least 1")
         self._max_sessions = max_sessions
         self._replicas: OrderedDict[str, str] = OrderedDict()
-
-    @staticmethod
-    def session_key(headers: Mapping[str, str], body: Mapping[str, Any], header_name: str) -> str | None:
-        """The request's session key: the header's value, else a non-empty string `user`, else None."""
-        value = headers.get(header_name.lower()) or headers.get(header_name)
-        if value:
-            return value
-        user = body.get("user")
-        return user if isinstance(user, str) and user else None
 
     def replica_of(self, session: str) -> str | None:
         replica_id = self._replicas.get(session)
@@ -224,11 +216,7 @@ def kv_capacity_tokens(model: ModelConfig) -> int:
     return model.max_num_seqs * model.max_model_len
 
 
-def build_prefix_index(routing: RoutingConfig, replicas: Sequence[Replica]) -> PrefixIndex:
-    """The index `routing.prefix_index` names, for the replicas of one model."""
-    if routing.prefix_index == "exact":
-        from worker.capacity.kv_index import KvEventsPrefixIndex
-
-        return KvEventsPrefixIndex.for_model(replicas[0].spec.model) if replicas else KvEventsPrefixIndex(None)
+def build_prefix_index(replicas: Sequence[Replica]) -> PrefixIndex:
+    """The index placement uses for the replicas of one model: the approximate one (see RoutingConfig)."""
     return ApproximatePrefixIndex({replica.replica_id: kv_capacity_tokens(replica.spec.model)
                                    for replica in replicas})

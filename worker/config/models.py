@@ -191,12 +191,13 @@ class AdmissionConfig(StrictModel):
 class RoutingConfig(StrictModel):
     """Which replica with room takes a queued request when it is bound (late binding)."""
 
-    # cache_aware: the replica holding the longest prefix of the prompt, unless its load exceeds the
-    # least-loaded one's by `load_margin`; least_loaded; round_robin (for comparison).
+    # cache_aware: the replica holding the longest prefix of the prompt (by the approximate index of the
+    # prefixes the worker sent where), unless its load exceeds the least-loaded one's by `load_margin`;
+    # least_loaded; round_robin (for comparison). The exact index from the engines' KV-cache events
+    # (worker/capacity/kv_index.py) costs 3.5-15 ms of tokenizing per request against ~0.15 ms for the
+    # approximate one (bench/prefix_index_cpu.py), more than the gateway spends on a whole request, so
+    # placement does not use it.
     policy: Literal["cache_aware", "least_loaded", "round_robin"] = "cache_aware"
-    # How the worker knows what each replica caches: approximate (prefixes it sent there) or exact (the
-    # engine's KV-cache events).
-    prefix_index: Literal["approximate", "exact"] = "approximate"
     # Load scores are in_flight / max_in_flight (+ KV use / 2): 0.25 is a quarter of a replica's slots.
     load_margin: float = Field(default=0.25, ge=0)
     # A client's own session key: turns with the same value go to the replica that served the last one.
