@@ -13,7 +13,6 @@ import errno
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -44,6 +43,7 @@ from worker.config import (
     load_node_config,
     with_engine_override,
 )
+from worker.engines.process_tree import bind_error
 from worker.gpu import NvmlBackend, PynvmlBackend, detect_gpus
 from worker.gpu.models import GpuInventory
 from worker.registry.client import redacted_url
@@ -305,16 +305,11 @@ def check_disk(config: NodeConfig, disk_free: Callable[[Path], int], min_free_gi
 
 
 def check_port(host: str, port: int) -> Check:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        # Like uvicorn: a port held only by connections in TIME_WAIT is free to listen on.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as error:
-            reason = {errno.EADDRINUSE: "already in use", errno.EACCES: "permission denied"}.get(
-                error.errno or 0, error.strerror or str(error))
-            return Check("port", "FAIL", f"cannot listen on {host}:{port}: {reason}", {"host": host, "port": port})
+    error = bind_error(host, port)
+    if error is not None:
+        reason = {errno.EADDRINUSE: "already in use", errno.EACCES: "permission denied"}.get(
+            error.errno or 0, error.strerror or str(error))
+        return Check("port", "FAIL", f"cannot listen on {host}:{port}: {reason}", {"host": host, "port": port})
     return Check("port", "PASS", f"{host}:{port} is free", {"host": host, "port": port})
 
 

@@ -164,7 +164,8 @@ def end_processes(procs: list[psutil.Process], grace_s: float) -> list[int]:
     return [proc.pid for proc in targets]
 
 
-def _port_free(host: str, port: int) -> bool:
+def bind_error(host: str, port: int) -> OSError | None:
+    """Why a server could not listen on `host:port` now, or None when it could."""
     # SO_REUSEADDR as uvicorn binds: connections in TIME_WAIT do not count, a listener does.
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
@@ -172,10 +173,15 @@ def _port_free(host: str, port: int) -> bool:
         try:
             sock.bind((host, port))
         except OSError as error:
-            if error.errno == errno.EADDRINUSE:
-                return False
-            raise
-    return True
+            return error
+    return None
+
+
+def _port_free(host: str, port: int) -> bool:
+    error = bind_error(host, port)
+    if error is not None and error.errno != errno.EADDRINUSE:
+        raise error
+    return error is None
 
 
 def port_holder(host: str, port: int) -> PortHolder | None:
