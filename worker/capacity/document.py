@@ -58,6 +58,10 @@ class ReplicaCapacity(BaseModel):
     output_tokens_per_s: float | None
     requests_finished_per_s: float | None
     estimated_queue_wait_s: float | None
+    # Cached share (0-1) of the prompt tokens the engine looked up in its prefix cache: over the last
+    # ~5 s, and since the engine started. None: nothing looked up yet, or the engine does not say.
+    prefix_cache_hit_rate: float | None = None
+    prefix_cache_hit_rate_lifetime: float | None = None
     stats_age_s: float | None  # how old the engine numbers above are
     restarts: int
     hang_restarts: int

@@ -29,6 +29,9 @@ class EngineLoad:
         self.finished_per_s = 0.0
         # Requests/s the engine last finished while busy: how fast a queue drains. None until seen.
         self.drain_rate_per_s: float | None = None
+        # Share of the prompt tokens looked up in the prefix cache that were found there, over the rate
+        # window. None while no prompt was looked up in the window (or the engine does not export it).
+        self.prefix_cache_hit_rate: float | None = None
         self._samples: deque[EngineStats] = deque()
 
     # -- feeding -------------------------------------------------------------------------------
@@ -56,6 +59,9 @@ class EngineLoad:
         self.finished_per_s = (last.requests_finished_total - first.requests_finished_total) / elapsed
         if self.finished_per_s > 0:
             self.drain_rate_per_s = self.finished_per_s
+        queried = last.prefix_cache_queries_total - first.prefix_cache_queries_total
+        hits = last.prefix_cache_hits_total - first.prefix_cache_hits_total
+        self.prefix_cache_hit_rate = _ratio(hits, queried)
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -67,6 +73,12 @@ class EngineLoad:
 
     def is_idle(self) -> bool:
         return self.stats is not None and self.stats.running == 0 and self.stats.waiting == 0
+
+    def prefix_cache_hit_rate_lifetime(self) -> float | None:
+        """Cached share of every prompt token the engine instance looked up since it started."""
+        if self.stats is None:
+            return None
+        return _ratio(self.stats.prefix_cache_hits_total, self.stats.prefix_cache_queries_total)
 
     def estimated_queue_wait_s(self) -> float | None:
         """Seconds the engine's waiting queue needs to drain at the recent rate (None: no rate seen yet)."""
@@ -96,3 +108,7 @@ class EngineLoad:
             return (f"no token progress for {now - self.last_progress_at:.1f}s with {stats.running} running and "
                     f"{stats.waiting} waiting")
         return None
+
+
+def _ratio(hits: float, queried: float) -> float | None:
+    return min(max(hits / queried, 0.0), 1.0) if queried > 0 else None

@@ -146,6 +146,8 @@ class CapacityMonitor:
             output_tokens_per_s=round(load.output_tokens_per_s, 2) if stats else None,
             requests_finished_per_s=round(load.finished_per_s, 3) if stats else None,
             estimated_queue_wait_s=_rounded(load.estimated_queue_wait_s()) if stats else None,
+            prefix_cache_hit_rate=_rounded(load.prefix_cache_hit_rate) if stats else None,
+            prefix_cache_hit_rate_lifetime=_rounded(load.prefix_cache_hit_rate_lifetime()) if stats else None,
             stats_age_s=_rounded(load.age(now)) if stats else None,
             restarts=replica.restarts,
             hang_restarts=watch.hang_restarts,

@@ -15,6 +15,9 @@ _SUMMED = {
     "vllm:prompt_tokens_total": "prompt_tokens_total",
     "vllm:num_preemptions_total": "num_preemptions",
     "vllm:request_success_total": "requests_finished_total",
+    # Prompt tokens looked up in the prefix cache, and those found there (vLLM >= 0.10 and the mock).
+    "vllm:prefix_cache_queries_total": "prefix_cache_queries_total",
+    "vllm:prefix_cache_hits_total": "prefix_cache_hits_total",
 }
 # `vllm:gpu_cache_usage_perc` is the pre-0.10 name of the same gauge.
 _KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
@@ -33,6 +36,8 @@ class EngineStats:
     num_preemptions: float
     requests_finished_total: float
     scraped_at: float  # time.monotonic() when the scrape was answered
+    prefix_cache_queries_total: float = 0.0
+    prefix_cache_hits_total: float = 0.0
 
     @property
     def tokens_total(self) -> float:
@@ -80,4 +85,6 @@ class EngineStats:
             num_preemptions=sums["num_preemptions"],
             requests_finished_total=sums["requests_finished_total"],
             scraped_at=time.monotonic() if scraped_at is None else scraped_at,
+            prefix_cache_queries_total=sums["prefix_cache_queries_total"],
+            prefix_cache_hits_total=sums["prefix_cache_hits_total"],
         )

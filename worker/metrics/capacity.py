@@ -53,3 +53,25 @@ class CapacityCollector:
             for watch in watches:
                 hangs.add_metric([watch.replica.model_id, watch.replica.replica_id], watch.hang_restarts)
         yield hangs
+        yield from self._prefix_cache_hit_rates()
+
+    def _prefix_cache_hit_rates(self) -> Iterator[Metric]:
+        """Per replica, from its admission scrapes; a replica with nothing looked up yet has no sample."""
+        recent = GaugeMetricFamily("worker_replica_prefix_cache_hit_rate",
+                                   "Cached share of the prompt tokens the replica looked up over the last ~5 s",
+                                   labels=["model", "replica"])
+        lifetime = GaugeMetricFamily("worker_replica_prefix_cache_hit_rate_lifetime",
+                                     "Cached share of the prompt tokens the replica looked up since its engine started",
+                                     labels=["model", "replica"])
+        for watches in self.capacity.watches.values():
+            for watch in watches:
+                load = watch.metered_load
+                if load is None:
+                    continue
+                labels = [watch.replica.model_id, watch.replica.replica_id]
+                if load.prefix_cache_hit_rate is not None:
+                    recent.add_metric(labels, load.prefix_cache_hit_rate)
+                if (ratio := load.prefix_cache_hit_rate_lifetime()) is not None:
+                    lifetime.add_metric(labels, ratio)
+        yield recent
+        yield lifetime
