@@ -122,9 +122,15 @@ async def _async_boom(*_: Any, **__: Any) -> Any:
     raise RuntimeError("injected fault")
 
 
+def _nothing_free(*_: Any, **__: Any) -> None:
+    return None  # every replica full: the request queues
+
+
 # Every step between authentication and the last byte where the worker's own code can fail.
 FAULTS: dict[str, Callable[[pytest.MonkeyPatch, WorkerNode], None]] = {
-    "admission": lambda mp, node: mp.setattr(node.capacity.admission, "admit", _boom),
+    "admission": lambda mp, node: mp.setattr(node.capacity.admission, "admit_now", _boom),
+    "waiting in the queue": lambda mp, node: (mp.setattr(node.capacity.admission, "admit_now", _nothing_free),
+                                              mp.setattr(node.capacity.admission, "wait_for_slot", _async_boom)),
     "body re-serialisation": lambda mp, node: mp.setattr(Gateway, "engine_payload", _boom),
     "provenance after routing": lambda mp, node: mp.setattr(DisclosureHook, "after_route", _boom),
     "engine connect": lambda mp, node: mp.setattr(gateway_module, "open_upstream", _async_boom),
