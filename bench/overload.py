@@ -282,7 +282,7 @@ def report(levels: list[Level], capacity: float, duration_s: float, reasons: dic
         "the level by the same client, the floor that any answer pays on this machine under that load."
     )
     how = (
-        "Admitted requests wait in the worker, in a fair queue per model (per API key, with optional key "
+        "Admitted requests wait in the worker, in a fair queue per model (round-robin across accounts, with optional key "
         "priority), and are bound to a replica only when one has room: fewer than `max_in_flight` requests "
         "open on it (default `max_num_seqs + max_num_seqs // 32`), the engine's waiting queue shorter than "
         "`max_waiting`, its KV cache below `max_kv_cache_usage` (0.95), and its numbers fresh. A new request "
