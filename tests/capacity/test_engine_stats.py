@@ -79,6 +79,21 @@ def test_output_rate_and_drain_rate_from_counter_deltas() -> None:
     assert load.seconds_until(8) == pytest.approx(2.0)
 
 
+def test_the_drain_rate_leaves_out_idle_stretches() -> None:
+    """An engine that finished 2 requests in a quiet window, then 8 a second while busy, drains 8 a second:
+    the idle seconds must not dilute the rate a burst's predicted wait is computed from."""
+    load = EngineLoad(now=0.0, rate_window_s=5.0)
+    load.record(_stats(at=0.0, generated=0, finished=0, running=0))
+    load.record(_stats(at=1.0, generated=10, finished=2, running=0))  # two short requests came and went
+    assert load.drain_rate_per_s is None  # never seen busy: no rate yet
+    load.record(_stats(at=2.0, generated=10, finished=2, running=0))
+    load.record(_stats(at=3.0, generated=20, finished=2, running=8, waiting=4))  # a burst arrives
+    load.record(_stats(at=4.0, generated=120, finished=10, running=8, waiting=4))
+    assert load.finished_per_s == pytest.approx(10 / 4)  # over the whole window
+    assert load.drain_rate_per_s == pytest.approx(8.0)  # over the busy second only
+    assert load.seconds_until(16) == pytest.approx(2.0)
+
+
 def test_queue_wait_estimate() -> None:
     load = EngineLoad(now=0.0)
     load.record(_stats(at=0.0, generated=0, finished=0, waiting=6))

@@ -36,8 +36,10 @@ def _watch(model: ModelConfig, index: int = 0, drain_rate: float | None = None) 
     health = EngineHealthConfig(stats_interval_s=0.2)
     watch = ReplicaWatch(replica, health, AdmissionLimits.for_model(model, 3600.0), _never_hung)
     now = time.monotonic()
-    watch.load.record(EngineStats(0, 0, 0.0, 0, 0, 0, 0, now - 1))
-    watch.load.record(EngineStats(0, 0, 0.0, 1, 0, 0, drain_rate or 0, now))
+    # A drain rate is only measured while the engine has work: one request running at both scrapes.
+    running = 1 if drain_rate else 0
+    watch.load.record(EngineStats(running, 0, 0.0, 0, 0, 0, 0, now - 1))
+    watch.load.record(EngineStats(running, 0, 0.0, 1, 0, 0, drain_rate or 0, now))
     return watch
 
 

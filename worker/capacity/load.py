@@ -6,6 +6,7 @@ Pure bookkeeping: every method takes the current monotonic time, so it is tested
 from __future__ import annotations
 
 from collections import deque
+from itertools import pairwise
 
 from worker.capacity.stats import EngineStats
 
@@ -57,11 +58,23 @@ class EngineLoad:
             return
         self.output_tokens_per_s = (last.generation_tokens_total - first.generation_tokens_total) / elapsed
         self.finished_per_s = (last.requests_finished_total - first.requests_finished_total) / elapsed
-        if self.finished_per_s > 0:
-            self.drain_rate_per_s = self.finished_per_s
+        busy_s, busy_finished = self._busy_progress()
+        if busy_s > 0 and busy_finished > 0:
+            self.drain_rate_per_s = busy_finished / busy_s
         queried = last.prefix_cache_queries_total - first.prefix_cache_queries_total
         hits = last.prefix_cache_hits_total - first.prefix_cache_hits_total
         self.prefix_cache_hit_rate = _ratio(hits, queried)
+
+    def _busy_progress(self) -> tuple[float, float]:
+        """Seconds of the window between scrapes that both found the engine with work, and the requests it
+        finished in them. Idle stretches are left out: counted, they made the drain rate look several times
+        slower than the engine is, and a burst after a quiet spell was refused for a wait it never had."""
+        seconds = finished = 0.0
+        for before, after in pairwise(self._samples):
+            if before.running + before.waiting > 0 and after.running + after.waiting > 0:
+                seconds += after.scraped_at - before.scraped_at
+                finished += after.requests_finished_total - before.requests_finished_total
+        return seconds, finished
 
     # -- reading -------------------------------------------------------------------------------
 
