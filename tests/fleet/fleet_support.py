@@ -29,10 +29,12 @@ PROMPT = [{"role": "user", "content": "tell me a story"}]
 QUIET_LITELLM = pytest.mark.filterwarnings("ignore:Items? .*ReadOnly:UserWarning")
 
 
-def worker_config(worker_id: str, *, step_ms: float, max_num_seqs: int) -> dict[str, Any]:
+def worker_config(worker_id: str, *, step_ms: float, max_num_seqs: int,
+                  ttft_objective_s: float = 10.0) -> dict[str, Any]:
     """models.yaml of a worker with one mock replica whose every engine step takes `step_ms`."""
     model = fast_mock_model(MODEL, engine_args={"max_model_len": 2048, "max_num_seqs": max_num_seqs},
-                            mock={"step_base_ms": step_ms, "step_per_seq_ms": 0.0, "prefill_per_token_ms": 0.0})
+                            mock={"step_base_ms": step_ms, "step_per_seq_ms": 0.0, "prefill_per_token_ms": 0.0},
+                            admission={"ttft_objective_s": ttft_objective_s})
     return {"worker": {"id": worker_id, "engine_health": ENGINE_HEALTH, "restart_backoff_initial_s": 0.2},
             "models": [model]}
 

@@ -50,12 +50,14 @@ class Fleet:
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    specs = {FIRST: (30.0, 2), SECOND: (2.0, 32), RESERVE: (2.0, 32)}  # step ms, max_num_seqs
+    # step ms, max_num_seqs, first-token objective: `first` can start little more than one batch in time.
+    specs = {FIRST: (30.0, 2, 1.0), SECOND: (2.0, 32, 10.0), RESERVE: (2.0, 32, 10.0)}
     workers: dict[str, WorkerProcess] = {}
     try:
-        for worker_id, (step_ms, max_num_seqs) in specs.items():
-            workers[worker_id] = start_worker(tmp_path_factory.mktemp(worker_id),
-                                              worker_config(worker_id, step_ms=step_ms, max_num_seqs=max_num_seqs),
+        for worker_id, (step_ms, max_num_seqs, objective_s) in specs.items():
+            config = worker_config(worker_id, step_ms=step_ms, max_num_seqs=max_num_seqs,
+                                   ttft_objective_s=objective_s)
+            workers[worker_id] = start_worker(tmp_path_factory.mktemp(worker_id), config,
                                               env={"WORKER_ADMIN_TOKEN": ADMIN_TOKEN})
         for worker in workers.values():
             worker.wait_ready()
@@ -75,7 +77,8 @@ async def test_saturated_first_worker_sheds_the_overflow_and_takes_traffic_back(
     assert served_by(before) == {FIRST}
     refused_before = await refusals(fleet.first.base_url)
 
-    # Ten requests at once, each 40 steps of 30 ms: `first` batches two and refuses the rest with 429.
+    # Ten requests at once, each 40 steps of 30 ms (1.2 s): `first` batches two, queues what it can start
+    # within its 1 s objective and refuses the rest with 429, which the router sends to `second`.
     burst = await asyncio.gather(*(ask(router, stream=index % 2 == 0, max_tokens=40) for index in range(10)))
 
     assert all(answer.complete for answer in burst), burst

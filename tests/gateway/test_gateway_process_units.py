@@ -56,6 +56,7 @@ class StandInReplica:
         self.replica_id = replica_id
         self.engine = _Engine(base_url)
         self.in_flight = 0
+        self.on_free = None
         self.interruption = _Interruption()
 
     def lease(self) -> ReplicaLease:
@@ -68,13 +69,16 @@ class FirstFreeAdmission:
         self.replicas = replicas
         self.excluded: list[str] = []
 
-    def admit(self, ctx: RequestContext, exclude: StandInReplica | None = None) -> ReplicaLease:
+    def admit_now(self, ctx: RequestContext, exclude: StandInReplica | None = None) -> ReplicaLease:
         if exclude is not None:
             self.excluded.append(exclude.replica_id)
         for replica in self.replicas:
             if replica is not exclude:
                 return replica.lease()
         raise ApiError(503, "no replica is ready", headers={"retry-after": "5"})
+
+    async def wait_for_slot(self, ctx: RequestContext, size_bytes: int = 0) -> ReplicaLease:
+        raise AssertionError("a replica always has room here: nothing queues")
 
 
 class RecordingHook:

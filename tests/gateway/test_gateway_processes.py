@@ -42,7 +42,8 @@ def _start(tmp_path: Path, *, auth: bool, **worker: object) -> WorkerProcess:
         "models": [
             fast_mock_model(CHAT, mock={"step_base_ms": 5.0, "step_per_seq_ms": 0.0, "prefill_per_token_ms": 0.0}),
             # Two requests at a time at most; 20 ms per token keeps an admitted stream open for a while.
-            fast_mock_model(LIMITED, admission={"max_in_flight": 2},
+            # No queue in the worker either: a third request is refused at once, whichever process takes it.
+            fast_mock_model(LIMITED, admission={"max_in_flight": 2, "max_queued": 0},
                             mock={"step_base_ms": 20.0, "step_per_seq_ms": 0.0, "prefill_per_token_ms": 0.0}),
         ],
     }
