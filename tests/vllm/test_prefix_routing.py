@@ -69,9 +69,13 @@ def replica_metric(worker: WorkerProcess, name: str) -> dict[str, float]:
     return values
 
 
-def in_flight(worker: WorkerProcess) -> int:
-    capacity = httpx.get(f"{worker.base_url}/capacity", timeout=10).json()
-    return sum(view["in_flight"] for view in capacity["models"][0]["replicas"])
+def idle_replica_takes_work(worker: WorkerProcess) -> bool:
+    """A's first turn is in flight on one replica and the other is idle with fresh numbers, so a new request
+    has a less loaded replica to go to (on a busy machine a scrape can come late and count as full)."""
+    replicas = httpx.get(f"{worker.base_url}/capacity", timeout=10).json()["models"][0]["replicas"]
+    busy = [view for view in replicas if view["in_flight"]]
+    idle = [view for view in replicas if not view["in_flight"]]
+    return len(busy) == 1 and busy[0]["in_flight"] == 1 and all(view["state"] == "ready" for view in idle)
 
 
 def wait_for(condition: Callable[[], bool], timeout_s: float = 15.0) -> bool:
@@ -132,7 +136,7 @@ def test_later_turns_go_where_their_prefix_is_cached_and_pay_the_cache_read_pric
     hits_at_start = hits_now()
     with ThreadPoolExecutor(1) as pool:
         first_of_a = pool.submit(a.ask, worker, FIRST_ANSWER_TOKENS)
-        assert wait_for(lambda: in_flight(worker) == 1)
+        assert wait_for(lambda: idle_replica_takes_work(worker), timeout_s=30)
         first_of_b = b.ask(worker)  # placed while A's replica has a request in flight: on the other one
         turns: list[tuple[Session, dict[str, Any]]] = [(a, first_of_a.result()), (b, first_of_b)]
     assert wait_for(lambda: hits_now() == hits_at_start), (hits_at_start, hits_now(), turns)  # nothing cached yet
