@@ -153,8 +153,9 @@ async def test_one_accounts_backlog_does_not_hold_back_anothers_first_request(wo
     assert finished.index("small") < 2 * SEQS + 1
 
 
-async def test_overload_is_shed_with_429_before_any_byte_and_no_5xx(tmp_path: Path) -> None:
-    proc = _start(tmp_path, ttft_objective_s=1.0)
+@pytest.mark.parametrize("processes", [1, 3], ids=["one-process", "three-gateway-processes"])
+async def test_overload_is_shed_with_429_before_any_byte_and_no_5xx(tmp_path: Path, processes: int) -> None:
+    proc = _start(tmp_path, processes, ttft_objective_s=1.0)
     try:
         key = new_key(proc)
         # 48 streams of 60 tokens (~0.6 s each, 8 at a time): ~3.6 s of work against a 1 s objective.
@@ -173,8 +174,9 @@ async def test_overload_is_shed_with_429_before_any_byte_and_no_5xx(tmp_path: Pa
             assert_finished_normally(lines)
 
 
-async def test_sigterm_serves_or_refuses_whats_queued_within_the_grace_period(tmp_path: Path) -> None:
-    proc = _start(tmp_path)
+@pytest.mark.parametrize("processes", [1, 3], ids=["one-process", "three-gateway-processes"])
+async def test_sigterm_serves_or_refuses_whats_queued_within_the_grace_period(tmp_path: Path, processes: int) -> None:
+    proc = _start(tmp_path, processes)
     key = new_key(proc)
     try:
         burst = asyncio.create_task(_burst(proc, key, 3 * SEQS, max_tokens=30, stream=True))
