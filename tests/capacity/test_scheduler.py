@@ -134,8 +134,12 @@ async def test_one_accounts_backlog_does_not_hold_back_anothers_first_request() 
 
 async def test_a_predicted_wait_beyond_the_objective_is_refused_with_429_and_retry_after() -> None:
     model = _model(ttft_objective_s=2.0)
-    admission = _admission(model, _watch(model, drain_rate=2.0))  # 2 requests finished a second
-    _fill(admission, model, 8)
+    admission = _admission(model, _watch(model))
+    assert admission.predicted_wait_s(model.id) == 0.0  # nothing queued
+    leases = _fill(admission, model, 8)
+    leases.pop().release()  # one request finished: a slot is held about as long as it was (~0 s)
+    admission.service_s[model.id] = 4.0  # requests hold a slot 4 s: 8 slots free up 2 a second
+    _fill(admission, model, 1)
     queued = [asyncio.ensure_future(admission.wait_for_slot(_ctx(model, f"f{i}"))) for i in range(3)]
     await asyncio.sleep(0)
     # Three queued ahead and this one: (3 + 1) / 2 = 2 s, within the objective. One more is not.
@@ -218,3 +222,20 @@ async def test_the_end_of_a_drain_refuses_what_is_still_queued_with_503() -> Non
     with pytest.raises(ApiError) as refused:
         await queued
     assert refused.value.status == 503
+
+
+async def test_how_long_requests_hold_a_slot_is_learned_from_finished_leases() -> None:
+    model = _model()
+    admission = _admission(model, _watch(model))
+    assert admission.predicted_wait_s(model.id, "a") == 0.0
+    leases = _fill(admission, model, 8)
+    queued = asyncio.ensure_future(admission.wait_for_slot(_ctx(model)))
+    await asyncio.sleep(0)
+    assert admission.predicted_wait_s(model.id, "b") is None  # nothing finished yet: no refusal on a guess
+    leases[0].started -= 3.0  # held for 3 s
+    leases[0].release()
+    assert admission.service_s[model.id] == pytest.approx(3.0, abs=0.1)
+    admission.record_service(model.id, 13.0)
+    assert admission.service_s[model.id] == pytest.approx(4.0, abs=0.1)  # a moving average, not the last one
+    lease = await queued
+    assert lease.replica.in_flight == 8

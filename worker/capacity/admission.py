@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from worker.engines.replica import Replica, ReplicaLease
 
 MAX_RETRY_AFTER_S = 60
+# Weight of the newest finished request in the moving average of how long requests hold a slot.
+SERVICE_WEIGHT = 0.1
 UNAVAILABLE_RETRY_AFTER_S = 5
 
 
@@ -128,10 +130,12 @@ class Admission:
         # unavailable, draining (503); context_length (400).
         self.rejections: Counter[tuple[str, str]] = Counter()
         self._kicks: set[str] = set()
+        # How long a request holds a batch slot, per model (moving average of finished leases).
+        self.service_s: dict[str, float] = {}
         for model_id, model_watches in watches.items():
             for watch in model_watches:
                 # A freed slot or a fresh scrape may let the head of the queue in.
-                watch.replica.on_free = partial(self.kick, model_id)
+                watch.replica.on_free = partial(self._freed, model_id)
                 watch.on_update = partial(self.kick, model_id)
                 watch.on_new_instance = partial(self.placement[model_id].forget, watch.replica.replica_id)
 
@@ -236,6 +240,14 @@ class Admission:
             model.id, math.ceil(self.predicted_wait_s(model.id, flow, priority) or 1),
             f"no batch slot came free within the first-token objective of {config.ttft_objective_s:g}s"))
 
+    def _freed(self, model_id: str, held_s: float) -> None:
+        self.record_service(model_id, held_s)
+        self.kick(model_id)
+
+    def record_service(self, model_id: str, held_s: float) -> None:
+        previous = self.service_s.get(model_id)
+        self.service_s[model_id] = held_s if previous is None else previous + SERVICE_WEIGHT * (held_s - previous)
+
     def kick(self, model_id: str) -> None:
         """Bind queued requests of `model_id` soon (once per loop turn, however many slots came free)."""
         queue = self.queues.get(model_id)
@@ -261,15 +273,18 @@ class Admission:
             waiter.granted.set_result(lease)
 
     def predicted_wait_s(self, model_id: str, flow: str = "", priority: int = 0) -> float | None:
-        """Seconds a new request of `flow` would wait for a batch slot: the requests it would wait behind,
-        at the rate the model's replicas have been finishing requests. None until a rate is known."""
+        """Seconds a new request of `flow` would wait for a batch slot: the requests it would wait behind
+        (itself included), each holding one of the model's batch slots for as long as requests have lately
+        held one (Little's law: slots / time held is the rate slots free up, whatever the occupancy the
+        times were measured at). None until a request has finished."""
         queue = self.queues.get(model_id)
         if queue is None or not queue.depth:
             return 0.0
-        rate = sum(w.load.drain_rate_per_s or 0.0 for w in self.watches.get(model_id, ()) if w.routable)
-        if rate <= 0:
+        service = self.service_s.get(model_id)
+        slots = sum(w.limits.max_num_seqs for w in self.watches.get(model_id, ()) if w.routable)
+        if service is None or slots == 0:
             return None
-        return (queue.ahead_of(flow, priority) + 1) / rate
+        return (queue.ahead_of(flow, priority) + 1) * service / slots
 
     def queue_view(self, model_id: str) -> tuple[int, float | None, float | None]:
         """(queued requests, seconds the oldest has waited, predicted wait of a new request)."""

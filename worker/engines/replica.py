@@ -45,12 +45,13 @@ class _Interruption:
 class ReplicaLease:
     """One request the gateway admitted to a replica: counted in its `in_flight` until released."""
 
-    __slots__ = ("_interruption", "_released", "replica")
+    __slots__ = ("_interruption", "_released", "replica", "started")
 
     def __init__(self, replica: Replica, interruption: _Interruption) -> None:
         self.replica = replica
         self._interruption = interruption
         self._released = False
+        self.started = time.monotonic()
 
     @property
     def interrupted(self) -> asyncio.Event:
@@ -67,7 +68,7 @@ class ReplicaLease:
             replica = self.replica
             replica.in_flight -= 1
             if replica.on_free is not None:
-                replica.on_free()
+                replica.on_free(time.monotonic() - self.started)
 
 
 class Replica:
@@ -79,8 +80,8 @@ class Replica:
         self.state = ReplicaState.starting
         self.state_since = time.monotonic()
         self.in_flight = 0
-        # Called when a lease ends: a queued request may take the slot.
-        self.on_free: Callable[[], None] | None = None
+        # Called with how long the slot was held when a lease ends: a queued request may take it.
+        self.on_free: Callable[[float], None] | None = None
         self.restarts = 0
         self.last_exit: EngineExited | None = None
         # Set when the replica's hardware failed: it stays out of service until the worker restarts.
