@@ -16,7 +16,7 @@ from tests.support.worker_process import free_port, wait_until
 
 # moto accepts any credentials; the engine must still be given some, as it would be in production.
 ACCESS_KEY_ID = "worker-test-key"
-SECRET_ACCESS_KEY = "worker-test-secret"  # noqa: S105 (moto's, not a real secret)
+SECRET_ACCESS_KEY = "worker-test-secret"
 REGION = "us-east-1"
 
 
