@@ -14,7 +14,13 @@ import httpx
 import pytest
 
 from tests.capacity.capacity_support import FAST_HEALTH
-from tests.support.worker_process import WorkerProcess, fast_mock_model, ready_or_stopped, start_worker
+from tests.support.worker_process import (
+    WorkerProcess,
+    eventually,
+    fast_mock_model,
+    ready_or_stopped,
+    start_worker,
+)
 
 MODEL = "acme/sessions"
 SESSIONS = 6
@@ -59,8 +65,15 @@ async def _session(client: httpx.AsyncClient, number: int, headers: dict[str, st
     return usages
 
 
+async def _both_replicas_take_work(client: httpx.AsyncClient) -> bool:
+    replicas = (await client.get("/capacity")).json()["models"][0]["replicas"]
+    return all(view["state"] == "ready" for view in replicas)
+
+
 async def _conversations(worker: WorkerProcess, session_header: bool) -> list[list[dict[str, Any]]]:
     async with httpx.AsyncClient(base_url=worker.base_url, timeout=60) as client:
+        # On a busy machine a replica's scrape can come late and count as full: start once both are fresh.
+        assert await eventually(lambda: _both_replicas_take_work(client), timeout_s=30)
         return await asyncio.gather(*(
             _session(client, number, {"x-session-id": f"s{number}"} if session_header else {})
             for number in range(SESSIONS)))
