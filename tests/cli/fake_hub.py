@@ -9,17 +9,16 @@ token); an unknown revision 404 `RevisionNotFound`. Every other repository is pu
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from tests.support.worker_process import serving_in_thread
 
 
 @dataclass
@@ -97,18 +96,5 @@ def build_app(state: HubState) -> Starlette:
 @contextmanager
 def serve_fake_hub(state: HubState) -> Iterator[str]:
     """Serve the fake hub on a thread (the doctor calls it synchronously) and yield its base URL."""
-    server = uvicorn.Server(uvicorn.Config(build_app(state), host="127.0.0.1", port=0, log_level="warning",
-                                           lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the fake hub did not start")
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serving_in_thread(build_app(state)) as base_url:
+        yield base_url

@@ -5,16 +5,15 @@ HTTP (no Xet)."""
 from __future__ import annotations
 
 import hashlib
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from tests.support.worker_process import serving_in_thread
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -75,18 +74,5 @@ def build_app(repo_id: str, files: dict[str, bytes], lfs: frozenset[str]) -> Sta
 @contextmanager
 def serve_hub_files(repo_id: str, files: dict[str, bytes], lfs: frozenset[str]) -> Iterator[str]:
     """Serve the repository on a thread and yield the endpoint to give huggingface_hub as HF_ENDPOINT."""
-    server = uvicorn.Server(uvicorn.Config(build_app(repo_id, files, lfs), host="127.0.0.1", port=0,
-                                           log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the fake hub did not start")
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serving_in_thread(build_app(repo_id, files, lfs)) as base_url:
+        yield base_url
