@@ -622,7 +622,7 @@ def guidellm_lines(runs: list[GuideLlmRun], shape: GuideLlmShape) -> list[str]:
             f"{shape.batch_slots} at a time, so the last of a wave waits "
             f"{shape.max_concurrency // shape.batch_slots - 1} request durations; the worker refuses a request "
             "whose predicted wait exceeds the objective (`predicted_wait`) or that is still queued at it "
-            "(`queue_timeout`), with 429 and `Retry-After` before any byte.")
+            "(`queue_deadline`), with 429 and `Retry-After` before any byte.")
     return lines
 
 
