@@ -87,7 +87,7 @@ def test_lease_counts_in_flight_until_released() -> None:
     model = in_memory_model()
     watch = _watch(model, 0, running=1)
     ctx = _ctx(model)
-    lease = _admission(watch).admit(ctx)
+    lease = _admission(watch).admit_now(ctx, may_queue=False)
     assert lease.replica is watch.replica and watch.replica.in_flight == 1
     assert ctx.response_headers["x-worker-running"] == "1"
     assert ctx.response_headers["x-worker-queue-depth"] == "0"
@@ -102,7 +102,7 @@ def test_least_loaded_replica_wins() -> None:
     busy, calm = _watch(model, 0), _watch(model, 1, kv=0.2)
     busy.replica.in_flight = 5
     admission = _admission(busy, calm)
-    assert {admission.admit(_ctx(model)).replica for _ in range(3)} == {calm.replica}
+    assert {admission.admit_now(_ctx(model), may_queue=False).replica for _ in range(3)} == {calm.replica}
 
 
 def test_equal_replicas_take_turns() -> None:
@@ -111,7 +111,7 @@ def test_equal_replicas_take_turns() -> None:
     admission = _admission(first, second)
     chosen = []
     for _ in range(4):
-        lease = admission.admit(_ctx(model))
+        lease = admission.admit_now(_ctx(model), may_queue=False)
         chosen.append(lease.replica)
         lease.release()
     assert set(chosen) == {first.replica, second.replica}
@@ -132,7 +132,7 @@ def test_saturated_replica_is_refused_with_429_and_retry_after(state: dict, reas
     assert limits.saturation(in_flight, watch.load, time.monotonic()) == reason
     admission = _admission(watch)
     with pytest.raises(ApiError) as caught:
-        admission.admit(_ctx(model))
+        admission.admit_now(_ctx(model), may_queue=False)
     error = caught.value
     assert error.status == 429 and error.code == "rate_limit_exceeded"
     assert int(error.headers["retry-after"]) >= 1
@@ -157,14 +157,14 @@ def test_waiting_with_free_batch_slots_is_no_queue() -> None:
 def test_one_saturated_replica_sends_work_to_the_other() -> None:
     model = in_memory_model()
     full, free = _watch(model, 0, kv=0.99), _watch(model, 1)
-    assert _admission(full, free).admit(_ctx(model)).replica is free.replica
+    assert _admission(full, free).admit_now(_ctx(model), may_queue=False).replica is free.replica
 
 
 def test_admission_off_lets_the_engine_queue() -> None:
     model = in_memory_model(enabled=False)
     watch = _watch(model, 0, running=8, waiting=50, kv=0.99)
     watch.replica.in_flight = 100
-    assert _admission(watch).admit(_ctx(model)).replica is watch.replica
+    assert _admission(watch).admit_now(_ctx(model), may_queue=False).replica is watch.replica
 
 
 def test_no_ready_replica_is_503() -> None:
@@ -175,7 +175,7 @@ def test_no_ready_replica_is_503() -> None:
     unread.load.reset(time.monotonic())  # up, but its load not read yet
     admission = _admission(down, unread)
     with pytest.raises(ApiError) as caught:
-        admission.admit(_ctx(model))
+        admission.admit_now(_ctx(model), may_queue=False)
     assert caught.value.status == 503 and caught.value.headers["retry-after"]
     assert admission.rejections[("acme/m", "unavailable")] == 1
 
@@ -184,7 +184,8 @@ def test_excluded_replica_is_skipped() -> None:
     model = in_memory_model()
     first, second = _watch(model, 0), _watch(model, 1)
     admission = _admission(first, second)
-    assert all(admission.admit(_ctx(model), exclude=first.replica).replica is second.replica for _ in range(3))
+    chosen = [admission.admit_now(_ctx(model), exclude=first.replica, may_queue=False) for _ in range(3)]
+    assert all(lease is not None and lease.replica is second.replica for lease in chosen)
 
 
 def test_draining_is_503() -> None:
@@ -192,11 +193,11 @@ def test_draining_is_503() -> None:
     admission = _admission(_watch(model, 0))
     admission.drain.begin()
     with pytest.raises(ApiError) as caught:
-        admission.admit(_ctx(model))
+        admission.admit_now(_ctx(model), may_queue=False)
     assert caught.value.status == 503 and caught.value.headers["retry-after"]
     assert admission.rejections[("acme/m", "draining")] == 1
     admission.drain.end()
-    admission.admit(_ctx(model))
+    admission.admit_now(_ctx(model), may_queue=False)
 
 
 def test_shutdown_drain_cannot_be_lifted() -> None:
@@ -209,6 +210,6 @@ def test_context_length_refusals_are_counted() -> None:
     model = in_memory_model()
     admission = _admission(_watch(model, 0))
     with pytest.raises(ApiError) as caught:
-        admission.admit(_ctx(model, max_tokens=100_000))
+        admission.admit_now(_ctx(model, max_tokens=100_000), may_queue=False)
     assert caught.value.status == 400 and caught.value.code == "context_length_exceeded"
     assert admission.rejections[("acme/m", "context_length")] == 1

@@ -141,16 +141,11 @@ class Admission:
 
     # -- binding ----------------------------------------------------------------------------------
 
-    def admit(self, ctx: RequestContext, exclude: Replica | None = None) -> ReplicaLease:
-        """Lease a replica for `ctx` now, or raise the ApiError to answer (400, 429 or 503). Never queues."""
-        lease = self.admit_now(ctx, exclude, may_queue=False)
-        assert lease is not None
-        return lease
-
     def admit_now(self, ctx: RequestContext, exclude: Replica | None = None, *,
                   may_queue: bool = True) -> ReplicaLease | None:
         """A lease when a replica has room and nothing waits ahead; None when the request should queue
-        (`wait_for_slot`); or the refusal raised (draining, too long, no replica ready, full)."""
+        (`wait_for_slot`); or the refusal raised (draining, too long, no replica ready, full). With
+        `may_queue=False` (or `exclude`) it never returns None: a full model is refused with 429."""
         model_id = ctx.model.id
         if self.drain.draining:
             raise self._reject(model_id, "draining", ApiError(
