@@ -419,12 +419,14 @@ async def measure_phase(client: aiohttp.ClientSession, worker: WorkerProcess, po
     return phase
 
 
-async def policy_runs(setup: MockSetup, workload: Workload, work_dir: Path) -> list[Phase]:
+async def policy_runs(setup: MockSetup, workload: Workload, work_dir: Path,
+                      policies: list[str] | None = None) -> list[Phase]:
     tenants = Tenants.make(workload)
     phases: list[Phase] = []
     capacity_turns_s = 0.0
     timeout = aiohttp.ClientTimeout(total=600)
-    for number, (policy, (routing, admission)) in enumerate(POLICIES.items()):
+    chosen = {name: POLICIES[name] for name in POLICIES if policies is None or name in policies}
+    for number, (policy, (routing, admission)) in enumerate(chosen.items()):
         async with serving(work_dir / f"policy-{number}", mock_model(setup, routing, admission)) as worker, \
                 aiohttp.ClientSession(worker.base_url, timeout=timeout,
                                       connector=aiohttp.TCPConnector(limit=0)) as client:
@@ -710,7 +712,7 @@ async def run(args: argparse.Namespace, argv: list[str] | None) -> None:
     guide_shape = QUICK_GUIDELLM if args.quick else GuideLlmShape()
     work_dir = args.work_dir or Path(tempfile_dir())
     work_dir.mkdir(parents=True, exist_ok=True)
-    phases = await policy_runs(setup, workload, work_dir)
+    phases = await policy_runs(setup, workload, work_dir, args.policies)
     guidellm_results = None if args.skip_guidellm else await guidellm_runs(guide_shape, work_dir)
     args.doc.parent.mkdir(parents=True, exist_ok=True)
     plot_path = args.doc.with_suffix(".png")
@@ -734,6 +736,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-guidellm", action="store_true", help="leave out the GuideLLM part")
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "benchmarks-scheduler.md",
                         help="the page to write; the plot goes next to it (.png)")
+    parser.add_argument("--policies", type=lambda text: [LEAST_LOADED] + text.split(","),
+                        help="comma-separated policies to run besides least_loaded (default: all of "
+                             f"{', '.join(POLICIES)}); a page from a subset leaves the others' rows out")
     parser.add_argument("--work-dir", type=Path, help="logs and GuideLLM reports (default: a new temp dir, kept)")
     args = parser.parse_args(argv)
     asyncio.run(run(args, argv))

@@ -26,6 +26,7 @@ from worker.gateway.routing import ReplicaRouter
 
 if TYPE_CHECKING:
     from worker.capacity.load import EngineLoad
+    from worker.capacity.prefix_index import PromptKey
     from worker.capacity.watchdog import ReplicaWatch
     from worker.engines.replica import Replica, ReplicaLease
 
@@ -33,6 +34,9 @@ MAX_RETRY_AFTER_S = 60
 # Weight of the newest finished request in the moving average of how long requests hold a slot.
 SERVICE_WEIGHT = 0.1
 UNAVAILABLE_RETRY_AFTER_S = 5
+# How far past the head of the queue dispatch looks for a request whose prefix a freed replica holds.
+LOOKAHEAD_PER_REPLICA = 4
+MIN_LOOKAHEAD = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +134,7 @@ class Admission:
         # unavailable, draining (503); context_length (400).
         self.rejections: Counter[tuple[str, str]] = Counter()
         self._kicks: set[str] = set()
+        self._timers: dict[str, asyncio.TimerHandle] = {}
         # How long a request holds a batch slot, per model (moving average of finished leases).
         self.service_s: dict[str, float] = {}
         for model_id, model_watches in watches.items():
@@ -157,7 +162,7 @@ class Admission:
             raise self._reject(model_id, "context_length", error) from None
         queue = self.queues.get(model_id)
         if queue is None or not queue.depth or exclude is not None:
-            lease = self._bind(ctx, exclude)
+            lease = self._bind(ctx, exclude, hold=may_queue and exclude is None and queue is not None)
             if lease is not None:
                 return lease
         routable = [w for w in self.watches.get(model_id, ()) if w.routable and w.replica is not exclude]
@@ -174,10 +179,11 @@ class Admission:
         retry_after, reason = min(full)
         raise self._reject(model_id, reason, _at_capacity(model_id, retry_after))
 
-    def _bind(self, ctx: RequestContext, exclude: Replica | None) -> ReplicaLease | None:
+    def _with_room(self, model_id: str, exclude: Replica | None) -> list[tuple[float, ReplicaWatch]]:
+        """(load score, watch) of every routable replica that can batch one more request soon."""
         now = self.clock()
         candidates: list[tuple[float, ReplicaWatch]] = []
-        for watch in self.watches.get(ctx.model.id, ()):
+        for watch in self.watches.get(model_id, ()):
             replica = watch.replica
             if replica is exclude or not watch.routable:
                 continue
@@ -185,14 +191,46 @@ class Admission:
             if limits.enabled and limits.saturation(replica.in_flight, load, now) is not None:
                 continue
             candidates.append((limits.score(replica.in_flight, load), watch))
+        return candidates
+
+    def _bind(self, ctx: RequestContext, exclude: Replica | None, *, hold: bool = False) -> ReplicaLease | None:
+        """A lease on a replica with room, or None when none has room (or, with `hold`, when the replicas
+        holding the prompt's prefix are full and it is worth waiting for one of them)."""
+        model_id = ctx.model.id
+        candidates = self._with_room(model_id, exclude)
         if not candidates:
             return None
-        chosen = self.placement[ctx.model.id].choose(ctx, candidates, self.router)
+        key = None
+        if hold and self._hold_s(model_id) > 0:
+            placement = self.placement[model_id]
+            key = placement.prompt_key(ctx)
+            wanted = placement.preferred(ctx, key, self._routable_ids(model_id))
+            if wanted and not wanted & {watch.replica.replica_id for _, watch in candidates}:
+                return None
+        return self._lease(ctx, candidates, key)
+
+    def _lease(self, ctx: RequestContext, candidates: Sequence[tuple[float, ReplicaWatch]],
+               key: PromptKey | None) -> ReplicaLease:
+        model_id = ctx.model.id
+        chosen = self.placement[model_id].choose(ctx, candidates, self.router, key)
         lease = chosen.replica.lease()
         headers = ctx.response_headers
         headers.update(chosen.load_headers())
-        headers["x-worker-queued"] = str(self.queues[ctx.model.id].depth)
+        headers["x-worker-queued"] = str(self.queues[model_id].depth)
         return lease
+
+    def _routable_ids(self, model_id: str) -> list[str]:
+        return [w.replica.replica_id for w in self.watches.get(model_id, ()) if w.routable]
+
+    def _hold_s(self, model_id: str) -> float:
+        """How long a queued request may wait for a replica that holds its prefix while another has room:
+        about the time until that replica frees its next slot (a request's time in a slot over the
+        replica's slots), so that waiting costs less than recomputing the prefix elsewhere."""
+        service = self.service_s.get(model_id)
+        model = self.models.get(model_id)
+        if service is None or model is None or model.routing.policy != "cache_aware":
+            return 0.0
+        return min(service / model.max_num_seqs, model.admission.ttft_objective_s / 4)
 
     # -- queueing ---------------------------------------------------------------------------------
 
@@ -252,20 +290,73 @@ class Admission:
         asyncio.get_running_loop().call_soon(self._dispatch, model_id)
 
     def _dispatch(self, model_id: str) -> None:
+        """Bind queued requests while replicas have room.
+
+        A replica with room takes the first request in turn order (within a short lookahead) that it serves
+        as well as any other: one whose prefix it holds, or one no replica holds. A request passed over
+        this way waits for the replica holding its prefix, which it gets first when that replica frees a
+        slot; it is passed over at most `lookahead` times. When nobody in the lookahead prefers a replica
+        with room, the first request that has waited `_hold_s` takes it (no slot idles longer than that
+        while requests wait). At saturation slots free one at a time, and taking the head regardless
+        would put every request wherever a slot happens to free, recomputing its whole prefix.
+        """
         self._kicks.discard(model_id)
         queue = self.queues[model_id]
-        while (waiter := queue.peek()) is not None:
-            if waiter.granted.done():  # abandoned meanwhile
-                queue.pop(waiter)
-                continue
-            lease = self._bind(waiter.ctx, None)
-            if lease is None:
+        placement = self.placement[model_id]
+        hold = self._hold_s(model_id)
+        lookahead = max(MIN_LOOKAHEAD, LOOKAHEAD_PER_REPLICA * len(self.watches.get(model_id, ())))
+        while queue.depth:
+            candidates = self._with_room(model_id, None)
+            if not candidates:
                 return
-            queue.pop(waiter)
-            headers = waiter.ctx.response_headers
+            free_ids = {watch.replica.replica_id for _, watch in candidates}
+            routable_ids = self._routable_ids(model_id)
+            now = self.clock()
+            chosen: Waiter | None = None
+            abandoned = False
+            passed_over: list[Waiter] = []
+            for waiter in queue.in_turn_order(lookahead if hold > 0 else 1):
+                if waiter.granted.done():  # its client left meanwhile
+                    queue.remove(waiter)
+                    abandoned = True
+                    continue
+                if not waiter.keyed:
+                    waiter.prompt_key, waiter.keyed = placement.prompt_key(waiter.ctx), True
+                wanted = placement.preferred(waiter.ctx, waiter.prompt_key, routable_ids) if hold > 0 else None
+                if not wanted or wanted & free_ids or waiter.passed_over >= lookahead:
+                    chosen = waiter
+                    break
+                passed_over.append(waiter)
+            if chosen is None:
+                # Nobody in sight prefers a replica with room: the first whose hold ran out takes it.
+                chosen = next((w for w in passed_over if now - w.enqueued_at >= hold), None)
+                if chosen is None:
+                    if abandoned:
+                        continue
+                    if passed_over:
+                        self._kick_at(model_id, min(w.enqueued_at for w in passed_over) + hold - now)
+                    return
+            for waiter in passed_over:
+                if waiter is chosen:
+                    break
+                waiter.passed_over += 1
+            lease = self._lease(chosen.ctx, candidates, chosen.prompt_key)
+            queue.pop(chosen)
+            headers = chosen.ctx.response_headers
             headers["x-worker-queued"] = str(queue.depth)
-            headers["x-worker-queue-wait-ms"] = f"{(self.clock() - waiter.enqueued_at) * 1000:.0f}"
-            waiter.granted.set_result(lease)
+            headers["x-worker-queue-wait-ms"] = f"{(now - chosen.enqueued_at) * 1000:.0f}"
+            chosen.granted.set_result(lease)
+
+    def _kick_at(self, model_id: str, delay_s: float) -> None:
+        """Look at the queue again when the first hold for a full replica runs out."""
+        loop = asyncio.get_running_loop()
+        when = loop.time() + max(0.0, delay_s)
+        timer = self._timers.get(model_id)
+        if timer is not None and not timer.cancelled() and timer.when() <= when:
+            return
+        if timer is not None:
+            timer.cancel()
+        self._timers[model_id] = loop.call_at(when, self.kick, model_id)
 
     def predicted_wait_s(self, model_id: str, flow: str = "", priority: int = 0) -> float | None:
         """Seconds a new request of `flow` would wait for a batch slot: the requests it would wait behind

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from worker.config.models import RoutingConfig
 
 if TYPE_CHECKING:
-    from worker.capacity.prefix_index import PrefixIndex, SessionAffinity
+    from worker.capacity.prefix_index import PrefixIndex, PromptKey, SessionAffinity
     from worker.capacity.watchdog import ReplicaWatch
     from worker.engines.replica import Replica
     from worker.gateway.context import RequestContext
@@ -34,9 +34,28 @@ class Placement:
             self.sessions = SessionAffinity()
         self._turn = itertools.count()
 
+    def prompt_key(self, ctx: RequestContext) -> PromptKey | None:
+        """The request's key in the prefix index (None without one), to compute once per request."""
+        return None if self.index is None else self.index.keys(ctx.endpoint, ctx.body)
+
+    def preferred(self, ctx: RequestContext, key: PromptKey | None, replica_ids: Sequence[str]) -> frozenset[str]:
+        """The replicas among `replica_ids` worth waiting for: the one that served the client's session
+        last, else those holding the longest cached prefix of the prompt. Empty when none holds any of it
+        (any replica serves it as well as another)."""
+        if self.index is None or key is None:
+            return frozenset()
+        if self.sessions is not None and ctx.session_key:
+            replica_id = self.sessions.replica_of(ctx.session_key)
+            if replica_id is not None and replica_id in replica_ids:
+                return frozenset((replica_id,))
+        matches = {replica_id: self.index.match(replica_id, key) for replica_id in replica_ids}
+        best = max(matches.values(), default=0)
+        return frozenset(r for r, matched in matches.items() if matched == best) if best > 0 else frozenset()
+
     def choose(self, ctx: RequestContext, candidates: Sequence[tuple[float, ReplicaWatch]],
-               router: ReplicaRouter) -> ReplicaWatch:
-        """One of `candidates` (load score, watch), every one of which has room."""
+               router: ReplicaRouter, key: PromptKey | None = None) -> ReplicaWatch:
+        """One of `candidates` (load score, watch), every one of which has room. `key`: the request's
+        prompt key when the caller already computed it (`prompt_key`)."""
         policy = self.routing.policy
         if policy == "round_robin":
             return candidates[next(self._turn) % len(candidates)][1]
@@ -48,7 +67,8 @@ class Placement:
         within_margin = [(score, watch) for score, watch in candidates
                          if score - least_score <= self.routing.load_margin]
         chosen = self._sticky(ctx, within_margin) or least_loaded
-        key = self.index.keys(ctx.endpoint, ctx.body)
+        if key is None:
+            key = self.index.keys(ctx.endpoint, ctx.body)
         if chosen is least_loaded:
             matched = [(self.index.match(watch.replica.replica_id, key), -score, watch)
                        for score, watch in within_margin]

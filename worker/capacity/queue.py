@@ -2,7 +2,9 @@
 
 Requests are bound to a replica only when one has room (late binding). Until then they wait here, served
 by priority first and, within a priority, round-robin across flows (accounts): one account's backlog
-adds at most one request per turn ahead of another account's first request.
+adds at most one request per turn ahead of another account's first request. When a slot frees, the
+worker may bind a request a few turns further on whose prompt prefix that replica holds (see
+`Admission._dispatch`); the requests passed over keep their places.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from worker.capacity.prefix_index import PromptKey
     from worker.engines.replica import ReplicaLease
     from worker.gateway.context import RequestContext
 
@@ -29,6 +32,11 @@ class Waiter:
     deadline: float
     granted: asyncio.Future[ReplicaLease] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future())
+    # Computed when placement first looks at the request; None when the model has no prefix index.
+    prompt_key: PromptKey | None = None
+    keyed: bool = False
+    # Times a request later in turn order was bound first (to a replica holding its prefix).
+    passed_over: int = 0
 
 
 class FairQueue:
@@ -54,11 +62,29 @@ class FairQueue:
                 return next(iter(flows.values()))[0]
         return None
 
+    def in_turn_order(self, limit: int) -> list[Waiter]:
+        """Up to `limit` requests of the highest priority present, in the order `peek`/`pop` would take them."""
+        if not self._levels:
+            return []
+        flows = list(self._levels[max(self._levels)].values())
+        ordered: list[Waiter] = []
+        for turn in range(max(len(waiters) for waiters in flows)):
+            for waiters in flows:
+                if turn < len(waiters):
+                    ordered.append(waiters[turn])
+                    if len(ordered) >= limit:
+                        return ordered
+        return ordered
+
     def pop(self, waiter: Waiter) -> None:
-        """Take the request at the head (from `peek`): its flow's turn passes to the next flow."""
+        """Take a request that is being bound (usually the head, from `peek`): its flow's turn passes to
+        the next flow."""
         flows = self._levels[waiter.priority]
         waiters = flows[waiter.flow]
-        waiters.popleft()
+        if waiters[0] is waiter:
+            waiters.popleft()
+        else:
+            waiters.remove(waiter)
         if waiters:
             flows.move_to_end(waiter.flow)
         else:
