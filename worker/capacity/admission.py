@@ -202,10 +202,8 @@ class Admission:
             return None
         key = None
         if hold and self._hold_s(model_id) > 0:
-            placement = self.placement[model_id]
-            key = placement.prompt_key(ctx)
-            wanted = placement.preferred(ctx, key, self._routable_ids(model_id))
-            if wanted and not wanted & {watch.replica.replica_id for _, watch in candidates}:
+            key = self.placement[model_id].prompt_key(ctx)
+            if self._waits_for_its_prefix(ctx, key, candidates):
                 return None
         return self._lease(ctx, candidates, key)
 
@@ -218,6 +216,21 @@ class Admission:
         headers.update(chosen.load_headers())
         headers["x-worker-queued"] = str(self.queues[model_id].depth)
         return lease
+
+    def _waits_for_its_prefix(self, ctx: RequestContext, key: PromptKey | None,
+                              candidates: Sequence[tuple[float, ReplicaWatch]]) -> bool:
+        """True when the replicas holding the prompt's prefix are all full and one of them, once it frees a
+        slot, would still be within the load margin of the least loaded replica with room (placement would
+        choose it then; beyond the margin load wins, so there is nothing to wait for)."""
+        model_id = ctx.model.id
+        placement = self.placement[model_id]
+        watches = [w for w in self.watches.get(model_id, ()) if w.routable]
+        wanted = placement.preferred(ctx, key, [w.replica.replica_id for w in watches])
+        if not wanted or any(watch.replica.replica_id in wanted for _, watch in candidates):
+            return False
+        least = min(score for score, _ in candidates)
+        return any(w.limits.score(w.replica.in_flight - 1, w.metered_load) - least <= placement.routing.load_margin
+                   for w in watches if w.replica.replica_id in wanted)
 
     def _routable_ids(self, model_id: str) -> list[str]:
         return [w.replica.replica_id for w in self.watches.get(model_id, ()) if w.routable]
@@ -293,7 +306,8 @@ class Admission:
         """Bind queued requests while replicas have room.
 
         A replica with room takes the first request in turn order (within a short lookahead) that it serves
-        as well as any other: one whose prefix it holds, or one no replica holds. A request passed over
+        as well as any other: one whose prefix it holds, one no replica holds, or one whose prefix sits on a
+        replica too loaded for placement to choose it (`_waits_for_its_prefix`). A request passed over
         this way waits for the replica holding its prefix, which it gets first when that replica frees a
         slot; it is passed over at most `lookahead` times. When nobody in the lookahead prefers a replica
         with room, the first request that has waited `_hold_s` takes it (no slot idles longer than that
@@ -309,8 +323,6 @@ class Admission:
             candidates = self._with_room(model_id, None)
             if not candidates:
                 return
-            free_ids = {watch.replica.replica_id for _, watch in candidates}
-            routable_ids = self._routable_ids(model_id)
             now = self.clock()
             chosen: Waiter | None = None
             abandoned = False
@@ -322,8 +334,8 @@ class Admission:
                     continue
                 if not waiter.keyed:
                     waiter.prompt_key, waiter.keyed = placement.prompt_key(waiter.ctx), True
-                wanted = placement.preferred(waiter.ctx, waiter.prompt_key, routable_ids) if hold > 0 else None
-                if not wanted or wanted & free_ids or waiter.passed_over >= lookahead:
+                if (hold <= 0 or waiter.passed_over >= lookahead
+                        or not self._waits_for_its_prefix(waiter.ctx, waiter.prompt_key, candidates)):
                     chosen = waiter
                     break
                 passed_over.append(waiter)
