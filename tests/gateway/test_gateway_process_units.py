@@ -26,7 +26,6 @@ from worker.gateway.app import serve_inference
 from worker.gateway.context import RequestContext
 from worker.gateway.errors import ApiError
 from worker.gateway.gateway import Gateway
-from worker.gateway.processes.channel import Channel
 from worker.gateway.processes.coordinator import GatewayProcesses, GatewaySockets
 from worker.gateway.processes.relay_process import RelayGateway, WorkerLink
 
@@ -117,8 +116,7 @@ async def joined(replicas: list[StandInReplica], hook: RecordingHook) -> AsyncIt
         ours, theirs = socket.socketpair()
         await processes.connect(processes.relays[0], ours)
         link = WorkerLink()
-        link.channel = await Channel.over(theirs, link.on_message)
-        await link.hello
+        await link.connect(theirs)
         relay = RelayGateway(config, link)
         try:
             yield relay

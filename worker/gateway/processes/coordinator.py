@@ -32,11 +32,24 @@ from starlette.requests import Request
 
 from worker.config import NodeConfig
 from worker.engines.replica import ReplicaLease
-from worker.gateway.context import RequestContext, Usage
+from worker.gateway.context import RequestContext
 from worker.gateway.errors import ApiError
 from worker.gateway.gateway import Gateway
-from worker.gateway.processes.channel import Channel, ChannelClosed, Message
+from worker.gateway.processes.messages import (
+    Abandon,
+    Admitted,
+    Begin,
+    Finish,
+    Finished,
+    Hello,
+    Interrupt,
+    Readmit,
+    Refused,
+    Release,
+    ToWorker,
+)
 from worker.gateway.relay import Finalizer
+from worker.processes.rpc import Channel, ChannelClosed
 from worker.python_child import start_python, wait_or_kill
 
 logger = logging.getLogger(__name__)
@@ -72,21 +85,11 @@ class GatewaySockets:
         shutil.rmtree(Path(self.internal_path).parent, ignore_errors=True)
 
 
-def error_message(error: ApiError) -> Message:
-    return {"ok": False, "status": error.status, "message": error.message, "code": error.code,
-            "param": error.param, "type": error.error_type, "headers": error.headers}
-
-
-def error_from(message: Message) -> ApiError:
-    return ApiError(message["status"], message["message"], code=message["code"], param=message["param"],
-                    error_type=message["type"], headers=message["headers"])
-
-
 @dataclass
 class _Relay:
     index: int
     process: asyncio.subprocess.Process | None = None
-    channel: Channel | None = None
+    channel: Channel[ToWorker] | None = None
     records: set[str] = field(default_factory=set)
     requests: int = 0
     restarts: int = 0
@@ -111,11 +114,6 @@ def _cpu_seconds(process: asyncio.subprocess.Process | None) -> float | None:
     except psutil.Error:
         return None
     return float(times.user + times.system)
-
-
-def _scope(message: Message) -> dict[str, Any]:
-    headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in message["headers"]]
-    return {"type": "http", "method": "POST", "path": message["path"], "headers": headers, "query_string": b""}
 
 
 class GatewayProcesses:
@@ -183,13 +181,13 @@ class GatewayProcesses:
 
     async def connect(self, relay: _Relay, sock: socket.socket) -> None:
         """Serve the relay process at the other end of `sock` from now on."""
-        channel = await Channel.over(sock, partial(self._on_message, relay))
+        channel: Channel[ToWorker] = await Channel.over(sock, ToWorker, partial(self._on_message, relay))
         relay.channel = channel
-        channel.tell({"op": "hello", "index": relay.index, "config": self.config.model_dump(mode="json"),
-                      "internal": self.sockets.internal_path, "log_level": self.log_level})
+        channel.tell(Hello(index=relay.index, config=self.config.model_dump(mode="json"),
+                           internal=self.sockets.internal_path, log_level=self.log_level))
         self._background(self._when_closed(relay, channel))
 
-    async def _when_closed(self, relay: _Relay, channel: Channel) -> None:
+    async def _when_closed(self, relay: _Relay, channel: Channel[ToWorker]) -> None:
         await channel.closed.wait()
         if relay.channel is channel:
             relay.channel = None
@@ -233,27 +231,25 @@ class GatewayProcesses:
         return finishing
 
     # Messages from relays.
-    def _on_message(self, relay: _Relay, message: Message) -> None:
-        op = message.get("op")
-        if op == "begin":
+    def _on_message(self, relay: _Relay, message: ToWorker, call_id: int) -> None:
+        if isinstance(message, Begin):
             relay.requests += 1
-            beginning = asyncio.ensure_future(self._begin(relay, message))
-            self._beginning[message["record"]] = beginning
-            beginning.add_done_callback(lambda _: self._beginning.pop(message["record"], None))
+            record = message.record
+            beginning = asyncio.ensure_future(self._begin(relay, message, call_id))
+            self._beginning[record] = beginning
+            beginning.add_done_callback(lambda _: self._beginning.pop(record, None))
             self._background(beginning)
-        elif op == "finish":
-            self._background(self._finish(relay, message))
-        elif op == "readmit":
-            self._background(self._readmit(relay, message))
-        elif op == "abandon":
-            self._abandon(message["record"])
-        elif op == "release":
-            relayed = self._records.get(message["record"])
+        elif isinstance(message, Finish):
+            self._background(self._finish(relay, message, call_id))
+        elif isinstance(message, Readmit):
+            self._background(self._readmit(relay, message, call_id))
+        elif isinstance(message, Abandon):
+            self._abandon(message.record)
+        elif isinstance(message, Release):
+            relayed = self._records.get(message.record)
             if relayed is not None:
                 self._unwatch(relayed)
                 relayed.lease.release()
-        else:
-            logger.error("unknown message from a gateway process", extra={"gateway_process": relay.index, "op": op})
 
     def _abandon(self, record: str) -> None:
         """The relay's client left while the request was being admitted (typically queued)."""
@@ -266,25 +262,19 @@ class GatewayProcesses:
             relayed.ctx.outcome, relayed.ctx.status_code = "client_disconnected", 499
             self._end(relayed)
 
-    async def _begin(self, relay: _Relay, message: Message) -> None:
+    async def _begin(self, relay: _Relay, message: Begin, call_id: int) -> None:
         channel = relay.channel
         if channel is None:
             return
-        model = self.config.model(message["model"])
+        model = self.config.model(message.model)
         if model is None:  # the relay checked it against the same configuration
-            channel.reply(message, error_message(ApiError(404, f"The model '{message['model']}' does not exist")))
+            channel.reply(call_id, Refused.of(ApiError(404, f"The model '{message.model}' does not exist")))
             return
-        ctx = RequestContext(
-            request_id=message["request_id"], endpoint=message["endpoint"], model=model, body=message["body"],
-            stream=message["stream"], client_wants_usage=message["wants_usage"], headers={},
-            record_id=message["record"], received_at=message["received_at"],
-            started_monotonic=message["started"], gateway_process=relay.index,
-            body_bytes=message.get("size", 0), session_key=message.get("session"),
-        )
+        ctx = message.context(model, relay.index)
         finalizer = Finalizer(ctx, [])
         relayed: _Relayed | None = None
         try:
-            lease = await self.gateway.check_in(ctx, Request(_scope(message)), finalizer)
+            lease = await self.gateway.check_in(ctx, Request(message.scope()), finalizer)
             relayed = _Relayed(ctx, finalizer, lease, relay)
             if relay.channel is not channel:  # the relay died meanwhile
                 ctx.outcome = "upstream_failed"
@@ -297,7 +287,7 @@ class GatewayProcesses:
             answer = self._admitted(relayed)
         except ApiError as error:
             await self.gateway.answered_with(error, ctx, finalizer)
-            channel.reply(message, error_message(error))
+            channel.reply(call_id, Refused.of(error))
             return
         except asyncio.CancelledError:  # abandoned by the relay's client (or the worker is stopping)
             ctx.outcome, ctx.status_code = "client_disconnected", 499
@@ -316,23 +306,23 @@ class GatewayProcesses:
                 self._end(relayed)
             else:
                 self.gateway.finalize_soon(finalizer)
-            channel.reply(message, error_message(ApiError(500, "internal error in the worker gateway")))
+            channel.reply(call_id, Refused.of(ApiError(500, "internal error in the worker gateway")))
             return
-        channel.reply(message, answer)
+        channel.reply(call_id, answer)
 
-    def _admitted(self, relayed: _Relayed) -> Message:
+    def _admitted(self, relayed: _Relayed) -> Admitted:
         ctx, replica = relayed.ctx, relayed.lease.replica
         ctx.replica = replica
         for hook in relayed.finalizer.hooks:
             hook.after_route(ctx)
         # What the hooks add to `usage` beside its cost, which the relay prices itself as the usage comes.
         extras = relayed.finalizer.usage_extras()
-        return {"ok": True, "replica": replica.replica_id, "url": replica.engine.base_url,
-                "headers": ctx.response_headers, "extras": extras}
+        return Admitted(replica=replica.replica_id, url=replica.engine.base_url, headers=ctx.response_headers,
+                        extras=extras)
 
-    async def _readmit(self, relay: _Relay, message: Message) -> None:
+    async def _readmit(self, relay: _Relay, message: Readmit, call_id: int) -> None:
         """The replica failed before answering: the request goes to a sibling, or is refused (still open)."""
-        relayed = self._records.get(message["record"])
+        relayed = self._records.get(message.record)
         channel = relay.channel
         if relayed is None or channel is None:
             return
@@ -342,32 +332,19 @@ class GatewayProcesses:
         try:
             relayed.lease = await self.gateway.admit(relayed.ctx, exclude=previous.replica)
         except ApiError as refusal:
-            channel.reply(message, error_message(refusal))
+            channel.reply(call_id, Refused.of(refusal))
             return
         self._watch(relayed)
-        channel.reply(message, self._admitted(relayed))
+        channel.reply(call_id, self._admitted(relayed))
 
-    async def _finish(self, relay: _Relay, message: Message) -> None:
-        relayed = self._records.pop(message["record"], None)
-        if relayed is None:
-            if relay.channel is not None:
-                relay.channel.reply(message, {})
-            return
-        ctx = relayed.ctx
-        usage = message["usage"]
-        ctx.usage = Usage(**usage) if usage is not None else None
-        ctx.usage_estimated = message["usage_estimated"]
-        ctx.status_code = message["status_code"]
-        ctx.admitted_monotonic = message["admitted"]
-        ctx.first_byte_monotonic = message["first_byte"]
-        ctx.streamed_events = message["streamed_events"]
-        ctx.finish_reason = message["finish_reason"]
-        ctx.outcome = message["outcome"]
-        ctx.error_message = message["error_message"]
-        # Shielded, like the relay's own finalize: the ledger write is never cut short.
-        await asyncio.shield(self._end(relayed, message["finished"]))
+    async def _finish(self, relay: _Relay, message: Finish, call_id: int) -> None:
+        relayed = self._records.pop(message.record, None)
+        if relayed is not None:
+            message.apply_to(relayed.ctx)
+            # Shielded, like the relay's own finalize: the ledger write is never cut short.
+            await asyncio.shield(self._end(relayed, message.finished))
         if relay.channel is not None:
-            relay.channel.reply(message, {})
+            relay.channel.reply(call_id, Finished())
 
     # Interruptions: a replica's restart ends the requests leased on it, in whichever process they run.
     def _watch(self, relayed: _Relayed) -> None:
@@ -394,4 +371,4 @@ class GatewayProcesses:
             if relayed is None or channel is None:
                 continue
             with contextlib.suppress(ChannelClosed):
-                channel.tell({"op": "interrupt", "record": record, "reason": relayed.lease.interruption_reason})
+                channel.tell(Interrupt(record=record, reason=relayed.lease.interruption_reason))

@@ -27,10 +27,21 @@ from worker.gateway.context import RequestContext
 from worker.gateway.errors import ApiError, ClientDisconnected
 from worker.gateway.gateway import Gateway
 from worker.gateway.http_limits import LimitedConfig
-from worker.gateway.processes.channel import Channel, ChannelClosed, Message
-from worker.gateway.processes.coordinator import error_from
+from worker.gateway.processes.messages import (
+    Abandon,
+    Admitted,
+    Begin,
+    Finish,
+    Hello,
+    Interrupt,
+    Readmit,
+    Refused,
+    Release,
+    ToRelay,
+)
 from worker.gateway.relay import Outcome, race
 from worker.logs import configure_logging
+from worker.processes.rpc import Channel, ChannelClosed
 
 logger = logging.getLogger("worker.gateway.relay_process")
 
@@ -74,22 +85,26 @@ class WorkerLink:
     """The relay's channel to the worker process, and the leases it holds through it."""
 
     def __init__(self) -> None:
-        self.channel: Channel | None = None
-        self.hello: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self.channel: Channel[ToRelay] | None = None
+        self.hello: asyncio.Future[Hello] = asyncio.get_running_loop().create_future()
         self.targets: dict[tuple[str, str], EngineTarget] = {}
         self.leases: dict[str, RemoteLease] = {}
 
-    def on_message(self, message: Message) -> None:
-        op = message.get("op")
-        if op == "interrupt":
-            lease = self.leases.get(message["record"])
+    async def connect(self, sock: socket.socket) -> Hello:
+        """Talk to the worker process over `sock`; what it says first."""
+        self.channel = await Channel.over(sock, ToRelay, self.on_message)
+        return await self.hello
+
+    def on_message(self, message: ToRelay, call_id: int) -> None:
+        if isinstance(message, Interrupt):
+            lease = self.leases.get(message.record)
             if lease is not None:
-                lease.interruption_reason = message["reason"]
+                lease.interruption_reason = message.reason
                 lease.interrupted.set()
-        elif op == "hello" and not self.hello.done():
+        elif isinstance(message, Hello) and not self.hello.done():
             self.hello.set_result(message)
 
-    async def _call(self, message: Message) -> Message:
+    async def _call(self, message: Begin | Readmit | Finish) -> ToRelay:
         if self.channel is None:
             raise ChannelClosed("not connected")
         try:
@@ -98,35 +113,29 @@ class WorkerLink:
             raise ApiError(503, "this worker is restarting; retry shortly", headers={"retry-after": "1"}) from None
 
     async def begin(self, ctx: RequestContext, request: Request) -> None:
-        headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in request.scope["headers"]]
-        answer = await self._call({
-            "op": "begin", "record": ctx.record_id, "request_id": ctx.request_id, "endpoint": ctx.endpoint,
-            "path": request.scope["path"], "model": ctx.model.id, "body": ctx.body, "stream": ctx.stream,
-            "wants_usage": ctx.client_wants_usage, "headers": headers, "received_at": ctx.received_at,
-            "started": ctx.started_monotonic, "size": ctx.body_bytes, "session": ctx.session_key,
-        })
-        self._admitted(ctx, answer)
+        self._admitted(ctx, await self._call(Begin.of(ctx, request.scope["path"], request.scope["headers"])))
 
     async def readmit(self, ctx: RequestContext) -> RemoteLease:
-        answer = await self._call({"op": "readmit", "record": ctx.record_id})
-        self._admitted(ctx, answer)
+        self._admitted(ctx, await self._call(Readmit(record=ctx.record_id)))
         return self.leases[ctx.record_id]
 
-    def _admitted(self, ctx: RequestContext, answer: Message) -> None:
-        if not answer["ok"]:
-            raise error_from(answer)
-        ctx.response_headers.update(answer["headers"])
-        key = (answer["replica"], answer["url"])
+    def _admitted(self, ctx: RequestContext, answer: ToRelay) -> None:
+        if isinstance(answer, Refused):
+            raise answer.error()
+        if not isinstance(answer, Admitted):
+            raise TypeError(f"the worker process answered a request with {type(answer).__name__}")
+        ctx.response_headers.update(answer.headers)
+        key = (answer.replica, answer.url)
         target = self.targets.get(key)
         if target is None:
-            target = self.targets[key] = EngineTarget(answer["replica"], ctx.model.id, answer["url"])
-        self.leases[ctx.record_id] = RemoteLease(self, ctx.record_id, target, answer["extras"])
+            target = self.targets[key] = EngineTarget(answer.replica, ctx.model.id, answer.url)
+        self.leases[ctx.record_id] = RemoteLease(self, ctx.record_id, target, answer.extras)
 
     def abandon(self, ctx: RequestContext) -> None:
         """The client left before the worker process answered `begin`: it ends the request there."""
         if self.channel is not None:
             with contextlib.suppress(ChannelClosed):
-                self.channel.tell({"op": "abandon", "record": ctx.record_id})
+                self.channel.tell(Abandon(record=ctx.record_id))
 
     def lease_of(self, ctx: RequestContext) -> RemoteLease:
         return self.leases[ctx.record_id]
@@ -134,19 +143,11 @@ class WorkerLink:
     def released(self, lease: RemoteLease) -> None:
         if self.leases.get(lease.record) is lease and self.channel is not None:
             with contextlib.suppress(ChannelClosed):  # then the worker process releases it itself
-                self.channel.tell({"op": "release", "record": lease.record})
+                self.channel.tell(Release(record=lease.record))
 
     async def finish(self, ctx: RequestContext) -> None:
         self.leases.pop(ctx.record_id, None)
-        usage = ctx.usage
-        await self._call({
-            "op": "finish", "record": ctx.record_id, "status_code": ctx.status_code,
-            "usage": None if usage is None else vars(usage),
-            "usage_estimated": ctx.usage_estimated, "admitted": ctx.admitted_monotonic,
-            "first_byte": ctx.first_byte_monotonic,
-            "finished": ctx.finished_monotonic, "streamed_events": ctx.streamed_events,
-            "finish_reason": ctx.finish_reason, "outcome": ctx.outcome, "error_message": ctx.error_message,
-        })
+        await self._call(Finish.of(ctx))
 
     async def aclose(self) -> None:
         for target in self.targets.values():
@@ -252,17 +253,17 @@ class RelayServer(uvicorn.Server):
 
 async def run(control_fd: int, public_fd: int) -> None:
     link = WorkerLink()
-    channel = await Channel.over(socket.socket(fileno=control_fd), link.on_message)
-    link.channel = channel
-    hello = await link.hello
-    configure_logging(hello["log_level"])
-    config = NodeConfig.model_validate(hello["config"])
-    app = RelayApp(RelayGateway(config, link), hello["internal"])
+    hello = await link.connect(socket.socket(fileno=control_fd))
+    channel = link.channel
+    assert channel is not None
+    configure_logging(hello.log_level)
+    config = NodeConfig.model_validate(hello.config)
+    app = RelayApp(RelayGateway(config, link), hello.internal)
     server = RelayServer(LimitedConfig(app, limits=config.worker.http, lifespan="off", access_log=False,
                                        log_config=None, timeout_graceful_shutdown=5))
     serving = asyncio.ensure_future(server.serve(sockets=[socket.socket(fileno=public_fd)]))
     closed = asyncio.ensure_future(channel.closed.wait())
-    logger.info("gateway process serving", extra={"gateway_process": hello["index"]})
+    logger.info("gateway process serving", extra={"gateway_process": hello.index})
     await asyncio.wait({serving, closed}, return_when=asyncio.FIRST_COMPLETED)
     server.should_exit = True
     started = time.monotonic()
@@ -270,7 +271,7 @@ async def run(control_fd: int, public_fd: int) -> None:
     await channel.aclose()
     await link.aclose()
     await app.aclose()
-    logger.info("gateway process stopped", extra={"gateway_process": hello["index"],
+    logger.info("gateway process stopped", extra={"gateway_process": hello.index,
                                                   "shutdown_s": round(time.monotonic() - started, 3)})
 
 
