@@ -27,6 +27,7 @@ from worker.gateway.context import RequestContext
 from worker.gateway.errors import ApiError, ClientDisconnected
 from worker.gateway.gateway import Gateway
 from worker.gateway.http_limits import LimitedConfig
+from worker.gateway.leasing import EngineTarget
 from worker.gateway.processes.messages import (
     Abandon,
     Admitted,
@@ -50,8 +51,9 @@ _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te
                          b"transfer-encoding", b"upgrade", b"host", b"content-length"})
 
 
-class EngineTarget:
-    """A replica as a relay sees it: where to send the bytes (the worker process keeps its state)."""
+class RemoteReplica:
+    """A replica as a relay sees it (an EngineTarget): where to send the bytes; the worker process keeps
+    its state."""
 
     __slots__ = ("data", "model_id", "replica_id")
 
@@ -62,11 +64,11 @@ class EngineTarget:
 
 
 class RemoteLease:
-    """The worker process's lease, seen from the relay: ended there when the request finishes."""
+    """The worker process's lease, seen from the relay (a Lease): ended there when the request finishes."""
 
     __slots__ = ("_link", "_released", "extras", "interrupted", "interruption_reason", "record", "replica")
 
-    def __init__(self, link: WorkerLink, record: str, replica: EngineTarget, extras: dict[str, Any]) -> None:
+    def __init__(self, link: WorkerLink, record: str, replica: RemoteReplica, extras: dict[str, Any]) -> None:
         self._link = link
         self.record = record
         self.replica = replica
@@ -82,12 +84,12 @@ class RemoteLease:
 
 
 class WorkerLink:
-    """The relay's channel to the worker process, and the leases it holds through it."""
+    """The relay's channel to the worker process, and the leases it holds through it: the relay's Leaser."""
 
     def __init__(self) -> None:
         self.channel: Channel[ToRelay] | None = None
         self.hello: asyncio.Future[Hello] = asyncio.get_running_loop().create_future()
-        self.targets: dict[tuple[str, str], EngineTarget] = {}
+        self.targets: dict[tuple[str, str], RemoteReplica] = {}
         self.leases: dict[str, RemoteLease] = {}
 
     async def connect(self, sock: socket.socket) -> Hello:
@@ -128,7 +130,7 @@ class WorkerLink:
         key = (answer.replica, answer.url)
         target = self.targets.get(key)
         if target is None:
-            target = self.targets[key] = EngineTarget(answer.replica, ctx.model.id, answer.url)
+            target = self.targets[key] = RemoteReplica(answer.replica, ctx.model.id, answer.url)
         self.leases[ctx.record_id] = RemoteLease(self, ctx.record_id, target, answer.extras)
 
     def abandon(self, ctx: RequestContext) -> None:
@@ -137,8 +139,13 @@ class WorkerLink:
             with contextlib.suppress(ChannelClosed):
                 self.channel.tell(Abandon(record=ctx.record_id))
 
-    def lease_of(self, ctx: RequestContext) -> RemoteLease:
-        return self.leases[ctx.record_id]
+    async def lease(self, ctx: RequestContext, *, exclude: EngineTarget | None = None,
+                    receive: Receive | None = None) -> RemoteLease:
+        """The lease the worker process granted when it admitted the request (RemoteHooks asked for it),
+        or, once that replica failed it, a sibling's lease from the worker process."""
+        if exclude is None:
+            return self.leases[ctx.record_id]
+        return await self.readmit(ctx)
 
     def released(self, lease: RemoteLease) -> None:
         if self.leases.get(lease.record) is lease and self.channel is not None:
@@ -186,13 +193,11 @@ class RemoteHooks:
 
 class RelayGateway(Gateway):
     def __init__(self, config: NodeConfig, link: WorkerLink) -> None:
-        super().__init__(config, admission=None, hooks=[RemoteHooks(link)])  # type: ignore[arg-type]
+        super().__init__(config, link, hooks=[RemoteHooks(link)])  # type: ignore[arg-type]
         self.link = link
 
     async def admit(self, ctx: RequestContext, exclude: Any = None, receive: Any = None) -> Any:
-        if exclude is None:
-            return self.link.lease_of(ctx)  # leased when the worker process admitted the request
-        return await self.link.readmit(ctx)
+        return await self.link.lease(ctx, exclude=exclude, receive=receive)
 
 
 class RelayApp:
