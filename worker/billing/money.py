@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal, InvalidOperation
 
-MICROS_PER_USD = 1_000_000
+from worker.billing.store.records import MAX_BALANCE_MICRO, MAX_BALANCE_USD, MICROS_PER_USD
+
+__all__ = ["MAX_BALANCE_MICRO", "MAX_BALANCE_USD", "MICROS_PER_USD"]
+
 _ONE_MICRO = Decimal("0.000001")
-# The most an account may hold, and so the most one top-up or cap may be: USD 1e9 (1e15 micro-USD) is far
-# beyond any prepaid balance, and sums and differences of such amounts stay well inside int64 (9.2e18).
-MAX_BALANCE_USD = 1_000_000_000
-MAX_BALANCE_MICRO = MAX_BALANCE_USD * MICROS_PER_USD
 
 
 def usd_to_micro(amount: Decimal | str | int) -> int:

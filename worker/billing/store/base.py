@@ -9,9 +9,10 @@ import abc
 import asyncio
 from typing import Literal
 
-from worker.billing.audit import AdminAction, AdminAuditRecord
-from worker.billing.records import (
+from worker.billing.store.records import (
     Account,
+    AdminAction,
+    AdminAuditRecord,
     ApiKey,
     LedgerEntry,
     LedgerFilter,

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from worker.billing.records import LedgerEntry
+from worker.billing.store.records import LedgerEntry
 
 logger = logging.getLogger(__name__)
 

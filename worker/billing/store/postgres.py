@@ -9,18 +9,20 @@ so concurrent reservations and settlements cannot deadlock.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import asyncpg
 
-from worker.billing.audit import AdminAction, AdminAuditRecord
-from worker.billing.money import MAX_BALANCE_MICRO
-from worker.billing.records import (
+from worker.billing.store.base import BalanceLimitExceeded, DuplicateRecordId, LedgerStore, UnknownAccount
+from worker.billing.store.group_commit import GroupCommit
+from worker.billing.store.records import (
+    MAX_BALANCE_MICRO,
     Account,
+    AdminAction,
+    AdminAuditRecord,
     ApiKey,
     LedgerEntry,
     LedgerFilter,
@@ -31,7 +33,6 @@ from worker.billing.records import (
     WorkerClaim,
     utc_month,
 )
-from worker.billing.store.base import BalanceLimitExceeded, DuplicateRecordId, LedgerStore, UnknownAccount
 from worker.billing.store.rows import (
     ACCOUNT_COLUMNS,
     ADMIN_AUDIT_COLUMNS,
@@ -95,20 +96,12 @@ class _Refused(Exception):
         self.outcome = outcome
 
 
-@dataclass
-class _SettleJob:
-    record: LedgerEntry
-    future: asyncio.Future[int | None]
-
-
 class PostgresStore(LedgerStore):
     dialect = "postgresql"
 
     def __init__(self, pool: asyncpg.Pool, *, max_batch: int = 256) -> None:
         self._pool = pool
-        self._max_batch = max_batch
-        self._jobs: asyncio.Queue[_SettleJob | None] = asyncio.Queue()
-        self._writer = asyncio.create_task(self._write_loop(), name="billing-postgres-writer")
+        self._settlements: GroupCommit[LedgerEntry, int | None] = GroupCommit(self._commit, max_batch=max_batch)
         self._closed = False
 
     @classmethod
@@ -137,13 +130,12 @@ class PostgresStore(LedgerStore):
         if self._closed:
             return
         self._closed = True
-        await self._jobs.put(None)
-        await self._writer
+        await self._settlements.close()
         await self._pool.close()
 
     @property
     def pending_writes(self) -> int:
-        return self._jobs.qsize()
+        return self._settlements.pending
 
     # Accounts and keys.
     async def create_account(
@@ -250,52 +242,21 @@ class PostgresStore(LedgerStore):
         return ReserveOutcome.reserved
 
     async def settle(self, record: LedgerEntry) -> int:
-        if self._closed:
-            raise RuntimeError("the billing store is closed")
-        future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
-        await self._jobs.put(_SettleJob(record, future))
-        seq = await future
+        seq = await self._settlements.submit(record)
         if seq is None:
             raise DuplicateRecordId(record.record_id)
         return seq
 
-    async def _write_loop(self) -> None:
-        while True:
-            job = await self._jobs.get()
-            if job is None:
-                return
-            batch, stop = [job], False
-            while len(batch) < self._max_batch and not self._jobs.empty():
-                follower = self._jobs.get_nowait()
-                if follower is None:
-                    stop = True
-                    break
-                batch.append(follower)
-            await self._commit(batch)
-            if stop:
-                return
-
-    async def _commit(self, batch: list[_SettleJob]) -> None:
+    async def _commit(self, records: list[LedgerEntry]) -> Sequence[int | None | BaseException]:
         try:
             async with self._pool.acquire() as connection, connection.transaction():
-                seqs = await _settle_all(connection, [job.record for job in batch])
+                return await _settle_all(connection, records)
         except Exception as error:
-            if len(batch) > 1:  # one bad record must not fail its neighbours: retry each on its own
-                for job in batch:
-                    await self._commit([job])
-                return
-            logger.error(
-                "ledger write failed",
-                extra={
-                    "record_id": batch[0].record.record_id,
-                    "request_id": batch[0].record.request_id,
-                    "error": repr(error),
-                },
-            )
-            _resolve(batch[0].future, None, error)
-            return
-        for job, seq in zip(batch, seqs, strict=True):
-            _resolve(job.future, seq, None)
+            if len(records) > 1:  # one bad record must not fail its neighbours: retry each on its own
+                return [outcome for record in records for outcome in await self._commit([record])]
+            logger.error("ledger write failed", extra={
+                "record_id": records[0].record_id, "request_id": records[0].request_id, "error": repr(error)})
+            return [error]
 
     async def release_reservation(self, record_id: str) -> bool:
         return await self._release("record_id = $1", record_id) > 0
@@ -430,15 +391,6 @@ async def _settle_all(connection: asyncpg.Connection, records: list[LedgerEntry]
     await connection.executemany(_KEY_CHARGE, sorted(key_updates, key=lambda u: (u[3], u[1])))
     await connection.executemany(_ACCOUNT_CHARGE, sorted(account_updates, key=lambda u: u[2]))
     return seqs
-
-
-def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
 
 
 def _where(conditions: list[tuple[str, Any]]) -> tuple[str, list[Any]]:

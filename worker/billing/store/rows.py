@@ -7,9 +7,10 @@ from typing import Any
 
 import orjson
 
-from worker.billing.audit import AdminAction, AdminAuditRecord
-from worker.billing.records import (
+from worker.billing.store.records import (
     Account,
+    AdminAction,
+    AdminAuditRecord,
     ApiKey,
     KeyLimits,
     LedgerEntry,

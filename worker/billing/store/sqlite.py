@@ -6,11 +6,11 @@ loss or kernel crash. With NORMAL a response's record is first appended to the w
 beside the database, with the same durability; see journal.py) and reaches SQLite with the records of
 the next 250 ms in one commit, so no stream waits for a commit. With `synchronous=FULL` every committed
 batch is fsynced, so records survive a crash of the machine too; each stream then waits for its commit
-and a disk sync before its last byte. Writes go through one thread in batches; reads use a small
-thread pool of their own connections (WAL lets them read while the writer writes), and first wait for
-the journaled records, so a read sees every record settled before it. The connections, the writer and the
-readers live in a process of their own (sqlite_server.py says why); the work sent there is the module-level
-functions at the end of this file.
+and a disk sync before its last byte. The connections live in a process of their own (sqlite_server.py
+says why, and how it commits); writes reach it through the group commit (group_commit.py), reads go
+straight to its readers. Reads of balances and of the ledger first wait for the journaled records, so
+they see every record settled before them; key look-ups do not (a key's settled spend is re-checked by
+the reservation itself), so a key-cache miss never waits for a ledger batch.
 """
 
 from __future__ import annotations
@@ -19,17 +19,19 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import sqlite3
 import time
-from collections.abc import Callable
-from functools import partial
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-from worker.billing.audit import AdminAction, AdminAuditRecord
-from worker.billing.money import MAX_BALANCE_MICRO
-from worker.billing.records import (
+from worker.billing.store.base import BalanceLimitExceeded, DuplicateRecordId, LedgerStore, UnknownAccount
+from worker.billing.store.group_commit import GroupCommit
+from worker.billing.store.journal import LedgerJournal
+from worker.billing.store.records import (
     Account,
+    AdminAction,
+    AdminAuditRecord,
     ApiKey,
     LedgerEntry,
     LedgerFilter,
@@ -38,19 +40,12 @@ from worker.billing.records import (
     Reservation,
     ReserveOutcome,
     WorkerClaim,
-    utc_month,
 )
-from worker.billing.store.base import BalanceLimitExceeded, DuplicateRecordId, LedgerStore, UnknownAccount
-from worker.billing.store.journal import LedgerJournal
 from worker.billing.store.rows import (
     ACCOUNT_COLUMNS,
     ADMIN_AUDIT_COLUMNS,
-    ADMIN_AUDIT_INSERT,
     KEY_COLUMNS,
-    KEY_INSERT_COLUMNS,
-    KEY_INSERT_COUNT,
     LEDGER_COLUMNS,
-    LEDGER_INSERT_COLUMNS,
     account_from_row,
     admin_audit_from_row,
     admin_audit_params,
@@ -63,60 +58,106 @@ from worker.billing.store.rows import (
     new_key_params,
 )
 from worker.billing.store.schema import SCHEMA_VERSION_TABLE, pending_migrations
-from worker.billing.store.sql import (
-    ACCOUNT_CHARGE,
-    ACCOUNT_RESERVE,
-    KEY_CHARGE,
-    KEY_RESERVE,
-    KEY_STATE,
-    WORKER_CLAIM,
-    WORKER_CLAIM_HOLDER,
-    WORKER_CLAIM_RELEASE,
-    WORKER_CLAIM_RENEW,
-    for_sqlite,
+from worker.billing.store.sqlite_server import (
+    Answer,
+    Batch,
+    DatabaseSettings,
+    Done,
+    Failed,
+    Query,
+    Refused,
+    Write,
+    WriteOp,
+    connect,
 )
-from worker.billing.store.sqlite_process import DatabaseProcess
-from worker.billing.store.sqlite_server import DatabaseSettings, connect
-from worker.billing.store.sqlite_writer import GroupCommitWriter
+from worker.processes.rpc import Channel, ChannelClosed
+from worker.python_child import start_python, wait_or_kill
 
-T = TypeVar("T")
 logger = logging.getLogger(__name__)
 # Journaled records reach SQLite in batches this far apart (or this large), not one commit per response:
-# each commit costs the writer thread a wake-up and the WAL pages of seven b-trees, so fewer, larger ones
-# cost less per record (reads and shutdown hand the waiting records over at once).
+# each commit costs the database process the WAL pages of seven b-trees, so fewer, larger ones cost less
+# per record (reads of balances and the ledger, and shutdown, hand the waiting records over at once).
 JOURNAL_FLUSH_S = 0.25
 JOURNAL_BATCH_MAX = 256
-_KEY_RESERVE = for_sqlite(KEY_RESERVE)
-_KEY_STATE = for_sqlite(KEY_STATE)
-_ACCOUNT_RESERVE = for_sqlite(ACCOUNT_RESERVE)
-_KEY_CHARGE = for_sqlite(KEY_CHARGE)
-_ACCOUNT_CHARGE = for_sqlite(ACCOUNT_CHARGE)
-_WORKER_CLAIM = for_sqlite(WORKER_CLAIM)
-_WORKER_CLAIM_HOLDER = for_sqlite(WORKER_CLAIM_HOLDER)
-_WORKER_CLAIM_RENEW = for_sqlite(WORKER_CLAIM_RENEW)
-_WORKER_CLAIM_RELEASE = for_sqlite(WORKER_CLAIM_RELEASE)
-_INSERT_LEDGER = (
-    f"INSERT INTO ledger ({', '.join(LEDGER_INSERT_COLUMNS)}) "
-    f"VALUES ({', '.join('?' * len(LEDGER_INSERT_COLUMNS))}) "
-    "ON CONFLICT (record_id) DO NOTHING"
-)
-_ADVANCE_OUTBOX = (
-    "INSERT INTO outbox_cursors (worker_id, last_seq, updated_at) VALUES (?, ?, ?) "
-    "ON CONFLICT (worker_id) DO UPDATE SET last_seq = excluded.last_seq, "
-    "updated_at = excluded.updated_at WHERE outbox_cursors.last_seq < excluded.last_seq"
-)
-# Where ledger_params puts what settling needs besides the row itself.
-_RECORD_ID = LEDGER_INSERT_COLUMNS.index("record_id")
-_KEY_ID = LEDGER_INSERT_COLUMNS.index("key_id")
-_ACCOUNT_ID = LEDGER_INSERT_COLUMNS.index("account_id")
-_COST = LEDGER_INSERT_COLUMNS.index("cost_micro")
-_RECEIVED_AT = LEDGER_INSERT_COLUMNS.index("received_at")
+_EXIT_TIMEOUT_S = 30.0
+_ENTRY = "from worker.billing.store.sqlite_server import main; main()"
+# The kinds of failure the database process reports by name that callers tell apart.
+_ERRORS: dict[str, type[Exception]] = {
+    "UnknownAccount": UnknownAccount, "BalanceLimitExceeded": BalanceLimitExceeded, "Refused": Refused,
+    "IntegrityError": sqlite3.IntegrityError, "OperationalError": sqlite3.OperationalError,
+}
 
 
-class _Refused(Exception):
-    def __init__(self, outcome: ReserveOutcome) -> None:
-        super().__init__(outcome)  # in args, so that it pickles back from the database process
-        self.outcome = outcome
+class DatabaseProcessGone(RuntimeError):
+    pass
+
+
+def _raised(failure: Failed) -> Exception:
+    kind = _ERRORS.get(failure.error)
+    return kind(failure.detail) if kind is not None else RuntimeError(f"{failure.error}: {failure.detail}")
+
+
+class DatabaseProcess:
+    """The worker's side of sqlite_server.py: started on first use, and again on the first use after it died."""
+
+    def __init__(self, settings: DatabaseSettings) -> None:
+        self._settings = settings
+        self._process: asyncio.subprocess.Process | None = None
+        self._channel: Channel[Answer] | None = None
+        self._watcher: asyncio.Future[None] | None = None
+        self._starting = asyncio.Lock()
+        self._closed = False
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    async def call(self, request: Batch | Query) -> Answer:
+        channel = self._channel
+        if channel is None or channel.closed.is_set():
+            channel = await self._start()
+        try:
+            return await channel.call(request)
+        except ChannelClosed:
+            raise DatabaseProcessGone("the billing database process ended before answering") from None
+
+    async def _start(self) -> Channel[Answer]:
+        async with self._starting:  # callers that arrive during a start wait for the same one
+            if self._closed:
+                raise RuntimeError("the billing store is closed")
+            if self._channel is not None and not self._channel.closed.is_set():
+                return self._channel
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            settings = self._settings
+            try:
+                self._process = await start_python(
+                    _ENTRY, str(theirs.fileno()), str(settings.path), settings.synchronous, str(settings.readers),
+                    pass_fds=(theirs.fileno(),),
+                )
+            except BaseException:
+                ours.close()
+                raise
+            finally:
+                theirs.close()
+            channel: Channel[Answer] = await Channel.over(ours, Answer, lambda message, call_id: None)
+            self._channel = channel
+            self._watcher = asyncio.ensure_future(self._watch(channel, self._process.pid))
+            logger.info("billing database process started", extra={"pid": self.pid, "path": str(settings.path)})
+            return channel
+
+    async def _watch(self, channel: Channel[Answer], pid: int) -> None:
+        await channel.closed.wait()
+        if not self._closed:
+            logger.error("billing database process exited", extra={"pid": pid})
+
+    async def close(self) -> None:
+        """Let the process finish what it was sent, then wait for it to exit."""
+        async with self._starting:
+            self._closed = True
+        if self._channel is not None:
+            await self._channel.aclose()
+        if self._process is not None:
+            await wait_or_kill(self._process, _EXIT_TIMEOUT_S, "billing database process")
 
 
 class SqliteStore(LedgerStore):
@@ -124,9 +165,9 @@ class SqliteStore(LedgerStore):
 
     def __init__(self, path: Path, *, synchronous: Literal["full", "normal"], readers: int = 2) -> None:
         self._settings = DatabaseSettings(path, synchronous.upper(), readers)
-        self._database = DatabaseProcess(self._settings)
-        self._writer = GroupCommitWriter(self._database)
-        # Journaled ledger rows not yet handed to the writer, and the batches of them it has not committed.
+        self.database = DatabaseProcess(self._settings)
+        self._writes: GroupCommit[Write, Any] = GroupCommit(self._commit)
+        # Journaled ledger rows not yet handed to the group commit, and the batches of them not yet committed.
         self._journal: LedgerJournal | None = None
         self._journaled: list[tuple[tuple[Any, ...], asyncio.Future[int]]] = []
         self._journal_flush: asyncio.TimerHandle | None = None
@@ -135,9 +176,12 @@ class SqliteStore(LedgerStore):
     @classmethod
     async def open(cls, path: str | Path, *, synchronous: Literal["full", "normal"] = "normal") -> SqliteStore:
         store = cls(Path(path), synchronous=synchronous)
-        await asyncio.to_thread(store._prepare)
-        await store._database.start()
-        store._writer.start()
+        try:
+            await asyncio.to_thread(store._prepare)
+            await store.database.call(Query("SELECT 1", []))
+        except BaseException:
+            await store.close()
+            raise
         return store
 
     def _prepare(self) -> None:
@@ -151,9 +195,7 @@ class SqliteStore(LedgerStore):
             connection.execute("BEGIN IMMEDIATE")
             try:
                 connection.execute(SCHEMA_VERSION_TABLE)
-                applied = connection.execute(
-                    "SELECT COALESCE(MAX(version), 0) FROM schema_version"
-                ).fetchone()[0]
+                applied = connection.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
                 for migration in pending_migrations(applied):
                     for statement in migration.sqlite:
                         connection.execute(statement)
@@ -168,61 +210,88 @@ class SqliteStore(LedgerStore):
         finally:
             connection.close()
 
-    async def _read(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        await self.flush()  # a read sees every record settled before it
-        return await self._database.read(work)
+    async def _commit(self, writes: list[Write]) -> list[Any]:
+        answer = await self.database.call(Batch(writes))
+        if answer.batch_error is not None:
+            logger.error("billing write batch failed", extra={"batch": len(writes), "error": answer.batch_error})
+        return [o.result if isinstance(o, Done) else _raised(o) for o in answer.outcomes]
+
+    async def _write(self, op: WriteOp, *args: Any) -> Any:
+        return await self._writes.submit(Write(op, list(args)))
+
+    async def _rows(self, sql: str, *params: Any, settled: bool = True) -> list[dict[str, Any]]:
+        """`settled`: after every record settled before this call (balances and the ledger depend on them)."""
+        if settled:
+            await self.flush()
+        (outcome,) = (await self.database.call(Query(sql, list(params)))).outcomes
+        if isinstance(outcome, Failed):
+            raise _raised(outcome)
+        rows: list[dict[str, Any]] = outcome.result
+        return rows
 
     async def close(self) -> None:
         await self.flush()
         if self._journal is not None:
             self._journal.close()
-        await self._writer.close()
-        await self._database.close()
+        await self._writes.close()
+        await self.database.close()
 
     @property
     def pending_writes(self) -> int:
-        return self._writer.queued + len(self._journaled)
+        return self._writes.pending + len(self._journaled)
 
     # Accounts and keys.
-    async def create_account(
-        self, account_id: str, name: str, balance_micro: int, created_at: float
-    ) -> Account:
-        params = (account_id, name, balance_micro, created_at)
-        return await self._writer.submit(partial(_create_account, params=params))
+    async def create_account(self, account_id: str, name: str, balance_micro: int, created_at: float) -> Account:
+        return account_from_row(await self._write("create_account", account_id, name, balance_micro, created_at))
 
     async def get_account(self, account_id: str) -> Account | None:
-        return await self._read(partial(_get_account, account_id=account_id))
+        rows = await self._rows(f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ?", account_id)
+        return account_from_row(rows[0]) if rows else None
 
     async def list_accounts(self) -> list[Account]:
-        return await self._read(_list_accounts)
+        rows = await self._rows(f"SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY created_at, id")
+        return [account_from_row(row) for row in rows]
 
     async def top_up(self, account_id: str, amount_micro: int) -> Account:
-        return await self._writer.submit(partial(_top_up, account_id=account_id, amount_micro=amount_micro))
+        return account_from_row(await self._write("top_up", account_id, amount_micro))
 
     async def create_key(self, key: NewApiKey) -> ApiKey:
-        return await self._writer.submit(partial(_create_key, key=key))
+        return key_from_row(await self._write("create_key", *new_key_params(key)))
 
     async def find_key_by_hash(self, key_hash: str) -> ApiKey | None:
-        return await self._read(partial(_one_key, column="key_hash", value=key_hash))
+        return await self._one_key("key_hash", key_hash)
 
     async def get_key(self, key_id: str) -> ApiKey | None:
-        return await self._read(partial(_one_key, column="id", value=key_id))
+        return await self._one_key("id", key_id)
+
+    async def _one_key(self, column: str, value: str) -> ApiKey | None:
+        rows = await self._rows(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE {column} = ?", value, settled=False)
+        return key_from_row(rows[0]) if rows else None
 
     async def list_keys(self, account_id: str | None = None) -> list[ApiKey]:
-        return await self._read(partial(_list_keys, account_id=account_id))
+        where, params = ("", ()) if account_id is None else (" WHERE account_id = ?", (account_id,))
+        rows = await self._rows(
+            f"SELECT {KEY_COLUMNS} FROM api_keys{where} ORDER BY created_at, id", *params, settled=False
+        )
+        return [key_from_row(row) for row in rows]
 
     async def revoke_key(self, key_id: str, revoked_at: float) -> ApiKey | None:
-        return await self._writer.submit(partial(_revoke_key, key_id=key_id, revoked_at=revoked_at))
+        row = await self._write("revoke_key", key_id, revoked_at)
+        return key_from_row(row) if row is not None else None
 
     # Money on the request path.
     async def reserve(self, reservation: Reservation) -> ReserveOutcome:
+        r = reservation
         try:
-            return await self._writer.submit(partial(_reserve, r=reservation))
-        except _Refused as refused:
-            return refused.outcome
+            await self._write(
+                "reserve", r.record_id, r.account_id, r.key_id, r.amount_micro, r.holder, r.created_at, r.month
+            )
+        except Refused as refused:
+            return ReserveOutcome(refused.args[0])
+        return ReserveOutcome.reserved
 
     async def settle(self, record: LedgerEntry) -> int:
-        seq: int | None = await self._writer.submit_item(_settle_rows, ledger_params(record))
+        seq: int | None = await self._write("settle", *ledger_params(record))
         if seq is None:
             raise DuplicateRecordId(record.record_id)
         return seq
@@ -235,11 +304,10 @@ class SqliteStore(LedgerStore):
         await asyncio.to_thread(root.mkdir, mode=0o700, exist_ok=True)  # `mkdir(parents=True)` makes it 0755
         journal, leftovers = await asyncio.to_thread(LedgerJournal.open, root / worker_id)
         added = 0
-        for path in leftovers:
-            rows = await asyncio.to_thread(LedgerJournal.read, path)
-            seqs = await self._writer.submit(
-                partial(_settle_each, rows=rows), after_commit=partial(path.unlink, missing_ok=True)
-            )
+        for leftover in leftovers:
+            rows = await asyncio.to_thread(LedgerJournal.read, leftover)
+            seqs = await asyncio.gather(*(self._write("settle", *row) for row in rows))
+            leftover.unlink(missing_ok=True)
             added += sum(seq is not None for seq in seqs)
         if leftovers:
             logger.warning(
@@ -277,23 +345,17 @@ class SqliteStore(LedgerStore):
         self._journal_batches.add(task)
         task.add_done_callback(self._journal_batches.discard)
 
-    async def _settle_journaled(
-        self, batch: list[tuple[tuple[Any, ...], asyncio.Future[int]]], path: Path
-    ) -> None:
-        try:
-            seqs = await self._writer.submit(
-                partial(_settle_each, rows=[row for row, _ in batch]),
-                after_commit=partial(path.unlink, missing_ok=True),
-            )
-        except Exception as error:  # the rows stay in the journal file; the next start settles them
-            for _, settled in batch:
-                settled.set_exception(error)
-            return
+    async def _settle_journaled(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[int]]], path: Path) -> None:
+        seqs = await asyncio.gather(*(self._write("settle", *row) for row, _ in batch), return_exceptions=True)
         for (row, settled), seq in zip(batch, seqs, strict=True):
-            if seq is None:
-                settled.set_exception(DuplicateRecordId(row[_RECORD_ID]))
+            if isinstance(seq, BaseException):
+                settled.set_exception(seq)
+            elif seq is None:
+                settled.set_exception(DuplicateRecordId(row[0]))
             else:
                 settled.set_result(seq)
+        if not any(isinstance(seq, BaseException) for seq in seqs):
+            path.unlink(missing_ok=True)  # else the rows stay in the file; the next start settles them
 
     async def flush(self) -> None:
         self._hand_journaled_over()
@@ -301,239 +363,59 @@ class SqliteStore(LedgerStore):
             await asyncio.gather(*self._journal_batches, return_exceptions=True)
 
     async def release_reservation(self, record_id: str) -> bool:
-        return await self._release("record_id = ?", (record_id,)) > 0
+        return bool(await self._write("release", record_id, None, None) > 0)
 
     async def release_reservations(self, holder: str, older_than: float | None = None) -> int:
-        return await self._release(
-            "holder = ? OR created_at < ?", (holder, older_than if older_than is not None else float("-inf"))
-        )
-
-    async def _release(self, condition: str, params: tuple[Any, ...]) -> int:
-        return await self._writer.submit(partial(_release, condition=condition, params=params))
+        released: int = await self._write("release", None, holder, older_than)
+        return released
 
     # The ledger.
     async def query_ledger(
-        self,
-        where: LedgerFilter,
-        *,
-        limit: int,
-        order: Literal["asc", "desc"] = "desc",
-        cursor: int | None = None,
+        self, where: LedgerFilter, *, limit: int, order: Literal["asc", "desc"] = "desc", cursor: int | None = None
     ) -> list[LedgerRecord]:
         conditions = ledger_conditions(where)
         if cursor is not None:
             conditions.append(("seq > {}" if order == "asc" else "seq < {}", cursor))
         clause, params = _where(conditions)
         query = f"SELECT {LEDGER_COLUMNS} FROM ledger{clause} ORDER BY seq {order.upper()} LIMIT ?"
-        return await self._read(partial(_ledger_records, query=query, params=(*params, limit)))
+        return [ledger_from_row(row) for row in await self._rows(query, *params, limit)]
 
     async def count_ledger(self, where: LedgerFilter, after_seq: int = 0) -> int:
         clause, params = _where([*ledger_conditions(where), ("seq > {}", after_seq)])
-        return await self._read(partial(_count, query=f"SELECT COUNT(*) FROM ledger{clause}", params=params))
+        (row,) = await self._rows(f"SELECT COUNT(*) AS n FROM ledger{clause}", *params)
+        return int(row["n"])
 
     # The admin audit trail.
     async def append_admin_audit(self, action: AdminAction) -> int:
-        return await self._writer.submit(partial(_append_admin_audit, params=admin_audit_params(action)))
+        seq: int = await self._write("append_audit", *admin_audit_params(action))
+        return seq
 
     async def query_admin_audit(self, *, limit: int, cursor: int | None = None) -> list[AdminAuditRecord]:
-        return await self._read(partial(_admin_audit_records, limit=limit, cursor=cursor))
+        rows = await self._rows(
+            f"SELECT {ADMIN_AUDIT_COLUMNS} FROM admin_audit WHERE seq < ? ORDER BY seq DESC LIMIT ?",
+            cursor if cursor is not None else 2**63 - 1, limit, settled=False,
+        )
+        return [admin_audit_from_row(row) for row in rows]
 
-    # The outbox.
-    async def outbox_cursor(self, worker_id: str) -> int:
-        return await self._read(partial(_outbox_cursor, worker_id=worker_id))
-
+    # One running worker per worker id, and the outbox.
     async def claim_worker_id(
         self, claim: WorkerClaim, stale_before: float, gone_instance: str | None = None
     ) -> WorkerClaim | None:
-        return await self._writer.submit(
-            partial(_claim_worker_id, claim=claim, stale_before=stale_before, gone_instance=gone_instance)
-        )
+        holder = await self._write("claim_worker", *claim_params(claim), stale_before, gone_instance or "")
+        return claim_from_row(holder) if holder is not None else None
 
     async def renew_worker_claim(self, worker_id: str, instance_id: str, now: float) -> bool:
-        return await self._writer.submit(partial(_changed_one, query=_WORKER_CLAIM_RENEW,
-                                                 params=(worker_id, instance_id, now)))
+        return bool(await self._write("renew_claim", worker_id, instance_id, now))
 
     async def release_worker_claim(self, worker_id: str, instance_id: str) -> None:
-        await self._writer.submit(
-            partial(_changed_one, query=_WORKER_CLAIM_RELEASE, params=(worker_id, instance_id))
-        )
+        await self._write("release_claim", worker_id, instance_id)
+
+    async def outbox_cursor(self, worker_id: str) -> int:
+        rows = await self._rows("SELECT last_seq FROM outbox_cursors WHERE worker_id = ?", worker_id, settled=False)
+        return int(rows[0]["last_seq"]) if rows else 0
 
     async def advance_outbox(self, worker_id: str, seq: int, now: float) -> None:
-        await self._writer.submit(partial(_changed_one, query=_ADVANCE_OUTBOX, params=(worker_id, seq, now)))
-
-
-# The work run in the database process (sqlite_server.py): module-level, so that it pickles.
-def _create_account(db: sqlite3.Connection, params: tuple[Any, ...]) -> Account:
-    row = db.execute(
-        f"INSERT INTO accounts (id, name, balance_micro, created_at) VALUES (?, ?, ?, ?) "
-        f"RETURNING {ACCOUNT_COLUMNS}",
-        params,
-    ).fetchone()
-    return account_from_row(row)
-
-
-def _get_account(db: sqlite3.Connection, account_id: str) -> Account | None:
-    row = db.execute(f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ?", (account_id,)).fetchone()
-    return account_from_row(row) if row else None
-
-
-def _list_accounts(db: sqlite3.Connection) -> list[Account]:
-    rows = db.execute(f"SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY created_at, id").fetchall()
-    return [account_from_row(row) for row in rows]
-
-
-def _top_up(db: sqlite3.Connection, account_id: str, amount_micro: int) -> Account:
-    row = db.execute(
-        f"UPDATE accounts SET balance_micro = balance_micro + ?1 WHERE id = ?2 AND balance_micro + ?1 <= ?3 "
-        f"RETURNING {ACCOUNT_COLUMNS}",
-        (amount_micro, account_id, MAX_BALANCE_MICRO),
-    ).fetchone()
-    if row is None:
-        if db.execute("SELECT 1 FROM accounts WHERE id = ?", (account_id,)).fetchone() is None:
-            raise UnknownAccount(account_id)
-        raise BalanceLimitExceeded(account_id)
-    return account_from_row(row)
-
-
-def _create_key(db: sqlite3.Connection, key: NewApiKey) -> ApiKey:
-    if db.execute("SELECT 1 FROM accounts WHERE id = ?", (key.account_id,)).fetchone() is None:
-        raise UnknownAccount(key.account_id)
-    row = db.execute(
-        f"INSERT INTO api_keys ({KEY_INSERT_COLUMNS}) VALUES ({', '.join('?' * KEY_INSERT_COUNT)}) RETURNING {KEY_COLUMNS}",
-        new_key_params(key),
-    ).fetchone()
-    return key_from_row(row)
-
-
-def _one_key(db: sqlite3.Connection, column: str, value: str) -> ApiKey | None:
-    row = db.execute(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE {column} = ?", (value,)).fetchone()
-    return key_from_row(row) if row else None
-
-
-def _list_keys(db: sqlite3.Connection, account_id: str | None) -> list[ApiKey]:
-    if account_id is None:
-        rows = db.execute(f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at, id").fetchall()
-    else:
-        rows = db.execute(
-            f"SELECT {KEY_COLUMNS} FROM api_keys WHERE account_id = ? ORDER BY created_at, id", (account_id,)
-        ).fetchall()
-    return [key_from_row(row) for row in rows]
-
-
-def _revoke_key(db: sqlite3.Connection, key_id: str, revoked_at: float) -> ApiKey | None:
-    row = db.execute(
-        f"UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ? RETURNING {KEY_COLUMNS}",
-        (revoked_at, key_id),
-    ).fetchone()
-    return key_from_row(row) if row else None
-
-
-def _reserve(db: sqlite3.Connection, r: Reservation) -> ReserveOutcome:
-    if db.execute(_KEY_RESERVE, (r.amount_micro, r.key_id, r.month)).rowcount == 0:
-        revoked = db.execute(_KEY_STATE, (r.key_id,)).fetchone()
-        raise _Refused(
-            ReserveOutcome.key_revoked
-            if revoked is None or revoked[0] is not None
-            else ReserveOutcome.spend_cap_reached
-        )
-    if db.execute(_ACCOUNT_RESERVE, (r.amount_micro, r.account_id)).rowcount == 0:
-        raise _Refused(ReserveOutcome.insufficient_balance)
-    db.execute(
-        "INSERT INTO reservations (record_id, account_id, key_id, amount_micro, holder, created_at) "
-        "VALUES (?, ?, ?, ?, ?, ?)",
-        (r.record_id, r.account_id, r.key_id, r.amount_micro, r.holder, r.created_at),
-    )
-    return ReserveOutcome.reserved
-
-
-def _release(db: sqlite3.Connection, condition: str, params: tuple[Any, ...]) -> int:
-    rows = db.execute(
-        f"DELETE FROM reservations WHERE {condition} RETURNING key_id, account_id, amount_micro", params
-    ).fetchall()
-    for key_id, account_id, amount in rows:
-        db.execute("UPDATE api_keys SET reserved_micro = reserved_micro - ? WHERE id = ?", (amount, key_id))
-        db.execute(
-            "UPDATE accounts SET reserved_micro = reserved_micro - ? WHERE id = ?", (amount, account_id)
-        )
-    return len(rows)
-
-
-def _ledger_records(db: sqlite3.Connection, query: str, params: tuple[Any, ...]) -> list[LedgerRecord]:
-    return [ledger_from_row(row) for row in db.execute(query, params).fetchall()]
-
-
-def _count(db: sqlite3.Connection, query: str, params: list[Any]) -> int:
-    return int(db.execute(query, params).fetchone()[0])
-
-
-def _append_admin_audit(db: sqlite3.Connection, params: tuple[Any, ...]) -> int:
-    placeholders = ", ".join("?" * len(params))
-    return int(db.execute(f"INSERT INTO admin_audit ({ADMIN_AUDIT_INSERT}) VALUES ({placeholders})", params).lastrowid)
-
-
-def _admin_audit_records(db: sqlite3.Connection, limit: int, cursor: int | None) -> list[AdminAuditRecord]:
-    rows = db.execute(
-        f"SELECT {ADMIN_AUDIT_COLUMNS} FROM admin_audit WHERE seq < ? ORDER BY seq DESC LIMIT ?",
-        (cursor if cursor is not None else 2**63 - 1, limit),
-    ).fetchall()
-    return [admin_audit_from_row(row) for row in rows]
-
-
-def _outbox_cursor(db: sqlite3.Connection, worker_id: str) -> int:
-    row = db.execute("SELECT last_seq FROM outbox_cursors WHERE worker_id = ?", (worker_id,)).fetchone()
-    return int(row[0]) if row else 0
-
-
-def _claim_worker_id(
-    db: sqlite3.Connection, claim: WorkerClaim, stale_before: float, gone_instance: str | None
-) -> WorkerClaim | None:
-    if db.execute(_WORKER_CLAIM, (*claim_params(claim), stale_before, gone_instance or "")).rowcount == 1:
-        return None
-    return claim_from_row(db.execute(_WORKER_CLAIM_HOLDER, (claim.worker_id,)).fetchone())
-
-
-def _changed_one(db: sqlite3.Connection, query: str, params: tuple[Any, ...]) -> bool:
-    return bool(db.execute(query, params).rowcount == 1)
-
-
-def _settle_rows(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[int | None]:
-    """Append ledger rows and, in the same transaction, release their reservations and charge their
-    costs. Returns each row's seq, or None for a record id the ledger holds already (not charged)."""
-    inserted = db.executemany(_INSERT_LEDGER, rows).rowcount
-    if inserted != len(rows):
-        if len(rows) == 1:
-            return [None]
-        raise DuplicateRecordId("a record of this batch is in the ledger already")  # the writer retries each
-    # One writer inside one transaction: AUTOINCREMENT numbers these rows consecutively.
-    last = db.execute("SELECT last_insert_rowid()").fetchone()[0]
-    for row in rows:
-        if row[_KEY_ID] is not None or row[_ACCOUNT_ID] is not None:
-            _charge(db, row)
-    return list(range(last - len(rows) + 1, last + 1))
-
-
-def _settle_each(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[int | None]:
-    """`_settle_rows`, and when a row's record id is in the ledger already, row by row."""
-    db.execute("SAVEPOINT rows")
-    try:
-        seqs = _settle_rows(db, rows)
-    except DuplicateRecordId:
-        db.execute("ROLLBACK TO rows")
-        seqs = [_settle_rows(db, [row])[0] for row in rows]
-    db.execute("RELEASE rows")
-    return seqs
-
-
-def _charge(db: sqlite3.Connection, row: tuple[Any, ...]) -> None:
-    held = db.execute(
-        "DELETE FROM reservations WHERE record_id = ? RETURNING amount_micro", (row[_RECORD_ID],)
-    ).fetchone()
-    released = held[0] if held else 0
-    cost = row[_COST]
-    if row[_KEY_ID] is not None:
-        db.execute(_KEY_CHARGE, (released, utc_month(row[_RECEIVED_AT]), cost, row[_KEY_ID]))
-    if row[_ACCOUNT_ID] is not None:
-        db.execute(_ACCOUNT_CHARGE, (cost, released, row[_ACCOUNT_ID]))
+        await self._write("advance_outbox", worker_id, seq, now)
 
 
 def create_private_files(path: Path) -> None:
@@ -552,6 +434,4 @@ def create_private_files(path: Path) -> None:
 def _where(conditions: list[tuple[str, Any]]) -> tuple[str, list[Any]]:
     if not conditions:
         return "", []
-    return " WHERE " + " AND ".join(sql.format("?") for sql, _ in conditions), [
-        value for _, value in conditions
-    ]
+    return " WHERE " + " AND ".join(sql.format("?") for sql, _ in conditions), [value for _, value in conditions]

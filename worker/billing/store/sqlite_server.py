@@ -1,77 +1,99 @@
-"""The billing database's own process: it owns the SQLite connections and runs the work the worker sends.
+"""The billing database's own process: it owns the SQLite connections and runs the commands the worker sends.
 
 Why a process and not threads in the worker: Python's sqlite3 module gives the GIL up around every
 statement and needs it back after. The worker's event loop, busy relaying streams, gives the GIL up at
 every poll and takes it straight back, which restarts a waiting thread's wait for it; threads doing
 SQLite work there were starved for hundreds of milliseconds at a time, and reservations (which a request
-waits for before the engine sees it) with them. Here the GIL is contended by nobody busy, and the worker
-needs it once per batch to send the batch and once to take the answers.
+waits for before the engine sees it) with them. Here the GIL is contended by nobody busy.
 
-Work arrives as picklable callables (module-level functions, or `functools.partial` of them) taking the
-connection. Writes come in batches, committed in one transaction (group commit): each job runs in its own
-savepoint, so one failure rolls back only that job; items of one kind (`WriteJob.many`) that follow each
-other run through a single call, retried one by one when it fails, so only the failing caller hears of it.
-Reads run on a small pool of read-only connections beside the writer (WAL lets them read while it writes).
-The process ends when the worker's end of the socket closes, after finishing what it was sent: so a worker
-that is killed still has the batch it handed over committed.
+The worker speaks to it over one socket with worker/processes/rpc.py: a `Batch` of typed `Write` commands
+is committed in one transaction, each write in a savepoint of its own so that one failure rolls back and
+fails only that write; a `Query` (read-only SQL) runs on a small pool of read-only connections beside the
+writer (WAL lets them read while it writes), so reads never wait behind a batch. The process ends when the
+worker's end of the socket closes, after finishing what it was sent: so a worker that is killed still has
+the batch it handed over committed.
 """
 
 from __future__ import annotations
 
-import importlib
-import logging
-import pickle
+import asyncio
 import signal
 import socket
 import sqlite3
-import struct
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
-# Frames on the sockets: the length of the pickle and the request's id (8 bytes each, big-endian), then
-# the pickle. The id is outside the pickle so that work which cannot be unpickled here still gets its answer.
-FRAME_HEADER = struct.Struct("!QQ")
+import msgspec
+
+from worker.billing.store.base import BalanceLimitExceeded, UnknownAccount
+from worker.billing.store.records import MAX_BALANCE_MICRO, ReserveOutcome, utc_month
+from worker.billing.store.rows import (
+    ACCOUNT_COLUMNS,
+    ADMIN_AUDIT_INSERT,
+    KEY_COLUMNS,
+    KEY_INSERT_COLUMNS,
+    KEY_INSERT_COUNT,
+    LEDGER_INSERT_COLUMNS,
+)
+from worker.billing.store.sql import (
+    ACCOUNT_CHARGE,
+    ACCOUNT_RESERVE,
+    KEY_CHARGE,
+    KEY_RESERVE,
+    KEY_STATE,
+    WORKER_CLAIM,
+    WORKER_CLAIM_HOLDER,
+    WORKER_CLAIM_RELEASE,
+    WORKER_CLAIM_RENEW,
+    for_sqlite,
+)
+from worker.processes.rpc import Channel
+
 BUSY_TIMEOUT_S = 30.0
 
-# Writes many items in the current transaction; returns one result per item, in order.
-ManyWork = Callable[[sqlite3.Connection, list[Any]], Sequence[Any]]
+WriteOp = Literal[
+    "create_account", "top_up", "create_key", "revoke_key", "reserve", "settle", "release", "append_audit",
+    "claim_worker", "renew_claim", "release_claim", "advance_outbox",
+]
 
 
-class WriteJob(NamedTuple):
-    work: Callable[[sqlite3.Connection], Any] | None = None
-    many: ManyWork | None = None
-    item: Any = None
-    # Runs in this process once the job's work has committed (not when it failed).
-    after_commit: Callable[[], None] | None = None
-
-    def run_alone(self, connection: sqlite3.Connection) -> Any:
-        if self.many is not None:
-            return self.many(connection, [self.item])[0]
-        assert self.work is not None
-        return self.work(connection)
+class Write(msgspec.Struct, array_like=True):
+    op: WriteOp
+    args: list[Any]
 
 
-class Outcome(NamedTuple):
-    error: BaseException | None
-    result: Any = None
+class Batch(msgspec.Struct, tag=True, array_like=True):
+    writes: list[Write]
 
 
-class LogNote(NamedTuple):
-    """A log line for the worker to write: this process does not log (the worker's log is the one with the
-    configured format), it sends what happened with the answer."""
+class Query(msgspec.Struct, tag=True, array_like=True):
+    """Read-only SQL (the readers' connections refuse writes); answered with its rows as column maps."""
 
-    level: int
-    message: str
-    extra: dict[str, Any]
+    sql: str
+    params: list[Any]
 
 
-class WriteAnswer(NamedTuple):
-    outcomes: list[Outcome]
-    notes: list[LogNote]
+class Done(msgspec.Struct, tag=True, array_like=True):
+    result: Any
+
+
+class Failed(msgspec.Struct, tag=True, array_like=True):
+    error: str  # the exception's class name: the worker raises the same kind
+    detail: str
+
+
+class Answer(msgspec.Struct, tag=True, array_like=True):
+    outcomes: list[Done | Failed]  # one per write of a batch; one for a query
+    batch_error: str | None = None  # why nothing of the batch committed
+
+
+class Refused(Exception):
+    """A reservation refused for `ReserveOutcome(args[0])`; nothing it wrote stays."""
 
 
 class DatabaseSettings(NamedTuple):
@@ -80,262 +102,229 @@ class DatabaseSettings(NamedTuple):
     readers: int
 
 
-def connect(settings: DatabaseSettings) -> sqlite3.Connection:
+def connect(settings: DatabaseSettings, *, query_only: bool = False) -> sqlite3.Connection:
     connection = sqlite3.connect(
         settings.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_S
     )
     connection.row_factory = sqlite3.Row
     connection.execute(f"PRAGMA synchronous = {settings.synchronous}")
     connection.execute("PRAGMA foreign_keys = ON")
-    return connection
-
-
-def _connect_writer(settings: DatabaseSettings) -> sqlite3.Connection:
-    connection = connect(settings)
     # Savepoint and statement journals only roll back inside an open transaction (the WAL, not they,
     # makes commits durable): keep them in memory rather than in a temp file opened per batch.
     connection.execute("PRAGMA temp_store = MEMORY")
+    if query_only:
+        connection.execute("PRAGMA query_only = ON")
     return connection
 
 
-def send_frame(sock: socket.socket, request_id: int, payload: bytes) -> None:
-    sock.sendall(FRAME_HEADER.pack(len(payload), request_id) + payload)
+def failed(error: BaseException) -> Failed:
+    return Failed(type(error).__name__, str(error.args[0]) if len(error.args) == 1 else str(error))
 
 
-def _recv_exactly(sock: socket.socket, size: int) -> bytes | None:
-    chunks = bytearray()
-    while len(chunks) < size:
-        try:
-            chunk = sock.recv(size - len(chunks))
-        except OSError:  # the worker's end was reset: as good as closed
-            return None
-        if not chunk:
-            return None
-        chunks += chunk
-    return bytes(chunks)
-
-
-def _recv_frame(sock: socket.socket) -> tuple[int, bytes] | None:
-    header = _recv_exactly(sock, FRAME_HEADER.size)
-    if header is None:
-        return None
-    size, request_id = FRAME_HEADER.unpack(header)
-    payload = _recv_exactly(sock, size)
-    return None if payload is None else (request_id, payload)
-
-
-def _unpickled_request(payload: bytes) -> tuple[Any, Outcome | None]:
-    """The work sent, or the error to answer with when it cannot be unpickled here."""
+def commit_batch(db: sqlite3.Connection, batch: Batch) -> Answer:
+    outcomes: list[Done | Failed] = []
     try:
-        return pickle.loads(payload), None
+        db.execute("BEGIN IMMEDIATE")
+        for write in batch.writes:
+            db.execute("SAVEPOINT write")
+            try:
+                outcomes.append(Done(_WRITES[write.op](db, *write.args)))
+            except Exception as error:  # that caller gets its error; the rest of the batch commits
+                db.execute("ROLLBACK TO write")
+                outcomes.append(failed(error))
+            db.execute("RELEASE write")
+        db.execute("COMMIT")
+    except Exception as error:  # e.g. disk full or database locked: every caller hears of it
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        return Answer([failed(error)] * len(batch.writes), batch_error=repr(error))
+    return Answer(outcomes)
+
+
+def run_query(db: sqlite3.Connection, query: Query) -> Answer:
+    try:
+        return Answer([Done([dict(row) for row in db.execute(query.sql, query.params)])])
     except Exception as error:
-        unreadable = RuntimeError(f"the billing database process could not read the work sent: {error!r}")
-        return None, Outcome(unreadable)
+        return Answer([failed(error)])
 
 
-def picklable(error: BaseException) -> BaseException:
-    """The error itself if it survives pickling, else a RuntimeError that names it."""
-    return error if _pickles(error) else RuntimeError(f"{type(error).__name__}: {error}")
+# The writes, by command: each runs inside the batch's transaction, in a savepoint of its own.
+def _returning(db: sqlite3.Connection, sql: str, params: Any) -> dict[str, Any] | None:
+    row = db.execute(sql, params).fetchone()
+    return dict(row) if row is not None else None
 
 
-class _Server:
-    """Writes and reads come on sockets of their own: the writer thread serves its socket itself (a batch
-    the worker waits for, e.g. a reservation, crosses no thread hand-off here), and the main thread hands
-    reads to the reader pool, so they never wait behind a batch."""
+def _create_account(db: sqlite3.Connection, *params: Any) -> dict[str, Any] | None:
+    sql = f"INSERT INTO accounts (id, name, balance_micro, created_at) VALUES (?, ?, ?, ?) RETURNING {ACCOUNT_COLUMNS}"
+    return _returning(db, sql, params)
 
-    def __init__(
-        self, write_sock: socket.socket, read_sock: socket.socket, settings: DatabaseSettings
-    ) -> None:
-        self._write_sock = write_sock
-        self._read_sock = read_sock
-        self._settings = settings
-        self._read_send_lock = threading.Lock()
-        self._writer = threading.Thread(target=self._write_batches, name="billing-sqlite-writer")
-        self._local = threading.local()
-        self._reader_connections: list[sqlite3.Connection] = []
-        self._reader_lock = threading.Lock()
-        self._readers = ThreadPoolExecutor(
-            max_workers=settings.readers, thread_name_prefix="billing-sqlite-reader",
-            initializer=self._open_reader,
-        )
 
-    def run(self) -> None:
-        self._writer.start()
+def _top_up(db: sqlite3.Connection, account_id: str, amount_micro: int) -> dict[str, Any]:
+    row = _returning(
+        db,
+        f"UPDATE accounts SET balance_micro = balance_micro + ?1 WHERE id = ?2 AND balance_micro + ?1 <= ?3 "
+        f"RETURNING {ACCOUNT_COLUMNS}",
+        (amount_micro, account_id, MAX_BALANCE_MICRO),
+    )
+    if row is None:
+        exists = db.execute("SELECT 1 FROM accounts WHERE id = ?", (account_id,)).fetchone()
+        raise (UnknownAccount if exists is None else BalanceLimitExceeded)(account_id)
+    return row
+
+
+def _create_key(db: sqlite3.Connection, *params: Any) -> dict[str, Any] | None:
+    if db.execute("SELECT 1 FROM accounts WHERE id = ?", (params[1],)).fetchone() is None:
+        raise UnknownAccount(params[1])
+    placeholders = ", ".join("?" * KEY_INSERT_COUNT)
+    sql = f"INSERT INTO api_keys ({KEY_INSERT_COLUMNS}) VALUES ({placeholders}) RETURNING {KEY_COLUMNS}"
+    return _returning(db, sql, params)
+
+
+def _revoke_key(db: sqlite3.Connection, key_id: str, revoked_at: float) -> dict[str, Any] | None:
+    sql = f"UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ? RETURNING {KEY_COLUMNS}"
+    return _returning(db, sql, (revoked_at, key_id))
+
+
+def _reserve(db: sqlite3.Connection, record_id: str, account_id: str, key_id: str, amount: int, holder: str,
+             created_at: float, month: str) -> str:
+    if db.execute(_KEY_RESERVE, (amount, key_id, month)).rowcount == 0:
+        revoked = db.execute(_KEY_STATE, (key_id,)).fetchone()
+        gone = revoked is None or revoked[0] is not None
+        raise Refused((ReserveOutcome.key_revoked if gone else ReserveOutcome.spend_cap_reached).value)
+    if db.execute(_ACCOUNT_RESERVE, (amount, account_id)).rowcount == 0:
+        raise Refused(ReserveOutcome.insufficient_balance.value)
+    db.execute(
+        "INSERT INTO reservations (record_id, account_id, key_id, amount_micro, holder, created_at) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        (record_id, account_id, key_id, amount, holder, created_at),
+    )
+    return ReserveOutcome.reserved.value
+
+
+def _settle(db: sqlite3.Connection, *row: Any) -> int | None:
+    """Append a ledger row and release its reservation and charge its cost; its seq, or None (and nothing
+    charged) when the ledger holds its record id already."""
+    inserted = db.execute(_INSERT_LEDGER, row)
+    if inserted.rowcount == 0:
+        return None
+    if row[_KEY_ID] is not None or row[_ACCOUNT_ID] is not None:
+        held = db.execute(
+            "DELETE FROM reservations WHERE record_id = ? RETURNING amount_micro", (row[_RECORD_ID],)
+        ).fetchone()
+        released, cost = (held[0] if held else 0), row[_COST]
+        if row[_KEY_ID] is not None:
+            db.execute(_KEY_CHARGE, (released, utc_month(row[_RECEIVED_AT]), cost, row[_KEY_ID]))
+        if row[_ACCOUNT_ID] is not None:
+            db.execute(_ACCOUNT_CHARGE, (cost, released, row[_ACCOUNT_ID]))
+    return inserted.lastrowid
+
+
+def _release(db: sqlite3.Connection, record_id: str | None, holder: str | None, older_than: float | None) -> int:
+    """Drop one reservation (`record_id`), or `holder`'s and those made before `older_than`."""
+    condition, params = ("record_id = ?", (record_id,)) if record_id is not None else (
+        "holder = ? OR created_at < ?", (holder, older_than if older_than is not None else float("-inf")))
+    rows = db.execute(
+        f"DELETE FROM reservations WHERE {condition} RETURNING key_id, account_id, amount_micro", params
+    ).fetchall()
+    for key_id, account_id, amount in rows:
+        db.execute("UPDATE api_keys SET reserved_micro = reserved_micro - ? WHERE id = ?", (amount, key_id))
+        db.execute("UPDATE accounts SET reserved_micro = reserved_micro - ? WHERE id = ?", (amount, account_id))
+    return len(rows)
+
+
+def _append_audit(db: sqlite3.Connection, *params: Any) -> int | None:
+    placeholders = ", ".join("?" * len(params))
+    return db.execute(f"INSERT INTO admin_audit ({ADMIN_AUDIT_INSERT}) VALUES ({placeholders})", params).lastrowid
+
+
+def _claim_worker(db: sqlite3.Connection, *params: Any) -> dict[str, Any] | None:
+    """None when taken; else the holder's claim, unchanged."""
+    if db.execute(_WORKER_CLAIM, params).rowcount == 1:
+        return None
+    return _returning(db, _WORKER_CLAIM_HOLDER, (params[0],))
+
+
+def _changed_one(sql: str, db: sqlite3.Connection, *params: Any) -> bool:
+    return bool(db.execute(sql, params).rowcount == 1)
+
+
+_KEY_RESERVE = for_sqlite(KEY_RESERVE)
+_KEY_STATE = for_sqlite(KEY_STATE)
+_ACCOUNT_RESERVE = for_sqlite(ACCOUNT_RESERVE)
+_KEY_CHARGE = for_sqlite(KEY_CHARGE)
+_ACCOUNT_CHARGE = for_sqlite(ACCOUNT_CHARGE)
+_WORKER_CLAIM = for_sqlite(WORKER_CLAIM)
+_WORKER_CLAIM_HOLDER = for_sqlite(WORKER_CLAIM_HOLDER)
+_INSERT_LEDGER = (
+    f"INSERT INTO ledger ({', '.join(LEDGER_INSERT_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * len(LEDGER_INSERT_COLUMNS))}) ON CONFLICT (record_id) DO NOTHING"
+)
+_ADVANCE_OUTBOX = (
+    "INSERT INTO outbox_cursors (worker_id, last_seq, updated_at) VALUES (?, ?, ?) "
+    "ON CONFLICT (worker_id) DO UPDATE SET last_seq = excluded.last_seq, "
+    "updated_at = excluded.updated_at WHERE outbox_cursors.last_seq < excluded.last_seq"
+)
+_RECORD_ID, _KEY_ID, _ACCOUNT_ID, _COST, _RECEIVED_AT = (
+    LEDGER_INSERT_COLUMNS.index(column)
+    for column in ("record_id", "key_id", "account_id", "cost_micro", "received_at")
+)
+_WRITES: dict[str, Callable[..., Any]] = {
+    "create_account": _create_account, "top_up": _top_up, "create_key": _create_key, "revoke_key": _revoke_key,
+    "reserve": _reserve, "settle": _settle, "release": _release, "append_audit": _append_audit,
+    "claim_worker": _claim_worker, "renew_claim": partial(_changed_one, for_sqlite(WORKER_CLAIM_RENEW)),
+    "release_claim": partial(_changed_one, for_sqlite(WORKER_CLAIM_RELEASE)),
+    "advance_outbox": partial(_changed_one, _ADVANCE_OUTBOX),
+}
+
+
+async def serve(sock: socket.socket, settings: DatabaseSettings) -> None:
+    """Answer the worker's commands until it closes the socket, then finish what was sent and return."""
+    loop = asyncio.get_running_loop()
+    local = threading.local()
+    connections: list[sqlite3.Connection] = []
+
+    def connection(query_only: bool) -> sqlite3.Connection:  # one per thread, opened on its first command
+        if not hasattr(local, "db"):
+            local.db = connect(settings, query_only=query_only)
+            connections.append(local.db)
+        return local.db  # type: ignore[no-any-return]
+
+    def write(batch: Batch) -> Answer:
         try:
-            while (frame := _recv_frame(self._read_sock)) is not None:
-                request_id, payload = frame
-                self._readers.submit(self._read, request_id, payload)
-        finally:  # the worker closed its ends (or died): finish what was sent, then stop
-            self._writer.join()
-            self._readers.shutdown(wait=True)
-            with self._reader_lock:
-                for connection in self._reader_connections:
-                    connection.close()
-            self._read_sock.close()
+            db = connection(query_only=False)
+        except Exception as error:  # no database: every caller hears why
+            return Answer([failed(error)] * len(batch.writes), batch_error=repr(error))
+        return commit_batch(db, batch)
 
-    @staticmethod
-    def _reply(sock: socket.socket, request_id: int, answer: Any) -> None:
+    def read(query: Query) -> Answer:
         try:
-            payload = pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception as error:  # a result that does not pickle: its caller hears why
-            payload = pickle.dumps(_unpicklable_answer(answer, error))
-        try:
-            send_frame(sock, request_id, payload)
-        except OSError:  # the worker is gone; nobody is waiting for the answer
-            pass
+            return run_query(connection(query_only=True), query)
+        except Exception as error:
+            return Answer([failed(error)])
 
-    # Reads.
-    def _open_reader(self) -> None:
-        connection = connect(self._settings)
-        connection.execute("PRAGMA query_only = ON")
-        self._local.connection = connection
-        with self._reader_lock:
-            self._reader_connections.append(connection)
+    writer = ThreadPoolExecutor(1, thread_name_prefix="billing-sqlite-writer")
+    readers = ThreadPoolExecutor(settings.readers, thread_name_prefix="billing-sqlite-reader")
 
-    def _read(self, request_id: int, payload: bytes) -> None:
-        work, outcome = _unpickled_request(payload)
-        if outcome is None:
-            try:
-                outcome = Outcome(None, work(self._local.connection))
-            except Exception as error:
-                outcome = Outcome(picklable(error))
-        with self._read_send_lock:
-            self._reply(self._read_sock, request_id, outcome)
+    def answer(call_id: int, done: Future[Answer]) -> None:
+        channel.reply(call_id, done.result())
 
-    # Writes.
-    def _write_batches(self) -> None:
-        connection: sqlite3.Connection | None = None
-        try:
-            while (frame := _recv_frame(self._write_sock)) is not None:
-                request_id, payload = frame
-                batch, unreadable = _unpickled_request(payload)
-                if unreadable is not None:  # the worker fails the whole batch with this error
-                    self._reply(self._write_sock, request_id, unreadable)
-                    continue
-                notes: list[LogNote] = []
-                try:
-                    connection = connection or _connect_writer(self._settings)
-                    outcomes = commit_batch(connection, batch, notes)
-                except Exception as error:  # no connection: every caller hears why
-                    notes.append(
-                        LogNote(logging.ERROR, "billing database unavailable", {"error": repr(error)})
-                    )
-                    outcomes = [Outcome(picklable(error))] * len(batch)
-                self._reply(self._write_sock, request_id, WriteAnswer(outcomes, notes))
-        finally:
-            if connection is not None:
-                connection.close()
-            self._write_sock.close()
+    def on_request(request: Batch | Query, call_id: int) -> None:
+        work = writer.submit(write, request) if isinstance(request, Batch) else readers.submit(read, request)
+        work.add_done_callback(lambda done: loop.call_soon_threadsafe(answer, call_id, done))
 
-
-def _unpicklable_answer(answer: Any, error: Exception) -> Any:
-    failed = Outcome(RuntimeError(f"the billing database's answer could not be sent: {error!r}"))
-    if isinstance(answer, WriteAnswer):
-        outcomes = [o if o.error is not None or _pickles(o.result) else failed for o in answer.outcomes]
-        return WriteAnswer(outcomes, answer.notes)
-    return failed
-
-
-def _pickles(value: Any) -> bool:
-    """Whether `value` comes back out of a pickle (an exception whose constructor takes other arguments
-    than its `args` dumps but does not load)."""
-    try:
-        pickle.loads(pickle.dumps(value))
-    except Exception:
-        return False
-    return True
-
-
-def commit_batch(
-    connection: sqlite3.Connection, batch: list[WriteJob], notes: list[LogNote]
-) -> list[Outcome]:
-    outcomes: list[Outcome] = []
-    try:
-        connection.execute("BEGIN IMMEDIATE")
-        for group in _groups(batch):
-            if len(group) > 1 and _try_together(connection, group, outcomes):
-                continue
-            for job in group:
-                _run_in_savepoint(connection, job, outcomes)
-        connection.execute("COMMIT")
-        _run_after_commit(batch, outcomes, notes)
-    except Exception as batch_error:  # e.g. disk full or database locked: every caller hears of it
-        notes.append(LogNote(logging.ERROR, "billing write batch failed",
-                             {"batch": len(batch), "error": repr(batch_error)}))
-        try:
-            if connection.in_transaction:
-                connection.execute("ROLLBACK")
-        except Exception as rollback_error:  # the callers hear of the first error; the writer must go on
-            notes.append(LogNote(logging.ERROR, "billing write batch could not be rolled back",
-                                 {"error": repr(rollback_error)}))
-        outcomes = [Outcome(picklable(batch_error))] * len(batch)
-    return outcomes
-
-
-def _run_after_commit(batch: list[WriteJob], outcomes: list[Outcome], notes: list[LogNote]) -> None:
-    for job, outcome in zip(batch, outcomes, strict=True):
-        if job.after_commit is not None and outcome.error is None:
-            try:
-                job.after_commit()
-            except Exception as error:  # the commit stands; only the clean-up after it failed
-                notes.append(
-                    LogNote(logging.ERROR, "billing post-commit step failed", {"error": repr(error)})
-                )
-
-
-def _groups(batch: list[WriteJob]) -> Iterator[list[WriteJob]]:
-    """Runs of consecutive items of the same kind; every other job alone. Order is kept."""
-    group: list[WriteJob] = []
-    for job in batch:
-        if group and (job.many is None or job.many != group[0].many):
-            yield group
-            group = []
-        group.append(job)
-        if job.many is None:
-            yield group
-            group = []
-    if group:
-        yield group
-
-
-def _try_together(connection: sqlite3.Connection, group: list[WriteJob], outcomes: list[Outcome]) -> bool:
-    many = group[0].many
-    assert many is not None
-    connection.execute("SAVEPOINT together")
-    try:
-        results = many(connection, [job.item for job in group])
-    except Exception:  # one of them fails: find out which by writing each on its own
-        connection.execute("ROLLBACK TO together")
-        connection.execute("RELEASE together")
-        return False
-    connection.execute("RELEASE together")
-    outcomes.extend(Outcome(None, result) for result in results)
-    return True
-
-
-def _run_in_savepoint(connection: sqlite3.Connection, job: WriteJob, outcomes: list[Outcome]) -> None:
-    connection.execute("SAVEPOINT job")
-    try:
-        outcomes.append(Outcome(None, job.run_alone(connection)))
-    except Exception as job_error:  # that caller gets its error; the rest of the batch commits
-        connection.execute("ROLLBACK TO job")
-        outcomes.append(Outcome(picklable(job_error)))
-    connection.execute("RELEASE job")
+    channel: Channel[Batch | Query] = await Channel.over(sock, Batch | Query, on_request)
+    await channel.closed.wait()
+    await asyncio.to_thread(writer.shutdown, wait=True)  # the batches handed over commit even so
+    await asyncio.to_thread(readers.shutdown, wait=True)
+    for db in connections:
+        db.close()
 
 
 def main() -> None:
-    """The database process's entry point: argv is the write and read sockets' file descriptors, then the
-    settings."""
-    write_fd, read_fd, path, synchronous, readers = sys.argv[1:6]
-    # The work the worker sends is defined there: import it now rather than on the first request's unpickling.
-    importlib.import_module("worker.billing.store.sqlite")
-    serve(socket.socket(fileno=int(write_fd)), socket.socket(fileno=int(read_fd)),
-          DatabaseSettings(Path(path), synchronous, int(readers)))
-
-
-def serve(write_sock: socket.socket, read_sock: socket.socket, settings: DatabaseSettings) -> None:
+    """The process's entry point: argv is the socket's file descriptor, then the settings."""
+    fd, path, synchronous, readers = sys.argv[1:5]
     # The worker decides when this process ends (by closing the socket once its writes are in): a Ctrl-C
     # or a signal to the whole process group must not cut a batch off.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _Server(write_sock, read_sock, settings).run()
+    asyncio.run(serve(socket.socket(fileno=int(fd)), DatabaseSettings(Path(path), synchronous, int(readers))))
