@@ -264,27 +264,36 @@ class BenchWorker:
         return sum(process_cpu_s(proc.pid) for proc in self.process.billing_database_processes())
 
 
-def _worker_cli(*args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "worker", *args], capture_output=True, text=True, check=False)
+def source_tree_env(source_tree: Path | None) -> dict[str, str]:
+    """Environment that makes `python -m worker` (and the engines it starts) import `source_tree`'s code,
+    e.g. a git worktree of an earlier commit; None: this checkout's."""
+    return {} if source_tree is None else {"PYTHONPATH": str(source_tree)}
+
+
+def _worker_cli(*args: str, source_tree: Path | None = None) -> str:
+    result = subprocess.run([sys.executable, "-m", "worker", *args], capture_output=True, text=True, check=False,
+                            env={**os.environ, **source_tree_env(source_tree)})
     if result.returncode != 0:
         raise RuntimeError(f"worker {args[0]} {args[1]} failed ({result.returncode}): {result.stderr[-2000:]}")
     return result.stdout
 
 
-def issue_bench_key(db_url: str) -> str:
+def issue_bench_key(db_url: str, source_tree: Path | None = None) -> str:
     """An account with a large balance and an unlimited key on it, made with the `worker keys` command."""
-    _worker_cli("keys", "create-account", "bench", "--balance-usd", BENCH_BALANCE_USD, "--db-url", db_url)
-    accounts = [json.loads(line) for line in _worker_cli("keys", "accounts", "--json", "--db-url", db_url).splitlines()]
+    _worker_cli("keys", "create-account", "bench", "--balance-usd", BENCH_BALANCE_USD, "--db-url", db_url,
+                source_tree=source_tree)
+    accounts = [json.loads(line) for line in _worker_cli("keys", "accounts", "--json", "--db-url", db_url,
+                                                         source_tree=source_tree).splitlines()]
     (account_id,) = [account["id"] for account in accounts if account["name"] == "bench"]
     created = json.loads(_worker_cli("keys", "create", "--account", account_id, "--name", "bench", "--json",
-                                     "--db-url", db_url))
+                                     "--db-url", db_url, source_tree=source_tree))
     return str(created["key"])
 
 
 @contextlib.contextmanager
 def running_worker(setup: EngineSetup, model_dir: Path, work_dir: Path, *, auth: bool, admission: bool,
                    ledger: bool = True, synchronous: str | None = None, gateway_processes: int = 1,
-                   engine_url: str | None = None) -> Iterator[BenchWorker]:
+                   engine_url: str | None = None, source_tree: Path | None = None) -> Iterator[BenchWorker]:
     """One `worker serve --engine config` with one replica of the engine; metrics are always on.
 
     The ledger, where on, is SQLite with the worker's default `synchronous` setting unless one is given;
@@ -304,10 +313,10 @@ def running_worker(setup: EngineSetup, model_dir: Path, work_dir: Path, *, auth:
     }
     work_dir.mkdir(parents=True, exist_ok=True)
     db_url = f"sqlite:///{work_dir / 'ledger.db'}"
-    api_key = issue_bench_key(db_url) if auth else None
+    api_key = issue_bench_key(db_url, source_tree) if auth else None
     worker = start_worker(work_dir, config, engine="config",
                           env={"WORKER_AUTH": str(auth).lower(), "WORKER_LEDGER": str(ledger).lower(),
-                               "WORKER_DB_URL": db_url,
+                               "WORKER_DB_URL": db_url, **source_tree_env(source_tree),
                                **({"WORKER_DB_SYNCHRONOUS": synchronous} if synchronous else {})})
     try:
         worker.wait_ready(timeout_s=ENGINE_START_TIMEOUT_S)
