@@ -7,19 +7,21 @@ import contextlib
 import logging
 import socket
 import time
+from functools import partial
 
 import httpx
 
 from worker.config import ConfigError, EngineKind, NodeConfig, Settings
-from worker.engines.base import PortInUse, ReplicaSpec
+from worker.engines.base import EngineExited, PortInUse, ReplicaSpec
 from worker.engines.factory import create_engine
 from worker.engines.process_tree import end_processes, leftover_processes
 from worker.engines.replica import Replica, ReplicaState
+from worker.processes.supervisor import ChildSupervisor, Ended, RestartPolicy, RunEnd
 
 logger = logging.getLogger(__name__)
 
 HEALTH_POLL_INTERVAL_S = 0.5
-STABLE_AFTER_S = 60.0  # a replica up this long has its restart backoff reset
+QUARANTINE_CHECK_S = 1.0
 
 
 def _free_port(host: str) -> int:
@@ -69,7 +71,9 @@ class EngineSupervisor:
         self.by_model: dict[str, list[Replica]] = {}
         for replica in self.replicas:
             self.by_model.setdefault(replica.model_id, []).append(replica)
-        self._watchers: list[asyncio.Task[None]] = []
+        policy = RestartPolicy.of(config.worker)
+        self._supervisors = [ChildSupervisor(replica.replica_id, partial(self._run_once, replica), policy)
+                             for replica in self.replicas]
         self._stopping = False
         self.state_changed = asyncio.Event()
 
@@ -78,10 +82,8 @@ class EngineSupervisor:
 
     async def start(self) -> None:
         await self.end_leftover_engines()
-        self._watchers = [
-            asyncio.create_task(self._supervise(replica), name=f"supervise-{replica.replica_id}")
-            for replica in self.replicas
-        ]
+        for supervisor in self._supervisors:
+            supervisor.start()
 
     async def end_leftover_engines(self) -> None:
         """End engine processes whose worker is gone (a worker or guard killed before it could stop them):
@@ -126,70 +128,66 @@ class EngineSupervisor:
                 replica.interrupt_requests(f"engine replica {replica.replica_id} was taken out of service: {reason}")
                 await replica.engine.stop(self.config.worker.engine_stop_timeout_s)
 
-    async def _supervise(self, replica: Replica) -> None:
+    async def _run_once(self, replica: Replica) -> Ended:
+        """Start the replica's engine, serve it while it is healthy, and return once its guard has exited."""
         worker = self.config.worker
-        failures = 0
-        while not self._stopping:
-            if replica.quarantine_reason is not None:
-                self._set_state(replica, ReplicaState.unhealthy)
-                await asyncio.sleep(1.0)
-                continue
-            self._set_state(replica, ReplicaState.starting)
-            started_at = time.monotonic()
+        if replica.quarantine_reason is not None:
+            self._set_state(replica, ReplicaState.unhealthy)
+            await asyncio.sleep(QUARANTINE_CHECK_S)
+            return Ended(RunEnd.held)
+        self._set_state(replica, ReplicaState.starting)
+        started_at = time.monotonic()
+        try:
             try:
-                try:
-                    await replica.engine.start()
-                except PortInUse as busy:
-                    # Not restarted blindly: a second server on the port would fail, and health checks
-                    # would be answered by whoever holds it.
-                    replica.port_holder = busy
-                    self._set_state(replica, ReplicaState.port_in_use)
-                    failures += 1
-                    delay = self._backoff(failures)
-                    logger.error("replica port is in use by another process; retrying after backoff", extra={
-                        "replica": replica.replica_id, "port": busy.port, "holder_pid": busy.holder_pid,
-                        "holder_name": busy.holder_name, "backoff_s": delay})
-                    await asyncio.sleep(delay)
-                    continue
-                replica.port_holder = None
-                exit_task = asyncio.create_task(replica.engine.wait_exit())
-                healthy = await self._wait_healthy(replica, exit_task, worker.engine_start_timeout_s)
-                if healthy:
-                    await self._read_version(replica)
-                    self._set_state(replica, ReplicaState.ready)
-                    logger.info("replica ready", extra={"replica": replica.replica_id,
-                                                        "startup_s": round(time.monotonic() - started_at, 2)})
-                else:
-                    logger.error("replica did not become healthy in time",
-                                 extra={"replica": replica.replica_id, "timeout_s": worker.engine_start_timeout_s})
-                    await replica.engine.stop(worker.engine_stop_timeout_s)
-                exited = await exit_task
-                # Whatever ended the guard, nothing of its engine tree may outlive it.
+                await replica.engine.start()
+            except PortInUse as busy:
+                # Not restarted blindly: a second server on the port would fail, and health checks
+                # would be answered by whoever holds it.
+                replica.port_holder = busy
+                self._set_state(replica, ReplicaState.port_in_use)
+                return Ended(RunEnd.refused, partial(self._port_in_use, replica, busy))
+            replica.port_holder = None
+            exit_task = asyncio.create_task(replica.engine.wait_exit())
+            healthy = await self._wait_healthy(replica, exit_task, worker.engine_start_timeout_s)
+            if healthy:
+                await self._read_version(replica)
+                self._set_state(replica, ReplicaState.ready)
+                logger.info("replica ready", extra={"replica": replica.replica_id,
+                                                    "startup_s": round(time.monotonic() - started_at, 2)})
+            else:
+                logger.error("replica did not become healthy in time",
+                             extra={"replica": replica.replica_id, "timeout_s": worker.engine_start_timeout_s})
                 await replica.engine.stop(worker.engine_stop_timeout_s)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a broken launch must not take the worker down
-                logger.exception("replica launch failed", extra={"replica": replica.replica_id})
-                await replica.engine.stop(worker.engine_stop_timeout_s)
-                exited = None
-            if self._stopping:
-                break
-            if replica.quarantine_reason is not None:
-                continue
-            replica.last_exit = exited
-            replica.restarts += 1
-            self._set_state(replica, ReplicaState.restarting)
-            failures = 1 if time.monotonic() - started_at > STABLE_AFTER_S else failures + 1
-            delay = self._backoff(failures)
-            logger.error("replica exited; restarting after backoff", extra={
-                "replica": replica.replica_id, "returncode": exited.returncode if exited else None,
-                "backoff_s": delay, "output_tail": exited.output_tail[-2000:] if exited else None})
-            await asyncio.sleep(delay)
-        self._set_state(replica, ReplicaState.stopped)
+            exited = await exit_task
+            # Whatever ended the guard, nothing of its engine tree may outlive it.
+            await replica.engine.stop(worker.engine_stop_timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a broken launch must not take the worker down
+            logger.exception("replica launch failed", extra={"replica": replica.replica_id})
+            await replica.engine.stop(worker.engine_stop_timeout_s)
+            exited = None
+        if self._stopping:
+            self._set_state(replica, ReplicaState.stopped)
+            return Ended(RunEnd.exited)
+        if replica.quarantine_reason is not None:
+            return Ended(RunEnd.held)
+        replica.last_exit = exited
+        replica.restarts += 1
+        self._set_state(replica, ReplicaState.restarting)
+        return Ended(RunEnd.exited, partial(self._exited, replica, exited))
 
-    def _backoff(self, failures: int) -> float:
-        worker = self.config.worker
-        return float(min(worker.restart_backoff_initial_s * 2 ** (failures - 1), worker.restart_backoff_max_s))
+    @staticmethod
+    def _port_in_use(replica: Replica, busy: PortInUse, delay_s: float) -> None:
+        logger.error("replica port is in use by another process; retrying after backoff", extra={
+            "replica": replica.replica_id, "port": busy.port, "holder_pid": busy.holder_pid,
+            "holder_name": busy.holder_name, "backoff_s": delay_s})
+
+    @staticmethod
+    def _exited(replica: Replica, exited: EngineExited | None, delay_s: float) -> None:
+        logger.error("replica exited; restarting after backoff", extra={
+            "replica": replica.replica_id, "returncode": exited.returncode if exited else None,
+            "backoff_s": delay_s, "output_tail": exited.output_tail[-2000:] if exited else None})
 
     async def _read_version(self, replica: Replica) -> None:
         with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError):
@@ -212,9 +210,7 @@ class EngineSupervisor:
 
     async def stop(self) -> None:
         self._stopping = True
-        for task in self._watchers:
-            task.cancel()
-        await asyncio.gather(*self._watchers, return_exceptions=True)
+        await asyncio.gather(*(supervisor.stop() for supervisor in self._supervisors))
         timeout = self.config.worker.engine_stop_timeout_s
         await asyncio.gather(*(r.engine.stop(timeout) for r in self.replicas), return_exceptions=True)
         for replica in self.replicas:

@@ -50,12 +50,12 @@ from worker.gateway.processes.messages import (
 )
 from worker.gateway.relay import Finalizer
 from worker.processes.rpc import Channel, ChannelClosed
+from worker.processes.supervisor import ChildSupervisor, Ended, RestartPolicy, RunEnd
 from worker.python_child import start_python, wait_or_kill
 
 logger = logging.getLogger(__name__)
 
 _ENTRY = "from worker.gateway.processes.relay_process import main; main()"
-_RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 _EXIT_TIMEOUT_S = 10.0
 
 
@@ -124,6 +124,9 @@ class GatewayProcesses:
         self.sockets = sockets
         self.log_level = log_level
         self.relays = [_Relay(index) for index in range(count)]
+        policy = RestartPolicy.of(config.worker)
+        self._supervisors = [ChildSupervisor(f"gateway-process-{relay.index}", partial(self._run_once, relay), policy)
+                             for relay in self.relays]
         self._records: dict[str, _Relayed] = {}
         # Requests being admitted (possibly queued): a relay whose client leaves cancels its admission.
         self._beginning: dict[str, asyncio.Future[None]] = {}
@@ -136,17 +139,21 @@ class GatewayProcesses:
     async def start(self) -> None:
         for relay in self.relays:
             await self._spawn(relay)
-            self._background(self._supervise(relay))
+        for supervisor in self._supervisors:
+            supervisor.start()
 
     async def stop(self) -> None:
         """Close every relay's channel (it stops accepting and exits), then wait for the processes."""
         self._stopping = True
+        for supervisor in self._supervisors:
+            supervisor.stopping = True
         for relay in self.relays:
             if relay.channel is not None:
                 await relay.channel.aclose()
         for relay in self.relays:
             if relay.process is not None:
                 await wait_or_kill(relay.process, _EXIT_TIMEOUT_S, "gateway process")
+        await asyncio.gather(*(supervisor.stop() for supervisor in self._supervisors))
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -193,21 +200,29 @@ class GatewayProcesses:
             relay.channel = None
         self._relay_gone(relay)
 
-    async def _supervise(self, relay: _Relay) -> None:
-        while not self._stopping:
+    async def _run_once(self, relay: _Relay) -> Ended:
+        """Serve the relay process until it exits (started here again after the first)."""
+        process = relay.process
+        if process is None or process.returncode is not None:
+            try:
+                await self._spawn(relay)
+            except Exception:
+                logger.exception("cannot start a gateway process", extra={"gateway_process": relay.index})
+                return Ended(RunEnd.refused)
             process = relay.process
             assert process is not None
-            code = await process.wait()
-            if self._stopping:
-                return
-            logger.error("gateway process exited; starting it again",
-                         extra={"gateway_process": relay.index, "pid": process.pid, "exit_code": code})
-            if relay.channel is not None:
-                await relay.channel.aclose()
-            await asyncio.sleep(_RESTART_BACKOFF_S[min(relay.restarts, len(_RESTART_BACKOFF_S) - 1)])
-            relay.restarts += 1
-            if not self._stopping:
-                await self._spawn(relay)
+        code = await process.wait()
+        if self._stopping:
+            return Ended(RunEnd.exited)
+        if relay.channel is not None:
+            await relay.channel.aclose()
+        relay.restarts += 1
+        return Ended(RunEnd.exited, partial(self._exited, relay, process.pid, code))
+
+    @staticmethod
+    def _exited(relay: _Relay, pid: int, code: int, delay_s: float) -> None:
+        logger.error("gateway process exited; starting it again", extra={
+            "gateway_process": relay.index, "pid": pid, "exit_code": code, "backoff_s": delay_s})
 
     def _relay_gone(self, relay: _Relay) -> None:
         """The relay's clients lost their connections with it: record their requests as failed."""
