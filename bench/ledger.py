@@ -45,7 +45,7 @@ from bench.common import (
     vllm_version,
 )
 from tests.fixtures.tiny_model import make_tiny_model
-from worker.billing.store.sqlite import JOURNAL_FLUSH_S
+from worker.billing.store.journal import JOURNAL_FLUSH_S
 
 logger = logging.getLogger("bench.ledger")
 

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from worker.billing.store.base import BalanceLimitExceeded, DuplicateRecordId, LedgerStore, UnknownAccount
 from worker.billing.store.group_commit import GroupCommit
-from worker.billing.store.journal import LedgerJournal
+from worker.billing.store.journal import JournaledSettlements, LedgerJournal
 from worker.billing.store.records import (
     Account,
     AdminAction,
@@ -74,11 +74,6 @@ from worker.processes.rpc import Channel, ChannelClosed
 from worker.python_child import start_python, wait_or_kill
 
 logger = logging.getLogger(__name__)
-# Journaled records reach SQLite in batches this far apart (or this large), not one commit per response:
-# each commit costs the database process the WAL pages of seven b-trees, so fewer, larger ones cost less
-# per record (reads of balances and the ledger, and shutdown, hand the waiting records over at once).
-JOURNAL_FLUSH_S = 0.25
-JOURNAL_BATCH_MAX = 256
 _EXIT_TIMEOUT_S = 30.0
 _ENTRY = "from worker.billing.store.sqlite_server import main; main()"
 # The kinds of failure the database process reports by name that callers tell apart.
@@ -167,11 +162,7 @@ class SqliteStore(LedgerStore):
         self._settings = DatabaseSettings(path, synchronous.upper(), readers)
         self.database = DatabaseProcess(self._settings)
         self._writes: GroupCommit[Write, Any] = GroupCommit(self._commit)
-        # Journaled ledger rows not yet handed to the group commit, and the batches of them not yet committed.
-        self._journal: LedgerJournal | None = None
-        self._journaled: list[tuple[tuple[Any, ...], asyncio.Future[int]]] = []
-        self._journal_flush: asyncio.TimerHandle | None = None
-        self._journal_batches: set[asyncio.Task[None]] = set()
+        self._journaled: JournaledSettlements | None = None  # with synchronous=NORMAL, once journaling
 
     @classmethod
     async def open(cls, path: str | Path, *, synchronous: Literal["full", "normal"] = "normal") -> SqliteStore:
@@ -230,15 +221,14 @@ class SqliteStore(LedgerStore):
         return rows
 
     async def close(self) -> None:
-        await self.flush()
-        if self._journal is not None:
-            self._journal.close()
+        if self._journaled is not None:
+            await self._journaled.close()
         await self._writes.close()
         await self.database.close()
 
     @property
     def pending_writes(self) -> int:
-        return self._writes.pending + len(self._journaled)
+        return self._writes.pending + (self._journaled.pending if self._journaled is not None else 0)
 
     # Accounts and keys.
     async def create_account(self, account_id: str, name: str, balance_micro: int, created_at: float) -> Account:
@@ -305,8 +295,9 @@ class SqliteStore(LedgerStore):
         journal, leftovers = await asyncio.to_thread(LedgerJournal.open, root / worker_id)
         added = 0
         for leftover in leftovers:
-            rows = await asyncio.to_thread(LedgerJournal.read, leftover)
-            seqs = await asyncio.gather(*(self._write("settle", *row) for row in rows))
+            seqs = await self._settle_rows(await asyncio.to_thread(LedgerJournal.read, leftover))
+            if failed := next((seq for seq in seqs if isinstance(seq, BaseException)), None):
+                raise failed
             leftover.unlink(missing_ok=True)
             added += sum(seq is not None for seq in seqs)
         if leftovers:
@@ -314,53 +305,20 @@ class SqliteStore(LedgerStore):
                 "settled the ledger journal of this worker's previous run",
                 extra={"files": len(leftovers), "records_added": added},
             )
-        self._journal = journal
+        self._journaled = JournaledSettlements(journal, self._settle_rows)
         return added
 
     async def settle_soon(self, record: LedgerEntry) -> asyncio.Future[int]:
-        if self._journal is None:
+        if self._journaled is None:
             return await super().settle_soon(record)
-        row = ledger_params(record)
-        self._journal.append(row)
-        loop = asyncio.get_running_loop()
-        settled: asyncio.Future[int] = loop.create_future()
-        self._journaled.append((row, settled))
-        if len(self._journaled) >= JOURNAL_BATCH_MAX:
-            self._hand_journaled_over()
-        elif self._journal_flush is None:
-            self._journal_flush = loop.call_later(JOURNAL_FLUSH_S, self._hand_journaled_over)
-        return settled
+        return self._journaled.keep(ledger_params(record))
 
-    def _hand_journaled_over(self) -> None:
-        if self._journal_flush is not None:
-            self._journal_flush.cancel()
-            self._journal_flush = None
-        if not self._journaled:
-            return
-        assert self._journal is not None
-        batch, self._journaled = self._journaled, []
-        path = self._journal.seal()
-        assert path is not None  # the batch's rows were appended to it
-        task = asyncio.ensure_future(self._settle_journaled(batch, path))
-        self._journal_batches.add(task)
-        task.add_done_callback(self._journal_batches.discard)
-
-    async def _settle_journaled(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[int]]], path: Path) -> None:
-        seqs = await asyncio.gather(*(self._write("settle", *row) for row, _ in batch), return_exceptions=True)
-        for (row, settled), seq in zip(batch, seqs, strict=True):
-            if isinstance(seq, BaseException):
-                settled.set_exception(seq)
-            elif seq is None:
-                settled.set_exception(DuplicateRecordId(row[0]))
-            else:
-                settled.set_result(seq)
-        if not any(isinstance(seq, BaseException) for seq in seqs):
-            path.unlink(missing_ok=True)  # else the rows stay in the file; the next start settles them
+    async def _settle_rows(self, rows: list[tuple[Any, ...]]) -> list[int | None | BaseException]:
+        return await asyncio.gather(*(self._write("settle", *row) for row in rows), return_exceptions=True)
 
     async def flush(self) -> None:
-        self._hand_journaled_over()
-        if self._journal_batches:
-            await asyncio.gather(*self._journal_batches, return_exceptions=True)
+        if self._journaled is not None:
+            await self._journaled.flush()
 
     async def release_reservation(self, record_id: str) -> bool:
         return bool(await self._write("release", record_id, None, None) > 0)
