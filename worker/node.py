@@ -13,15 +13,19 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.responses import Response
 
 from worker import __version__
-from worker.billing import AdminAccess, BillingService, DisclosureHook, Provenance, ProvenanceCache
-from worker.billing.admin_api import build_admin_router
+from worker.billing import BillingService, DisclosureHook, Provenance, ProvenanceCache
+from worker.billing.admin_api import audit_recorder, build_admin_router
+from worker.billing.key_api import build_key_router
 from worker.capacity import CapacityMonitor, CapacityState, build_capacity_router
+from worker.capacity.leasing import AdmissionLeaser
 from worker.config import NodeConfig, Settings
 from worker.engines.replica import Replica
 from worker.engines.supervisor import EngineSupervisor
 from worker.gateway.access_log import AccessLog
+from worker.gateway.admin_auth import AdminAccess
 from worker.gateway.app import create_app
 from worker.gateway.gateway import Gateway
+from worker.gateway.pipeline import request_hooks
 from worker.gateway.processes.coordinator import GatewayProcesses, GatewaySockets
 from worker.gpu import GpuHealth, GpuHealthChange, GpuMetricsCollector, GpuMonitor
 from worker.metrics import (
@@ -73,10 +77,11 @@ class WorkerNode:
         self.registry.register(BillingCollector(lambda: self.billing.backlog() if self.billing else None))
         self.registry.register(RegistryCollector(self.registration))
 
-        # Where each response ran and what it cost, with the ledger on or off; ahead of billing's refusals.
+        # Where each response ran and what it cost, with the ledger on or off.
         self.provenance_cache = ProvenanceCache(self.provenance, engine_version_of=lambda r: r.engine.version)
-        self.gateway = Gateway(config, self.capacity.admission,
-                               hooks=[GatewayMetrics(self.registry), AccessLog(), DisclosureHook(self.provenance_cache)])
+        self.gateway_metrics = GatewayMetrics(self.registry)
+        # Its hooks are set in start(), once billing's store is open (or known to be off).
+        self.gateway = Gateway(config, AdmissionLeaser(self.capacity.admission))
         self.app: FastAPI = create_app(self.gateway, lifespan=self._lifespan,
                                        models_listing=self.catalog.listing, readiness=self.readiness)
         # With several gateway processes, relays serve the port and this process decides for them.
@@ -91,7 +96,7 @@ class WorkerNode:
         self.app.add_api_route("/metrics/node", self.node_metrics, methods=["GET"], include_in_schema=False,
                                dependencies=metrics_access)
         # One admin token check for every /admin route: failed attempts count per address across them all.
-        self.admin_access = AdminAccess(settings.admin_token)
+        self.admin_access = AdminAccess(settings.admin_token, recorder=audit_recorder(None))
         self.app.include_router(build_capacity_router(self.capacity, self.admin_access, settings.metrics_token))
         self.app.include_router(build_listing_router(self.catalog))
 
@@ -109,10 +114,11 @@ class WorkerNode:
         if self.settings.ledger:
             self.billing = await BillingService.open(self.settings, self.config, self.provenance_cache)
             self.billing.when_claim_lost(self._worker_id_taken_over)
-            self.gateway.hooks.append(self.billing)  # last: metrics and the access log also see its refusals
             self.mount_billing_routes(self.billing)
         else:
             logger.warning("usage ledger off (WORKER_LEDGER=false): requests are served unrecorded")
+        self.gateway.hooks = request_hooks(metrics=self.gateway_metrics, access_log=AccessLog(),
+                                           disclosure=DisclosureHook(self.provenance_cache), billing=self.billing)
         await self.gpu_monitor.start()
         self.gpu_monitor.subscribe(self._on_gpu_change)
         await self.supervisor.start()
@@ -124,8 +130,8 @@ class WorkerNode:
 
     def mount_billing_routes(self, billing: BillingService) -> None:
         """The key holder's and the admin's routes on `billing`'s store; admin actions are audited there."""
-        self.admin_access.store = billing.store
-        self.app.include_router(billing.key_router())
+        self.admin_access.recorder = audit_recorder(billing.store)
+        self.app.include_router(build_key_router(billing.keys, billing.store))
         self.app.include_router(build_admin_router(billing.store, self.admin_access))
 
     async def stop(self) -> None:

@@ -28,16 +28,17 @@ from worker.billing.records import KeyLimits, LedgerFilter, LedgerRecord
 from worker.billing.service import BillingService
 from worker.billing.store import LedgerStore
 from worker.gateway.context import RequestContext, Usage
-from worker.gateway.errors import ApiError
+from worker.gateway.errors import ApiError, api_error
+from worker.refusals import Refusal
 
 
 async def refused(service: BillingService, ctx: RequestContext, headers: dict[str, str]) -> ApiError:
-    """Billing's refusal, after the disclosure hook ran ahead of it as on the node."""
+    """The answer to billing's refusal, after the disclosure hook ran ahead of it as on the node."""
     request = make_request(headers)
     await disclosure().before_request(ctx, request)
-    with pytest.raises(ApiError) as caught:
+    with pytest.raises(Refusal) as caught:
         await service.before_request(ctx, request)
-    return caught.value
+    return api_error(caught.value, ctx.response_headers)
 
 
 async def only_record(store: LedgerStore) -> LedgerRecord:
@@ -123,8 +124,8 @@ async def test_concurrent_requests_never_overdraw(service: BillingService, store
     async def attempt(ctx: RequestContext) -> int:
         try:
             await service.before_request(ctx, make_request(bearer(funded.plaintext)))
-        except ApiError as error:
-            return error.status
+        except Refusal as refusal:
+            return api_error(refusal).status
         return 200
 
     statuses = await asyncio.gather(*(attempt(ctx) for ctx in contexts))

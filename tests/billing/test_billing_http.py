@@ -15,6 +15,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tests.billing.support import bearer, fake_replica, make_context, make_request, provenance_for
+from worker.billing.admin_api import build_admin_router
+from worker.billing.key_api import build_key_router
 from worker.billing.keys import hash_api_key
 from worker.billing.service import BillingService
 from worker.billing.store import LedgerStore
@@ -25,15 +27,15 @@ ADMIN_TOKEN = "admin-secret-token-0123456789abcdef"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
-def build_app(service: BillingService) -> FastAPI:
+def build_app(service: BillingService, admin_token: SecretStr | None = None) -> FastAPI:
     app = FastAPI()
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, error: ApiError) -> Response:
         return error.to_response()
 
-    app.include_router(service.key_router())
-    app.include_router(service.admin_router())
+    app.include_router(build_key_router(service.keys, service.store))
+    app.include_router(build_admin_router(service.store, admin_token))
     return app
 
 
@@ -44,9 +46,8 @@ async def http(store: LedgerStore) -> AsyncIterator[tuple[httpx.AsyncClient, Bil
         worker_id="worker-1",
         auth_required=True,
         provenance=provenance_for,
-        admin_token=SecretStr(ADMIN_TOKEN),
     )
-    transport = httpx.ASGITransport(app=build_app(service))
+    transport = httpx.ASGITransport(app=build_app(service, SecretStr(ADMIN_TOKEN)))
     async with httpx.AsyncClient(transport=transport, base_url="http://worker") as client:
         yield client, service
 

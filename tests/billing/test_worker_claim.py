@@ -23,8 +23,9 @@ from worker.billing.records import ReserveOutcome, WorkerClaim
 from worker.billing.service import BillingService, ClaimTiming, WorkerIdInUse
 from worker.billing.store import open_store
 from worker.config import NodeConfig, Settings
-from worker.gateway.errors import ApiError
+from worker.gateway.errors import api_error
 from worker.node import WorkerNode
+from worker.refusals import Refusal
 
 # Short enough for a test; the defaults renew every 10 s and give up on a silent holder after 30 s.
 TIMING = ClaimTiming(renew_s=0.05, stale_s=0.5, retry_s=0.05)
@@ -56,8 +57,8 @@ async def test_a_second_worker_with_the_same_id_is_refused_while_the_first_runs(
     # Another id is no trouble, and the first still holds its own.
     other = await open_service(db_url, worker_id="worker-2")
     await other.close()
-    assert first.instance_id is not None
-    assert await first.store.renew_worker_claim("worker-1", first.instance_id, now=first._clock())
+    assert first.claim.instance_id is not None
+    assert await first.store.renew_worker_claim("worker-1", first.claim.instance_id, now=first.claim.clock())
 
 
 async def test_a_worker_that_stopped_hands_its_id_on_at_once(db_url: str) -> None:
@@ -65,7 +66,7 @@ async def test_a_worker_that_stopped_hands_its_id_on_at_once(db_url: str) -> Non
     await first.close()
     second = await open_service(db_url)
     await second.close()
-    assert second.instance_id != first.instance_id
+    assert second.claim.instance_id != first.claim.instance_id
 
 
 async def test_a_killed_workers_id_is_taken_over_and_its_holds_released(db_url: str) -> None:
@@ -73,9 +74,9 @@ async def test_a_killed_workers_id_is_taken_over_and_its_holds_released(db_url: 
     funded = await make_key(killed.store, balance_micro=1_000)
     assert await killed.store.reserve(reservation(funded.key, 1_000, holder="worker-1")) is ReserveOutcome.reserved
     # Killed: it neither renews its claim nor releases it, and its hold is never settled.
-    assert killed._claim_renewal is not None
-    killed._claim_renewal.cancel()
-    killed.instance_id = None
+    assert killed.claim.renewal is not None
+    killed.claim.renewal.cancel()
+    killed.claim.instance_id = None
     await killed.close()
 
     successor = await open_service(db_url)
@@ -91,8 +92,8 @@ async def test_a_worker_whose_id_was_taken_over_says_so(
 ) -> None:
     paused = await open_service(db_url)
     try:
-        assert paused._claim_renewal is not None
-        paused._claim_renewal.cancel()  # unheard for longer than the claim lasts (a long pause, a partition)
+        assert paused.claim.renewal is not None
+        paused.claim.renewal.cancel()  # unheard for longer than the claim lasts (a long pause, a partition)
         successor = await open_service(db_url)
         told: list[str] = []
 
@@ -100,17 +101,18 @@ async def test_a_worker_whose_id_was_taken_over_says_so(
             told.append("taken over")
 
         paused.when_claim_lost(drain)
-        paused._claim_renewal = asyncio.create_task(paused._renew_claim())
-        with caplog.at_level(logging.ERROR, logger="worker.billing.service"):
-            await asyncio.wait_for(paused._claim_renewal, LIVENESS_S)
+        paused.claim.renewal = asyncio.create_task(paused.claim.renew())
+        with caplog.at_level(logging.ERROR, logger="worker.billing.claim"):
+            await asyncio.wait_for(paused.claim.renewal, LIVENESS_S)
         assert "another worker took over this worker id" in caplog.text
         assert told == ["taken over"]  # the node drains on it
         # Its requests are refused from now on: the successor may release what they would hold.
         funded = await make_key(paused.store, balance_micro=1_000_000)
-        with pytest.raises(ApiError) as refused:
+        with pytest.raises(Refusal) as refused:
             await paused.before_request(make_context(chat_model()), make_request(bearer(funded.plaintext)))
-        assert (refused.value.status, refused.value.code) == (503, "worker_id_taken_over")
-        assert refused.value.headers["retry-after"] == "5"
+        answer = api_error(refused.value)
+        assert (answer.status, answer.code) == (503, "worker_id_taken_over")
+        assert answer.headers["retry-after"] == "5"
         await successor.close()
     finally:
         await paused.close()

@@ -15,7 +15,8 @@ from worker.config.models import EngineHealthConfig
 from worker.engines.base import ReplicaSpec
 from worker.engines.replica import Replica, ReplicaState
 from worker.gateway.context import RequestContext
-from worker.gateway.errors import ApiError
+from worker.gateway.errors import api_error
+from worker.refusals import Refusal
 
 
 async def _never_hung(replica: Replica, reason: str) -> None:
@@ -131,9 +132,9 @@ def test_saturated_replica_is_refused_with_429_and_retry_after(state: dict, reas
     limits = watch.limits
     assert limits.saturation(in_flight, watch.load, time.monotonic()) == reason
     admission = _admission(watch)
-    with pytest.raises(ApiError) as caught:
+    with pytest.raises(Refusal) as caught:
         admission.admit_now(_ctx(model), may_queue=False)
-    error = caught.value
+    error = api_error(caught.value)
     assert error.status == 429 and error.code == "rate_limit_exceeded"
     assert int(error.headers["retry-after"]) >= 1
     assert admission.rejections == {("acme/m", reason): 1}
@@ -174,9 +175,9 @@ def test_no_ready_replica_is_503() -> None:
     unread = _watch(model, 1)
     unread.load.reset(time.monotonic())  # up, but its load not read yet
     admission = _admission(down, unread)
-    with pytest.raises(ApiError) as caught:
+    with pytest.raises(Refusal) as caught:
         admission.admit_now(_ctx(model), may_queue=False)
-    assert caught.value.status == 503 and caught.value.headers["retry-after"]
+    assert api_error(caught.value).status == 503 and api_error(caught.value).headers["retry-after"]
     assert admission.rejections[("acme/m", "unavailable")] == 1
 
 
@@ -192,9 +193,9 @@ def test_draining_is_503() -> None:
     model = in_memory_model()
     admission = _admission(_watch(model, 0))
     admission.drain.begin()
-    with pytest.raises(ApiError) as caught:
+    with pytest.raises(Refusal) as caught:
         admission.admit_now(_ctx(model), may_queue=False)
-    assert caught.value.status == 503 and caught.value.headers["retry-after"]
+    assert api_error(caught.value).status == 503 and api_error(caught.value).headers["retry-after"]
     assert admission.rejections[("acme/m", "draining")] == 1
     admission.drain.end()
     admission.admit_now(_ctx(model), may_queue=False)
@@ -209,7 +210,7 @@ def test_shutdown_drain_cannot_be_lifted() -> None:
 def test_context_length_refusals_are_counted() -> None:
     model = in_memory_model()
     admission = _admission(_watch(model, 0))
-    with pytest.raises(ApiError) as caught:
+    with pytest.raises(Refusal) as caught:
         admission.admit_now(_ctx(model, max_tokens=100_000), may_queue=False)
-    assert caught.value.status == 400 and caught.value.code == "context_length_exceeded"
+    assert api_error(caught.value).status == 400 and api_error(caught.value).code == "context_length_exceeded"
     assert admission.rejections[("acme/m", "context_length")] == 1

@@ -8,7 +8,8 @@ from worker.capacity.context_length import check_context_length, prompt_tokens_l
 from worker.config import ModelConfig, Pricing
 from worker.engines.mock import tokens
 from worker.gateway.context import RequestContext
-from worker.gateway.errors import ApiError
+from worker.gateway.errors import api_error
+from worker.refusals import Refusal
 
 MAX_MODEL_LEN = 512
 
@@ -25,13 +26,13 @@ def _chat(content: object, **body: object) -> RequestContext:
 
 
 def test_max_tokens_over_the_context_is_refused() -> None:
-    with pytest.raises(ApiError) as caught:
+    with pytest.raises(Refusal) as caught:
         check_context_length(_chat("hi", max_tokens=MAX_MODEL_LEN + 1))
-    assert caught.value.status == 400 and caught.value.code == "context_length_exceeded"
-    assert caught.value.param == "max_tokens"
-    with pytest.raises(ApiError) as caught:
+    assert api_error(caught.value).status == 400 and api_error(caught.value).code == "context_length_exceeded"
+    assert api_error(caught.value).param == "max_tokens"
+    with pytest.raises(Refusal) as caught:
         check_context_length(_chat("hi", max_completion_tokens=10_000))
-    assert caught.value.param == "max_completion_tokens"
+    assert api_error(caught.value).param == "max_completion_tokens"
 
 
 def test_prompt_plus_max_tokens_over_the_context_is_left_to_the_engine() -> None:
@@ -40,12 +41,12 @@ def test_prompt_plus_max_tokens_over_the_context_is_left_to_the_engine() -> None
 
 
 def test_prompt_that_certainly_fills_the_context_is_refused() -> None:
-    with pytest.raises(ApiError) as caught:
+    with pytest.raises(Refusal) as caught:
         check_context_length(_chat("word " * (2 * MAX_MODEL_LEN + 10)))
-    assert caught.value.code == "context_length_exceeded" and caught.value.param == "messages"
-    with pytest.raises(ApiError):
+    assert api_error(caught.value).code == "context_length_exceeded" and api_error(caught.value).param == "messages"
+    with pytest.raises(Refusal):
         check_context_length(_ctx("completions", prompt=list(range(MAX_MODEL_LEN))))
-    with pytest.raises(ApiError):
+    with pytest.raises(Refusal):
         check_context_length(_ctx("completions", prompt=["short", "word " * 2000]))
 
 

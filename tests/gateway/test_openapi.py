@@ -23,7 +23,7 @@ ERROR_STATUSES = ("400", "401", "402", "403", "404", "413", "429", "503")
 def document() -> dict[str, Any]:
     config = parse_node_config({"worker": {"id": "w"},
                                 "models": [fast_mock_model(CHAT), fast_mock_model(EMBED, task="embed")]})
-    app = create_app(Gateway(config, admission=None, hooks=[]),  # type: ignore[arg-type]  # never served
+    app = create_app(Gateway(config, leaser=None, hooks=[]),  # type: ignore[arg-type]  # never served
                      models_listing=dict, readiness=lambda: (True, {}))
     return app.openapi()
 

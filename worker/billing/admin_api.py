@@ -1,11 +1,8 @@
 """`/admin/*`: accounts, keys, usage export and the audit trail for the operator, behind a bearer admin
-token."""
+token (worker/gateway/admin_auth.py)."""
 
 # No `from __future__ import annotations`: FastAPI must see the real `Annotated[..., Path()]` parameters.
-import hmac
-import logging
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -19,7 +16,6 @@ from worker.billing.export import MEDIA_TYPES, export_lines
 from worker.billing.issuing import issue_key, open_account
 from worker.billing.money import MAX_BALANCE_USD, usd_to_micro
 from worker.billing.paging import Cursor, PageSize, cursor_value, next_cursor
-from worker.billing.ratelimit import TokenBucket, retry_after_header
 from worker.billing.records import KeyLimits, LedgerFilter, utc_month
 from worker.billing.store import BalanceLimitExceeded, LedgerStore, UnknownAccount
 from worker.billing.views import (
@@ -31,120 +27,28 @@ from worker.billing.views import (
     QueryText,
     TopUpRequest,
 )
-from worker.gateway.client_address import client_address
+from worker.gateway.admin_auth import AdminAccess, AdminChange, ChangeRecorder
 from worker.gateway.errors import ApiError
-from worker.gateway.request_id import SCOPE_KEY
-
-logger = logging.getLogger(__name__)
-
-# Wrong admin tokens one client address may present per minute (a burst of this many, then one every
-# 60/N s) before its attempts are refused with 429 unread: a 32-character token cannot be guessed at that
-# rate.
-ADMIN_FAILURES_PER_MINUTE = 10
-# Addresses whose buckets are tracked at once before full (forgotten) buckets are dropped.
-_PRUNE_ABOVE = 10_000
 
 AccountId = Annotated[QueryText, Path(description="an account id (acct_...)")]
 KeyId = Annotated[QueryText, Path(description="a key id (key_...)")]
 
 
-class AdminAccess:
-    """Who may use `/admin/*`, and the record of what they changed; one per worker, shared by every admin
-    router (the billing and the capacity routes).
+def audit_recorder(store: LedgerStore | None) -> ChangeRecorder:
+    """Keeps each admin change in `store`'s audit table (None: the ledger is off, the log only)."""
 
-    A FastAPI dependency admitting only `Authorization: Bearer <admin token>`. Without a configured token
-    every admin route answers 503, so an unset token never means "open". Failed attempts are logged
-    (client address and path, never what was presented) and limited per client address.
-    """
+    async def record(change: AdminChange) -> None:
+        await audit(store, AdminAction(at=change.at, actor="admin", client=change.client,
+                                       request_id=change.request_id, action=change.action, target=change.target,
+                                       changes=change.changes))
 
-    def __init__(
-        self,
-        admin_token: SecretStr | None,
-        *,
-        store: LedgerStore | None = None,
-        failures_per_minute: int = ADMIN_FAILURES_PER_MINUTE,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        secret = admin_token.get_secret_value() if admin_token is not None else ""
-        self._expected = secret.encode() if secret else None
-        # Where admin actions are kept; None while the ledger is off (or not open yet): the log only.
-        self.store = store
-        self._failures_per_minute = failures_per_minute
-        self.clock = clock
-        self._failures: dict[str, TokenBucket] = {}
-
-    async def __call__(self, request: Request) -> None:
-        if self._expected is None:
-            raise ApiError(
-                503, "admin API disabled: set WORKER_ADMIN_TOKEN to enable it", code="admin_disabled"
-            )
-        client = _client_address(request)
-        now = self.clock()
-        bucket = self._failures.get(client)
-        if bucket is not None:
-            bucket.refill(now)
-            if bucket.level < 1:
-                raise ApiError(
-                    429,
-                    "too many failed admin attempts from this address",
-                    code="rate_limit_exceeded",
-                    headers={"retry-after": retry_after_header(bucket.wait_for(1))},
-                )
-        scheme, _, presented = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), self._expected):
-            return
-        self._count_failure(client, now)
-        logger.warning(
-            "admin token refused",
-            extra={"client": client, "path": request.url.path, "request_id": request.scope.get(SCOPE_KEY)},
-        )
-        raise ApiError(
-            401,
-            "missing or wrong admin token",
-            code="invalid_admin_token",
-            headers={"www-authenticate": "Bearer"},
-        )
-
-    def _count_failure(self, client: str, now: float) -> None:
-        if len(self._failures) > _PRUNE_ABOVE:
-            for address, bucket in list(self._failures.items()):
-                bucket.refill(now)
-                if bucket.level >= bucket.capacity:
-                    del self._failures[address]
-        bucket = self._failures.setdefault(client, TokenBucket.full(self._failures_per_minute, now))
-        bucket.level -= 1
-        if bucket.level < 1:
-            logger.warning(
-                "admin attempts from this address refused for a while: too many wrong tokens",
-                extra={"client": client, "retry_after_s": round(bucket.wait_for(1), 1)},
-            )
-
-    async def record(
-        self, request: Request, action: str, target: str | None, changes: dict[str, Any]
-    ) -> None:
-        """Log an admin change and keep it in the audit table."""
-        await audit(
-            self.store,
-            AdminAction(
-                at=time.time(),
-                actor="admin",
-                client=_client_address(request),
-                request_id=request.scope.get(SCOPE_KEY),
-                action=action,
-                target=target,
-                changes=changes,
-            ),
-        )
-
-
-def _client_address(request: Request) -> str:
-    return client_address(request.scope)
+    return record
 
 
 def build_admin_router(store: LedgerStore, access: AdminAccess | SecretStr | None) -> APIRouter:
     """The billing admin routes; `access` is the worker's AdminAccess (or just the admin token)."""
     if not isinstance(access, AdminAccess):
-        access = AdminAccess(access, store=store)
+        access = AdminAccess(access, recorder=audit_recorder(store))
     admin = access
     router = APIRouter(prefix="/admin", dependencies=[Depends(admin)], tags=["admin"])
 

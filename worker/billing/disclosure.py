@@ -12,12 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from starlette.requests import Request
-
 from worker.billing.money import micro_to_json_number
 from worker.billing.pricing import charge_micro
 from worker.billing.provenance import Provenance, ProvenanceSource
-from worker.gateway.context import RequestContext
+from worker.gateway.context import RequestContext, RequestView
 
 # How long a replica's provenance is reused before it is read again (from the GPU monitor, which
 # polls every few seconds); a change of engine version is seen at once.
@@ -90,7 +88,7 @@ class DisclosureHook:
     def __init__(self, provenance: ProvenanceCache) -> None:
         self.provenance = provenance
 
-    async def before_request(self, ctx: RequestContext, request: Request) -> None:
+    async def before_request(self, ctx: RequestContext, request: RequestView) -> None:
         # Before the replica is known, so that refusals say which worker refused.
         ctx.response_headers.update(self.provenance.node_headers)
 

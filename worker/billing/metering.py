@@ -1,22 +1,14 @@
-"""Metering: what a request that billing admitted holds, and the ledger record written when it ends."""
+"""Metering: the ledger record written when a request ends."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 from worker.billing.pricing import charge_micro
-from worker.billing.records import ApiKey, LedgerEntry
-from worker.gateway.context import RequestContext, Usage
+from worker.billing.records import LedgerEntry
+from worker.gateway.context import Principal, RequestContext, Usage
 
-
-@dataclass(frozen=True)
-class Principal:
-    """Who a request is billed to, and what it holds until it is settled."""
-
-    key: ApiKey
-    reserved_micro: int
-    rate_tokens: int
+__all__ = ["Principal", "ledger_entry"]
 
 
 def ledger_entry(
@@ -35,8 +27,8 @@ def ledger_entry(
         record_id=ctx.record_id,
         request_id=ctx.request_id,
         worker_id=worker_id,
-        key_id=principal.key.id if principal else None,
-        account_id=principal.key.account_id if principal else None,
+        key_id=principal.key_id if principal else None,
+        account_id=principal.account_id if principal else None,
         model=ctx.model.id,
         endpoint=ctx.endpoint,
         replica_id=ctx.replica.replica_id if ctx.replica is not None else None,

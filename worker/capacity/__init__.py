@@ -1,7 +1,8 @@
 """Capacity: engine load and health signals, admission control, readiness, `/capacity` and draining."""
 
-from worker.capacity.admission import Admission, AdmissionLimits
+from worker.capacity.admission import Admission
 from worker.capacity.document import CapacityDocument, CapacityState
+from worker.capacity.limits import AdmissionLimits
 from worker.capacity.load import EngineLoad
 from worker.capacity.monitor import CapacityMonitor
 from worker.capacity.routes import build_capacity_router

@@ -11,102 +11,30 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
 from worker.capacity.context_length import check_context_length
 from worker.capacity.drain import DrainState
+from worker.capacity.limits import MAX_RETRY_AFTER_S
 from worker.capacity.placement import Placement
 from worker.capacity.queue import FairQueue, Waiter
+from worker.capacity.routing import ReplicaRouter
 from worker.config.models import ModelConfig, RoutingConfig
 from worker.gateway.context import RequestContext
-from worker.gateway.errors import ApiError
-from worker.gateway.routing import ReplicaRouter
+from worker.refusals import AtCapacity, ContextTooLong, Draining, Refusal, Unavailable
 
 if TYPE_CHECKING:
-    from worker.capacity.load import EngineLoad
     from worker.capacity.prefix_index import PromptKey
     from worker.capacity.watchdog import ReplicaWatch
     from worker.engines.replica import Replica, ReplicaLease
 
-MAX_RETRY_AFTER_S = 60
 # Weight of the newest finished request in the moving average of how long requests hold a slot.
 SERVICE_WEIGHT = 0.1
 UNAVAILABLE_RETRY_AFTER_S = 5
 # How far past the head of the queue dispatch looks for a request whose prefix a freed replica holds.
 LOOKAHEAD_PER_REPLICA = 4
 MIN_LOOKAHEAD = 8
-
-
-@dataclass(frozen=True, slots=True)
-class AdmissionLimits:
-    """Per-replica limits of one model (models.yaml `admission:`, defaults from `max_num_seqs`)."""
-
-    enabled: bool
-    max_num_seqs: int
-    max_in_flight: int
-    max_waiting: int
-    max_kv_cache_usage: float
-    stale_after_s: float
-    late_admit_s: float = 0.0
-
-    @classmethod
-    def for_model(cls, model: ModelConfig, stale_after_s: float, late_admit_s: float = 0.0) -> AdmissionLimits:
-        config = model.admission
-        seqs = model.max_num_seqs
-        allowance = config.queue_allowance if config.queue_allowance is not None else seqs // 32
-        return cls(
-            enabled=config.enabled,
-            max_num_seqs=seqs,
-            max_in_flight=config.max_in_flight or seqs + allowance,
-            max_waiting=config.max_waiting or max(1, allowance),
-            max_kv_cache_usage=config.max_kv_cache_usage,
-            stale_after_s=stale_after_s,
-            late_admit_s=late_admit_s,
-        )
-
-    def saturation(self, in_flight: int, load: EngineLoad | None, now: float) -> str | None:
-        """Why the replica should take no more work now, or None when it can batch one more request soon.
-
-        `load` is None for engines without metrics (external URLs): only the in-flight cap applies.
-        """
-        if in_flight >= self.max_in_flight:
-            return "in_flight"
-        if load is None:
-            return None
-        stats = load.stats
-        if stats is None:
-            return "stale_stats"  # flying blind counts as full
-        age = now - stats.scraped_at
-        if age > self.stale_after_s and (age > self.late_admit_s or in_flight >= self.max_num_seqs):
-            # Late stats still admit a while when the gateway's own count shows a free batch slot: the
-            # engine runs nothing the gateway did not send it.
-            return "stale_stats"
-        if self._queued_beyond_batch(stats.running, stats.waiting) >= self.max_waiting:
-            return "engine_queue"
-        if stats.kv_cache_usage >= self.max_kv_cache_usage:
-            return "kv_cache"
-        return None
-
-    def _queued_beyond_batch(self, running: int, waiting: int) -> int:
-        # Requests wait briefly between engine steps even with free batch slots; only those that
-        # cannot get a slot are a queue.
-        return waiting - max(0, self.max_num_seqs - running)
-
-    def score(self, in_flight: int, load: EngineLoad | None) -> float:
-        """Lower is less loaded."""
-        kv_usage = load.stats.kv_cache_usage if load is not None and load.stats is not None else 0.0
-        return in_flight / self.max_in_flight + kv_usage / 2
-
-    def retry_after_s(self, in_flight: int, load: EngineLoad | None) -> int:
-        """Whole seconds until the replica should have room again, from its recent drain rate."""
-        ahead = in_flight - self.max_in_flight + 1
-        if load is None:
-            return 1
-        if load.stats is not None:
-            ahead = max(ahead, self._queued_beyond_batch(load.stats.running, load.stats.waiting) - self.max_waiting + 1)
-        return min(MAX_RETRY_AFTER_S, max(1, math.ceil(load.seconds_until(ahead))))
 
 
 class Admission:
@@ -153,12 +81,12 @@ class Admission:
         `may_queue=False` (or `exclude`) it never returns None: a full model is refused with 429."""
         model_id = ctx.model.id
         if self.drain.draining:
-            raise self._reject(model_id, "draining", ApiError(
-                503, "this worker is draining and takes no new requests; retry on another worker",
-                headers={"retry-after": str(UNAVAILABLE_RETRY_AFTER_S)}))
+            raise self._reject(model_id, "draining", Draining(
+                "this worker is draining and takes no new requests; retry on another worker",
+                retry_after_s=UNAVAILABLE_RETRY_AFTER_S))
         try:
             check_context_length(ctx)
-        except ApiError as error:
+        except ContextTooLong as error:
             raise self._reject(model_id, "context_length", error) from None
         queue = self.queues.get(model_id)
         if queue is None or not queue.depth or exclude is not None:
@@ -167,9 +95,9 @@ class Admission:
                 return lease
         routable = [w for w in self.watches.get(model_id, ()) if w.routable and w.replica is not exclude]
         if not routable:
-            raise self._reject(model_id, "unavailable", ApiError(
-                503, f"no replica of model '{model_id}' is ready; retry shortly",
-                headers={"retry-after": str(UNAVAILABLE_RETRY_AFTER_S)}))
+            raise self._reject(model_id, "unavailable", Unavailable(
+                f"no replica of model '{model_id}' is ready; retry shortly",
+                retry_after_s=UNAVAILABLE_RETRY_AFTER_S))
         if may_queue and exclude is None and queue is not None:
             return None
         now = self.clock()
@@ -395,25 +323,24 @@ class Admission:
     def queued(self) -> int:
         return sum(queue.depth for queue in self.queues.values())
 
-    def refuse_queued(self, error: ApiError) -> int:
-        """End every queued request with `error` (the drain's grace period is over)."""
+    def refuse_queued(self, refusal: Refusal) -> int:
+        """End every queued request with `refusal` (the drain's grace period is over)."""
         refused = 0
         for model_id, queue in self.queues.items():
             for waiter in queue.waiters():
                 queue.remove(waiter)
                 if not waiter.granted.done():
-                    waiter.granted.set_exception(self._reject(model_id, "draining", error))
+                    waiter.granted.set_exception(self._reject(model_id, "draining", refusal))
                     refused += 1
         return refused
 
-    def _reject(self, model_id: str, reason: str, error: ApiError) -> ApiError:
+    def _reject(self, model_id: str, reason: str, refusal: Refusal) -> Refusal:
         self.rejections[(model_id, reason)] += 1
-        return error
+        return refusal
 
 
-def _at_capacity(model_id: str, retry_after_s: int, why: str = "") -> ApiError:
+def _at_capacity(model_id: str, retry_after_s: int, why: str = "") -> AtCapacity:
     retry_after = min(MAX_RETRY_AFTER_S, max(1, retry_after_s))
     because = f": {why}" if why else ""
-    return ApiError(429, f"model '{model_id}' is at capacity on this worker{because}; "
-                         f"retry after {retry_after}s", code="rate_limit_exceeded",
-                    headers={"retry-after": str(retry_after)})
+    return AtCapacity(f"model '{model_id}' is at capacity on this worker{because}; retry after {retry_after}s",
+                      retry_after_s=retry_after)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from worker.gateway.context import RequestContext
-from worker.gateway.errors import ApiError
+from worker.refusals import ContextTooLong
 
 
 def _text_of(content: Any) -> str:
@@ -59,7 +59,7 @@ def prompt_tokens_lower_bound(endpoint: str, body: dict[str, Any], limit: int) -
 
 
 def check_context_length(ctx: RequestContext) -> None:
-    """Raise a 400 `context_length_exceeded` when the request certainly cannot fit the model."""
+    """Raise ContextTooLong when the request certainly cannot fit the model."""
     if ctx.endpoint == "embeddings":
         return
     max_model_len = ctx.model.max_model_len
@@ -67,14 +67,13 @@ def check_context_length(ctx: RequestContext) -> None:
     param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     max_tokens = ctx.max_tokens
     if max_tokens is not None and max_tokens > max_model_len:
-        raise ApiError(400, f"{param}={max_tokens} cannot be greater than max_model_len={max_model_len}. "
-                       "Please request fewer output tokens.", code="context_length_exceeded", param=param)
+        raise ContextTooLong(f"{param}={max_tokens} cannot be greater than max_model_len={max_model_len}. "
+                             "Please request fewer output tokens.", param=param)
     if body.get("truncate_prompt_tokens") is not None:
         return  # the engine cuts the prompt down itself
     prompt_tokens = prompt_tokens_lower_bound(ctx.endpoint, body, max_model_len)
     if prompt_tokens >= max_model_len:
-        raise ApiError(400, f"This model's maximum context length is {max_model_len} tokens. However, your "
-                       f"prompt contains at least {prompt_tokens} input tokens, which leaves no room for output. "
-                       "Please reduce the length of the input prompt.",
-                       code="context_length_exceeded", param="messages" if ctx.endpoint == "chat.completions"
-                       else "prompt")
+        raise ContextTooLong(f"This model's maximum context length is {max_model_len} tokens. However, your "
+                             f"prompt contains at least {prompt_tokens} input tokens, which leaves no room for "
+                             "output. Please reduce the length of the input prompt.",
+                             param="messages" if ctx.endpoint == "chat.completions" else "prompt")

@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from worker.capacity.admission import UNAVAILABLE_RETRY_AFTER_S, Admission, AdmissionLimits
+from worker.capacity.admission import UNAVAILABLE_RETRY_AFTER_S, Admission
 from worker.capacity.document import (
     CapacityDocument,
     CapacityState,
@@ -19,11 +19,12 @@ from worker.capacity.document import (
     ReplicaCapacity,
 )
 from worker.capacity.drain import DrainState, finish_in_flight, in_flight
+from worker.capacity.limits import AdmissionLimits
 from worker.capacity.watchdog import HangHandler, ReplicaWatch
 from worker.config.models import NodeConfig
 from worker.engines.replica import Replica, ReplicaState
-from worker.gateway.errors import ApiError
 from worker.gpu import GpuFleetSnapshot, GpuHealth
+from worker.refusals import Draining
 
 logger = logging.getLogger(__name__)
 
@@ -179,9 +180,8 @@ class CapacityMonitor:
         logger.info("draining before shutdown", extra={"in_flight": self.in_flight, "grace_s": grace_s})
         ended = await finish_in_flight(
             self.replicas, grace_s, hurry, queued=self.admission.queued,
-            refuse_queued=lambda: self.admission.refuse_queued(ApiError(
-                503, "this worker is shutting down; retry on another worker",
-                headers={"retry-after": str(UNAVAILABLE_RETRY_AFTER_S)})))
+            refuse_queued=lambda: self.admission.refuse_queued(Draining(
+                "this worker is shutting down; retry on another worker", retry_after_s=UNAVAILABLE_RETRY_AFTER_S)))
         logger.info("drained", extra={"ended_early": ended})
 
 

@@ -16,10 +16,10 @@ from worker.config.models import RoutingConfig
 
 if TYPE_CHECKING:
     from worker.capacity.prefix_index import PrefixIndex, PromptKey, SessionAffinity
+    from worker.capacity.routing import ReplicaRouter
     from worker.capacity.watchdog import ReplicaWatch
     from worker.engines.replica import Replica
     from worker.gateway.context import RequestContext
-    from worker.gateway.routing import ReplicaRouter
 
 
 class Placement:

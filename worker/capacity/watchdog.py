@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 import httpx
 
-from worker.capacity.admission import AdmissionLimits
+from worker.capacity.limits import AdmissionLimits
 from worker.capacity.load import EngineLoad
 from worker.capacity.stats import ADMISSION_SAMPLES, EngineStats
 from worker.config.models import EngineHealthConfig

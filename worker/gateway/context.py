@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import uuid_utils
+from starlette.datastructures import Headers
+from starlette.types import Receive, Scope
 
 if TYPE_CHECKING:
     from worker.config import ModelConfig
@@ -44,6 +46,33 @@ class Usage:
         return self.prompt_source in ESTIMATED_SOURCES or self.completion_source in ESTIMATED_SOURCES
 
 
+@dataclass(frozen=True, slots=True)
+class RequestView:
+    """What hooks may read of the HTTP request itself: its path and headers (a mapping, names
+    case-insensitive), and `receive`, to notice the client leave while a hook waits (None: not watched)."""
+
+    path: str
+    headers: Headers
+    receive: Receive | None = None
+
+    @classmethod
+    def of(cls, scope: Scope, receive: Receive | None = None) -> RequestView:
+        return cls(path=scope["path"], headers=Headers(scope=scope), receive=receive)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a request is billed to, and what it holds until it is settled (set by billing's hook)."""
+
+    account_id: str
+    key_id: str
+    byok: bool
+    tokens_per_minute: int | None
+    reserved_micro: int
+    # The tokens the rate limiter debited up front, corrected to the real count when the request ends.
+    rate_tokens: int
+
+
 @dataclass
 class RequestContext:
     """Mutable per-request record; hooks read it, the relay fills it in."""
@@ -64,7 +93,7 @@ class RequestContext:
     # The relay process that serves it when the worker runs several gateway processes (else None).
     gateway_process: int | None = None
     # Filled by authentication (billing); None when auth is off.
-    principal: Any = None
+    principal: Principal | None = None
     # Whose share of a queued model this request uses (billing sets the account), and its priority.
     flow: str | None = None
     priority: int = 0

@@ -1,11 +1,15 @@
-"""One error type for everything the gateway refuses, and its OpenAI-shaped body."""
+"""One error type for everything the gateway refuses, its OpenAI-shaped body, and the one mapping from the
+domain's refusals (worker/refusals.py) to status codes, error codes and headers."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
 from starlette.responses import Response
+
+from worker import refusals
 
 # OpenAI `type` per HTTP status, as routers expect them.
 _TYPE_BY_STATUS = {
@@ -72,6 +76,30 @@ class ApiError(Exception):
         headers = {**self.headers, **(extra_headers or {})}
         return Response(orjson.dumps(self.body()), status_code=self.status, media_type="application/json",
                         headers=headers)
+
+
+# Status and OpenAI `code` of each refusal (the most specific class listed first wins); None: the status's own.
+_REFUSAL_ANSWERS: tuple[tuple[type[refusals.Refusal], int, str | None], ...] = (
+    (refusals.InvalidKey, 401, "invalid_api_key"),
+    (refusals.ModelNotAllowed, 403, "model_not_allowed"),
+    (refusals.InsufficientBalance, 402, "insufficient_quota"),
+    (refusals.SpendCapReached, 402, "spend_cap_reached"),
+    (refusals.RateLimited, 429, "rate_limit_exceeded"),
+    (refusals.AtCapacity, 429, "rate_limit_exceeded"),
+    (refusals.ContextTooLong, 400, "context_length_exceeded"),
+    (refusals.BillingUnavailable, 503, "billing_unavailable"),
+    (refusals.WorkerIdTakenOver, 503, "worker_id_taken_over"),
+    (refusals.Unavailable, 503, None),
+)
+
+
+def api_error(refusal: refusals.Refusal, headers: Mapping[str, str] | None = None) -> ApiError:
+    """The answer to `refusal`, with `headers` (what the hooks set so far) under the refusal's own."""
+    status, code = next(((status, code) for kind, status, code in _REFUSAL_ANSWERS if isinstance(refusal, kind)),
+                        (400, None))
+    own = {"retry-after": str(refusal.retry_after_s)} if refusal.retry_after_s is not None else {}
+    return ApiError(status, refusal.message, code=code, param=getattr(refusal, "param", None),
+                    headers={**(headers or {}), **own})
 
 
 def normalise_engine_error(status: int, payload: bytes) -> bytes:

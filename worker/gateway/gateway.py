@@ -1,4 +1,4 @@
-"""The inference request path: check, admit, relay, meter."""
+"""The inference request path, stage by stage (see pipeline.py): check, admit, dispatch, relay, record."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from typing import Protocol
 
 import orjson
 from starlette.requests import Request
@@ -15,13 +14,15 @@ from starlette.types import Receive, Scope, Send
 
 from worker.config import NodeConfig
 from worker.engines.data_client import EngineResponse, EngineTransportError, abort, finish
-from worker.engines.replica import Replica, ReplicaLease
-from worker.gateway.context import RequestContext, Usage
-from worker.gateway.errors import ApiError, ClientDisconnected, normalise_engine_error
+from worker.gateway.context import RequestContext, RequestView, Usage
+from worker.gateway.errors import ApiError, ClientDisconnected, api_error, normalise_engine_error
 from worker.gateway.hooks import RequestHooks
-from worker.gateway.relay import Finalizer, Outcome, RelayStreamResponse, open_upstream, race
+from worker.gateway.leasing import EngineTarget, Lease, Leaser
+from worker.gateway.pipeline import HookChain
+from worker.gateway.relay import Outcome, RelayStreamResponse, add_usage_extras, open_upstream, race
 from worker.gateway.request_id import SCOPE_KEY
 from worker.gateway.requests import parse_body, read_body, session_key
+from worker.refusals import Refusal
 
 logger = logging.getLogger(__name__)
 
@@ -32,40 +33,29 @@ ENDPOINT_PATHS = {
 }
 
 
-class ReplicaAdmission(Protocol):
-    def admit_now(self, ctx: RequestContext, exclude: Replica | None = None) -> ReplicaLease | None:
-        """Lease a replica with room for `ctx` now; None when it should queue (never with `exclude`);
-        raises the ApiError that refuses it (400/429/503)."""
-        ...
-
-    async def wait_for_slot(self, ctx: RequestContext, size_bytes: int = 0) -> ReplicaLease:
-        """Queue `ctx` until a replica has room; raises the ApiError that refuses it (429/503)."""
-        ...
-
-
 class RequestTicket:
     """What one inference request holds from its check-in to its end, and the one place it is given back.
 
     The hooks that admitted the request (its balance hold, rate-limit debit, ledger record) are finalized
-    through `finalizer`, exactly once; `lease` is the replica slot it occupies. `close()` releases the lease
+    through `hooks`, exactly once; `lease` is the replica slot it occupies. `close()` releases the lease
     and finalizes whatever is not finalized yet; `failed()` first marks a request that ended on an
     unexpected exception as the worker's own failure (recorded, charged nothing).
     """
 
-    __slots__ = ("ctx", "finalizer", "lease")
+    __slots__ = ("ctx", "hooks", "lease")
 
-    def __init__(self, ctx: RequestContext) -> None:
+    def __init__(self, ctx: RequestContext, hooks: Sequence[RequestHooks]) -> None:
         self.ctx = ctx
-        self.finalizer = Finalizer(ctx, [])
-        self.lease: ReplicaLease | None = None
+        self.hooks = HookChain(ctx, hooks)
+        self.lease: Lease | None = None
 
-    def held_lease(self) -> ReplicaLease:
+    def held_lease(self) -> Lease:
         if self.lease is None:
             raise RuntimeError("the request holds no replica lease")
         return self.lease
 
     def failed(self, error: BaseException) -> None:
-        if self.finalizer.done:
+        if self.hooks.done:
             return
         ctx = self.ctx
         ctx.outcome = "worker_error"
@@ -73,18 +63,20 @@ class RequestTicket:
         ctx.error_message = f"internal error in the worker gateway: {type(error).__name__}"
 
     async def close(self) -> None:
+        """Stage 8 (and 7 for whatever did not record itself on the way)."""
         if self.lease is not None:
             self.lease.release()
-        if not self.finalizer.done:
+        if not self.hooks.done:
             if self.ctx.outcome == "ok" and not self.ctx.status_code:
                 self.ctx.outcome, self.ctx.status_code = "worker_error", 500
-            await self.finalizer()
+            await self.hooks()
 
 
 class Gateway:
-    def __init__(self, config: NodeConfig, admission: ReplicaAdmission, hooks: Sequence[RequestHooks]) -> None:
+    def __init__(self, config: NodeConfig, leaser: Leaser, hooks: Sequence[RequestHooks] = ()) -> None:
         self.config = config
-        self.admission = admission
+        self.leaser = leaser
+        # In `pipeline.request_hooks` order; set once before the first request.
         self.hooks = list(hooks)
         self.keepalive_s = config.worker.sse_keepalive_interval_s
         self._finalizing: set[asyncio.Future[None]] = set()
@@ -105,12 +97,15 @@ class Gateway:
         ticket: RequestTicket | None = None
         try:
             try:
-                ctx = await self.request_context(request, endpoint)
-                ticket = RequestTicket(ctx)
-                response = await self.handle(request, ticket)
+                ctx = await self.request_context(request, endpoint)  # 1. parse and validate
+                ticket = RequestTicket(ctx, self.hooks)
+                view = RequestView(path=scope["path"], headers=request.headers, receive=receive)
+                # 2-4. authenticate, reserve, admit or queue
+                ticket.lease = await self.check_in(ctx, view, ticket.hooks, receive=receive)
+                response = await self.dispatch(receive, ticket)  # 5-6. dispatch and relay (7 for answers)
             except ApiError as error:
                 if ticket is not None:
-                    await self.answered_with(error, ticket.ctx, ticket.finalizer)
+                    await self.answered_with(error, ticket.ctx, ticket.hooks)
                 response = error.to_response()
             except ClientDisconnected:
                 response = Response(status_code=499)  # nobody reads it
@@ -129,22 +124,21 @@ class Gateway:
             raise
         finally:
             if ticket is not None:
-                await ticket.close()
+                await ticket.close()  # 7-8. record what is not yet, release the lease
 
-    async def handle(self, request: Request, ticket: RequestTicket) -> Response:
-        """Check the request in and serve it; raises the ApiError that refuses it."""
-        ticket.lease = await self.check_in(ticket.ctx, request, ticket.finalizer, receive=request.receive)
-        return await self._serve(request, ticket)
+    def hook_chain(self, ctx: RequestContext) -> HookChain:
+        """A request's way through this gateway's hooks (for requests it checks in but does not serve)."""
+        return HookChain(ctx, self.hooks)
 
     @staticmethod
-    async def answered_with(error: ApiError, ctx: RequestContext, finalizer: Finalizer) -> None:
+    async def answered_with(error: ApiError, ctx: RequestContext, chain: HookChain) -> None:
         """The request ends with `error`: record it (unless that happened already) and give the error the
-        headers the hooks set."""
-        if not finalizer.done:
+        headers the hooks set (the one place they are merged into an error)."""
+        if not chain.done:
             ctx.outcome = "rejected"
             ctx.status_code = error.status
             ctx.error_message = error.message
-            await finalizer()
+            await chain()
         error.headers = {**ctx.response_headers, **error.headers}
 
     async def request_context(self, request: Request, endpoint: str) -> RequestContext:
@@ -167,50 +161,50 @@ class Gateway:
             headers={}, body_bytes=len(raw), session_key=session_key(model, request.headers, body),
         )
 
-    async def check_in(self, ctx: RequestContext, request: Request, finalizer: Finalizer,
-                       receive: Receive | None = None) -> ReplicaLease:
+    async def check_in(self, ctx: RequestContext, request: RequestView, chain: HookChain,
+                       receive: Receive | None = None) -> Lease:
         """Every hook's `before_request` in order, then a replica's lease (after queueing for one if need
-        be); raises the first refusal, or ClientDisconnected when `receive` says the client left meanwhile.
+        be); raises the first refusal as an ApiError, or ClientDisconnected when `receive` says the client
+        left meanwhile.
 
         Only hooks that admitted the request finalize it. Admission's refusal, which no engine saw, is
         finalized right after the answer rather than before it.
         """
-        for passed, hook in enumerate(self.hooks, start=1):
-            await hook.before_request(ctx, request)
-            finalizer.hooks = self.hooks[:passed]
+        if not chain.hooks and not chain.passed:
+            chain.hooks = self.hooks  # a chain built before it knew the gateway (relay.Finalizer(ctx, []))
+        try:
+            await chain.check_in(request)
+        except Refusal as refusal:
+            raise api_error(refusal) from None
         try:
             lease = await self.admit(ctx, receive=receive)
         except ApiError as refusal:
             ctx.outcome, ctx.status_code, ctx.error_message = "rejected", refusal.status, refusal.message
-            self.finalize_soon(finalizer)
+            self.finalize_soon(chain)
             raise
         except ClientDisconnected:
             ctx.outcome, ctx.status_code = "client_disconnected", 499
-            self.finalize_soon(finalizer)
+            self.finalize_soon(chain)
             raise
         ctx.admitted_monotonic = time.monotonic()
         return lease
 
-    def finalize_soon(self, finalizer: Finalizer, finished_monotonic: float | None = None) -> asyncio.Future[None]:
+    def finalize_soon(self, chain: HookChain, finished_monotonic: float | None = None) -> asyncio.Future[None]:
         """Start the hooks' finalize without waiting for it; `aclose()` waits for it."""
-        finalizing = finalizer.start(finished_monotonic)
+        finalizing = chain.start(finished_monotonic)
         self._finalizing.add(finalizing)
         finalizing.add_done_callback(self._finalizing.discard)
         return finalizing
 
-    async def admit(self, ctx: RequestContext, exclude: Replica | None = None,
-                    receive: Receive | None = None) -> ReplicaLease:
-        """The lease of the replica that serves `ctx`, bound at once or after waiting in the model's queue;
-        raises the refusal (400/429/503), or ClientDisconnected when the client left while queued."""
-        lease = self.admission.admit_now(ctx, exclude)
-        if lease is not None:
-            return lease
-        waiting = asyncio.ensure_future(self.admission.wait_for_slot(ctx, ctx.body_bytes))
-        if receive is None:
-            return await waiting
-        if await race(waiting, receive=receive) is Outcome.disconnected:
-            raise ClientDisconnected("the client left while its request was queued")
-        return waiting.result()
+    async def admit(self, ctx: RequestContext, exclude: EngineTarget | None = None,
+                    receive: Receive | None = None) -> Lease:
+        """Stage 4: the lease of the replica that serves `ctx`, bound at once or after waiting in the
+        model's queue; raises the refusal as an ApiError, or ClientDisconnected when the client left while
+        queued."""
+        try:
+            return await self.leaser.lease(ctx, exclude=exclude, receive=receive)
+        except Refusal as refusal:
+            raise api_error(refusal) from None
 
     def engine_payload(self, ctx: RequestContext) -> bytes:
         """The body the engine receives: the validated one, always asking the engine for usage."""
@@ -218,11 +212,13 @@ class Gateway:
             ctx.body["stream_options"] = {**(ctx.body.get("stream_options") or {}), "include_usage": True}
         return orjson.dumps(ctx.body)
 
-    async def _serve(self, request: Request, ticket: RequestTicket) -> Response:
-        ctx, finalizer, lease = ticket.ctx, ticket.finalizer, ticket.held_lease()
+    async def dispatch(self, receive: Receive, ticket: RequestTicket) -> Response:
+        """Stages 5 and 6: send the request to its replica (a sibling when that one cannot take it before
+        any byte was sent) and answer with what the engine says, whole or as a stream."""
+        ctx, chain, lease = ticket.ctx, ticket.hooks, ticket.held_lease()
         payload = self.engine_payload(ctx)
         try:
-            outcome, opening = await self._open(request, lease, ctx, payload)
+            outcome, opening = await self._open(receive, lease, ctx, payload)
         except ApiError as error:
             lease.release()
             if error.status != 503:
@@ -232,29 +228,28 @@ class Gateway:
                 lease = ticket.lease = await self.admit(ctx, exclude=lease.replica)
             except ApiError:
                 raise error from None
-            outcome, opening = await self._open(request, lease, ctx, payload)
+            outcome, opening = await self._open(receive, lease, ctx, payload)
         replica = lease.replica
-        ctx.replica = replica
-        for hook in finalizer.hooks:
-            hook.after_route(ctx)
+        ctx.replica = replica  # type: ignore[assignment]  # the node's Replica; a relay's stand-in for it
+        chain.routed()
         headers = {"x-worker-replica": replica.replica_id, **ctx.response_headers}
         if outcome is Outcome.timed_out:
             # The engine is slow to answer a stream: send headers now, keep-alives until it does.
-            return RelayStreamResponse(opening, ctx, finalizer, headers, lease, self.keepalive_s)
+            return RelayStreamResponse(opening, ctx, chain, headers, lease, self.keepalive_s)
         if outcome is Outcome.disconnected:
             ctx.outcome = "client_disconnected"
             return Response(status_code=499)
         upstream = opening.result()
         if upstream.status == 200 and ctx.stream:
-            return RelayStreamResponse(opening, ctx, finalizer, headers, lease, self.keepalive_s)
+            return RelayStreamResponse(opening, ctx, chain, headers, lease, self.keepalive_s)
         try:
             if upstream.status != 200:
-                return await self._engine_error(upstream, ctx, finalizer, headers)
-            return await self._complete(request, upstream, lease, ctx, finalizer, headers)
+                return await self._engine_error(upstream, ctx, chain, headers)
+            return await self._complete(receive, upstream, lease, ctx, chain, headers)
         finally:
             lease.release()
 
-    async def _open(self, request: Request, lease: ReplicaLease, ctx: RequestContext,
+    async def _open(self, receive: Receive, lease: Lease, ctx: RequestContext,
                     payload: bytes) -> tuple[Outcome, asyncio.Future[EngineResponse]]:
         """Send the request to the engine and wait for its headers (for a stream, at most the keep-alive interval).
 
@@ -262,7 +257,7 @@ class Gateway:
         """
         replica = lease.replica
         opening = asyncio.ensure_future(open_upstream(replica, ENDPOINT_PATHS[ctx.endpoint], payload, ctx))
-        outcome = await race(opening, receive=request.receive, interrupted=lease.interrupted,
+        outcome = await race(opening, receive=receive, interrupted=lease.interrupted,
                              timeout_s=self.keepalive_s if ctx.stream else None)
         if outcome is Outcome.interrupted:
             raise ApiError(503, f"model '{ctx.model.id}' replica {replica.replica_id} is restarting; retry shortly",
@@ -271,7 +266,7 @@ class Gateway:
             opening.result()  # raises the ApiError of a connection failure
         return outcome, opening
 
-    async def _engine_error(self, upstream: EngineResponse, ctx: RequestContext, finalizer: Finalizer,
+    async def _engine_error(self, upstream: EngineResponse, ctx: RequestContext, chain: HookChain,
                             headers: dict[str, str]) -> Response:
         status = upstream.status
         try:
@@ -283,16 +278,16 @@ class Gateway:
         ctx.first_byte_monotonic = time.monotonic()
         ctx.status_code = status
         ctx.outcome = "invalid_request" if status < 500 else "engine_error"
-        await finalizer()
+        await chain()
         return Response(normalise_engine_error(status, payload),
                         status_code=status, media_type="application/json", headers=headers)
 
-    async def _complete(self, request: Request, upstream: EngineResponse, lease: ReplicaLease,
-                        ctx: RequestContext, finalizer: Finalizer, headers: dict[str, str]) -> Response:
+    async def _complete(self, receive: Receive, upstream: EngineResponse, lease: Lease,
+                        ctx: RequestContext, chain: HookChain, headers: dict[str, str]) -> Response:
         reading = asyncio.ensure_future(upstream.read())
         outcome = Outcome.interrupted
         try:
-            outcome = await race(reading, receive=request.receive, interrupted=lease.interrupted)
+            outcome = await race(reading, receive=receive, interrupted=lease.interrupted)
             payload = reading.result() if outcome is Outcome.done else b""
         except EngineTransportError as error:
             outcome, payload = Outcome.interrupted, b""
@@ -305,13 +300,13 @@ class Gateway:
         ctx.first_byte_monotonic = time.monotonic()
         if outcome is Outcome.disconnected:
             ctx.outcome = "client_disconnected"
-            await finalizer()
+            await chain()
             return Response(status_code=499)
         if outcome is Outcome.interrupted:
             message = ctx.error_message or lease.interruption_reason or "the engine stopped before answering"
             failure = ApiError(502, f"engine replica {lease.replica.replica_id} failed before answering: {message}")
             ctx.outcome, ctx.status_code, ctx.error_message = "upstream_failed", 502, failure.message
-            await finalizer()
+            await chain()
             raise failure
         ctx.status_code = 200
         try:
@@ -322,9 +317,8 @@ class Gateway:
             ctx.usage = Usage.from_openai(data.get("usage"))
             reasons = [c.get("finish_reason") for c in data.get("choices") or () if isinstance(c, dict)]
             ctx.finish_reason = "error" if "error" in reasons else next((r for r in reasons if r), None)
-            extras = finalizer.usage_extras()
-            if extras and isinstance(data.get("usage"), dict):
-                data["usage"].update(extras)
+            usage = data.get("usage")
+            if isinstance(usage, dict) and add_usage_extras(chain, usage):
                 payload = orjson.dumps(data)
-        await finalizer()
+        await chain()
         return Response(payload, status_code=200, media_type="application/json", headers=headers)

@@ -25,11 +25,11 @@ from worker.engines.data_client import (
     abort,
     finish,
 )
-from worker.engines.replica import Replica, ReplicaLease
 from worker.gateway.context import RequestContext, Usage
 from worker.gateway.errors import ApiError, normalise_engine_error
 from worker.gateway.hooks import RequestHooks
-from worker.gateway.prompt_count import complete_usage
+from worker.gateway.leasing import EngineTarget, Lease
+from worker.gateway.pipeline import HookChain
 
 logger = logging.getLogger(__name__)
 
@@ -39,48 +39,22 @@ _FINISH_REASON = re.compile(rb'"finish_reason":"([a-z_]+)"')
 _STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
-class Finalizer:
-    """Runs every hook's `finalize` exactly once, whatever path the request ends on."""
+class Finalizer(HookChain):
+    """A hook chain whose hooks all admitted the request already (for chains built by hand)."""
 
     def __init__(self, ctx: RequestContext, hooks: Sequence[RequestHooks]) -> None:
-        self.ctx = ctx
-        self.hooks = hooks
-        self.done = False
-        self._task: asyncio.Future[None] | None = None
-
-    async def __call__(self) -> None:
-        # Shielded: a client that disconnects mid-finalize must not cut the ledger write short.
-        await asyncio.shield(self.start())
-
-    def start(self, finished_monotonic: float | None = None) -> asyncio.Future[None]:
-        """Begin finalizing without waiting for it (for answers that need not wait, like refusals)."""
-        if self._task is None:
-            self.done = True
-            self.ctx.finished_monotonic = finished_monotonic or time.monotonic()
-            self._task = asyncio.ensure_future(self._run())
-        return self._task
-
-    async def _run(self) -> None:
-        ctx = self.ctx
-        try:
-            await complete_usage(ctx)
-        except Exception:  # the record is written without the count rather than not at all
-            logger.exception("cannot complete the usage of an abandoned request", extra={"request_id": ctx.request_id})
-        for hook in self.hooks:
-            try:
-                await hook.finalize(ctx)
-            except Exception:  # one failing hook must not stop the others (the ledger above all)
-                logger.exception("finalize hook failed", extra={"request_id": ctx.request_id})
-
-    def usage_extras(self) -> dict[str, Any]:
-        extras: dict[str, Any] = {}
-        for hook in self.hooks:
-            extras.update(hook.usage_extras(self.ctx))
-        self.ctx.usage_extras = extras
-        return extras
+        super().__init__(ctx, hooks)
+        self.passed = len(hooks)
 
 
-async def open_upstream(replica: Replica, path: str, payload: bytes, ctx: RequestContext) -> EngineResponse:
+def add_usage_extras(chain: HookChain, usage: dict[str, Any]) -> bool:
+    """Merge the hooks' usage extras into the client's `usage` object; False when they add nothing."""
+    extras = chain.usage_extras()
+    usage.update(extras)
+    return bool(extras)
+
+
+async def open_upstream(replica: EngineTarget, path: str, payload: bytes, ctx: RequestContext) -> EngineResponse:
     try:
         return await replica.data.post(path, payload, ctx.request_id)
     except EngineConnectError as error:
@@ -154,7 +128,7 @@ def router_error_chunk(ctx: RequestContext, code: str, message: str) -> bytes:
 class SseRelay:
     """Turns the engine's SSE byte stream into the client's, noting usage and finish reason on the way."""
 
-    def __init__(self, ctx: RequestContext, finalizer: Finalizer) -> None:
+    def __init__(self, ctx: RequestContext, finalizer: HookChain) -> None:
         self.ctx = ctx
         self.finalizer = finalizer
         self.saw_done = False
@@ -172,9 +146,7 @@ class SseRelay:
             return event  # continuous usage stats on a content chunk: the client asked for it
         if not self.ctx.client_wants_usage:
             return None
-        extras = self.finalizer.usage_extras()
-        if extras and isinstance(usage, dict):
-            usage.update(extras)
+        if isinstance(usage, dict) and add_usage_extras(self.finalizer, usage):
             return b"data: " + orjson.dumps(chunk) + b"\n\n"
         return event
 
@@ -240,8 +212,8 @@ class RelayStreamResponse(Response):
     engine or the worker ends early closes with the router's error chunk and `[DONE]`.
     """
 
-    def __init__(self, opening: asyncio.Future[EngineResponse], ctx: RequestContext, finalizer: Finalizer,
-                 headers: dict[str, str], lease: ReplicaLease, keepalive_s: float) -> None:
+    def __init__(self, opening: asyncio.Future[EngineResponse], ctx: RequestContext, finalizer: HookChain,
+                 headers: dict[str, str], lease: Lease, keepalive_s: float) -> None:
         super().__init__(status_code=200, media_type="text/event-stream", headers={**_STREAM_HEADERS, **headers})
         self.raw_headers = [(name, value) for name, value in self.raw_headers if name != b"content-length"]
         self.opening = opening

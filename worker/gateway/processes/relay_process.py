@@ -15,7 +15,6 @@ from typing import Any
 import httpx
 import uvicorn
 import uvloop
-from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
 from worker.billing import usage_cost
@@ -23,7 +22,7 @@ from worker.config import NodeConfig
 from worker.engines.data_client import EngineDataClient
 from worker.gateway.app import inference_endpoint, serve_inference
 from worker.gateway.client_address import with_relayed_client
-from worker.gateway.context import RequestContext
+from worker.gateway.context import RequestContext, RequestView
 from worker.gateway.errors import ApiError, ClientDisconnected
 from worker.gateway.gateway import Gateway
 from worker.gateway.http_limits import LimitedConfig
@@ -114,8 +113,8 @@ class WorkerLink:
         except ChannelClosed:
             raise ApiError(503, "this worker is restarting; retry shortly", headers={"retry-after": "1"}) from None
 
-    async def begin(self, ctx: RequestContext, request: Request) -> None:
-        self._admitted(ctx, await self._call(Begin.of(ctx, request.scope["path"], request.scope["headers"])))
+    async def begin(self, ctx: RequestContext, request: RequestView) -> None:
+        self._admitted(ctx, await self._call(Begin.of(ctx, request.path, request.headers.raw)))
 
     async def readmit(self, ctx: RequestContext) -> RemoteLease:
         self._admitted(ctx, await self._call(Readmit(record=ctx.record_id)))
@@ -167,7 +166,7 @@ class RemoteHooks:
     def __init__(self, link: WorkerLink) -> None:
         self.link = link
 
-    async def before_request(self, ctx: RequestContext, request: Request) -> None:
+    async def before_request(self, ctx: RequestContext, request: RequestView) -> None:
         # The worker process may queue the request for a while: a client that leaves meanwhile must
         # leave the queue there too, so that it never reaches an engine.
         beginning = asyncio.ensure_future(self.link.begin(ctx, request))
