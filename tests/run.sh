@@ -22,6 +22,10 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 
+# The gates: lint and types must be clean before any test runs (config in pyproject.toml).
+.venv/bin/ruff check worker tests bench
+.venv/bin/mypy
+
 # A throwaway PostgreSQL server for the ledger tests; prints `export WORKER_TEST_POSTGRES_URL=...`.
 eval "$(bash tests/services/postgres.sh)"
 # promtool (from Debian's prometheus package) checks the shipped Prometheus config and alert rules.
