@@ -19,13 +19,13 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any, Literal
 
 from worker.billing.store.base import BalanceLimitExceeded, DuplicateRecordId, LedgerStore, UnknownAccount
+from worker.billing.store.database_process import DatabaseProcess
 from worker.billing.store.group_commit import GroupCommit
 from worker.billing.store.journal import JournaledSettlements, LedgerJournal
 from worker.billing.store.records import (
@@ -59,7 +59,6 @@ from worker.billing.store.rows import (
 )
 from worker.billing.store.schema import SCHEMA_VERSION_TABLE, pending_migrations
 from worker.billing.store.sqlite_server import (
-    Answer,
     Batch,
     DatabaseSettings,
     Done,
@@ -70,12 +69,8 @@ from worker.billing.store.sqlite_server import (
     WriteOp,
     connect,
 )
-from worker.processes.rpc import Channel, ChannelClosed
-from worker.python_child import start_python, wait_or_kill
 
 logger = logging.getLogger(__name__)
-_EXIT_TIMEOUT_S = 30.0
-_ENTRY = "from worker.billing.store.sqlite_server import main; main()"
 # The kinds of failure the database process reports by name that callers tell apart.
 _ERRORS: dict[str, type[Exception]] = {
     "UnknownAccount": UnknownAccount, "BalanceLimitExceeded": BalanceLimitExceeded, "Refused": Refused,
@@ -83,76 +78,9 @@ _ERRORS: dict[str, type[Exception]] = {
 }
 
 
-class DatabaseProcessGone(RuntimeError):
-    pass
-
-
 def _raised(failure: Failed) -> Exception:
     kind = _ERRORS.get(failure.error)
     return kind(failure.detail) if kind is not None else RuntimeError(f"{failure.error}: {failure.detail}")
-
-
-class DatabaseProcess:
-    """The worker's side of sqlite_server.py: started on first use, and again on the first use after it died."""
-
-    def __init__(self, settings: DatabaseSettings) -> None:
-        self._settings = settings
-        self._process: asyncio.subprocess.Process | None = None
-        self._channel: Channel[Answer] | None = None
-        self._watcher: asyncio.Future[None] | None = None
-        self._starting = asyncio.Lock()
-        self._closed = False
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
-
-    async def call(self, request: Batch | Query) -> Answer:
-        channel = self._channel
-        if channel is None or channel.closed.is_set():
-            channel = await self._start()
-        try:
-            return await channel.call(request)
-        except ChannelClosed:
-            raise DatabaseProcessGone("the billing database process ended before answering") from None
-
-    async def _start(self) -> Channel[Answer]:
-        async with self._starting:  # callers that arrive during a start wait for the same one
-            if self._closed:
-                raise RuntimeError("the billing store is closed")
-            if self._channel is not None and not self._channel.closed.is_set():
-                return self._channel
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            settings = self._settings
-            try:
-                self._process = await start_python(
-                    _ENTRY, str(theirs.fileno()), str(settings.path), settings.synchronous, str(settings.readers),
-                    pass_fds=(theirs.fileno(),),
-                )
-            except BaseException:
-                ours.close()
-                raise
-            finally:
-                theirs.close()
-            channel: Channel[Answer] = await Channel.over(ours, Answer, lambda message, call_id: None)
-            self._channel = channel
-            self._watcher = asyncio.ensure_future(self._watch(channel, self._process.pid))
-            logger.info("billing database process started", extra={"pid": self.pid, "path": str(settings.path)})
-            return channel
-
-    async def _watch(self, channel: Channel[Answer], pid: int) -> None:
-        await channel.closed.wait()
-        if not self._closed:
-            logger.error("billing database process exited", extra={"pid": pid})
-
-    async def close(self) -> None:
-        """Let the process finish what it was sent, then wait for it to exit."""
-        async with self._starting:
-            self._closed = True
-        if self._channel is not None:
-            await self._channel.aclose()
-        if self._process is not None:
-            await wait_or_kill(self._process, _EXIT_TIMEOUT_S, "billing database process")
 
 
 class SqliteStore(LedgerStore):
@@ -169,7 +97,7 @@ class SqliteStore(LedgerStore):
         store = cls(Path(path), synchronous=synchronous)
         try:
             await asyncio.to_thread(store._prepare)
-            await store.database.call(Query("SELECT 1", []))
+            await store.database.start()
         except BaseException:
             await store.close()
             raise
