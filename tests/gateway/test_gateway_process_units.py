@@ -11,7 +11,6 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 import orjson
 from starlette.applications import Starlette
@@ -20,14 +19,16 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from tests.support.worker_process import free_port, serving
+from worker.capacity.leasing import AdmissionLeaser
 from worker.config import NodeConfig
+from worker.engines.data_client import EngineDataClient
 from worker.engines.replica import ReplicaLease, _Interruption
 from worker.gateway.app import serve_inference
 from worker.gateway.context import RequestContext
 from worker.gateway.errors import ApiError
 from worker.gateway.gateway import Gateway
 from worker.gateway.processes.coordinator import GatewayProcesses, GatewaySockets
-from worker.gateway.processes.relay_process import RelayGateway, WorkerLink
+from worker.gateway.processes.relay_process import WorkerLink, relay_gateway
 
 MODEL = "acme/chat"
 
@@ -43,17 +44,13 @@ async def _chat_completion(request: Request) -> JSONResponse:
 ENGINE = Starlette(routes=[Route("/v1/chat/completions", _chat_completion, methods=["POST"])])
 
 
-@dataclass
-class _Engine:
-    base_url: str
-
-
 class StandInReplica:
-    """What the coordinator reads of a replica: its id, its engine's URL and its in-flight count."""
+    """What the coordinator reads of a replica: its id, its engine's URL (its data client's) and its in-flight
+    count."""
 
     def __init__(self, replica_id: str, base_url: str) -> None:
         self.replica_id = replica_id
-        self.engine = _Engine(base_url)
+        self.data = EngineDataClient(base_url)
         self.in_flight = 0
         self.on_free = None
         self.interruption = _Interruption()
@@ -106,10 +103,10 @@ def _config() -> NodeConfig:
 
 
 @asynccontextmanager
-async def joined(replicas: list[StandInReplica], hook: RecordingHook) -> AsyncIterator[RelayGateway]:
+async def joined(replicas: list[StandInReplica], hook: RecordingHook) -> AsyncIterator[Gateway]:
     """A coordinator in front of `replicas` and a relay gateway connected to it."""
     config = _config()
-    gateway = Gateway(config, FirstFreeAdmission(replicas), hooks=[hook])  # type: ignore[arg-type]
+    gateway = Gateway(config, AdmissionLeaser(FirstFreeAdmission(replicas)), hooks=[hook])  # type: ignore[arg-type]
     with socket.socket() as public, socket.socket() as internal:
         processes = GatewayProcesses(config, gateway, GatewaySockets(public, internal, "/nonexistent"), count=1,
                                      log_level="info")
@@ -117,7 +114,7 @@ async def joined(replicas: list[StandInReplica], hook: RecordingHook) -> AsyncIt
         await processes.connect(processes.relays[0], ours)
         link = WorkerLink()
         await link.connect(theirs)
-        relay = RelayGateway(config, link)
+        relay = relay_gateway(config, link)
         try:
             yield relay
         finally:
@@ -126,7 +123,7 @@ async def joined(replicas: list[StandInReplica], hook: RecordingHook) -> AsyncIt
             await link.aclose()
 
 
-async def _post(relay: RelayGateway, payload: dict[str, object]) -> tuple[int, dict[str, str], bytes]:
+async def _post(relay: Gateway, payload: dict[str, object]) -> tuple[int, dict[str, str], bytes]:
     body = orjson.dumps(payload)
     scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "query_string": b"",
              "headers": [(b"content-type", b"application/json")]}

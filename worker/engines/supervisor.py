@@ -195,7 +195,7 @@ class EngineSupervisor:
             if response.status_code == 200:
                 replica.engine.version = f"{replica.engine.kind} {response.json()['version']}"
 
-    async def _wait_healthy(self, replica: Replica, exit_task: asyncio.Task, timeout_s: float) -> bool:
+    async def _wait_healthy(self, replica: Replica, exit_task: asyncio.Task[EngineExited], timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
         health_path = "/v1/models" if replica.engine.kind == "external" else "/health"
         while time.monotonic() < deadline:

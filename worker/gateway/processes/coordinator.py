@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from starlette.requests import Request
 
 from worker.config import NodeConfig
-from worker.engines.replica import ReplicaLease
-from worker.gateway.context import RequestContext
+from worker.gateway.context import RequestContext, RequestView
 from worker.gateway.errors import ApiError
 from worker.gateway.gateway import Gateway
+from worker.gateway.leasing import Lease
+from worker.gateway.pipeline import HookChain
 from worker.gateway.processes.messages import (
     Abandon,
     Admitted,
@@ -48,7 +48,6 @@ from worker.gateway.processes.messages import (
     Release,
     ToWorker,
 )
-from worker.gateway.relay import Finalizer
 from worker.processes.rpc import Channel, ChannelClosed
 from worker.processes.supervisor import ChildSupervisor, Ended, RestartPolicy, RunEnd
 from worker.python_child import start_python, wait_or_kill
@@ -100,8 +99,8 @@ class _Relayed:
     """A request a relay process serves: the worker process's own context, hooks and lease for it."""
 
     ctx: RequestContext
-    finalizer: Finalizer
-    lease: ReplicaLease
+    chain: HookChain
+    lease: Lease
     relay: _Relay
 
 
@@ -241,7 +240,7 @@ class GatewayProcesses:
     def _end(self, relayed: _Relayed, finished_monotonic: float | None = None) -> asyncio.Future[None]:
         relayed.relay.records.discard(relayed.ctx.record_id)
         self._unwatch(relayed)
-        finishing = self.gateway.finalize_soon(relayed.finalizer, finished_monotonic)
+        finishing = self.gateway.finalize_soon(relayed.chain, finished_monotonic)
         relayed.lease.release()
         return finishing
 
@@ -286,11 +285,11 @@ class GatewayProcesses:
             channel.reply(call_id, Refused.of(ApiError(404, f"The model '{message.model}' does not exist")))
             return
         ctx = message.context(model, relay.index)
-        finalizer = Finalizer(ctx, [])
+        chain = self.gateway.hook_chain(ctx)
         relayed: _Relayed | None = None
         try:
-            lease = await self.gateway.check_in(ctx, Request(message.scope()), finalizer)
-            relayed = _Relayed(ctx, finalizer, lease, relay)
+            lease = await self.gateway.check_in(ctx, RequestView.of(message.scope()), chain)
+            relayed = _Relayed(ctx, chain, lease, relay)
             if relay.channel is not channel:  # the relay died meanwhile
                 ctx.outcome = "upstream_failed"
                 ctx.error_message = "the gateway process relaying the request exited"
@@ -301,7 +300,7 @@ class GatewayProcesses:
             self._watch(relayed)
             answer = self._admitted(relayed)
         except ApiError as error:
-            await self.gateway.answered_with(error, ctx, finalizer)
+            await self.gateway.answered_with(error, ctx, chain)
             channel.reply(call_id, Refused.of(error))
             return
         except asyncio.CancelledError:  # abandoned by the relay's client (or the worker is stopping)
@@ -310,7 +309,7 @@ class GatewayProcesses:
                 self._records.pop(ctx.record_id, None)
                 self._end(relayed)
             else:
-                self.gateway.finalize_soon(finalizer)
+                self.gateway.finalize_soon(chain)
             raise
         except Exception as error:  # the worker's own fault: recorded, and everything it held given back
             logger.exception("cannot admit a relayed request", extra={"request_id": ctx.request_id})
@@ -320,19 +319,18 @@ class GatewayProcesses:
                 self._records.pop(ctx.record_id, None)
                 self._end(relayed)
             else:
-                self.gateway.finalize_soon(finalizer)
+                self.gateway.finalize_soon(chain)
             channel.reply(call_id, Refused.of(ApiError(500, "internal error in the worker gateway")))
             return
         channel.reply(call_id, answer)
 
     def _admitted(self, relayed: _Relayed) -> Admitted:
         ctx, replica = relayed.ctx, relayed.lease.replica
-        ctx.replica = replica
-        for hook in relayed.finalizer.hooks:
-            hook.after_route(ctx)
+        ctx.replica = replica  # type: ignore[assignment]  # the node's Replica (ctx.replica is typed so)
+        relayed.chain.routed()
         # What the hooks add to `usage` beside its cost, which the relay prices itself as the usage comes.
-        extras = relayed.finalizer.usage_extras()
-        return Admitted(replica=replica.replica_id, url=replica.engine.base_url, headers=ctx.response_headers,
+        extras = relayed.chain.usage_extras()
+        return Admitted(replica=replica.replica_id, url=replica.data.base_url, headers=ctx.response_headers,
                         extras=extras)
 
     async def _readmit(self, relay: _Relay, message: Readmit, call_id: int) -> None:

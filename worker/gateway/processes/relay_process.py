@@ -190,19 +190,15 @@ class RemoteHooks:
                          extra={"request_id": ctx.request_id, "record_id": ctx.record_id})
 
 
-class RelayGateway(Gateway):
-    def __init__(self, config: NodeConfig, link: WorkerLink) -> None:
-        super().__init__(config, link, hooks=[RemoteHooks(link)])  # type: ignore[arg-type]
-        self.link = link
-
-    async def admit(self, ctx: RequestContext, exclude: Any = None, receive: Any = None) -> Any:
-        return await self.link.lease(ctx, exclude=exclude, receive=receive)
+def relay_gateway(config: NodeConfig, link: WorkerLink) -> Gateway:
+    """The gateway a relay runs: the worker process leases its replicas and runs every hook."""
+    return Gateway(config, link, hooks=[RemoteHooks(link)])
 
 
 class RelayApp:
     """Inference requests are relayed here; every other request goes on to the worker process."""
 
-    def __init__(self, gateway: RelayGateway, internal_path: str) -> None:
+    def __init__(self, gateway: Gateway, internal_path: str) -> None:
         self.gateway = gateway
         self.worker = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=internal_path),
                                         base_url="http://worker", timeout=httpx.Timeout(None, connect=5.0))
@@ -262,7 +258,7 @@ async def run(control_fd: int, public_fd: int) -> None:
     assert channel is not None
     configure_logging(hello.log_level)
     config = NodeConfig.model_validate(hello.config)
-    app = RelayApp(RelayGateway(config, link), hello.internal)
+    app = RelayApp(relay_gateway(config, link), hello.internal)
     server = RelayServer(LimitedConfig(app, limits=config.worker.http, lifespan="off", access_log=False,
                                        log_config=None, timeout_graceful_shutdown=5))
     serving = asyncio.ensure_future(server.serve(sockets=[socket.socket(fileno=public_fd)]))
