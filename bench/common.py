@@ -195,8 +195,8 @@ class PathSamples:
         self.completed += int(result["completed"])
         self.failed += int(result["failed"])
         succeeded = [error == "" for error in result["errors"]]
-        self.ttfts_ms += [ttft * 1000 for ttft, ok in zip(result["ttfts"], succeeded) if ok]
-        self.itls_ms += [gap * 1000 for gaps, ok in zip(result["itls"], succeeded) if ok for gap in gaps]
+        self.ttfts_ms += [ttft * 1000 for ttft, ok in zip(result["ttfts"], succeeded, strict=True) if ok]
+        self.itls_ms += [gap * 1000 for gaps, ok in zip(result["itls"], succeeded, strict=True) if ok for gap in gaps]
 
     @property
     def output_tok_s(self) -> float:
@@ -224,7 +224,7 @@ class PathSamples:
 
 def paired_ratio(numerator: PathSamples, denominator: PathSamples) -> float:
     """Median over rounds of the tok/s ratio within one round (robust to load bursts between rounds)."""
-    ratios = [n / d for n, d in zip(numerator.run_tok_s, denominator.run_tok_s) if d]
+    ratios = [n / d for n, d in zip(numerator.run_tok_s, denominator.run_tok_s, strict=True) if d]
     return float(np.median(ratios)) if ratios else float("nan")
 
 

@@ -81,7 +81,7 @@ class LedgerRow:
     def costs(self, path: str = "ledger_on") -> list[float]:
         """Per round: 1 - tok/s with the ledger (as `path` runs it) / tok/s without."""
         on, off = self.paths[path].run_tok_s, self.paths["ledger_off"].run_tok_s
-        return [1 - with_ledger / without for with_ledger, without in zip(on, off) if without]
+        return [1 - with_ledger / without for with_ledger, without in zip(on, off, strict=True) if without]
 
 
 def compare_ledger(workers: dict[str, BenchWorker], load: LoadGenerator, concurrency: int, rounds: int,

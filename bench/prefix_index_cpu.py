@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--model-dir", help="a local model directory whose tokenizer the exact index uses")
     args = parser.parse_args()
     replicas = [f"r{i}" for i in range(args.replicas)]
-    capacity = {replica: 8192 * 16 for replica in replicas}
+    capacity = dict.fromkeys(replicas, 8192 * 16)
     print(f"{args.tokens}-token chat prompt, {args.replicas} replicas, median of {args.runs} runs")
     measure("approximate (64-token chunks)", lambda: ApproximatePrefixIndex(capacity), replicas, args.tokens,
             args.runs)

@@ -466,7 +466,7 @@ def test_admin_requests_through_relay_processes_keep_their_client_address(tmp_pa
 # The admin token.
 @pytest.mark.parametrize("token", ["tok-9f8e", "Q" * 31])
 def test_a_short_admin_token_is_a_start_up_error_naming_the_variable(token: str) -> None:
-    with pytest.raises(ConfigError, match="WORKER_ADMIN_TOKEN: .*at least 32 characters") as refused:
+    with pytest.raises(ConfigError, match=r"WORKER_ADMIN_TOKEN: .*at least 32 characters") as refused:
         Settings.from_env(admin_token=token)
     assert token not in str(refused.value)
 
@@ -488,6 +488,7 @@ def test_worker_serve_refuses_a_short_admin_token(tmp_path: Path) -> None:
         text=True,
         timeout=120,
         cwd=tmp_path,
+        check=False,
     )
     assert completed.returncode == 2
     assert "WORKER_ADMIN_TOKEN" in completed.stderr and "at least 32 characters" in completed.stderr
@@ -589,8 +590,8 @@ def lines_after(proc: WorkerProcess, mark: int, predicate: Any) -> list[dict[str
 @pytest.mark.parametrize(
     "request_bytes",
     [
-        b"POST /v1/chat/completions HTTP/1.1\r\nhost: w\r\ncontent-type: application/json\r\n"
-        b'content-length: 100\r\n\r\n{"model":',
+        (b"POST /v1/chat/completions HTTP/1.1\r\nhost: w\r\ncontent-type: application/json\r\n"
+         b'content-length: 100\r\n\r\n{"model":'),
         b"POST /admin/accounts HTTP/1.1\r\nhost: w\r\nauthorization: Bearer "
         + ADMIN_TOKEN.encode()
         + b'\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{"name":',

@@ -52,7 +52,7 @@ async def first(db_url: str) -> AsyncIterator[BillingService]:
 async def test_a_second_worker_with_the_same_id_is_refused_while_the_first_runs(
     first: BillingService, db_url: str
 ) -> None:
-    with pytest.raises(WorkerIdInUse, match="worker.id 'worker-1' is in use by another running worker"):
+    with pytest.raises(WorkerIdInUse, match=r"worker\.id 'worker-1' is in use by another running worker"):
         await open_service(db_url)
     # Another id is no trouble, and the first still holds its own.
     other = await open_service(db_url, worker_id="worker-2")

@@ -208,9 +208,9 @@ def test_stored_blocks_are_matched_by_token_ids_whatever_the_engine_hashes() -> 
     tokens = list(range(100, 112))
     exact.apply("r0", batch(stored([7, 8], None, tokens[:8]), stored([9], 8, tokens[8:12])))
     assert exact.cached_blocks("r0") == 3
-    assert exact.match("r0", completion_key(tokens + [5, 6])) == 12
+    assert exact.match("r0", completion_key([*tokens, 5, 6])) == 12
     assert exact.match("r0", completion_key(tokens[:6])) == 4  # only full blocks count
-    assert exact.match("r0", completion_key([1] + tokens)) == 0
+    assert exact.match("r0", completion_key([1, *tokens])) == 0
     assert exact.match("r1", completion_key(tokens)) == 0
 
 

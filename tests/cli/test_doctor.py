@@ -6,11 +6,11 @@ import argparse
 import asyncio
 import http.server
 import os
-import sqlite3
-import uuid
 import socket
+import sqlite3
 import sys
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -121,9 +121,8 @@ def test_mock_models_pass_on_a_node_without_gpus(tmp_path: Path, capsys: pytest.
     config = write_config(tmp_path, mock_model())
     assert run_doctor(config, probes(no_driver(), vllm=False), "--json") == 0
     checks = checks_of(capsys)
-    assert [name for name in checks] == ["python", "config", "listing", "nvml", "gpus", "gpu_memory", "disk",
-                                         "port", "registry", "vllm", "huggingface", "shm", "database",
-                                         "admin_token", "metrics_token"]
+    assert list(checks) == ["python", "config", "listing", "nvml", "gpus", "gpu_memory", "disk", "port", "registry",
+                            "vllm", "huggingface", "shm", "database", "admin_token", "metrics_token"]
     assert {check["status"] for check in checks.values()} <= {"PASS", "SKIP"}
     assert checks["vllm"]["status"] == "SKIP"  # no vLLM model: vllm need not be importable
 

@@ -32,26 +32,26 @@ def test_yaml_floats_become_exact_decimals(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("snippet", "field"),
     [
-        ("worker: {id: w, port: 70000}\nmodels: [{id: a, source: s, pricing: {prompt_per_mtok: 1, "
-         "completion_per_mtok: 1}}]", "worker.port"),
-        ("worker: {id: '..'}\nmodels: [{id: a, source: s, pricing: {prompt_per_mtok: 1, "
-         "completion_per_mtok: 1}}]", "worker.id"),
-        ("worker: {id: w, gateway_processes: 0}\nmodels: [{id: a, source: s, pricing: {prompt_per_mtok: 1, "
-         "completion_per_mtok: 1}}]", "worker.gateway_processes"),
-        ("worker: {id: w}\nmodels: [{id: a, source: s, replicas: 0, pricing: {prompt_per_mtok: 1, "
-         "completion_per_mtok: 1}}]", "models[0].replicas"),
-        ("worker: {id: w}\nmodels: [{id: a, source: s, engine: tpu, pricing: {prompt_per_mtok: 1, "
-         "completion_per_mtok: 1}}]", "models[0].engine"),
-        ("worker: {id: w}\nmodels: [{id: a, source: s, engine_args: {tensor-parallel-size: 2}, "
-         "pricing: {prompt_per_mtok: 1, completion_per_mtok: 1}}]", "models[0].engine_args"),
+        (("worker: {id: w, port: 70000}\nmodels: [{id: a, source: s, pricing: {prompt_per_mtok: 1, "
+          "completion_per_mtok: 1}}]"), "worker.port"),
+        (("worker: {id: '..'}\nmodels: [{id: a, source: s, pricing: {prompt_per_mtok: 1, "
+          "completion_per_mtok: 1}}]"), "worker.id"),
+        (("worker: {id: w, gateway_processes: 0}\nmodels: [{id: a, source: s, pricing: {prompt_per_mtok: 1, "
+          "completion_per_mtok: 1}}]"), "worker.gateway_processes"),
+        (("worker: {id: w}\nmodels: [{id: a, source: s, replicas: 0, pricing: {prompt_per_mtok: 1, "
+          "completion_per_mtok: 1}}]"), "models[0].replicas"),
+        (("worker: {id: w}\nmodels: [{id: a, source: s, engine: tpu, pricing: {prompt_per_mtok: 1, "
+          "completion_per_mtok: 1}}]"), "models[0].engine"),
+        (("worker: {id: w}\nmodels: [{id: a, source: s, engine_args: {tensor-parallel-size: 2}, "
+          "pricing: {prompt_per_mtok: 1, completion_per_mtok: 1}}]"), "models[0].engine_args"),
         ("worker: {id: w}\nmodels: [{id: a, source: s, pricing: {prompt_per_mtok: -1, completion_per_mtok: 1}}]",
          "models[0].pricing.prompt_per_mtok"),
-        ("worker: {id: w}\nmodels: [{id: a, source: 'not a url', engine: external, pricing: "
-         "{prompt_per_mtok: 1, completion_per_mtok: 1}}]", "models[0]"),
-        ("worker: {id: w}\nmodels: [{id: a, source: s, colour: red, pricing: {prompt_per_mtok: 1, "
-         "completion_per_mtok: 1}}]", "models[0].colour"),
-        ("worker: {id: w}\nmodels: [{id: a, source: s, pricing: {prompt_per_mtok: 1, completion_per_mtok: 1}}, "
-         "{id: a, source: t, pricing: {prompt_per_mtok: 1, completion_per_mtok: 1}}]", "models"),
+        (("worker: {id: w}\nmodels: [{id: a, source: 'not a url', engine: external, pricing: "
+          "{prompt_per_mtok: 1, completion_per_mtok: 1}}]"), "models[0]"),
+        (("worker: {id: w}\nmodels: [{id: a, source: s, colour: red, pricing: {prompt_per_mtok: 1, "
+          "completion_per_mtok: 1}}]"), "models[0].colour"),
+        (("worker: {id: w}\nmodels: [{id: a, source: s, pricing: {prompt_per_mtok: 1, completion_per_mtok: 1}}, "
+          "{id: a, source: t, pricing: {prompt_per_mtok: 1, completion_per_mtok: 1}}]"), "models"),
     ],
 )
 def test_bad_fields_are_named(tmp_path: Path, snippet: str, field: str) -> None:
@@ -75,7 +75,7 @@ def test_mock_override_keeps_ids_limits_and_prices() -> None:
     config = load_node_config(REPO / "models.yaml")
     mocked = with_engine_override(config, EngineKind.mock)
     assert [m.id for m in mocked.models] == [m.id for m in config.models]
-    for before, after in zip(config.models, mocked.models):
+    for before, after in zip(config.models, mocked.models, strict=True):
         assert after.engine is EngineKind.mock
         assert after.pricing == before.pricing and after.engine_args == before.engine_args
 

@@ -226,5 +226,5 @@ def test_missing_promtool_fails_instead_of_skipping(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("WORKER_TEST_PROMTOOL", str(tmp_path / "absent"))
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setattr(deploy_support, "VENV_BIN", tmp_path)
-    with pytest.raises(AssertionError, match="tests/services/promtool.sh"):
+    with pytest.raises(AssertionError, match=r"tests/services/promtool\.sh"):
         deploy_support.promtool()

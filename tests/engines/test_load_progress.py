@@ -27,8 +27,8 @@ SHARD_LINES = (
 )
 UNRELATED_LINES = (
     "(Worker pid=10081) INFO 12-03 09:14:01 [cpu_model_runner.py:68] Starting to load model /models/tiny...",
-    "(EngineCore pid=9959) INFO 12-03 09:14:08 [core.py:402] init engine (profile, create kv cache, warmup "
-    "model) took 3.78 s",
+    ("(EngineCore pid=9959) INFO 12-03 09:14:08 [core.py:402] init engine (profile, create kv cache, warmup "
+     "model) took 3.78 s"),
     "Capturing CUDA graphs (mixed prefill-decode, PIECEWISE): 100%|██████████| 67/67 [00:03<00:00, 19.1it/s]",
     "Processed prompts:  50% Completed | 1/2 [00:01<00:01]",
     "",

@@ -125,8 +125,8 @@ def _leftover_of_a_dead_worker(replica: str) -> subprocess.Popen[bytes]:
     gone.wait()
     marker = {"worker_id": "supervised-worker", "replica": replica, "owner_pid": gone.pid,
               "owner_started": started, "launch": "0ff"}
-    script = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); " \
-             "time.sleep(3600)"
+    script = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); "
+              "time.sleep(3600)")
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, start_new_session=True,
                             env={**os.environ, MARKER_ENV: json.dumps(marker)})
     assert proc.stdout is not None and proc.stdout.readline().strip() == b"up"

@@ -178,8 +178,8 @@ def _dead_owner_marker(replica: str) -> EngineMarker:
 
 def _leftover(marker: EngineMarker, port: int | None) -> subprocess.Popen[bytes]:
     listen = f"import socket; s = socket.socket(); s.bind(('127.0.0.1', {port})); s.listen(); " if port else ""
-    script = listen + "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); " \
-        "print('up', flush=True); time.sleep(3600)"
+    script = listen + ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                       "print('up', flush=True); time.sleep(3600)")
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
                             env={**os.environ, ENGINE_MARKER_ENV: marker.encode()}, start_new_session=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == b"up"

@@ -186,7 +186,7 @@ def _engine_metric(port: int, name: str) -> float:
     text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
     total = 0.0
     for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
+        if line.startswith((name + "{", name + " ")):
             total += float(line.rsplit(" ", 1)[1])
     return total
 

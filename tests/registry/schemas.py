@@ -110,7 +110,7 @@ DESCRIPTOR: dict[str, Any] = {
     },
     "allOf": [
         {"if": {"properties": {"type": {"const": kind}}},
-         "then": {"properties": {key: False for key in sorted(_DESCRIPTOR_KEYS - allowed - {"type", "default"})}}}
+         "then": {"properties": dict.fromkeys(sorted(_DESCRIPTOR_KEYS - allowed - {"type", "default"}), False)}}
         for kind, allowed in _DESCRIPTOR_SHAPES.items()
     ] + [
         {"if": {"properties": {"type": {"const": "integer"}}},

@@ -41,7 +41,8 @@ def vllm(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
                "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "512",
                "--enforce-eager", "--max-num-seqs", "8", "--enable-prefix-caching", "--enable-prompt-tokens-details",
                "--kv-events-config", kv_events_config]
-    env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
+           "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
     with log.open("wb") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base_url = f"http://127.0.0.1:{port}"
@@ -110,7 +111,8 @@ async def test_a_late_subscriber_replays_what_vllm_published_before(vllm: VllmSe
     messages = [{"role": "system", "content": "Another system prompt entirely. " * 8},  # ~200 tokens
                 {"role": "user", "content": "a question asked before anyone listened"}]
     async with httpx.AsyncClient(base_url=vllm.base_url, timeout=60) as client:
-        before = await client.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 2, "messages": messages})
+        before = await client.post("/v1/chat/completions",
+                                   json={"model": "tiny", "max_tokens": 2, "messages": messages})
         assert before.status_code == 200, before.text
         index = KvEventsPrefixIndex(HfPromptTokenizer(str(tiny_model_dir)))
         try:

@@ -92,7 +92,8 @@ class CapacityMonitor:
         """Ready while not draining and every model has a replica that takes work (saturated counts)."""
         now = time.monotonic()
         failed = self._failed_gpus(self._gpu_snapshot() if self._gpu_snapshot else None)
-        states = {model_id: [self._state(w, now, failed) for w in watches] for model_id, watches in self.watches.items()}
+        states = {model_id: [self._state(w, now, failed) for w in watches]
+                  for model_id, watches in self.watches.items()}
         ok = not self.drain.draining and all(any(s in _SERVING for s in model_states)
                                              for model_states in states.values())
         detail: dict[str, object] = {

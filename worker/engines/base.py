@@ -83,4 +83,5 @@ class Engine(abc.ABC):
     def pid(self) -> int | None: ...
 
     def describe(self) -> dict[str, object]:
-        return {"kind": self.kind, "version": self.version, "pid": self.pid, "base_url": self.base_url, "gpus": list(self.spec.gpu_ids)}
+        return {"kind": self.kind, "version": self.version, "pid": self.pid, "base_url": self.base_url,
+                "gpus": list(self.spec.gpu_ids)}

@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on"):
         try:
             download(options.repo, options.revision, options.cache_dir)
-        except Exception as error:  # the engine downloads by itself and reports its own error
+        except Exception as error:  # noqa: BLE001  the engine downloads by itself and reports its own error
             _print(f"weights download failed, the engine will try itself: {type(error).__name__}: {error}")
     os.execvp(engine[0], engine)
 

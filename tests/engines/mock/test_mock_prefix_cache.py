@@ -73,7 +73,7 @@ def test_generated_tokens_are_cached_too_so_the_next_turn_hits_them() -> None:
     turn1 = sequence("a", PROMPT[:14], max_tokens=10)
     run(scheduler, turn1)
     history = turn1.token_ids  # prompt + reply, as the next turn's prompt starts
-    turn2 = sequence("b", history + [7, 7, 7, 7])
+    turn2 = sequence("b", [*history, 7, 7, 7, 7])
     run(scheduler, turn2)
     assert turn2.cached_tokens == 20  # 23 computed tokens of turn 1 filled 5 blocks
 
@@ -94,7 +94,7 @@ def test_eviction_takes_least_recently_freed_blocks_and_a_prefix_tail_first() ->
     run(scheduler, old)
     filler = sequence("filler", list(range(500, 518)), max_tokens=1)  # needs 5 blocks: evicts 1 of old's
     run(scheduler, filler)
-    again = sequence("again", list(range(16)) + [1, 2], max_tokens=1)
+    again = sequence("again", [*range(16), 1, 2], max_tokens=1)
     run(scheduler, again)
     assert again.cached_tokens == 12  # old's head survived; its last block was evicted first
     removed = [event for event in events if isinstance(event, BlockRemoved)]
@@ -126,7 +126,7 @@ def test_events_describe_stored_chains_and_evictions_like_vllm() -> None:
     assert stored_events[0].token_ids == PROMPT[:12] and stored_events[0].block_size == BLOCK
     assert all(isinstance(h, int) and 0 <= h < 2**64 for h in stored_events[0].block_hashes)
     events.clear()
-    second = sequence("b", PROMPT[:12] + [5, 5, 5, 5, 5], max_tokens=1)
+    second = sequence("b", [*PROMPT[:12], 5, 5, 5, 5, 5], max_tokens=1)
     run(scheduler, second)
     later = [event for event in events if isinstance(event, BlockStored)]
     # Its fourth block continues the chain of the cached three; making room for it evicted the oldest free

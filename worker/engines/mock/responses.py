@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 
 import anyio
@@ -32,10 +33,8 @@ class WatchedResponse(Response):
         try:
             async with anyio.create_task_group() as group:
                 group.start_soon(_cancel_on_disconnect, receive, group.cancel_scope)
-                try:
+                with contextlib.suppress(OSError):  # the client went away while we were writing
                     completed = await self._produce(send)
-                except OSError:
-                    pass  # the client went away while we were writing
                 group.cancel_scope.cancel()
         finally:
             self._on_close()

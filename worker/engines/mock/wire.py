@@ -59,8 +59,8 @@ class ChunkWriter:
             self._tail = b'},"logprobs":null,"finish_reason":null,"token_ids":null}]'
         else:
             self._text_key = b',"text":'
-            self._tail = b',"logprobs":null,"finish_reason":null,"stop_reason":null,"prompt_token_ids":null,' \
-                         b'"token_ids":null}]'
+            self._tail = (b',"logprobs":null,"finish_reason":null,"stop_reason":null,"prompt_token_ids":null,'
+                          b'"token_ids":null}]')
 
     def role(self, index: int, prompt_tokens: int) -> bytes:
         """The first chat chunk of a choice: the assistant role and empty content."""
@@ -123,7 +123,8 @@ def chat_response(response_id: str, created: int, model: str, fingerprint: str,
             for index, (text, finish_reason, stop_reason) in enumerate(choices)
         ],
         "service_tier": None, "system_fingerprint": fingerprint,
-        "usage": _full_usage(prompt_tokens, completion_tokens, details), "prompt_logprobs": None, "prompt_token_ids": None, "prompt_text": None, "kv_transfer_params": None,
+        "usage": _full_usage(prompt_tokens, completion_tokens, details), "prompt_logprobs": None,
+        "prompt_token_ids": None, "prompt_text": None, "kv_transfer_params": None,
         "ec_transfer_params": None, "metrics": None,
     })
 
@@ -140,7 +141,8 @@ def completion_response(response_id: str, created: int, model: str, fingerprint:
             for index, (text, finish_reason, stop_reason) in enumerate(choices)
         ],
         "service_tier": None, "system_fingerprint": fingerprint,
-        "usage": _full_usage(prompt_tokens, completion_tokens, details), "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None,
+        "usage": _full_usage(prompt_tokens, completion_tokens, details), "kv_transfer_params": None,
+        "ec_transfer_params": None, "metrics": None,
     })
 
 
