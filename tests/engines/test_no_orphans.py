@@ -145,14 +145,20 @@ def test_start_up_ends_leftovers_and_reports_a_port_held_by_another_process(tmp_
                           timeout_s=60), worker.log()[-3000:]
         assert leftover.wait(timeout=10) == -signal.SIGKILL  # it ignored SIGTERM
 
+        reported: list[dict] = []
+
         def port_in_use_reported() -> bool:
+            # The snapshot that said port_in_use is the one checked: the retry with backoff may already have
+            # put the replica back to loading by a second read.
             try:
-                return _capacity_replica(worker)["lifecycle"] == "port_in_use"
+                replica = _capacity_replica(worker)
             except httpx.HTTPError:
                 return False
+            reported[:] = [replica]
+            return replica["lifecycle"] == "port_in_use"
 
         assert wait_until(port_in_use_reported, timeout_s=60), worker.log()[-3000:]
-        replica = _capacity_replica(worker)
+        replica = reported[0]
         assert replica["state"] == "unhealthy"
         assert replica["port_holder"] == {"port": port, "pid": os.getpid(), "name": psutil.Process().name()}
         assert httpx.get(f"{worker.base_url}/health/ready").status_code == 503
