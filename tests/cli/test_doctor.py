@@ -23,7 +23,7 @@ import pytest
 
 from tests.cli.fake_hub import HubState, serve_fake_hub
 from worker.billing.store.schema import LATEST_VERSION
-from worker.cli import doctor
+from worker.cli import doctor, doctor_weights
 from worker.config import NodeConfig
 from worker.gpu import FakeGpu, FakeNvmlBackend
 
@@ -210,7 +210,7 @@ def test_local_weights_are_measured(tmp_path: Path) -> None:
     (weights / "config.json").write_text("{}")
     model = NodeConfig.model_validate({"worker": {"id": "w"}, "models": [
         {"id": "m", "source": str(weights), "pricing": PRICES}]}).models[0]
-    assert doctor.estimate_weight_bytes(model) == 1000
+    assert doctor_weights.estimate_weight_bytes(model) == 1000
 
 
 def test_busy_port_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -328,7 +328,7 @@ def test_listing_warns_about_quantization_routers_do_not_know(tmp_path: Path,
     ],
 )
 def test_parameter_count_from_names(name: str, parameters: float | None) -> None:
-    assert doctor.parameter_count(name) == parameters
+    assert doctor_weights.parameter_count(name) == parameters
 
 
 # -- Hugging Face access (against the fake hub of tests/cli/fake_hub.py) -----------------------------

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -36,7 +36,7 @@ class Check:
     name: str
     status: Status
     message: str
-    detail: dict[str, object] = field(default_factory=dict)
+    detail: Mapping[str, object] = field(default_factory=dict)
 
 
 def shm_size(path: Path = SHM_PATH) -> int | None:

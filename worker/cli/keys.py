@@ -29,7 +29,7 @@ from worker.billing.views import (
 Request = TypeVar("Request", bound=View)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser("keys", help="accounts, balances and API keys")
     commands = parser.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
     db = database_options()

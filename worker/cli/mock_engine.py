@@ -8,7 +8,7 @@ from worker.config import ConfigError, ModelConfig, load_node_config
 from worker.logs import configure_logging
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser("mock-engine", help="run the CPU mock engine (vLLM's HTTP API, simulated)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model-json", help="the model's models.yaml entry as JSON")

@@ -17,7 +17,7 @@ from worker.registry.listing import ModelCatalog
 FORMATS = ("openrouter", "openrouter-v2.4", "openai")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser("models", help="print the model listing of models.yaml (OpenRouter or OpenAI)")
     parser.add_argument("--config", help="path to models.yaml (env WORKER_CONFIG)")
     parser.add_argument("--format", choices=FORMATS, default="openrouter",

@@ -17,7 +17,7 @@ from worker.logs import configure_logging
 logger = logging.getLogger("worker.serve")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser("serve", help="serve the models of models.yaml")
     parser.add_argument("--config", help="path to models.yaml (env WORKER_CONFIG)")
     parser.add_argument("--engine", choices=["auto", "config", "mock"],

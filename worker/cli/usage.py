@@ -14,7 +14,7 @@ from worker.billing.records import LedgerFilter
 from worker.billing.store import LedgerStore
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser("usage", help="the usage ledger")
     commands = parser.add_subparsers(dest="usage_command", required=True, metavar="COMMAND")
     export = commands.add_parser(
