@@ -111,7 +111,7 @@ class UsageOutbox:
                     self._pending = max(0, self._pending - 1)
                     self._delivered += 1
                 failures = 0
-            except Exception as error:  # the database is unreachable: keep trying, loudly
+            except Exception as error:  # noqa: BLE001  the database is unreachable: keep trying, loudly
                 failures += 1
                 logger.error("usage outbox cannot read the ledger", extra={"error": repr(error)})
                 await asyncio.sleep(min(60.0, 0.5 * 2 ** min(failures, 7)))

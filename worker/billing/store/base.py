@@ -113,6 +113,7 @@ class LedgerStore(abc.ABC):
 
     async def flush(self) -> None:
         """Return once every record `settle_soon` took is settled in the database (or has failed)."""
+        return None  # settle_soon settles before it returns, unless the store journals
 
     async def start_journal(self, worker_id: str) -> int:
         """Begin journaling `worker_id`'s records (where the store does), after settling what the

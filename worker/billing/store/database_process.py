@@ -88,7 +88,7 @@ class DatabaseProcess:
         if not self._up.is_set():  # the first run is the one `start` made
             try:
                 await self._spawn()
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001  whatever kept it from starting: logged, retried
                 logger.error("billing database process cannot start", extra={"error": repr(error)})
                 return Ended(RunEnd.refused)
         assert self._channel is not None and self._process is not None

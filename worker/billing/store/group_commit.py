@@ -67,7 +67,7 @@ class GroupCommit(Generic[Item, Result]):
     async def _commit_batch(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
         try:
             outcomes = await self._commit([item for item, _ in batch])
-        except Exception as error:  # nothing of the batch committed: every caller hears why
+        except Exception as error:  # noqa: BLE001  nothing of the batch committed: every caller hears why
             logger.error("billing write batch failed", extra={"batch": len(batch), "error": repr(error)})
             outcomes = [error] * len(batch)
         for (_, future), outcome in zip(batch, outcomes, strict=True):

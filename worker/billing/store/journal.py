@@ -12,6 +12,7 @@ file outlived the commit is still recorded and charged once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
@@ -30,7 +31,7 @@ logger = logging.getLogger(__name__)
 JOURNAL_FLUSH_S = 0.25
 JOURNAL_BATCH_MAX = 256
 # Settles ledger rows; each row's seq, None for a record id in the ledger already, or what failed it.
-SettleRows = Callable[[list[tuple[Any, ...]]], Awaitable[Sequence[int | None | BaseException]]]
+SettleRows = Callable[[list[tuple[Any, ...]]], Awaitable[Sequence[int | BaseException | None]]]
 
 _SUFFIX = ".jsonl"
 _LEDGER_WIDTH = len(LedgerEntry._fields)
@@ -143,7 +144,7 @@ class JournaledSettlements:
     async def _settle(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[int]]], path: Path) -> None:
         try:
             seqs = await self._settle_rows([row for row, _ in batch])
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001  each record's caller hears why; the file stays
             seqs = [error] * len(batch)
         for (row, settled), seq in zip(batch, seqs, strict=True):
             if isinstance(seq, BaseException):
@@ -152,5 +153,6 @@ class JournaledSettlements:
                 settled.set_exception(DuplicateRecordId(row[0]))
             else:
                 settled.set_result(seq)
-        if not any(isinstance(seq, BaseException) for seq in seqs):
-            path.unlink(missing_ok=True)  # else its rows stay in the file; the next start settles them
+        if not any(isinstance(seq, BaseException) for seq in seqs):  # else the next start settles the file
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # on the loop, like the appends: one system call on a local file

@@ -12,21 +12,19 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import asyncpg
 
-from worker.billing.store.base import BalanceLimitExceeded, DuplicateRecordId, LedgerStore, UnknownAccount
+from worker.billing.store.base import BalanceLimitExceeded, DuplicateRecordId, UnknownAccount
 from worker.billing.store.group_commit import GroupCommit
+from worker.billing.store.reads import Row, SqlReads
 from worker.billing.store.records import (
     MAX_BALANCE_MICRO,
     Account,
     AdminAction,
-    AdminAuditRecord,
     ApiKey,
     LedgerEntry,
-    LedgerFilter,
-    LedgerRecord,
     NewApiKey,
     Reservation,
     ReserveOutcome,
@@ -35,21 +33,16 @@ from worker.billing.store.records import (
 )
 from worker.billing.store.rows import (
     ACCOUNT_COLUMNS,
-    ADMIN_AUDIT_COLUMNS,
     ADMIN_AUDIT_INSERT,
     KEY_COLUMNS,
     KEY_INSERT_COLUMNS,
     KEY_INSERT_COUNT,
-    LEDGER_COLUMNS,
     LEDGER_INSERT_COLUMNS,
     account_from_row,
-    admin_audit_from_row,
     admin_audit_params,
     claim_from_row,
     claim_params,
     key_from_row,
-    ledger_conditions,
-    ledger_from_row,
     ledger_params,
     new_key_params,
 )
@@ -96,7 +89,7 @@ class _Refused(Exception):
         self.outcome = outcome
 
 
-class PostgresStore(LedgerStore):
+class PostgresStore(SqlReads):
     dialect = "postgresql"
 
     def __init__(self, pool: asyncpg.Pool, *, max_batch: int = 256) -> None:
@@ -137,6 +130,13 @@ class PostgresStore(LedgerStore):
     def pending_writes(self) -> int:
         return self._settlements.pending
 
+    async def _fetch(self, sql: str, params: list[Any], *, settled: bool) -> list[Row]:
+        rows: list[Row] = await self._pool.fetch(sql, *params)
+        return rows
+
+    def _parameter(self, number: int) -> str:
+        return f"${number}"
+
     # Accounts and keys.
     async def create_account(
         self, account_id: str, name: str, balance_micro: int, created_at: float
@@ -150,14 +150,6 @@ class PostgresStore(LedgerStore):
             created_at,
         )
         return account_from_row(row)
-
-    async def get_account(self, account_id: str) -> Account | None:
-        row = await self._pool.fetchrow(f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = $1", account_id)
-        return account_from_row(row) if row else None
-
-    async def list_accounts(self) -> list[Account]:
-        rows = await self._pool.fetch(f"SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY created_at, id")
-        return [account_from_row(row) for row in rows]
 
     async def top_up(self, account_id: str, amount_micro: int) -> Account:
         async with self._pool.acquire() as connection, connection.transaction():
@@ -185,24 +177,6 @@ class PostgresStore(LedgerStore):
         except asyncpg.ForeignKeyViolationError:
             raise UnknownAccount(key.account_id) from None
         return key_from_row(row)
-
-    async def find_key_by_hash(self, key_hash: str) -> ApiKey | None:
-        row = await self._pool.fetchrow(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE key_hash = $1", key_hash)
-        return key_from_row(row) if row else None
-
-    async def get_key(self, key_id: str) -> ApiKey | None:
-        row = await self._pool.fetchrow(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1", key_id)
-        return key_from_row(row) if row else None
-
-    async def list_keys(self, account_id: str | None = None) -> list[ApiKey]:
-        if account_id is None:
-            rows = await self._pool.fetch(f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at, id")
-        else:
-            rows = await self._pool.fetch(
-                f"SELECT {KEY_COLUMNS} FROM api_keys WHERE account_id = $1 ORDER BY created_at, id",
-                account_id,
-            )
-        return [key_from_row(row) for row in rows]
 
     async def revoke_key(self, key_id: str, revoked_at: float) -> ApiKey | None:
         row = await self._pool.fetchrow(
@@ -247,11 +221,11 @@ class PostgresStore(LedgerStore):
             raise DuplicateRecordId(record.record_id)
         return seq
 
-    async def _commit(self, records: list[LedgerEntry]) -> Sequence[int | None | BaseException]:
+    async def _commit(self, records: list[LedgerEntry]) -> Sequence[int | BaseException | None]:
         try:
             async with self._pool.acquire() as connection, connection.transaction():
                 return await _settle_all(connection, records)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001  retried one by one; the failing record's caller hears why
             if len(records) > 1:  # one bad record must not fail its neighbours: retry each on its own
                 return [outcome for record in records for outcome in await self._commit([record])]
             logger.error("ledger write failed", extra={
@@ -287,32 +261,6 @@ class PostgresStore(LedgerStore):
             )
         return len(rows)
 
-    # The ledger.
-    async def query_ledger(
-        self,
-        where: LedgerFilter,
-        *,
-        limit: int,
-        order: Literal["asc", "desc"] = "desc",
-        cursor: int | None = None,
-    ) -> list[LedgerRecord]:
-        conditions = ledger_conditions(where)
-        if cursor is not None:
-            conditions.append(("seq > {}" if order == "asc" else "seq < {}", cursor))
-        clause, params = _where(conditions)
-        limit_parameter = f"${len(params) + 1}"
-        rows = await self._pool.fetch(
-            f"SELECT {LEDGER_COLUMNS} FROM ledger{clause} "
-            f"ORDER BY seq {order.upper()} LIMIT {limit_parameter}",
-            *params,
-            limit,
-        )
-        return [ledger_from_row(row) for row in rows]
-
-    async def count_ledger(self, where: LedgerFilter, after_seq: int = 0) -> int:
-        clause, params = _where([*ledger_conditions(where), ("seq > {}", after_seq)])
-        return int(await self._pool.fetchval(f"SELECT COUNT(*) FROM ledger{clause}", *params))
-
     # The admin audit trail.
     async def append_admin_audit(self, action: AdminAction) -> int:
         params = admin_audit_params(action)
@@ -321,21 +269,7 @@ class PostgresStore(LedgerStore):
             f"INSERT INTO admin_audit ({ADMIN_AUDIT_INSERT}) VALUES ({placeholders}) RETURNING seq", *params
         ))
 
-    async def query_admin_audit(self, *, limit: int, cursor: int | None = None) -> list[AdminAuditRecord]:
-        rows = await self._pool.fetch(
-            f"SELECT {ADMIN_AUDIT_COLUMNS} FROM admin_audit WHERE seq < $1 ORDER BY seq DESC LIMIT $2",
-            cursor if cursor is not None else 2**63 - 1,
-            limit,
-        )
-        return [admin_audit_from_row(row) for row in rows]
-
     # The outbox.
-    async def outbox_cursor(self, worker_id: str) -> int:
-        value = await self._pool.fetchval(
-            "SELECT last_seq FROM outbox_cursors WHERE worker_id = $1", worker_id
-        )
-        return int(value) if value is not None else 0
-
     async def claim_worker_id(
         self, claim: WorkerClaim, stale_before: float, gone_instance: str | None = None
     ) -> WorkerClaim | None:
@@ -349,7 +283,7 @@ class PostgresStore(LedgerStore):
 
     async def renew_worker_claim(self, worker_id: str, instance_id: str, now: float) -> bool:
         status = await self._pool.execute(_WORKER_CLAIM_RENEW, worker_id, instance_id, now)
-        return status == "UPDATE 1"
+        return bool(status == "UPDATE 1")
 
     async def release_worker_claim(self, worker_id: str, instance_id: str) -> None:
         await self._pool.execute(_WORKER_CLAIM_RELEASE, worker_id, instance_id)
@@ -391,10 +325,3 @@ async def _settle_all(connection: asyncpg.Connection, records: list[LedgerEntry]
     await connection.executemany(_KEY_CHARGE, sorted(key_updates, key=lambda u: (u[3], u[1])))
     await connection.executemany(_ACCOUNT_CHARGE, sorted(account_updates, key=lambda u: u[2]))
     return seqs
-
-
-def _where(conditions: list[tuple[str, Any]]) -> tuple[str, list[Any]]:
-    if not conditions:
-        return "", []
-    parts = [sql.format(f"${index}") for index, (sql, _) in enumerate(conditions, start=1)]
-    return " WHERE " + " AND ".join(parts), [value for _, value in conditions]

@@ -24,36 +24,27 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from worker.billing.store.base import BalanceLimitExceeded, DuplicateRecordId, LedgerStore, UnknownAccount
+from worker.billing.store.base import BalanceLimitExceeded, DuplicateRecordId, UnknownAccount
 from worker.billing.store.database_process import DatabaseProcess
 from worker.billing.store.group_commit import GroupCommit
 from worker.billing.store.journal import JournaledSettlements, LedgerJournal
+from worker.billing.store.reads import Row, SqlReads
 from worker.billing.store.records import (
     Account,
     AdminAction,
-    AdminAuditRecord,
     ApiKey,
     LedgerEntry,
-    LedgerFilter,
-    LedgerRecord,
     NewApiKey,
     Reservation,
     ReserveOutcome,
     WorkerClaim,
 )
 from worker.billing.store.rows import (
-    ACCOUNT_COLUMNS,
-    ADMIN_AUDIT_COLUMNS,
-    KEY_COLUMNS,
-    LEDGER_COLUMNS,
     account_from_row,
-    admin_audit_from_row,
     admin_audit_params,
     claim_from_row,
     claim_params,
     key_from_row,
-    ledger_conditions,
-    ledger_from_row,
     ledger_params,
     new_key_params,
 )
@@ -83,7 +74,7 @@ def _raised(failure: Failed) -> Exception:
     return kind(failure.detail) if kind is not None else RuntimeError(f"{failure.error}: {failure.detail}")
 
 
-class SqliteStore(LedgerStore):
+class SqliteStore(SqlReads):
     dialect = "sqlite"
 
     def __init__(self, path: Path, *, synchronous: Literal["full", "normal"], readers: int = 2) -> None:
@@ -138,15 +129,17 @@ class SqliteStore(LedgerStore):
     async def _write(self, op: WriteOp, *args: Any) -> Any:
         return await self._writes.submit(Write(op, list(args)))
 
-    async def _rows(self, sql: str, *params: Any, settled: bool = True) -> list[dict[str, Any]]:
-        """`settled`: after every record settled before this call (balances and the ledger depend on them)."""
+    async def _fetch(self, sql: str, params: list[Any], *, settled: bool) -> list[Row]:
         if settled:
             await self.flush()
-        (outcome,) = (await self.database.call(Query(sql, list(params)))).outcomes
+        (outcome,) = (await self.database.call(Query(sql, params))).outcomes
         if isinstance(outcome, Failed):
             raise _raised(outcome)
-        rows: list[dict[str, Any]] = outcome.result
+        rows: list[Row] = outcome.result
         return rows
+
+    def _parameter(self, number: int) -> str:
+        return f"?{number}"
 
     async def close(self) -> None:
         if self._journaled is not None:
@@ -162,36 +155,11 @@ class SqliteStore(LedgerStore):
     async def create_account(self, account_id: str, name: str, balance_micro: int, created_at: float) -> Account:
         return account_from_row(await self._write("create_account", account_id, name, balance_micro, created_at))
 
-    async def get_account(self, account_id: str) -> Account | None:
-        rows = await self._rows(f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ?", account_id)
-        return account_from_row(rows[0]) if rows else None
-
-    async def list_accounts(self) -> list[Account]:
-        rows = await self._rows(f"SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY created_at, id")
-        return [account_from_row(row) for row in rows]
-
     async def top_up(self, account_id: str, amount_micro: int) -> Account:
         return account_from_row(await self._write("top_up", account_id, amount_micro))
 
     async def create_key(self, key: NewApiKey) -> ApiKey:
         return key_from_row(await self._write("create_key", *new_key_params(key)))
-
-    async def find_key_by_hash(self, key_hash: str) -> ApiKey | None:
-        return await self._one_key("key_hash", key_hash)
-
-    async def get_key(self, key_id: str) -> ApiKey | None:
-        return await self._one_key("id", key_id)
-
-    async def _one_key(self, column: str, value: str) -> ApiKey | None:
-        rows = await self._rows(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE {column} = ?", value, settled=False)
-        return key_from_row(rows[0]) if rows else None
-
-    async def list_keys(self, account_id: str | None = None) -> list[ApiKey]:
-        where, params = ("", ()) if account_id is None else (" WHERE account_id = ?", (account_id,))
-        rows = await self._rows(
-            f"SELECT {KEY_COLUMNS} FROM api_keys{where} ORDER BY created_at, id", *params, settled=False
-        )
-        return [key_from_row(row) for row in rows]
 
     async def revoke_key(self, key_id: str, revoked_at: float) -> ApiKey | None:
         row = await self._write("revoke_key", key_id, revoked_at)
@@ -241,8 +209,10 @@ class SqliteStore(LedgerStore):
             return await super().settle_soon(record)
         return self._journaled.keep(ledger_params(record))
 
-    async def _settle_rows(self, rows: list[tuple[Any, ...]]) -> list[int | None | BaseException]:
-        return await asyncio.gather(*(self._write("settle", *row) for row in rows), return_exceptions=True)
+    async def _settle_rows(self, rows: list[tuple[Any, ...]]) -> list[int | BaseException | None]:
+        seqs: list[int | BaseException | None] = await asyncio.gather(
+            *(self._write("settle", *row) for row in rows), return_exceptions=True)
+        return seqs
 
     async def flush(self) -> None:
         if self._journaled is not None:
@@ -255,33 +225,10 @@ class SqliteStore(LedgerStore):
         released: int = await self._write("release", None, holder, older_than)
         return released
 
-    # The ledger.
-    async def query_ledger(
-        self, where: LedgerFilter, *, limit: int, order: Literal["asc", "desc"] = "desc", cursor: int | None = None
-    ) -> list[LedgerRecord]:
-        conditions = ledger_conditions(where)
-        if cursor is not None:
-            conditions.append(("seq > {}" if order == "asc" else "seq < {}", cursor))
-        clause, params = _where(conditions)
-        query = f"SELECT {LEDGER_COLUMNS} FROM ledger{clause} ORDER BY seq {order.upper()} LIMIT ?"
-        return [ledger_from_row(row) for row in await self._rows(query, *params, limit)]
-
-    async def count_ledger(self, where: LedgerFilter, after_seq: int = 0) -> int:
-        clause, params = _where([*ledger_conditions(where), ("seq > {}", after_seq)])
-        (row,) = await self._rows(f"SELECT COUNT(*) AS n FROM ledger{clause}", *params)
-        return int(row["n"])
-
     # The admin audit trail.
     async def append_admin_audit(self, action: AdminAction) -> int:
         seq: int = await self._write("append_audit", *admin_audit_params(action))
         return seq
-
-    async def query_admin_audit(self, *, limit: int, cursor: int | None = None) -> list[AdminAuditRecord]:
-        rows = await self._rows(
-            f"SELECT {ADMIN_AUDIT_COLUMNS} FROM admin_audit WHERE seq < ? ORDER BY seq DESC LIMIT ?",
-            cursor if cursor is not None else 2**63 - 1, limit, settled=False,
-        )
-        return [admin_audit_from_row(row) for row in rows]
 
     # One running worker per worker id, and the outbox.
     async def claim_worker_id(
@@ -295,10 +242,6 @@ class SqliteStore(LedgerStore):
 
     async def release_worker_claim(self, worker_id: str, instance_id: str) -> None:
         await self._write("release_claim", worker_id, instance_id)
-
-    async def outbox_cursor(self, worker_id: str) -> int:
-        rows = await self._rows("SELECT last_seq FROM outbox_cursors WHERE worker_id = ?", worker_id, settled=False)
-        return int(rows[0]["last_seq"]) if rows else 0
 
     async def advance_outbox(self, worker_id: str, seq: int, now: float) -> None:
         await self._write("advance_outbox", worker_id, seq, now)
@@ -315,9 +258,3 @@ def create_private_files(path: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             if file.stat().st_mode & 0o077:
                 file.chmod(0o600)
-
-
-def _where(conditions: list[tuple[str, Any]]) -> tuple[str, list[Any]]:
-    if not conditions:
-        return "", []
-    return " WHERE " + " AND ".join(sql.format("?") for sql, _ in conditions), [value for _, value in conditions]

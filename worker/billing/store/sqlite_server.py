@@ -129,12 +129,12 @@ def commit_batch(db: sqlite3.Connection, batch: Batch) -> Answer:
             db.execute("SAVEPOINT write")
             try:
                 outcomes.append(Done(_WRITES[write.op](db, *write.args)))
-            except Exception as error:  # that caller gets its error; the rest of the batch commits
+            except Exception as error:  # noqa: BLE001  that caller gets its error; the rest of the batch commits
                 db.execute("ROLLBACK TO write")
                 outcomes.append(failed(error))
             db.execute("RELEASE write")
         db.execute("COMMIT")
-    except Exception as error:  # e.g. disk full or database locked: every caller hears of it
+    except Exception as error:  # noqa: BLE001  e.g. disk full or database locked: every caller hears of it
         if db.in_transaction:
             db.execute("ROLLBACK")
         return Answer([failed(error)] * len(batch.writes), batch_error=repr(error))
@@ -144,7 +144,7 @@ def commit_batch(db: sqlite3.Connection, batch: Batch) -> Answer:
 def run_query(db: sqlite3.Connection, query: Query) -> Answer:
     try:
         return Answer([Done([dict(row) for row in db.execute(query.sql, query.params)])])
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001  the query's caller hears why
         return Answer([failed(error)])
 
 
@@ -292,14 +292,14 @@ async def serve(sock: socket.socket, settings: DatabaseSettings) -> None:
     def write(batch: Batch) -> Answer:
         try:
             db = connection(query_only=False)
-        except Exception as error:  # no database: every caller hears why
+        except Exception as error:  # noqa: BLE001  no database: every caller hears why
             return Answer([failed(error)] * len(batch.writes), batch_error=repr(error))
         return commit_batch(db, batch)
 
     def read(query: Query) -> Answer:
         try:
             return run_query(connection(query_only=True), query)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001  no database: the query's caller hears why
             return Answer([failed(error)])
 
     writer = ThreadPoolExecutor(1, thread_name_prefix="billing-sqlite-writer")
