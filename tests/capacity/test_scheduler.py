@@ -18,7 +18,8 @@ from worker.config.models import EngineHealthConfig, RoutingConfig
 from worker.engines.base import ReplicaSpec
 from worker.engines.replica import Replica, ReplicaLease, ReplicaState
 from worker.gateway.context import RequestContext
-from worker.gateway.errors import ApiError
+from worker.gateway.errors import api_error
+from worker.refusals import Draining, Refusal
 
 
 async def _never_hung(replica: Replica, reason: str) -> None:
@@ -146,11 +147,11 @@ async def test_a_predicted_wait_beyond_the_objective_is_refused_with_429_and_ret
     assert admission.predicted_wait_s(model.id, "new") == pytest.approx(2.0)
     fourth = asyncio.ensure_future(admission.wait_for_slot(_ctx(model, "f3")))
     await asyncio.sleep(0)
-    with pytest.raises(ApiError) as refused:
+    with pytest.raises(Refusal) as refused:
         await admission.wait_for_slot(_ctx(model, "f4"))
-    assert refused.value.status == 429
-    assert refused.value.code == "rate_limit_exceeded"
-    assert int(refused.value.headers["retry-after"]) >= 1
+    assert api_error(refused.value).status == 429
+    assert api_error(refused.value).code == "rate_limit_exceeded"
+    assert int(api_error(refused.value).headers["retry-after"]) >= 1
     assert admission.rejections[(model.id, "predicted_wait")] == 1
     for task in [*queued, fourth]:
         task.cancel()
@@ -161,9 +162,9 @@ async def test_a_request_still_queued_at_its_deadline_gets_429() -> None:
     model = _model(ttft_objective_s=0.05)
     admission = _admission(model, _watch(model))
     _fill(admission, model, 8)
-    with pytest.raises(ApiError) as refused:
+    with pytest.raises(Refusal) as refused:
         await admission.wait_for_slot(_ctx(model))
-    assert refused.value.status == 429
+    assert api_error(refused.value).status == 429
     assert admission.rejections[(model.id, "queue_deadline")] == 1
     assert admission.queue_view(model.id)[0] == 0
 
@@ -174,13 +175,13 @@ async def test_the_queue_has_memory_bounds() -> None:
     _fill(admission, model, 8)
     first = asyncio.ensure_future(admission.wait_for_slot(_ctx(model), 600))
     await asyncio.sleep(0)
-    with pytest.raises(ApiError) as too_big:
+    with pytest.raises(Refusal) as too_big:
         await admission.wait_for_slot(_ctx(model), 600)
     second = asyncio.ensure_future(admission.wait_for_slot(_ctx(model), 10))
     await asyncio.sleep(0)
-    with pytest.raises(ApiError) as too_many:
+    with pytest.raises(Refusal) as too_many:
         await admission.wait_for_slot(_ctx(model), 10)
-    assert too_big.value.status == too_many.value.status == 429
+    assert api_error(too_big.value).status == api_error(too_many.value).status == 429
     assert admission.rejections[(model.id, "queue_full")] == 2
     for task in (first, second):
         task.cancel()
@@ -214,14 +215,14 @@ async def test_the_end_of_a_drain_refuses_what_is_still_queued_with_503() -> Non
     queued = asyncio.ensure_future(admission.wait_for_slot(_ctx(model)))
     await asyncio.sleep(0)
     admission.drain.begin(shutting_down=True)
-    with pytest.raises(ApiError) as new:
+    with pytest.raises(Refusal) as new:
         admission.admit_now(_ctx(model))
-    assert new.value.status == 503
+    assert api_error(new.value).status == 503
     assert admission.queued() == 1  # admitted before the drain: still bound if a slot frees in time
-    assert admission.refuse_queued(ApiError(503, "shutting down")) == 1
-    with pytest.raises(ApiError) as refused:
+    assert admission.refuse_queued(Draining("shutting down")) == 1
+    with pytest.raises(Refusal) as refused:
         await queued
-    assert refused.value.status == 503
+    assert api_error(refused.value).status == 503
 
 
 async def test_how_long_requests_hold_a_slot_is_learned_from_finished_leases() -> None:
