@@ -38,3 +38,23 @@ async def test_a_child_that_ends_is_run_again_after_each_delay_until_stopped() -
     assert runs == 3
     assert delays == [0.01]
     assert supervisor.restarts.failures == 1
+
+
+async def test_a_run_that_raises_is_retried_after_backoff_rather_than_ending_supervision() -> None:
+    runs = 0
+    second_run = asyncio.Event()
+
+    async def run_once() -> Ended:
+        nonlocal runs
+        runs += 1
+        if runs == 1:
+            raise RuntimeError("cannot start")
+        second_run.set()
+        await asyncio.Event().wait()  # runs until the supervisor stops
+        raise AssertionError
+
+    supervisor = ChildSupervisor("child", run_once, RestartPolicy(initial_s=0.01, max_s=0.02))
+    supervisor.start()
+    await asyncio.wait_for(second_run.wait(), 5)
+    await supervisor.stop()
+    assert runs == 2 and supervisor.restarts.failures == 1

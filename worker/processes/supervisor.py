@@ -84,7 +84,11 @@ class ChildSupervisor:
     async def _keep_running(self) -> None:
         while not self.stopping:
             started = time.monotonic()
-            ended = await self._run_once()
+            try:
+                ended = await self._run_once()
+            except Exception:  # a fault in one run must not end the child's supervision
+                logger.exception("cannot run a child process; trying again after backoff", extra={"child": self.name})
+                ended = Ended(RunEnd.refused)
             if self.stopping:
                 return
             if ended.how is RunEnd.held:
