@@ -8,7 +8,9 @@ import pytest
 from worker.config import ModelConfig, Pricing
 from worker.gateway.context import RequestContext
 from worker.gateway.errors import normalise_engine_error
-from worker.gateway.relay import Finalizer, SseRelay
+from worker.gateway.hooks import RequestHooks
+from worker.gateway.pipeline import HookChain
+from worker.gateway.relay import SseRelay
 
 
 class RecordingHook:
@@ -30,6 +32,13 @@ def _ctx(wants_usage: bool, endpoint: str = "chat.completions") -> RequestContex
                         pricing=Pricing(prompt_per_mtok=1, completion_per_mtok=1))
     return RequestContext(request_id="r1", endpoint=endpoint, model=model, body={"n": 1}, stream=True,
                           client_wants_usage=wants_usage, headers={})
+
+
+def _admitted_by(ctx: RequestContext, hooks: list[RequestHooks]) -> HookChain:
+    """The request's hooks as the gateway leaves them once every one of them admitted it."""
+    chain = HookChain(ctx, hooks)
+    chain.passed = len(hooks)
+    return chain
 
 
 def _event(obj: dict) -> bytes:
@@ -57,7 +66,7 @@ async def _run(relay: SseRelay, block: bytes) -> bytes:
 async def test_usage_chunk_read_and_shown_only_when_asked(wants_usage: bool) -> None:
     hook = RecordingHook()
     ctx = _ctx(wants_usage)
-    relay = SseRelay(ctx, Finalizer(ctx, [hook]))
+    relay = SseRelay(ctx, _admitted_by(ctx, [hook]))
     out = await _run(relay, CONTENT + FINAL) + await _run(relay, USAGE + DONE)
     assert ctx.usage.prompt_tokens == 3 and ctx.usage.completion_tokens == 2
     assert ctx.finish_reason == "length"
@@ -72,14 +81,14 @@ async def test_usage_chunk_read_and_shown_only_when_asked(wants_usage: bool) -> 
 
 async def test_content_that_mentions_usage_is_passed_untouched() -> None:
     ctx = _ctx(False)
-    relay = SseRelay(ctx, Finalizer(ctx, []))
+    relay = SseRelay(ctx, _admitted_by(ctx, []))
     assert await _run(relay, CONTENT) == CONTENT
     assert ctx.usage is None
 
 
 async def test_engine_error_event_becomes_router_error_chunk() -> None:
     ctx = _ctx(False, endpoint="completions")
-    relay = SseRelay(ctx, Finalizer(ctx, []))
+    relay = SseRelay(ctx, _admitted_by(ctx, []))
     out = await _run(relay, _event({"error": {"message": "boom", "code": 500}}))
     chunk = orjson.loads(out[6:])
     assert chunk["choices"][0]["finish_reason"] == "error"
@@ -91,7 +100,7 @@ async def test_engine_error_event_becomes_router_error_chunk() -> None:
 def test_estimated_usage_counts_streamed_events() -> None:
     ctx = _ctx(False)
     ctx.streamed_events = 5
-    SseRelay(ctx, Finalizer(ctx, [])).estimate_usage_if_missing()
+    SseRelay(ctx, _admitted_by(ctx, [])).estimate_usage_if_missing()
     assert ctx.usage.completion_tokens == 4 and ctx.usage_estimated
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import uuid_utils
 from starlette.datastructures import Headers
@@ -12,7 +12,7 @@ from starlette.types import Receive, Scope
 
 if TYPE_CHECKING:
     from worker.config import ModelConfig
-    from worker.engines.replica import Replica
+    from worker.engines.data_client import EngineDataClient
 
 
 # Where a token count came from. Measured: the engine's own usage, or the model's tokenizer (through the
@@ -44,6 +44,20 @@ class Usage:
     @property
     def estimated(self) -> bool:
         return self.prompt_source in ESTIMATED_SOURCES or self.completion_source in ESTIMATED_SOURCES
+
+
+class EngineTarget(Protocol):
+    """A replica as the request path sees it: which one it is, and the client that reaches its engine
+    (the node's `engines.replica.Replica`, or a relay process's stand-in for it)."""
+
+    @property
+    def replica_id(self) -> str: ...
+
+    @property
+    def model_id(self) -> str: ...
+
+    @property
+    def data(self) -> EngineDataClient: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +115,7 @@ class RequestContext:
     session_key: str | None = None
     # The size of the request's body as received: what it costs to keep it queued.
     body_bytes: int = 0
-    replica: Replica | None = None
+    replica: EngineTarget | None = None
     status_code: int = 0
     # When a replica was leased (after auth, the balance reservation and admission) and the engine's first
     # byte came.

@@ -170,8 +170,6 @@ class Gateway:
         Only hooks that admitted the request finalize it. Admission's refusal, which no engine saw, is
         finalized right after the answer rather than before it.
         """
-        if not chain.hooks and not chain.passed:
-            chain.hooks = self.hooks  # a chain built before it knew the gateway (relay.Finalizer(ctx, []))
         try:
             await chain.check_in(request)
         except Refusal as refusal:
@@ -230,7 +228,7 @@ class Gateway:
                 raise error from None
             outcome, opening = await self._open(receive, lease, ctx, payload)
         replica = lease.replica
-        ctx.replica = replica  # type: ignore[assignment]  # the node's Replica; a relay's stand-in for it
+        ctx.replica = replica
         chain.routed()
         headers = {"x-worker-replica": replica.replica_id, **ctx.response_headers}
         if outcome is Outcome.timed_out:

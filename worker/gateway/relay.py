@@ -11,7 +11,6 @@ import enum
 import logging
 import re
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -27,7 +26,6 @@ from worker.engines.data_client import (
 )
 from worker.gateway.context import RequestContext, Usage
 from worker.gateway.errors import ApiError, normalise_engine_error
-from worker.gateway.hooks import RequestHooks
 from worker.gateway.leasing import EngineTarget, Lease
 from worker.gateway.pipeline import HookChain
 
@@ -37,14 +35,6 @@ SSE_DONE = b"data: [DONE]\n\n"
 SSE_KEEPALIVE = b": keep-alive\n\n"
 _FINISH_REASON = re.compile(rb'"finish_reason":"([a-z_]+)"')
 _STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
-
-
-class Finalizer(HookChain):
-    """A hook chain whose hooks all admitted the request already (for chains built by hand)."""
-
-    def __init__(self, ctx: RequestContext, hooks: Sequence[RequestHooks]) -> None:
-        super().__init__(ctx, hooks)
-        self.passed = len(hooks)
 
 
 def add_usage_extras(chain: HookChain, usage: dict[str, Any]) -> bool:
