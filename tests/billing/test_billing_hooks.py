@@ -20,6 +20,7 @@ from tests.billing.support import (
     make_request,
     provenance_for,
 )
+from tests.support.worker_process import eventually
 from worker.billing.issuing import issue_key
 from worker.billing.keys import generate_api_key
 from worker.billing.metering import Principal
@@ -398,11 +399,11 @@ async def test_a_request_abandoned_while_reserving_leaves_nothing_held(
     with pytest.raises(asyncio.CancelledError):
         await task
 
-    async def released() -> None:
-        while (account := await store.get_account(funded.account.id)) is None or account.reserved_micro:
-            await asyncio.sleep(0.01)
+    async def released() -> bool:
+        account = await store.get_account(funded.account.id)
+        return account is not None and account.reserved_micro == 0
 
-    await asyncio.wait_for(released(), timeout=10)
+    assert await eventually(released, timeout_s=10)
 
 
 async def test_inference_requests_reuse_a_recent_key_lookup(service: BillingService, store: LedgerStore,
@@ -430,16 +431,20 @@ async def test_a_burst_of_requests_with_one_key_reads_it_once(service: BillingSe
     lookups: list[str] = []
     find = store.find_key_by_hash
     release = asyncio.Event()
+    reading = asyncio.Event()
 
     async def slow_find(key_hash: str):  # type: ignore[no-untyped-def]
         lookups.append(key_hash)
+        reading.set()
         await release.wait()  # every request of the burst arrives while the first read is in flight
         return await find(key_hash)
 
     monkeypatch.setattr(store, "find_key_by_hash", slow_find)
     headers = make_request(bearer(funded.plaintext)).headers
     burst = [asyncio.create_task(service.authenticate(headers, recent_ok=True)) for _ in range(20)]
-    await asyncio.sleep(0.05)
+    # Tasks run in the order they were made: the read, started by the first request, runs after every request
+    # of the burst had its turn to join it.
+    await asyncio.wait_for(reading.wait(), timeout=10)
     burst[0].cancel()  # a client that hangs up does not take the shared read with it
     release.set()
     keys = await asyncio.gather(*burst[1:])

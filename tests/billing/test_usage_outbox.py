@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ import uvicorn
 from starlette.types import Receive, Scope, Send
 
 from tests.billing.support import ledger_entry
+from tests.support.worker_process import eventually
 from worker.billing.outbox import UsageOutbox
 from worker.billing.records import LedgerFilter, LedgerRecord
 from worker.billing.store import LedgerStore
@@ -60,8 +62,11 @@ async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False))
     task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        await asyncio.sleep(0.01)
+
+    async def started() -> bool:
+        return server.started
+
+    assert await eventually(started, timeout_s=30)
     try:
         yield app, f"http://127.0.0.1:{sock.getsockname()[1]}/usage"
     finally:
@@ -83,11 +88,10 @@ def outbox_for(store: LedgerStore, url: str) -> UsageOutbox:
 
 
 async def delivered(outbox: UsageOutbox, receiver: Receiver, count: int) -> None:
-    async def wait() -> None:
-        while len(receiver.accepted) < count or outbox.pending:
-            await asyncio.sleep(0.01)
+    async def arrived() -> bool:
+        return len(receiver.accepted) >= count and not outbox.pending
 
-    await asyncio.wait_for(wait(), timeout=30)
+    assert await eventually(arrived, timeout_s=30)
 
 
 async def test_records_arrive_in_order_once_and_delivery_resumes_after_restart(
@@ -161,15 +165,23 @@ async def test_new_records_are_delivered_while_running(
     assert app.accepted == [f"rec-live-{i}" for i in range(5)]
 
 
-async def test_an_unreachable_receiver_holds_records_back(store: LedgerStore) -> None:
+async def test_an_unreachable_receiver_holds_records_back(store: LedgerStore,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{sock.getsockname()[1]}/usage"
     await store.settle(ledger_entry("rec-waiting"))
     outbox = outbox_for(store, url)
+    caplog.set_level(logging.WARNING, logger="worker.billing.outbox")
+
+    async def retried_twice() -> bool:
+        return sum(r.getMessage() == "usage webhook delivery failed; retrying" for r in caplog.records) >= 2
+
     await outbox.start()
-    await asyncio.sleep(0.2)
-    await outbox.close()
+    try:
+        assert await eventually(retried_twice, timeout_s=10)  # it tried, and tried again
+    finally:
+        await outbox.close()
     assert outbox.pending == 1 and outbox.delivered == 0
     assert await store.outbox_cursor("worker-1") == 0
 

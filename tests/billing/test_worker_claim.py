@@ -139,7 +139,10 @@ async def test_a_holder_on_this_host_that_is_gone_is_not_waited_for(db_url: str)
     service = await asyncio.wait_for(BillingService.open(
         Settings(auth=True, db_url=db_url, admin_token=None), node_config(), provenance_for,
         claim_timing=ClaimTiming(renew_s=3600, stale_s=3600)), LIVENESS_S)
-    await service.close()
+    try:
+        await holds_the_claim(service)
+    finally:
+        await service.close()
 
 
 async def test_a_restarted_container_takes_its_id_back_although_its_process_id_is_the_same(db_url: str) -> None:
@@ -148,7 +151,17 @@ async def test_a_restarted_container_takes_its_id_back_although_its_process_id_i
     service = await asyncio.wait_for(BillingService.open(
         Settings(auth=True, db_url=db_url, admin_token=None), node_config(), provenance_for,
         claim_timing=ClaimTiming(renew_s=3600, stale_s=3600)), LIVENESS_S)
-    await service.close()
+    try:
+        await holds_the_claim(service)
+    finally:
+        await service.close()
+
+
+async def holds_the_claim(service: BillingService) -> None:
+    """The database's claim on the id is this service's now: its renewal succeeds, the predecessor's is gone."""
+    assert service.claim.instance_id not in (None, "before")
+    assert await service.store.renew_worker_claim("worker-1", service.claim.instance_id, time.time())
+    assert not await service.store.renew_worker_claim("worker-1", "before", time.time())
 
 
 async def test_a_node_whose_worker_id_was_taken_over_is_not_ready_and_refuses_requests(tmp_path: Path) -> None:
