@@ -32,12 +32,6 @@ from worker.billing.store.records import (
     utc_month,
 )
 from worker.billing.store.rows import (
-    ACCOUNT_COLUMNS,
-    ADMIN_AUDIT_INSERT,
-    KEY_COLUMNS,
-    KEY_INSERT_COLUMNS,
-    KEY_INSERT_COUNT,
-    LEDGER_INSERT_COLUMNS,
     account_from_row,
     admin_audit_params,
     claim_from_row,
@@ -47,41 +41,16 @@ from worker.billing.store.rows import (
     new_key_params,
 )
 from worker.billing.store.schema import SCHEMA_VERSION_TABLE, pending_migrations
-from worker.billing.store.sql import (
-    ACCOUNT_CHARGE,
-    ACCOUNT_RESERVE,
-    KEY_CHARGE,
-    KEY_RESERVE,
-    KEY_STATE,
-    WORKER_CLAIM,
-    WORKER_CLAIM_HOLDER,
-    WORKER_CLAIM_RELEASE,
-    WORKER_CLAIM_RENEW,
-    for_postgres,
-)
+from worker.billing.store.sql import in_dialect
 
 logger = logging.getLogger(__name__)
 
 # Any constant works; it only has to be the same for every worker migrating the same database.
 _MIGRATION_LOCK_ID = 0x10_7E_B1_11
-_KEY_RESERVE = for_postgres(KEY_RESERVE) + " RETURNING id"
-_KEY_STATE = for_postgres(KEY_STATE)
-_ACCOUNT_RESERVE = for_postgres(ACCOUNT_RESERVE) + " RETURNING id"
-_KEY_CHARGE = for_postgres(KEY_CHARGE)
-_ACCOUNT_CHARGE = for_postgres(ACCOUNT_CHARGE)
-_WORKER_CLAIM = for_postgres(WORKER_CLAIM)
-_WORKER_CLAIM_HOLDER = for_postgres(WORKER_CLAIM_HOLDER)
-_WORKER_CLAIM_RENEW = for_postgres(WORKER_CLAIM_RENEW)
-_WORKER_CLAIM_RELEASE = for_postgres(WORKER_CLAIM_RELEASE)
-_INSERT_LEDGER = (
-    f"INSERT INTO ledger ({', '.join(LEDGER_INSERT_COLUMNS)}) "
-    f"VALUES ({', '.join(f'${i}' for i in range(1, len(LEDGER_INSERT_COLUMNS) + 1))}) "
-    "ON CONFLICT (record_id) DO NOTHING RETURNING seq"
-)
-_INSERT_RESERVATION = (
-    "INSERT INTO reservations (record_id, account_id, key_id, amount_micro, holder, created_at) "
-    "VALUES ($1, $2, $3, $4, $5, $6)"
-)
+_SQL = in_dialect("${}")
+# Conditional updates that must say whether they matched: asyncpg's fetchval returns None when none did.
+_SQL.KEY_RESERVE += " RETURNING id"
+_SQL.ACCOUNT_RESERVE += " RETURNING id"
 
 
 class _Refused(Exception):
@@ -138,53 +107,27 @@ class PostgresStore(SqlReads):
         return f"${number}"
 
     # Accounts and keys.
-    async def create_account(
-        self, account_id: str, name: str, balance_micro: int, created_at: float
-    ) -> Account:
-        row = await self._pool.fetchrow(
-            f"INSERT INTO accounts (id, name, balance_micro, created_at) VALUES ($1, $2, $3, $4) "
-            f"RETURNING {ACCOUNT_COLUMNS}",
-            account_id,
-            name,
-            balance_micro,
-            created_at,
-        )
+    async def create_account(self, account_id: str, name: str, balance_micro: int, created_at: float) -> Account:
+        row = await self._pool.fetchrow(_SQL.ACCOUNT_INSERT, account_id, name, balance_micro, created_at)
         return account_from_row(row)
 
     async def top_up(self, account_id: str, amount_micro: int) -> Account:
         async with self._pool.acquire() as connection, connection.transaction():
-            row = await connection.fetchrow(
-                f"UPDATE accounts SET balance_micro = balance_micro + $1 WHERE id = $2 "
-                f"AND balance_micro + $1 <= $3 RETURNING {ACCOUNT_COLUMNS}",
-                amount_micro,
-                account_id,
-                MAX_BALANCE_MICRO,
-            )
+            row = await connection.fetchrow(_SQL.TOP_UP, amount_micro, account_id, MAX_BALANCE_MICRO)
             if row is None:
-                if await connection.fetchval("SELECT 1 FROM accounts WHERE id = $1", account_id) is None:
+                if await connection.fetchval(_SQL.ACCOUNT_EXISTS, account_id) is None:
                     raise UnknownAccount(account_id)
                 raise BalanceLimitExceeded(account_id)
         return account_from_row(row)
 
     async def create_key(self, key: NewApiKey) -> ApiKey:
-        placeholders = ", ".join(f"${i}" for i in range(1, KEY_INSERT_COUNT + 1))
         try:
-            row = await self._pool.fetchrow(
-                f"INSERT INTO api_keys ({KEY_INSERT_COLUMNS}) VALUES ({placeholders}) "
-                f"RETURNING {KEY_COLUMNS}",
-                *new_key_params(key),
-            )
+            return key_from_row(await self._pool.fetchrow(_SQL.KEY_INSERT, *new_key_params(key)))
         except asyncpg.ForeignKeyViolationError:
             raise UnknownAccount(key.account_id) from None
-        return key_from_row(row)
 
     async def revoke_key(self, key_id: str, revoked_at: float) -> ApiKey | None:
-        row = await self._pool.fetchrow(
-            f"UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $1) WHERE id = $2 "
-            f"RETURNING {KEY_COLUMNS}",
-            revoked_at,
-            key_id,
-        )
+        row = await self._pool.fetchrow(_SQL.KEY_REVOKE, revoked_at, key_id)
         return key_from_row(row) if row else None
 
     # Money on the request path.
@@ -193,23 +136,14 @@ class PostgresStore(SqlReads):
         try:
             async with self._pool.acquire() as connection, connection.transaction():
                 await connection.execute("SET LOCAL synchronous_commit TO OFF")
-                if await connection.fetchval(_KEY_RESERVE, r.amount_micro, r.key_id, r.month) is None:
-                    state = await connection.fetchrow(_KEY_STATE, r.key_id)
-                    raise _Refused(
-                        ReserveOutcome.key_revoked
-                        if state is None or state[0] is not None
-                        else ReserveOutcome.spend_cap_reached
-                    )
-                if await connection.fetchval(_ACCOUNT_RESERVE, r.amount_micro, r.account_id) is None:
+                if await connection.fetchval(_SQL.KEY_RESERVE, r.amount_micro, r.key_id, r.month) is None:
+                    state = await connection.fetchrow(_SQL.KEY_STATE, r.key_id)
+                    gone = state is None or state[0] is not None
+                    raise _Refused(ReserveOutcome.key_revoked if gone else ReserveOutcome.spend_cap_reached)
+                if await connection.fetchval(_SQL.ACCOUNT_RESERVE, r.amount_micro, r.account_id) is None:
                     raise _Refused(ReserveOutcome.insufficient_balance)
                 await connection.execute(
-                    _INSERT_RESERVATION,
-                    r.record_id,
-                    r.account_id,
-                    r.key_id,
-                    r.amount_micro,
-                    r.holder,
-                    r.created_at,
+                    _SQL.RESERVATION_INSERT, r.record_id, r.account_id, r.key_id, r.amount_micro, r.holder, r.created_at
                 )
         except _Refused as refused:
             return refused.outcome
@@ -233,76 +167,58 @@ class PostgresStore(SqlReads):
             return [error]
 
     async def release_reservation(self, record_id: str) -> bool:
-        return await self._release("record_id = $1", record_id) > 0
+        return await self._release(_SQL.RESERVATION_DROP, record_id) > 0
 
     async def release_reservations(self, holder: str, older_than: float | None = None) -> int:
-        return await self._release(
-            "holder = $1 OR created_at < $2", holder, older_than if older_than is not None else float("-inf")
-        )
+        gone_before = older_than if older_than is not None else float("-inf")
+        return await self._release(_SQL.RESERVATIONS_DROP_GONE, holder, gone_before)
 
-    async def _release(self, condition: str, *params: Any) -> int:
+    async def _release(self, drop: str, *params: Any) -> int:
         async with self._pool.acquire() as connection, connection.transaction():
-            rows = await connection.fetch(
-                f"DELETE FROM reservations WHERE {condition} RETURNING key_id, account_id, amount_micro",
-                *params,
-            )
+            rows = await connection.fetch(drop, *params)
             keys: dict[str, int] = {}
             accounts: dict[str, int] = {}
             for row in rows:
                 keys[row["key_id"]] = keys.get(row["key_id"], 0) + row["amount_micro"]
                 accounts[row["account_id"]] = accounts.get(row["account_id"], 0) + row["amount_micro"]
+            # Keys before accounts, each in id order: the same lock order as every other transaction.
+            await connection.executemany(_SQL.KEY_UNRESERVE, [(amount, key) for key, amount in sorted(keys.items())])
             await connection.executemany(
-                "UPDATE api_keys SET reserved_micro = reserved_micro - $1 WHERE id = $2",
-                [(amount, key_id) for key_id, amount in sorted(keys.items())],
-            )
-            await connection.executemany(
-                "UPDATE accounts SET reserved_micro = reserved_micro - $1 WHERE id = $2",
-                [(amount, account_id) for account_id, amount in sorted(accounts.items())],
+                _SQL.ACCOUNT_UNRESERVE, [(amount, account) for account, amount in sorted(accounts.items())]
             )
         return len(rows)
 
     # The admin audit trail.
     async def append_admin_audit(self, action: AdminAction) -> int:
-        params = admin_audit_params(action)
-        placeholders = ", ".join(f"${i}" for i in range(1, len(params) + 1))
-        return int(await self._pool.fetchval(
-            f"INSERT INTO admin_audit ({ADMIN_AUDIT_INSERT}) VALUES ({placeholders}) RETURNING seq", *params
-        ))
+        return int(await self._pool.fetchval(_SQL.ADMIN_AUDIT_APPEND, *admin_audit_params(action)))
 
-    # The outbox.
+    # One running worker per worker id, and the outbox.
     async def claim_worker_id(
         self, claim: WorkerClaim, stale_before: float, gone_instance: str | None = None
     ) -> WorkerClaim | None:
         async with self._pool.acquire() as connection, connection.transaction():
             status = await connection.execute(
-                _WORKER_CLAIM, *claim_params(claim), stale_before, gone_instance or ""
+                _SQL.WORKER_CLAIM, *claim_params(claim), stale_before, gone_instance or ""
             )
             if status == "INSERT 0 1":
                 return None
-            return claim_from_row(await connection.fetchrow(_WORKER_CLAIM_HOLDER, claim.worker_id))
+            return claim_from_row(await connection.fetchrow(_SQL.WORKER_CLAIM_HOLDER, claim.worker_id))
 
     async def renew_worker_claim(self, worker_id: str, instance_id: str, now: float) -> bool:
-        status = await self._pool.execute(_WORKER_CLAIM_RENEW, worker_id, instance_id, now)
+        status = await self._pool.execute(_SQL.WORKER_CLAIM_RENEW, worker_id, instance_id, now)
         return bool(status == "UPDATE 1")
 
     async def release_worker_claim(self, worker_id: str, instance_id: str) -> None:
-        await self._pool.execute(_WORKER_CLAIM_RELEASE, worker_id, instance_id)
+        await self._pool.execute(_SQL.WORKER_CLAIM_RELEASE, worker_id, instance_id)
 
     async def advance_outbox(self, worker_id: str, seq: int, now: float) -> None:
-        await self._pool.execute(
-            "INSERT INTO outbox_cursors (worker_id, last_seq, updated_at) VALUES ($1, $2, $3) "
-            "ON CONFLICT (worker_id) DO UPDATE SET last_seq = excluded.last_seq, "
-            "updated_at = excluded.updated_at WHERE outbox_cursors.last_seq < excluded.last_seq",
-            worker_id,
-            seq,
-            now,
-        )
+        await self._pool.execute(_SQL.ADVANCE_OUTBOX, worker_id, seq, now)
 
 
 async def _settle_all(connection: asyncpg.Connection, records: list[LedgerEntry]) -> list[int | None]:
     seqs: list[int | None] = []
     for record in records:
-        seqs.append(await connection.fetchval(_INSERT_LEDGER, *ledger_params(record)))
+        seqs.append(await connection.fetchval(_SQL.LEDGER_INSERT, *ledger_params(record)))
     fresh = [record for record, seq in zip(records, seqs, strict=True) if seq is not None]
     held = {
         row["record_id"]: row["amount_micro"]
@@ -322,6 +238,6 @@ async def _settle_all(connection: asyncpg.Connection, records: list[LedgerEntry]
         if record.account_id is not None:
             account_updates.append((record.cost_micro, released, record.account_id))
     # Keys before accounts, each in id order: the same lock order as every other transaction.
-    await connection.executemany(_KEY_CHARGE, sorted(key_updates, key=lambda u: (u[3], u[1])))
-    await connection.executemany(_ACCOUNT_CHARGE, sorted(account_updates, key=lambda u: u[2]))
+    await connection.executemany(_SQL.KEY_CHARGE, sorted(key_updates, key=lambda u: (u[3], u[1])))
+    await connection.executemany(_SQL.ACCOUNT_CHARGE, sorted(account_updates, key=lambda u: u[2]))
     return seqs

@@ -162,7 +162,7 @@ class SqliteStore(SqlReads):
         return key_from_row(await self._write("create_key", *new_key_params(key)))
 
     async def revoke_key(self, key_id: str, revoked_at: float) -> ApiKey | None:
-        row = await self._write("revoke_key", key_id, revoked_at)
+        row = await self._write("revoke_key", revoked_at, key_id)
         return key_from_row(row) if row is not None else None
 
     # Money on the request path.

@@ -32,26 +32,8 @@ import msgspec
 
 from worker.billing.store.base import BalanceLimitExceeded, UnknownAccount
 from worker.billing.store.records import MAX_BALANCE_MICRO, ReserveOutcome, utc_month
-from worker.billing.store.rows import (
-    ACCOUNT_COLUMNS,
-    ADMIN_AUDIT_INSERT,
-    KEY_COLUMNS,
-    KEY_INSERT_COLUMNS,
-    KEY_INSERT_COUNT,
-    LEDGER_INSERT_COLUMNS,
-)
-from worker.billing.store.sql import (
-    ACCOUNT_CHARGE,
-    ACCOUNT_RESERVE,
-    KEY_CHARGE,
-    KEY_RESERVE,
-    KEY_STATE,
-    WORKER_CLAIM,
-    WORKER_CLAIM_HOLDER,
-    WORKER_CLAIM_RELEASE,
-    WORKER_CLAIM_RENEW,
-    for_sqlite,
-)
+from worker.billing.store.rows import LEDGER_INSERT_COLUMNS
+from worker.billing.store.sql import in_dialect
 from worker.processes.rpc import Channel
 
 BUSY_TIMEOUT_S = 30.0
@@ -150,130 +132,96 @@ def run_query(db: sqlite3.Connection, query: Query) -> Answer:
 
 # The writes, by command: each runs inside the batch's transaction, in a savepoint of its own.
 def _returning(db: sqlite3.Connection, sql: str, params: Any) -> dict[str, Any] | None:
-    row = db.execute(sql, params).fetchone()
-    return dict(row) if row is not None else None
-
-
-def _create_account(db: sqlite3.Connection, *params: Any) -> dict[str, Any] | None:
-    sql = f"INSERT INTO accounts (id, name, balance_micro, created_at) VALUES (?, ?, ?, ?) RETURNING {ACCOUNT_COLUMNS}"
-    return _returning(db, sql, params)
+    rows = db.execute(sql, params).fetchall()
+    return dict(rows[0]) if rows else None
 
 
 def _top_up(db: sqlite3.Connection, account_id: str, amount_micro: int) -> dict[str, Any]:
-    row = _returning(
-        db,
-        f"UPDATE accounts SET balance_micro = balance_micro + ?1 WHERE id = ?2 AND balance_micro + ?1 <= ?3 "
-        f"RETURNING {ACCOUNT_COLUMNS}",
-        (amount_micro, account_id, MAX_BALANCE_MICRO),
-    )
+    row = _returning(db, _SQL.TOP_UP, (amount_micro, account_id, MAX_BALANCE_MICRO))
     if row is None:
-        exists = db.execute("SELECT 1 FROM accounts WHERE id = ?", (account_id,)).fetchone()
+        exists = db.execute(_SQL.ACCOUNT_EXISTS, (account_id,)).fetchone()
         raise (UnknownAccount if exists is None else BalanceLimitExceeded)(account_id)
     return row
 
 
 def _create_key(db: sqlite3.Connection, *params: Any) -> dict[str, Any] | None:
-    if db.execute("SELECT 1 FROM accounts WHERE id = ?", (params[1],)).fetchone() is None:
+    if db.execute(_SQL.ACCOUNT_EXISTS, (params[1],)).fetchone() is None:
         raise UnknownAccount(params[1])
-    placeholders = ", ".join("?" * KEY_INSERT_COUNT)
-    sql = f"INSERT INTO api_keys ({KEY_INSERT_COLUMNS}) VALUES ({placeholders}) RETURNING {KEY_COLUMNS}"
-    return _returning(db, sql, params)
-
-
-def _revoke_key(db: sqlite3.Connection, key_id: str, revoked_at: float) -> dict[str, Any] | None:
-    sql = f"UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ? RETURNING {KEY_COLUMNS}"
-    return _returning(db, sql, (revoked_at, key_id))
+    return _returning(db, _SQL.KEY_INSERT, params)
 
 
 def _reserve(db: sqlite3.Connection, record_id: str, account_id: str, key_id: str, amount: int, holder: str,
              created_at: float, month: str) -> str:
-    if db.execute(_KEY_RESERVE, (amount, key_id, month)).rowcount == 0:
-        revoked = db.execute(_KEY_STATE, (key_id,)).fetchone()
+    if db.execute(_SQL.KEY_RESERVE, (amount, key_id, month)).rowcount == 0:
+        revoked = db.execute(_SQL.KEY_STATE, (key_id,)).fetchone()
         gone = revoked is None or revoked[0] is not None
         raise Refused((ReserveOutcome.key_revoked if gone else ReserveOutcome.spend_cap_reached).value)
-    if db.execute(_ACCOUNT_RESERVE, (amount, account_id)).rowcount == 0:
+    if db.execute(_SQL.ACCOUNT_RESERVE, (amount, account_id)).rowcount == 0:
         raise Refused(ReserveOutcome.insufficient_balance.value)
-    db.execute(
-        "INSERT INTO reservations (record_id, account_id, key_id, amount_micro, holder, created_at) "
-        "VALUES (?, ?, ?, ?, ?, ?)",
-        (record_id, account_id, key_id, amount, holder, created_at),
-    )
+    db.execute(_SQL.RESERVATION_INSERT, (record_id, account_id, key_id, amount, holder, created_at))
     return ReserveOutcome.reserved.value
 
 
 def _settle(db: sqlite3.Connection, *row: Any) -> int | None:
     """Append a ledger row and release its reservation and charge its cost; its seq, or None (and nothing
     charged) when the ledger holds its record id already."""
-    inserted = db.execute(_INSERT_LEDGER, row)
-    if inserted.rowcount == 0:
+    inserted = _returning(db, _SQL.LEDGER_INSERT, row)
+    if inserted is None:
         return None
     if row[_KEY_ID] is not None or row[_ACCOUNT_ID] is not None:
-        held = db.execute(
-            "DELETE FROM reservations WHERE record_id = ? RETURNING amount_micro", (row[_RECORD_ID],)
-        ).fetchone()
-        released, cost = (held[0] if held else 0), row[_COST]
+        held = _returning(db, _SQL.RESERVATION_DROP, (row[_RECORD_ID],))
+        released, cost = (held["amount_micro"] if held else 0), row[_COST]
         if row[_KEY_ID] is not None:
-            db.execute(_KEY_CHARGE, (released, utc_month(row[_RECEIVED_AT]), cost, row[_KEY_ID]))
+            db.execute(_SQL.KEY_CHARGE, (released, utc_month(row[_RECEIVED_AT]), cost, row[_KEY_ID]))
         if row[_ACCOUNT_ID] is not None:
-            db.execute(_ACCOUNT_CHARGE, (cost, released, row[_ACCOUNT_ID]))
-    return inserted.lastrowid
+            db.execute(_SQL.ACCOUNT_CHARGE, (cost, released, row[_ACCOUNT_ID]))
+    return int(inserted["seq"])
 
 
 def _release(db: sqlite3.Connection, record_id: str | None, holder: str | None, older_than: float | None) -> int:
     """Drop one reservation (`record_id`), or `holder`'s and those made before `older_than`."""
-    condition, params = ("record_id = ?", (record_id,)) if record_id is not None else (
-        "holder = ? OR created_at < ?", (holder, older_than if older_than is not None else float("-inf")))
-    rows = db.execute(
-        f"DELETE FROM reservations WHERE {condition} RETURNING key_id, account_id, amount_micro", params
-    ).fetchall()
+    if record_id is not None:
+        rows = db.execute(_SQL.RESERVATION_DROP, (record_id,)).fetchall()
+    else:
+        gone_before = older_than if older_than is not None else float("-inf")
+        rows = db.execute(_SQL.RESERVATIONS_DROP_GONE, (holder, gone_before)).fetchall()
     for key_id, account_id, amount in rows:
-        db.execute("UPDATE api_keys SET reserved_micro = reserved_micro - ? WHERE id = ?", (amount, key_id))
-        db.execute("UPDATE accounts SET reserved_micro = reserved_micro - ? WHERE id = ?", (amount, account_id))
+        db.execute(_SQL.KEY_UNRESERVE, (amount, key_id))
+        db.execute(_SQL.ACCOUNT_UNRESERVE, (amount, account_id))
     return len(rows)
-
-
-def _append_audit(db: sqlite3.Connection, *params: Any) -> int | None:
-    placeholders = ", ".join("?" * len(params))
-    return db.execute(f"INSERT INTO admin_audit ({ADMIN_AUDIT_INSERT}) VALUES ({placeholders})", params).lastrowid
 
 
 def _claim_worker(db: sqlite3.Connection, *params: Any) -> dict[str, Any] | None:
     """None when taken; else the holder's claim, unchanged."""
-    if db.execute(_WORKER_CLAIM, params).rowcount == 1:
+    if db.execute(_SQL.WORKER_CLAIM, params).rowcount == 1:
         return None
-    return _returning(db, _WORKER_CLAIM_HOLDER, (params[0],))
+    return _returning(db, _SQL.WORKER_CLAIM_HOLDER, (params[0],))
+
+
+def _one_row(sql: str, db: sqlite3.Connection, *params: Any) -> dict[str, Any] | None:
+    return _returning(db, sql, params)
+
+
+def _append_audit(db: sqlite3.Connection, *params: Any) -> int:
+    return int(db.execute(_SQL.ADMIN_AUDIT_APPEND, params).fetchall()[0]["seq"])
 
 
 def _changed_one(sql: str, db: sqlite3.Connection, *params: Any) -> bool:
     return bool(db.execute(sql, params).rowcount == 1)
 
 
-_KEY_RESERVE = for_sqlite(KEY_RESERVE)
-_KEY_STATE = for_sqlite(KEY_STATE)
-_ACCOUNT_RESERVE = for_sqlite(ACCOUNT_RESERVE)
-_KEY_CHARGE = for_sqlite(KEY_CHARGE)
-_ACCOUNT_CHARGE = for_sqlite(ACCOUNT_CHARGE)
-_WORKER_CLAIM = for_sqlite(WORKER_CLAIM)
-_WORKER_CLAIM_HOLDER = for_sqlite(WORKER_CLAIM_HOLDER)
-_INSERT_LEDGER = (
-    f"INSERT INTO ledger ({', '.join(LEDGER_INSERT_COLUMNS)}) "
-    f"VALUES ({', '.join('?' * len(LEDGER_INSERT_COLUMNS))}) ON CONFLICT (record_id) DO NOTHING"
-)
-_ADVANCE_OUTBOX = (
-    "INSERT INTO outbox_cursors (worker_id, last_seq, updated_at) VALUES (?, ?, ?) "
-    "ON CONFLICT (worker_id) DO UPDATE SET last_seq = excluded.last_seq, "
-    "updated_at = excluded.updated_at WHERE outbox_cursors.last_seq < excluded.last_seq"
-)
+_SQL = in_dialect("?{}")
 _RECORD_ID, _KEY_ID, _ACCOUNT_ID, _COST, _RECEIVED_AT = (
     LEDGER_INSERT_COLUMNS.index(column)
     for column in ("record_id", "key_id", "account_id", "cost_micro", "received_at")
 )
 _WRITES: dict[str, Callable[..., Any]] = {
-    "create_account": _create_account, "top_up": _top_up, "create_key": _create_key, "revoke_key": _revoke_key,
-    "reserve": _reserve, "settle": _settle, "release": _release, "append_audit": _append_audit,
-    "claim_worker": _claim_worker, "renew_claim": partial(_changed_one, for_sqlite(WORKER_CLAIM_RENEW)),
-    "release_claim": partial(_changed_one, for_sqlite(WORKER_CLAIM_RELEASE)),
-    "advance_outbox": partial(_changed_one, _ADVANCE_OUTBOX),
+    "create_account": partial(_one_row, _SQL.ACCOUNT_INSERT), "top_up": _top_up, "create_key": _create_key,
+    "revoke_key": partial(_one_row, _SQL.KEY_REVOKE), "reserve": _reserve, "settle": _settle, "release": _release,
+    "append_audit": _append_audit, "claim_worker": _claim_worker,
+    "renew_claim": partial(_changed_one, _SQL.WORKER_CLAIM_RENEW),
+    "release_claim": partial(_changed_one, _SQL.WORKER_CLAIM_RELEASE),
+    "advance_outbox": partial(_changed_one, _SQL.ADVANCE_OUTBOX),
 }
 
 
