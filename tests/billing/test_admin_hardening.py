@@ -15,7 +15,6 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from tests.support.worker_process import (
     fast_mock_model,
     ready_or_stopped,
     start_worker,
+    wait_until,
     write_config,
 )
 from worker.billing.money import MAX_BALANCE_MICRO
@@ -576,22 +576,30 @@ def send_raw(proc: WorkerProcess, data: bytes) -> bytes:
         return connection.recv(65536)
 
 
+# Two client errors that log one line each, used to mark the end of what another request logged.
+MALFORMED_HEAD = b"GET /health/live HTTP/1.1\r\nhost: w\r\nno colon in this header\r\n\r\n"
+MALFORMED_HEAD_LOGS = "Invalid HTTP request received."
+SHORT_BODY = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: w\r\ncontent-type: application/json\r\n"
+              b'content-length: 100\r\n\r\n{"model":')
+SHORT_BODY_LOGS = "request body ended before its declared length"
+
+
 def lines_after(proc: WorkerProcess, mark: int, predicate: Any) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        lines = log_lines(proc, mark)
-        if any(predicate(line) for line in lines):
-            time.sleep(0.3)  # and whatever would follow it
-            return log_lines(proc, mark)
-        time.sleep(0.05)
-    return log_lines(proc, mark)
+    """The lines logged from `mark` once one matches `predicate`, up to a later request's: whatever the request
+    logs after its first line (a duplicate, a traceback) is written before the worker serves the next one."""
+    assert wait_until(lambda: any(predicate(line) for line in log_lines(proc, mark)), timeout_s=10)
+    request, logged = (SHORT_BODY, SHORT_BODY_LOGS) if any(
+        line["msg"] == MALFORMED_HEAD_LOGS for line in log_lines(proc, mark)) else (MALFORMED_HEAD, MALFORMED_HEAD_LOGS)
+    send_raw(proc, request)
+    assert wait_until(lambda: any(line["msg"] == logged for line in log_lines(proc, mark)), timeout_s=10)
+    lines = log_lines(proc, mark)
+    return lines[:next(i for i, line in enumerate(lines) if line["msg"] == logged)]
 
 
 @pytest.mark.parametrize(
     "request_bytes",
     [
-        (b"POST /v1/chat/completions HTTP/1.1\r\nhost: w\r\ncontent-type: application/json\r\n"
-         b'content-length: 100\r\n\r\n{"model":'),
+        SHORT_BODY,
         b"POST /admin/accounts HTTP/1.1\r\nhost: w\r\nauthorization: Bearer "
         + ADMIN_TOKEN.encode()
         + b'\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{"name":',
@@ -612,7 +620,7 @@ def test_a_body_shorter_than_its_length_is_logged_once_at_info(
 
 def test_malformed_headers_are_logged_once_at_info(served: WorkerProcess) -> None:
     mark = len(served.log())
-    answer = send_raw(served, b"GET /health/live HTTP/1.1\r\nhost: w\r\nno colon in this header\r\n\r\n")
+    answer = send_raw(served, MALFORMED_HEAD)
     assert answer.startswith(b"HTTP/1.1 400")
     lines = lines_after(served, mark, lambda line: "Invalid HTTP" in line["msg"])
     assert [(line["level"], line["msg"]) for line in lines] == [("info", "Invalid HTTP request received.")]

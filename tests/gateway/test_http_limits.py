@@ -15,7 +15,13 @@ import orjson
 import psutil
 import pytest
 
-from tests.support.worker_process import WorkerProcess, fast_mock_model, ready_or_stopped, start_worker
+from tests.support.worker_process import (
+    WorkerProcess,
+    eventually,
+    fast_mock_model,
+    ready_or_stopped,
+    start_worker,
+)
 
 MODEL = "acme/limited"
 # Generous deadlines for the cuts themselves; nothing here asserts how fast they come.
@@ -119,24 +125,32 @@ async def test_16_mib_headers_get_431_and_leave_the_workers_memory_alone(
 
 async def test_a_head_sent_one_byte_a_second_is_cut_after_the_header_timeout(
         hostile_worker: WorkerProcess) -> None:
+    trickling: list[int] = []
+
     async def slowloris() -> tuple[bytes, float]:
         reader, writer = await asyncio.open_connection("127.0.0.1", hostile_worker.port)
         started = time.monotonic()
         answer = asyncio.create_task(_status_line(reader))
         with contextlib.suppress(ConnectionError):
-            for byte in b"GET /v1/models HTTP/1.1\r\nhost: worker\r\nx-slow: " + b"s" * 60:
+            for sent, byte in enumerate(b"GET /v1/models HTTP/1.1\r\nhost: worker\r\nx-slow: " + b"s" * 60):
                 if answer.done():
                     break
                 writer.write(bytes([byte]))
                 await writer.drain()
-                await asyncio.sleep(1.0)
+                if sent == 1:
+                    trickling.append(1)  # connected, and its head has begun to trickle
+                await asyncio.sleep(1.0)  # the trickle itself: a byte a second
         status = await answer
         closed = await _closed_by_server(reader)
         writer.close()
         return (status if closed else b"still open"), time.monotonic() - started
 
     clients = [asyncio.create_task(slowloris()) for _ in range(50)]
-    await asyncio.sleep(0.5)
+
+    async def all_trickling() -> bool:
+        return len(trickling) == len(clients)
+
+    assert await eventually(all_trickling, timeout_s=DEADLINE_S)
     assert await _health_live(hostile_worker) == 200  # answers while 50 heads trickle in
     results = await asyncio.gather(*clients)
     assert all(status.startswith(b"HTTP/1.1 408 ") for status, _ in results), results
@@ -194,9 +208,10 @@ async def test_a_thousand_idle_connections_cost_little_and_are_closed(default_wo
     before = _rss_mib(default_worker)
     connections = [await asyncio.open_connection("127.0.0.1", default_worker.port) for _ in range(1000)]
     try:
-        await asyncio.sleep(0.5)
-        during = _rss_mib(default_worker)
+        # A connection opened after them is answered once the worker accepted every earlier one (its listen
+        # queue is first in, first out): then all 1,000 are in its memory.
         assert await _health_live(default_worker) == 200
+        during = _rss_mib(default_worker)
         print(f"worker RSS idle {before:.1f} MiB, with 1,000 idle connections {during:.1f} MiB "
               f"({(during - before) * 1024 / 1000:.1f} KiB per connection)")
         assert during - before < 32, (before, during)
