@@ -17,6 +17,7 @@ the batch it handed over committed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import socket
 import sqlite3
@@ -117,8 +118,9 @@ def commit_batch(db: sqlite3.Connection, batch: Batch) -> Answer:
             db.execute("RELEASE write")
         db.execute("COMMIT")
     except Exception as error:  # noqa: BLE001  e.g. disk full or database locked: every caller hears of it
-        if db.in_transaction:
-            db.execute("ROLLBACK")
+        with contextlib.suppress(sqlite3.Error):  # the callers hear of the first error
+            if db.in_transaction:
+                db.execute("ROLLBACK")
         return Answer([failed(error)] * len(batch.writes), batch_error=repr(error))
     return Answer(outcomes)
 
@@ -253,12 +255,19 @@ async def serve(sock: socket.socket, settings: DatabaseSettings) -> None:
     writer = ThreadPoolExecutor(1, thread_name_prefix="billing-sqlite-writer")
     readers = ThreadPoolExecutor(settings.readers, thread_name_prefix="billing-sqlite-reader")
 
-    def answer(call_id: int, done: Future[Answer]) -> None:
-        channel.reply(call_id, done.result())
+    def answer(call_id: int, outcomes: int, done: Future[Answer]) -> None:
+        error = done.exception()
+        if error is not None:  # every caller still gets an answer, never a wait without end
+            channel.reply(call_id, Answer([failed(error)] * outcomes, batch_error=repr(error)))
+        else:
+            channel.reply(call_id, done.result())
 
     def on_request(request: Batch | Query, call_id: int) -> None:
-        work = writer.submit(write, request) if isinstance(request, Batch) else readers.submit(read, request)
-        work.add_done_callback(lambda done: loop.call_soon_threadsafe(answer, call_id, done))
+        if isinstance(request, Batch):
+            work, outcomes = writer.submit(write, request), len(request.writes)
+        else:
+            work, outcomes = readers.submit(read, request), 1
+        work.add_done_callback(lambda done: loop.call_soon_threadsafe(answer, call_id, outcomes, done))
 
     channel: Channel[Batch | Query] = await Channel.over(sock, Batch | Query, on_request)
     await channel.closed.wait()
