@@ -2,33 +2,20 @@
 
 In the worker process the node's admission (queue and scheduler) grants leases on its own replicas
 (worker/capacity/leasing.py); in a relay process the worker process grants them over its channel
-(worker/gateway/processes/relay_process.py). The gateway sees only these protocols.
+(worker/gateway/processes/relay_process.py). The gateway sees only these protocols
+(and `EngineTarget`, the replica a lease is on, which lives with the request context that records it).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from starlette.types import Receive
 
-from worker.engines.data_client import EngineDataClient
+from worker.gateway.context import EngineTarget, RequestContext
 
-if TYPE_CHECKING:
-    from worker.gateway.context import RequestContext
-
-
-class EngineTarget(Protocol):
-    """A replica as the request path sees it: which one it is, and the client that reaches its engine."""
-
-    @property
-    def replica_id(self) -> str: ...
-
-    @property
-    def model_id(self) -> str: ...
-
-    @property
-    def data(self) -> EngineDataClient: ...
+__all__ = ["EngineTarget", "Lease", "Leaser"]
 
 
 class Lease(Protocol):

@@ -14,9 +14,9 @@ import socket
 
 from worker.billing.store.sqlite_server import Answer, Batch, DatabaseSettings, Query
 from worker.config import WorkerSection
+from worker.processes.python_child import start_python, wait_or_kill
 from worker.processes.rpc import Channel, ChannelClosed
 from worker.processes.supervisor import ChildSupervisor, Ended, RestartPolicy, RunEnd
-from worker.python_child import start_python, wait_or_kill
 
 logger = logging.getLogger(__name__)
 _ENTRY = "from worker.billing.store.sqlite_server import main; main()"

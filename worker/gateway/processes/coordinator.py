@@ -48,9 +48,9 @@ from worker.gateway.processes.messages import (
     Release,
     ToWorker,
 )
+from worker.processes.python_child import start_python, wait_or_kill
 from worker.processes.rpc import Channel, ChannelClosed
 from worker.processes.supervisor import ChildSupervisor, Ended, RestartPolicy, RunEnd
-from worker.python_child import start_python, wait_or_kill
 
 logger = logging.getLogger(__name__)
 
@@ -326,7 +326,7 @@ class GatewayProcesses:
 
     def _admitted(self, relayed: _Relayed) -> Admitted:
         ctx, replica = relayed.ctx, relayed.lease.replica
-        ctx.replica = replica  # type: ignore[assignment]  # the node's Replica (ctx.replica is typed so)
+        ctx.replica = replica
         relayed.chain.routed()
         # What the hooks add to `usage` beside its cost, which the relay prices itself as the usage comes.
         extras = relayed.chain.usage_extras()

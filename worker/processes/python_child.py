@@ -28,6 +28,6 @@ async def wait_or_kill(process: asyncio.subprocess.Process, timeout_s: float, wh
     try:
         await asyncio.wait_for(process.wait(), timeout_s)
     except TimeoutError:
-        logger.error(f"{what} did not exit; killing it", extra={"pid": process.pid})
+        logger.error("%s did not exit; killing it", what, extra={"pid": process.pid})
         process.kill()
         await process.wait()
