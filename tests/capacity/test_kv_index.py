@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from tests.engines.mock.mock_engine_support import make_model
+from tests.support.worker_process import eventually as eventually_async
 from worker.capacity.kv_index import HfPromptTokenizer, KvEventsPrefixIndex
 from worker.engines.kv_events import decode_batch, encode_batch
 from worker.engines.mock import build_mock_app
@@ -82,14 +83,30 @@ async def eventually(condition: Callable[[], bool], timeout_s: float = 10.0) -> 
         await asyncio.sleep(0.02)
 
 
+async def until_subscribed(client: httpx.AsyncClient, index: KvEventsPrefixIndex, tag: str) -> None:
+    """ZMQ's slow joiner: what an engine publishes before the subscription reaches it is lost. Send new prompts
+    (a cached one publishes nothing) until the index holds one of them: then it hears this engine."""
+    sent: list[Any] = []
+
+    async def heard() -> bool:
+        body = {"model": "mock-model", "prompt": f"{tag} {len(sent)} " * 40, "max_tokens": 1}
+        sent.append(index.keys("completions", body))
+        await client.post("/v1/completions", json=body)
+        return any(index.match("r0", key) > 0 for key in sent)
+
+    assert await eventually_async(heard, timeout_s=10)
+
+
 async def test_the_index_predicts_the_cached_tokens_the_engine_reports(mock_engine: Any) -> None:
     client, endpoint, _, model = mock_engine
     index = KvEventsPrefixIndex.for_model(model)
     try:
         index.subscribe("r0", endpoint)
-        await asyncio.sleep(0.3)  # ZMQ's slow joiner: let the subscription reach the publisher
-        await client.post("/v1/chat/completions", json=long_chat("What is a river?"))
-        await eventually(lambda: index.cached_blocks("r0") > 0)
+        await until_subscribed(client, index, "joining")
+        first = long_chat("What is a river?")
+        await client.post("/v1/chat/completions", json=first)
+        first_key = index.keys("chat.completions", first)
+        await eventually(lambda: index.match("r0", first_key) > 0)
         body = long_chat("And what is a stone?")
         predicted = index.match("r0", index.keys("chat.completions", body))
         response = (await client.post("/v1/chat/completions", json=body)).json()
@@ -107,9 +124,8 @@ async def test_a_late_subscriber_catches_up_through_the_replay_socket(mock_engin
     index = KvEventsPrefixIndex.for_model(model)
     try:
         index.subscribe("r0", endpoint, replay_endpoint)
-        await asyncio.sleep(0.3)
         # Any new batch shows the subscriber it missed the earlier ones.
-        await client.post("/v1/completions", json={"model": "mock-model", "prompt": "light " * 40, "max_tokens": 1})
+        await until_subscribed(client, index, "light")
         key = index.keys("chat.completions", first)
         await eventually(lambda: index.match("r0", key) > 0)
         assert index.match("r0", key) == len(key.chain) * 16 > 150
