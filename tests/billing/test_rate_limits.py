@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from worker.billing.ratelimit import RateLimiter, format_reset, retry_after_header
+from worker.billing.ratelimit import RateLimiter, format_reset
+from worker.token_bucket import retry_after_header
 
 
 class FakeClock:

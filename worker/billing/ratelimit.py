@@ -12,29 +12,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from worker.token_bucket import TokenBucket
+
 _PRUNE_ABOVE = 10_000
-
-
-@dataclass
-class TokenBucket:
-    capacity: float
-    per_second: float
-    level: float
-    updated: float
-
-    @classmethod
-    def full(cls, per_minute: int, now: float) -> TokenBucket:
-        return cls(capacity=per_minute, per_second=per_minute / 60.0, level=per_minute, updated=now)
-
-    def refill(self, now: float) -> None:
-        self.level = min(self.capacity, self.level + (now - self.updated) * self.per_second)
-        self.updated = now
-
-    def wait_for(self, amount: float) -> float:
-        return max(0.0, (amount - self.level) / self.per_second)
-
-    def until_full(self) -> float:
-        return max(0.0, (self.capacity - self.level) / self.per_second)
 
 
 @dataclass(frozen=True)
@@ -133,7 +113,3 @@ def _headers(requests: TokenBucket | None, tokens: TokenBucket | None) -> dict[s
         headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(bucket.level)))
         headers[f"x-ratelimit-reset-{kind}"] = format_reset(bucket.until_full())
     return headers
-
-
-def retry_after_header(seconds: float) -> str:
-    return str(max(1, math.ceil(seconds)))

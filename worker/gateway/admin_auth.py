@@ -13,10 +13,10 @@ from typing import Any
 from pydantic import SecretStr
 from starlette.requests import Request
 
-from worker.billing.ratelimit import TokenBucket, retry_after_header
 from worker.gateway.client_address import client_address
 from worker.gateway.errors import ApiError
 from worker.gateway.request_id import SCOPE_KEY
+from worker.token_bucket import TokenBucket, retry_after_header
 
 logger = logging.getLogger(__name__)
 
