@@ -12,6 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.worker_process import eventually
 from worker.gpu import FakeNvmlBackend, GpuHealth, GpuMetricsCollector, GpuMonitor
 from worker.gpu.probe import main as probe_main
 from worker.gpu.probe import probe
@@ -43,8 +44,11 @@ async def test_replay_gives_the_probe_what_the_recorded_backend_gave(tmp_path: P
     backend.gpus[0].pcie_replay_counter = None  # refused: NVMLError_NotSupported
     backend.gpus[1].clocks_event_reasons = pynvml.nvmlClocksEventReasonHwThermalSlowdown
 
+    async def listening() -> bool:
+        return backend.is_listening(1)
+
     async def xid_during_listening() -> None:
-        await asyncio.sleep(0.3)
+        assert await eventually(listening, timeout_s=10)
         backend.inject_xid(1, 79)
 
     injector = asyncio.create_task(xid_during_listening())

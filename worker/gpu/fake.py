@@ -88,6 +88,11 @@ class FakeNvmlBackend:
         event_type = EVENT_DOUBLE_BIT_ECC if double_bit else EVENT_SINGLE_BIT_ECC
         self._deliver(NvmlEvent(gpu_index=index, event_type=event_type, event_data=0))
 
+    def is_listening(self, index: int, event_type: int = EVENT_XID_CRITICAL) -> bool:
+        """Whether an event set is registered for this GPU's events of this type: an injected one reaches it."""
+        with self._lock:
+            return any(event_set.registered.get(index, 0) & event_type for event_set in self._event_sets)
+
     def _deliver(self, event: NvmlEvent) -> None:
         with self._lock:
             for event_set in self._event_sets:
