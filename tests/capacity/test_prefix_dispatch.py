@@ -10,6 +10,7 @@ import asyncio
 
 from tests.capacity.test_scheduler import _admission, _model, _watch
 from worker.capacity import Admission
+from worker.capacity.prefix_index import PromptKey
 from worker.config import ModelConfig
 from worker.engines.replica import ReplicaLease
 from worker.gateway.context import RequestContext
@@ -128,3 +129,17 @@ async def test_least_loaded_takes_the_head_of_the_queue_wherever_a_slot_frees() 
     assert done and _replica_index(a_turn.result()) == 1
     assert not b_turn.done()
     b_turn.cancel()
+
+
+async def test_a_request_does_not_wait_when_a_replica_with_room_holds_most_of_its_prefix() -> None:
+    model, admission, _ = _cluster(taken=(8, 6))
+    placement = admission.placement[model.id]
+    assert placement.index is not None
+    key = placement.index.keys("chat.completions", _ctx(model, "A").body)
+    assert len(key.chain) >= 4
+    # Replica 1 (with room) holds the first 60% of A's prompt; replica 0 (full) holds all of it: the rest is
+    # cheaper to recompute than a slot is to wait for.
+    placement.index.record(admission.watches[model.id][1].replica.replica_id,
+                           PromptKey(key.chain[:len(key.chain) * 6 // 10], key.chunk_tokens))
+    lease = admission.admit_now(_ctx(model, "A"))
+    assert lease is not None and _replica_index(lease) == 1

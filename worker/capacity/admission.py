@@ -147,14 +147,16 @@ class Admission:
 
     def _waits_for_its_prefix(self, ctx: RequestContext, key: PromptKey | None,
                               candidates: Sequence[tuple[float, ReplicaWatch]]) -> bool:
-        """True when the replicas holding the prompt's prefix are all full and one of them, once it frees a
-        slot, would still be within the load margin of the least loaded replica with room (placement would
-        choose it then; beyond the margin load wins, so there is nothing to wait for)."""
+        """True when the replicas holding the prompt's prefix are all full, no replica with room holds half
+        as much of it (`Placement.worth_waiting_for`), and one of them, once it frees a slot, would still be
+        within the load margin of the least loaded replica with room (placement would choose it then; beyond
+        the margin load wins, so there is nothing to wait for)."""
         model_id = ctx.model.id
         placement = self.placement[model_id]
         watches = [w for w in self.watches.get(model_id, ()) if w.routable]
-        wanted = placement.preferred(ctx, key, [w.replica.replica_id for w in watches])
-        if not wanted or any(watch.replica.replica_id in wanted for _, watch in candidates):
+        wanted = placement.worth_waiting_for(ctx, key, [w.replica.replica_id for w in watches],
+                                             {watch.replica.replica_id for _, watch in candidates})
+        if not wanted:
             return False
         least = min(score for score, _ in candidates)
         return any(w.limits.score(w.replica.in_flight - 1, w.metered_load) - least <= placement.routing.load_margin

@@ -9,7 +9,7 @@ load wins, so a hot prefix cannot pile every request onto one replica.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 from worker.config.models import RoutingConfig
@@ -38,19 +38,24 @@ class Placement:
         """The request's key in the prefix index (None without one), to compute once per request."""
         return None if self.index is None else self.index.keys(ctx.endpoint, ctx.body)
 
-    def preferred(self, ctx: RequestContext, key: PromptKey | None, replica_ids: Sequence[str]) -> frozenset[str]:
-        """The replicas among `replica_ids` worth waiting for: the one that served the client's session
-        last, else those holding the longest cached prefix of the prompt. Empty when none holds any of it
-        (any replica serves it as well as another)."""
+    def worth_waiting_for(self, ctx: RequestContext, key: PromptKey | None, replica_ids: Sequence[str],
+                          with_room: Collection[str]) -> frozenset[str]:
+        """The full replicas among `replica_ids` worth waiting for rather than binding to one in
+        `with_room`: the one that served the client's session last, else those holding the longest cached
+        prefix of the prompt, when no replica with room holds at least half of that prefix (recomputing a
+        short rest costs less than waiting for a slot). Empty when a replica with room serves it as well."""
         if self.index is None or key is None:
             return frozenset()
         if self.sessions is not None and ctx.session_key:
             replica_id = self.sessions.replica_of(ctx.session_key)
             if replica_id is not None and replica_id in replica_ids:
-                return frozenset((replica_id,))
+                return frozenset() if replica_id in with_room else frozenset((replica_id,))
         matches = {replica_id: self.index.match(replica_id, key) for replica_id in replica_ids}
         best = max(matches.values(), default=0)
-        return frozenset(r for r, matched in matches.items() if matched == best) if best > 0 else frozenset()
+        best_with_room = max((matches[r] for r in with_room if r in matches), default=0)
+        if best == 0 or 2 * best_with_room >= best:
+            return frozenset()
+        return frozenset(r for r, matched in matches.items() if matched == best)
 
     def choose(self, ctx: RequestContext, candidates: Sequence[tuple[float, ReplicaWatch]],
                router: ReplicaRouter, key: PromptKey | None = None) -> ReplicaWatch:
