@@ -65,7 +65,10 @@ class LedgerStore(abc.ABC):
         """Raises UnknownAccount when the account does not exist."""
 
     @abc.abstractmethod
-    async def find_key_by_hash(self, key_hash: str) -> ApiKey | None: ...
+    async def find_key_by_hash(self, key_hash: str, *, settled: bool = False) -> ApiKey | None:
+        """`settled`: wait for the records settled before the call, so that the key's spend this month counts
+        them (the key holder's own view). Authenticating an inference request does not: its reservation
+        re-checks the cap in its own transaction, so a key-cache miss never waits for a ledger batch."""
 
     @abc.abstractmethod
     async def get_key(self, key_id: str) -> ApiKey | None: ...

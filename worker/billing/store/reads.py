@@ -46,20 +46,17 @@ class SqlReads(LedgerStore):
         rows = await self._rows(f"SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY created_at, id")
         return [account_from_row(row) for row in rows]
 
-    # A key's settled spend is re-checked by the reservation itself: a key look-up never waits for settling.
-    async def find_key_by_hash(self, key_hash: str) -> ApiKey | None:
-        rows = await self._rows(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE key_hash = {{}}", key_hash, settled=False)
+    async def find_key_by_hash(self, key_hash: str, *, settled: bool = False) -> ApiKey | None:
+        rows = await self._rows(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE key_hash = {{}}", key_hash, settled=settled)
         return key_from_row(rows[0]) if rows else None
 
     async def get_key(self, key_id: str) -> ApiKey | None:
-        rows = await self._rows(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE id = {{}}", key_id, settled=False)
+        rows = await self._rows(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE id = {{}}", key_id)
         return key_from_row(rows[0]) if rows else None
 
     async def list_keys(self, account_id: str | None = None) -> list[ApiKey]:
         where, params = ("", ()) if account_id is None else (" WHERE account_id = {}", (account_id,))
-        rows = await self._rows(
-            f"SELECT {KEY_COLUMNS} FROM api_keys{where} ORDER BY created_at, id", *params, settled=False
-        )
+        rows = await self._rows(f"SELECT {KEY_COLUMNS} FROM api_keys{where} ORDER BY created_at, id", *params)
         return [key_from_row(row) for row in rows]
 
     async def query_ledger(
