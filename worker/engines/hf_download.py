@@ -87,7 +87,7 @@ def _report_progress(blobs_dir: Path, planned: Sequence[PlannedFile], stop: thre
 def download(repo: str, revision: str | None, cache_dir: str | None) -> None:
     from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
     from huggingface_hub.file_download import repo_folder_name
-    from huggingface_hub.utils import disable_progress_bars
+    from huggingface_hub.utils.tqdm import disable_progress_bars
 
     # Its own bars redraw up to ten times a second, each a log line here; the lines above replace them.
     disable_progress_bars()
