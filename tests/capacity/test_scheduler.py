@@ -88,6 +88,16 @@ async def test_fair_queue_takes_turns_across_flows_and_serves_priority_first() -
     assert (queue.depth, queue.size_bytes) == (0, 0)
 
 
+async def _first_done(tasks: list[asyncio.Future[Any]], count: int) -> set[asyncio.Future[Any]]:
+    """Wait until `count` of the tasks are done (not for a while: what is still pending is then checked)."""
+    done: set[asyncio.Future[Any]] = set()
+    while len(done) < count:
+        finished, _ = await asyncio.wait(set(tasks) - done, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        assert finished, f"only {len(done)} of {count} done"
+        done |= finished
+    return done
+
+
 async def test_a_burst_beyond_the_batch_waits_and_is_bound_as_slots_free() -> None:
     model = _model()
     admission = _admission(model, _watch(model))
@@ -99,13 +109,13 @@ async def test_a_burst_beyond_the_batch_waits_and_is_bound_as_slots_free() -> No
     assert not any(task.done() for task in waiting)
     leases[0].release()
     leases[1].release()
-    done, pending = await asyncio.wait(waiting, timeout=1)
-    assert len(done) == 2 and len(pending) == 2  # one freed slot, one bound request
+    done = await _first_done(waiting, 2)  # one freed slot, one bound request
     assert all(task.result().replica.in_flight == 8 for task in done)
+    assert admission.queue_view(model.id)[0] == 2  # the other two still wait in the queue
+    assert not any(task.done() for task in set(waiting) - done)
     for lease in leases[2:4]:
         lease.release()
-    await asyncio.wait(pending, timeout=1)
-    assert all(task.done() for task in waiting)
+    await asyncio.wait_for(asyncio.gather(*waiting), timeout=10)
     assert admission.queue_view(model.id)[0] == 0
     assert not admission.rejections
 
