@@ -177,7 +177,8 @@ class SqliteStore(SqlReads):
         return ReserveOutcome.reserved
 
     async def settle(self, record: LedgerEntry) -> int:
-        seq: int | None = await self._write("settle", *ledger_params(record))
+        seqs: list[int | None] = await self._write("settle", ledger_params(record))
+        (seq,) = seqs
         if seq is None:
             raise DuplicateRecordId(record.record_id)
         return seq
@@ -210,8 +211,11 @@ class SqliteStore(SqlReads):
         return self._journaled.keep(ledger_params(record))
 
     async def _settle_rows(self, rows: list[tuple[Any, ...]]) -> list[int | BaseException | None]:
-        seqs: list[int | BaseException | None] = await asyncio.gather(
-            *(self._write("settle", *row) for row in rows), return_exceptions=True)
+        """One write for the lot: each row's outcome, or the error that failed them all (their file stays)."""
+        try:
+            seqs: list[int | BaseException | None] = await self._write("settle", *rows)
+        except Exception as error:  # noqa: BLE001  every row's caller hears why
+            return [error] * len(rows)
         return seqs
 
     async def flush(self) -> None:

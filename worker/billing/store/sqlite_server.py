@@ -164,9 +164,13 @@ def _reserve(db: sqlite3.Connection, record_id: str, account_id: str, key_id: st
     return ReserveOutcome.reserved.value
 
 
-def _settle(db: sqlite3.Connection, *row: Any) -> int | None:
-    """Append a ledger row and release its reservation and charge its cost; its seq, or None (and nothing
-    charged) when the ledger holds its record id already."""
+def _settle(db: sqlite3.Connection, *rows: list[Any]) -> list[int | None]:
+    """Append ledger rows, and for each release its reservation and charge its cost; each row's seq, or None
+    (and nothing charged) for a record id the ledger holds already."""
+    return [_settle_row(db, row) for row in rows]
+
+
+def _settle_row(db: sqlite3.Connection, row: list[Any]) -> int | None:
     inserted = _returning(db, _SQL.LEDGER_INSERT, row)
     if inserted is None:
         return None
