@@ -271,8 +271,11 @@ def source_tree_env(source_tree: Path | None) -> dict[str, str]:
 
 
 def _worker_cli(*args: str, source_tree: Path | None = None) -> str:
+    # PYTHONSAFEPATH (-P, inherited by the children it starts, such as the database process): the working
+    # directory's worker/ (this checkout's) must not shadow the source tree on PYTHONPATH.
+    isolated = {"PYTHONSAFEPATH": "1"} if source_tree is not None else {}
     result = subprocess.run([sys.executable, "-m", "worker", *args], capture_output=True, text=True, check=False,
-                            env={**os.environ, **source_tree_env(source_tree)})
+                            env={**os.environ, **source_tree_env(source_tree), **isolated})
     if result.returncode != 0:
         raise RuntimeError(f"worker {args[0]} {args[1]} failed ({result.returncode}): {result.stderr[-2000:]}")
     return result.stdout
