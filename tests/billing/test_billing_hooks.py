@@ -412,9 +412,9 @@ async def test_inference_requests_reuse_a_recent_key_lookup(service: BillingServ
     lookups: list[str] = []
     find = store.find_key_by_hash
 
-    async def counting_find(key_hash: str):  # type: ignore[no-untyped-def]
+    async def counting_find(key_hash: str, *, settled: bool = False):  # type: ignore[no-untyped-def]
         lookups.append(key_hash)
-        return await find(key_hash)
+        return await find(key_hash, settled=settled)
 
     monkeypatch.setattr(store, "find_key_by_hash", counting_find)
     for _ in range(3):

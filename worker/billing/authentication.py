@@ -30,7 +30,8 @@ class KeyAuthenticator:
         """The key the request presents; raises InvalidKey.
 
         `recent_ok`: a key read in the last KEY_CACHE_TTL_S will do (for inference requests, whose
-        reservation re-checks revocation); the key holder's own API always reads it afresh.
+        reservation re-checks revocation), and a read never waits for the ledger's pending batch; the key
+        holder's own API always reads it afresh, with every record settled before it counted.
         """
         presented = presented_api_key(headers)
         if presented is None:
@@ -42,7 +43,7 @@ class KeyAuthenticator:
         key = self._recent_key(presented_hash, now) if recent_ok else None
         if key is None:
             key = await (self._shared_key_read(presented_hash) if recent_ok
-                         else self.store.find_key_by_hash(presented_hash))
+                         else self.store.find_key_by_hash(presented_hash, settled=True))
             if key is not None and key.revoked_at is None:
                 self._remember_key(presented_hash, key, now)
         if key is None or not hashes_match(key.key_hash, presented_hash):

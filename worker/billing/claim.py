@@ -99,15 +99,14 @@ class WorkerIdClaim:
             await asyncio.sleep(self.timing.renew_s)
             try:
                 held = await self.store.renew_worker_claim(self.worker_id, self.instance_id, self.clock())
-            except Exception as error:  # the database is unreachable for now; the next round tries again
+            except Exception as error:  # noqa: BLE001  the database is unreachable for now; the next round tries again
                 logger.warning("cannot renew the worker id's claim", extra={"error": repr(error)})
                 continue
             if not held:
                 logger.error(
-                    "another worker took over this worker id after this one went unheard for "
-                    f"{self.timing.stale_s:g} s; refusing requests from now on, since the other "
-                    "worker may release the balance held for them; give each worker its own worker.id",
-                    extra={"worker_id": self.worker_id},
+                    "another worker took over this worker id after this one went unheard for %g s; refusing "
+                    "requests from now on, since the other worker may release the balance held for them; give "
+                    "each worker its own worker.id", self.timing.stale_s, extra={"worker_id": self.worker_id},
                 )
                 await self.mark_lost()
                 return
@@ -136,7 +135,7 @@ class WorkerIdClaim:
             return
         try:
             await self.store.release_worker_claim(self.worker_id, self.instance_id)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001  the claim lapses by itself; stopping must go on
             logger.warning("cannot release the worker id's claim", extra={"error": repr(error)})
 
 

@@ -178,7 +178,7 @@ class BillingService:
             # The request is abandoned and will never be finalized: do not leave its money held.
             self._forget_reservation(ctx.record_id)
             raise
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001  any store failure: refused as unavailable, never served unbilled
             self._limiter.refund(key.id, requests=1, tokens=rate_tokens)
             logger.error("cannot reserve balance", extra={**_ids(ctx), "error": repr(error)})
             raise _billing_unavailable() from None
@@ -231,7 +231,7 @@ class BillingService:
                 self._limiter.correct_tokens(principal.key_id, estimated=principal.rate_tokens, actual=actual)
         try:
             settled = await self.store.settle_soon(entry)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001  the hold stays until the next restart settles the journal
             _log_unsettled(error, entry)
             return
         if settled.done():  # settled already (no journal): report it now, not on a later turn of the loop
@@ -251,7 +251,7 @@ class BillingService:
             return await self.keys.authenticate(request.headers, recent_ok=True)
         except InvalidKey:
             raise
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001  any store failure: refused as unavailable, never served unbilled
             logger.error("cannot look up API key", extra={**_ids(ctx), "error": repr(error)})
             raise _billing_unavailable() from None
 

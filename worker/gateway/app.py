@@ -29,9 +29,9 @@ INFERENCE_ROUTES = {
 }
 
 
-def unexpected_error_response(request_id: str | None) -> Response:
-    """Log the exception being handled and answer a plain 500 (its details stay in the log)."""
-    logger.exception("unhandled error", extra={"request_id": request_id})
+def unexpected_error_response(request_id: str | None, error: Exception) -> Response:
+    """Log `error` with its traceback and answer a plain 500 (its details stay in the log)."""
+    logger.error("unhandled error", exc_info=error, extra={"request_id": request_id})
     return ApiError(500, "internal error in the worker gateway").to_response()
 
 
@@ -58,8 +58,8 @@ class AnswerUnexpectedErrors:
 
         try:
             await self.app(scope, receive, send_noting_start)
-        except Exception:  # noqa: BLE001  logged by unexpected_error_response
-            response = unexpected_error_response(scope.get(SCOPE_KEY))
+        except Exception as error:  # noqa: BLE001  logged by unexpected_error_response
+            response = unexpected_error_response(scope.get(SCOPE_KEY), error)
             if not started:  # else the client sees its response cut short
                 await response(scope, receive, send)
 

@@ -15,7 +15,8 @@ def client_address(scope: Scope) -> str:
     client = scope.get("client")
     if client:
         return str(client[0])
-    for name, value in scope["headers"]:
+    headers: list[tuple[bytes, bytes]] = scope["headers"]
+    for name, value in headers:
         if name == RELAYED_CLIENT_HEADER:
             return value.decode("latin-1")
     return "unknown"

@@ -69,7 +69,7 @@ async def count_prompt_tokens(ctx: RequestContext) -> tuple[int, UsageSource]:
                 TOKENIZE_TIMEOUT_S,
             )
             return known + sum(counts), "tokenizer"
-        except Exception as error:  # the engine is gone or has no tokenizer endpoint: estimate instead
+        except Exception as error:  # noqa: BLE001  the engine is gone or has no tokenizer endpoint: estimate
             logger.info("cannot count the prompt's tokens with the engine's tokenizer; estimating",
                         extra={"request_id": ctx.request_id, "error": repr(error)})
     return estimate_prompt_tokens(ctx), "estimate"
