@@ -286,6 +286,10 @@ class Phase:
     offered_turns_per_s: float | None = None
 
     @property
+    def requests(self) -> int:
+        return len(self.outcomes)
+
+    @property
     def window(self) -> tuple[float, float]:
         return self.started + self.workload.warmup_s, self.started + self.workload.duration_s
 
@@ -754,7 +758,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-guidellm", action="store_true", help="leave out the GuideLLM part")
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "benchmarks-scheduler.md",
                         help="the page to write; the plot goes next to it (.png)")
-    parser.add_argument("--policies", type=lambda text: [LEAST_LOADED] + text.split(","),
+    parser.add_argument("--policies", type=lambda text: [LEAST_LOADED, *text.split(",")],
                         help="comma-separated policies to run besides least_loaded (default: all of "
                              f"{', '.join(POLICIES)}); a page from a subset leaves the others' rows out")
     parser.add_argument("--work-dir", type=Path, help="logs and GuideLLM reports (default: a new temp dir, kept)")
