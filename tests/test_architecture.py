@@ -68,7 +68,7 @@ def import_graph(package_dir: Path) -> nx.DiGraph:
         for node in ast.walk(tree):
             for name in _imported_names(node, module, is_package):
                 # `import a.b.c` loads a.b.c; `from a.b import c` loads a.b.c when it is a module, else a.b.
-                target = next((name for name in _prefixes(name) if name in modules), None)
+                target = next((prefix for prefix in _prefixes(name) if prefix in modules), None)
                 if target is not None and target != module:
                     graph.add_edge(module, target)
     return graph
