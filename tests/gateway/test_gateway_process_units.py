@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from tests.support.worker_process import free_port, serving
+from tests.support.worker_process import eventually, free_port, serving
 from worker.capacity.leasing import AdmissionLeaser
 from worker.config import NodeConfig
 from worker.engines.data_client import EngineDataClient
@@ -155,7 +155,11 @@ async def test_a_request_its_replica_cannot_take_goes_to_a_sibling_and_every_lea
         live = StandInReplica("chat-1", live_url)
         async with joined([unreachable, live], hook) as relay:
             status, headers, body = await _post(relay, CHAT)
-            await asyncio.sleep(0)
+
+            async def finalized() -> bool:
+                return bool(hook.finalized)
+
+            assert await eventually(finalized, timeout_s=10)  # the worker process recorded how it ended
     assert status == 200, body
     answer = orjson.loads(body)
     assert answer["usage"]["is_byok"] is True  # from the worker process's hooks
