@@ -10,6 +10,7 @@ the guard's process group and every process that carries the launch's marker onc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import os
 import signal
@@ -40,16 +41,12 @@ def _terminate_descendants(grace_s: float) -> None:
     me = psutil.Process()
     procs = me.children(recursive=True)
     for proc in procs:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
     _, alive = psutil.wait_procs(procs, timeout=grace_s)
     for proc in alive:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(alive, timeout=5)
     # Reap adopted orphans that psutil waited on but that are still zombies of ours.
     while True:
@@ -96,10 +93,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if stop_requested and engine.poll() is None:
         engine.send_signal(signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             engine.wait(timeout=args.grace)
-        except subprocess.TimeoutExpired:
-            pass
     _terminate_descendants(grace_s=5.0)
     returncode = engine.poll()
     if returncode is None:

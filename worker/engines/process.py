@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import signal
@@ -29,7 +30,7 @@ GUARD_EXIT_POLL_S = 0.1
 async def _exit_status(process: asyncio.subprocess.Process) -> int:
     """The guard's exit status once it exited. Not `process.wait()`: that also waits for the output pipe
     to close, which engine processes that outlived a killed guard hold open."""
-    while process.returncode is None:
+    while process.returncode is None:  # noqa: ASYNC110  (nothing to await: asyncio sets returncode)
         await asyncio.sleep(GUARD_EXIT_POLL_S)
     return process.returncode
 
@@ -139,10 +140,8 @@ class ProcessEngine(Engine):
             raise RuntimeError("engine not started")
         returncode = await _exit_status(process)
         if self._pump is not None:
-            try:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(self._pump, timeout=2)
-            except (TimeoutError, asyncio.CancelledError):
-                pass
         return EngineExited(returncode, self.output_tail)
 
     async def stop(self, timeout_s: float | None = None) -> None:
