@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from tests.support.worker_process import eventually, free_port, serving
+from worker.billing import usage_cost
 from worker.capacity.leasing import AdmissionLeaser
 from worker.config import NodeConfig
 from worker.engines.data_client import EngineDataClient
@@ -114,7 +115,7 @@ async def joined(replicas: list[StandInReplica], hook: RecordingHook) -> AsyncIt
         await processes.connect(processes.relays[0], ours)
         link = WorkerLink()
         await link.connect(theirs)
-        relay = relay_gateway(config, link)
+        relay = relay_gateway(config, link, usage_cost)
         try:
             yield relay
         finally:

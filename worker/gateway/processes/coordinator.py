@@ -54,7 +54,7 @@ from worker.processes.supervisor import ChildSupervisor, Ended, RestartPolicy, R
 
 logger = logging.getLogger(__name__)
 
-_ENTRY = "from worker.gateway.processes.relay_process import main; main()"
+_ENTRY = "from worker.relay_entry import main; main()"
 _EXIT_TIMEOUT_S = 10.0
 
 

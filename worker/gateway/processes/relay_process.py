@@ -7,17 +7,15 @@ import asyncio
 import contextlib
 import logging
 import socket
-import sys
 import time
+from collections.abc import Callable
 from types import FrameType
-from typing import Any
+from typing import Any, TypeAlias
 
 import httpx
 import uvicorn
-import uvloop
 from starlette.types import Receive, Scope, Send
 
-from worker.billing import usage_cost
 from worker.config import NodeConfig
 from worker.engines.data_client import EngineDataClient
 from worker.gateway.app import inference_endpoint, serve_inference
@@ -160,11 +158,16 @@ class WorkerLink:
             await target.data.aclose()
 
 
+# What a relay adds to a usage object itself (`usage.cost`): the other hooks' extras come from the worker.
+UsageExtras: TypeAlias = Callable[[RequestContext], dict[str, Any]]
+
+
 class RemoteHooks:
     """The relay's only request hook: every real hook runs in the worker process."""
 
-    def __init__(self, link: WorkerLink) -> None:
+    def __init__(self, link: WorkerLink, usage_extras: UsageExtras) -> None:
         self.link = link
+        self._usage_extras = usage_extras
 
     async def before_request(self, ctx: RequestContext, request: RequestView) -> None:
         # The worker process may queue the request for a while: a client that leaves meanwhile must
@@ -180,7 +183,7 @@ class RemoteHooks:
 
     def usage_extras(self, ctx: RequestContext) -> dict[str, Any]:
         lease = self.link.leases.get(ctx.record_id)
-        return {**(lease.extras if lease is not None else {}), **usage_cost(ctx)}
+        return {**(lease.extras if lease is not None else {}), **self._usage_extras(ctx)}
 
     async def finalize(self, ctx: RequestContext) -> None:
         try:
@@ -190,9 +193,9 @@ class RemoteHooks:
                          extra={"request_id": ctx.request_id, "record_id": ctx.record_id})
 
 
-def relay_gateway(config: NodeConfig, link: WorkerLink) -> Gateway:
+def relay_gateway(config: NodeConfig, link: WorkerLink, usage_extras: UsageExtras) -> Gateway:
     """The gateway a relay runs: the worker process leases its replicas and runs every hook."""
-    return Gateway(config, link, hooks=[RemoteHooks(link)])
+    return Gateway(config, link, hooks=[RemoteHooks(link, usage_extras)])
 
 
 class RelayApp:
@@ -251,14 +254,15 @@ class RelayServer(uvicorn.Server):
         return None
 
 
-async def run(control_fd: int, public_fd: int) -> None:
+async def run(control_fd: int, public_fd: int, usage_extras: UsageExtras) -> None:
+    """One relay process's life (worker/relay_entry.py starts it)."""
     link = WorkerLink()
     hello = await link.connect(socket.socket(fileno=control_fd))
     channel = link.channel
     assert channel is not None
     configure_logging(hello.log_level)
     config = NodeConfig.model_validate(hello.config)
-    app = RelayApp(relay_gateway(config, link), hello.internal)
+    app = RelayApp(relay_gateway(config, link, usage_extras), hello.internal)
     server = RelayServer(LimitedConfig(app, limits=config.worker.http, lifespan="off", access_log=False,
                                        log_config=None, timeout_graceful_shutdown=5))
     serving = asyncio.ensure_future(server.serve(sockets=[socket.socket(fileno=public_fd)]))
@@ -273,7 +277,3 @@ async def run(control_fd: int, public_fd: int) -> None:
     await app.aclose()
     logger.info("gateway process stopped", extra={"gateway_process": hello.index,
                                                   "shutdown_s": round(time.monotonic() - started, 3)})
-
-
-def main() -> None:
-    uvloop.run(run(int(sys.argv[1]), int(sys.argv[2])))
