@@ -4,14 +4,15 @@
     .venv/bin/python -m bench.trees --before /tmp/before [--concurrency 32] [--rounds 8]
                                     [--doc docs/benchmarks-before-after.md]
 
-Four real `worker serve --engine config` processes, each in front of its own zero-cost mock engine (where the
+Six real `worker serve --engine config` processes, each in front of its own zero-cost mock engine (where the
 engine costs nothing, the worker is the bottleneck and its own cost shows): the tree given by --before and
-this checkout, each with the usage ledger on (auth on with a key issued by that tree's `worker keys`,
-admission at the model's defaults, SQLite ledger: everything a production node runs per request) and with the
-ledger off. The same load (`vllm bench serve`, in-process) goes to the four in turn, each going first in turn.
+this checkout, each as production runs it (auth on with a key issued by that tree's `worker keys`, SQLite
+ledger), with the ledger alone (auth off, as bench.ledger measures it) and with both off; admission at the
+model's defaults in all. The same load (`vllm bench serve`, in-process) goes to the six in turn, each going
+first in turn.
 
 Reported per tree: output tok/s, TTFT p50, the worker's CPU per request (its process, its billing database's
-process and gateway processes, not the engine), and the ledger's cost (1 - tok/s ledger on / tok/s ledger off,
+process and gateway processes, not the engine), and the ledger's cost (1 - tok/s ledger alone / tok/s both off,
 median of the per-round ratios).
 """
 
@@ -51,8 +52,9 @@ logger = logging.getLogger("bench.trees")
 
 SETUP = ENGINES["mock"]
 REPO = Path(__file__).resolve().parents[1]
-# (tree, ledger on)
-PATHS = ("before/on", "after/on", "before/off", "after/off")
+# tree/setting: "production" = auth and ledger on; "ledger" = the ledger on, auth off (as bench.ledger);
+# "off" = both off.
+PATHS = ("before/production", "after/production", "before/ledger", "after/ledger", "before/off", "after/off")
 
 
 @dataclass
@@ -83,10 +85,10 @@ def run(before: Path, work_dir: Path, concurrency: int, rounds: int, scale: floa
     with contextlib.ExitStack() as stack:
         workers: dict[str, BenchWorker] = {}
         for path in PATHS:
-            tree, ledger = path.split("/")
+            tree, setting = path.split("/")
             workers[path] = stack.enter_context(running_worker(
-                SETUP, model_dir, work_dir / path.replace("/", "-"), auth=ledger == "on", admission=True,
-                ledger=ledger == "on", source_tree=trees[tree]))
+                SETUP, model_dir, work_dir / path.replace("/", "-"), auth=setting == "production", admission=True,
+                ledger=setting != "off", source_tree=trees[tree]))
         num_prompts = SETUP.num_prompts(concurrency, scale)
         for path, worker in workers.items():  # one unrecorded run each: connection pools, caches, JIT-free warm-up
             load.run(worker.target, SETUP.model_id, concurrency, num_prompts, f"warmup-{path.replace('/', '-')}")
@@ -104,15 +106,16 @@ def run(before: Path, work_dir: Path, concurrency: int, rounds: int, scale: floa
 
 def report(measured: dict[str, Measured], before: Path, concurrency: int, rounds: int, scale: float,
            started: datetime.datetime, command: str) -> str:
-    lines = table_head("| tree | ledger | output tok/s | TTFT p50 ms | worker CPU ms per request | failed |")
+    lines = table_head("| tree | auth, ledger | output tok/s | TTFT p50 ms | worker CPU ms per request | failed |")
+    names = {"production": "on, on", "ledger": "off, on", "off": "off, off"}
     for path in PATHS:
-        tree, ledger = path.split("/")
+        tree, setting = path.split("/")
         m = measured[path]
-        lines.append(f"| {tree} | {ledger} | {fmt(m.samples.output_tok_s)} | {fmt(m.samples.ttft(50), 1)} "
+        lines.append(f"| {tree} | {names[setting]} | {fmt(m.samples.output_tok_s)} | {fmt(m.samples.ttft(50), 1)} "
                      f"| {fmt(m.cpu.ms(), 2)} | {m.samples.failed} |")
-    cpu_ratio = measured["after/on"].cpu.ms() / measured["before/on"].cpu.ms()
-    tok_ratio = measured["after/on"].samples.output_tok_s / measured["before/on"].samples.output_tok_s
-    costs = {tree: ledger_cost(measured[f"{tree}/on"].samples, measured[f"{tree}/off"].samples)
+    cpu_ratio = measured["after/production"].cpu.ms() / measured["before/production"].cpu.ms()
+    tok_ratio = measured["after/production"].samples.output_tok_s / measured["before/production"].samples.output_tok_s
+    costs = {tree: ledger_cost(measured[f"{tree}/ledger"].samples, measured[f"{tree}/off"].samples)
              for tree in ("before", "after")}
     return f"""# Before and after: the worker's cost per request from two source trees, side by side
 
@@ -122,19 +125,20 @@ The load generator, the four workers and their engines share these cores: read t
 - before: `{tree_commit(before)}`
 - after: `{tree_commit(REPO)}`
 
-Four workers, each in front of its own engine ({SETUP.describe}): each tree with the ledger on (auth on,
-admission at its defaults, SQLite ledger) and off (auth and ledger off). Load: `vllm bench serve`, streamed chat,
+Six workers, each in front of its own engine ({SETUP.describe}), admission at its defaults in all: each tree
+as production runs it (auth on with a key issued by that tree's `worker keys`, SQLite ledger), with the ledger
+alone (auth off, as bench.ledger measures it), and with both off. Load: `vllm bench serve`, streamed chat,
 {concurrency} concurrent streams, 128 prompt / 128 output tokens, {SETUP.num_prompts(concurrency, scale)}
-requests per run, {rounds} rounds, the four workers in turn, each going first in turn, after one unrecorded
+requests per run, {rounds} rounds, the six workers in turn, each going first in turn, after one unrecorded
 run each. Worker CPU = its process, its billing database's process and gateway processes (not the engine)
 over the requests it served, warm-ups included.
 
 {chr(10).join(lines)}
 
-- Worker CPU per request with the ledger on, after / before: **{cpu_ratio:.2f}x**; output tok/s after / before:
-  **{tok_ratio:.2f}x**.
-- Ledger cost (1 - tok/s on / off, median of per-round ratios): before {pct(costs['before'])}, after
-  {pct(costs['after'])}.
+- Worker CPU per request as production runs it, after / before: **{cpu_ratio:.2f}x**; output tok/s after /
+  before: **{tok_ratio:.2f}x**.
+- Ledger cost (1 - tok/s ledger alone / both off, median of per-round ratios): before {pct(costs['before'])},
+  after {pct(costs['after'])}.
 """
 
 
