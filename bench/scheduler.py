@@ -423,6 +423,22 @@ async def measure_phase(client: aiohttp.ClientSession, worker: WorkerProcess, po
     return phase
 
 
+async def measure_policy(client: aiohttp.ClientSession, worker: WorkerProcess, policy: str, tenants: Tenants,
+                         workload: Workload, capacity_turns_s: float) -> list[Phase]:
+    """The three phases on one worker: saturation, 0.8x of `capacity_turns_s` (least_loaded's turns/s at
+    saturation; its own when `policy` is least_loaded), no shared prefix."""
+    saturation = await measure_phase(client, worker, policy, "saturation", workload,
+                                     closed_loop_sessions(client, tenants, workload, seed=1))
+    offered = 0.8 * (saturation.turns_per_s if policy == LEAST_LOADED else capacity_turns_s)
+    await asyncio.sleep(workload.pause_s)
+    paced = await measure_phase(client, worker, policy, "0.8x", workload,
+                                open_loop_sessions(client, tenants, workload, offered, seed=2), offered)
+    await asyncio.sleep(workload.pause_s)
+    unique = await measure_phase(client, worker, policy, "no shared prefix", workload,
+                                 closed_loop_unique(client, workload, seed=3))
+    return [saturation, paced, unique]
+
+
 async def policy_runs(setup: MockSetup, workload: Workload, work_dir: Path,
                       policies: list[str] | None = None) -> list[Phase]:
     tenants = Tenants.make(workload)
@@ -434,18 +450,10 @@ async def policy_runs(setup: MockSetup, workload: Workload, work_dir: Path,
         async with serving(work_dir / f"policy-{number}", mock_model(setup, routing, admission)) as worker, \
                 aiohttp.ClientSession(worker.base_url, timeout=timeout,
                                       connector=aiohttp.TCPConnector(limit=0)) as client:
-            saturation = await measure_phase(client, worker, policy, "saturation", workload,
-                                             closed_loop_sessions(client, tenants, workload, seed=1))
+            policy_phases = await measure_policy(client, worker, policy, tenants, workload, capacity_turns_s)
             if policy == LEAST_LOADED:
-                capacity_turns_s = saturation.turns_per_s
-            offered = 0.8 * capacity_turns_s
-            await asyncio.sleep(workload.pause_s)
-            paced = await measure_phase(client, worker, policy, "0.8x", workload,
-                                        open_loop_sessions(client, tenants, workload, offered, seed=2), offered)
-            await asyncio.sleep(workload.pause_s)
-            unique = await measure_phase(client, worker, policy, "no shared prefix", workload,
-                                         closed_loop_unique(client, workload, seed=3))
-            phases += [saturation, paced, unique]
+                capacity_turns_s = policy_phases[0].turns_per_s
+            phases += policy_phases
     return phases
 
 

@@ -33,10 +33,7 @@ from bench.scheduler import (
     Tenants,
     Workload,
     by,
-    closed_loop_sessions,
-    closed_loop_unique,
-    measure_phase,
-    open_loop_sessions,
+    measure_policy,
     plot,
     serving,
 )
@@ -118,18 +115,10 @@ async def policy_runs(setup: VllmSetup, workload: Workload, model_dir: Path, wor
                            start_timeout_s=START_TIMEOUT_S, worker_settings=settings) as worker, \
                 aiohttp.ClientSession(worker.base_url, timeout=aiohttp.ClientTimeout(total=900),
                                       connector=aiohttp.TCPConnector(limit=0)) as client:
-            saturation = await measure_phase(client, worker, policy, "saturation", workload,
-                                             closed_loop_sessions(client, tenants, workload, seed=1))
+            policy_phases = await measure_policy(client, worker, policy, tenants, workload, capacity_turns_s)
             if policy == LEAST_LOADED:
-                capacity_turns_s = saturation.turns_per_s
-            offered = 0.8 * capacity_turns_s
-            await asyncio.sleep(workload.pause_s)
-            paced = await measure_phase(client, worker, policy, "0.8x", workload,
-                                        open_loop_sessions(client, tenants, workload, offered, seed=2), offered)
-            await asyncio.sleep(workload.pause_s)
-            unique = await measure_phase(client, worker, policy, "no shared prefix", workload,
-                                         closed_loop_unique(client, workload, seed=3))
-            phases += [saturation, paced, unique]
+                capacity_turns_s = policy_phases[0].turns_per_s
+            phases += policy_phases
     return phases
 
 
