@@ -169,7 +169,7 @@ def _is_billing_database(proc: psutil.Process) -> bool:
 
 
 def _is_gateway_process(proc: psutil.Process) -> bool:
-    return _runs(proc, "worker.gateway.processes.relay_process")
+    return _runs(proc, "worker.relay_entry")
 
 
 def start_worker(tmp_path: Path, config: dict, *, engine: str = "mock", env: dict[str, str] | None = None,
