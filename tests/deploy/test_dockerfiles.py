@@ -426,8 +426,14 @@ def cpu_image_worker(tmp_path: Path) -> Iterator[tuple[int, subprocess.Popen[byt
         yield port, process, log_path
     finally:
         if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
+            # tini forwards SIGTERM to the worker, which drains and exits; SIGKILL would end tini alone and
+            # leave the worker and its engines running, orphaned.
+            process.terminate()
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
 
 
 def test_cpu_image_command_serves_passes_its_healthcheck_and_drains_on_sigterm(tmp_path: Path) -> None:
