@@ -40,11 +40,11 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import numpy as np
@@ -554,7 +554,44 @@ async def guidellm_runs(shape: GuideLlmShape, work_dir: Path) -> list[GuideLlmRu
 # -- the page ---------------------------------------------------------------------------------------
 
 
-def by(phases: list[Phase], policy: str, name: str) -> Phase:
+class PhaseRow(Protocol):
+    """What the results table and the plot read of a phase (a measured `Phase`, or figures read back)."""
+
+    @property
+    def policy(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def requests(self) -> int: ...
+    @property
+    def output_tok_s(self) -> float: ...
+    @property
+    def turns_per_s(self) -> float: ...
+    @property
+    def hit_rate(self) -> float: ...
+    @property
+    def refused(self) -> int: ...
+    @property
+    def failed(self) -> int: ...
+    @property
+    def cpu_ms_per_request(self) -> float: ...
+    def ttft_ms(self, q: int) -> float: ...
+
+
+Row = TypeVar("Row", bound=PhaseRow)
+
+
+def results_table(phases: Sequence[PhaseRow]) -> list[str]:
+    lines = table_head("| policy | phase | requests | output tok/s | turns/s | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms "
+                       "| prefix-cache hit rate | refused | failed | worker CPU ms/request |")
+    for p in phases:
+        lines.append(f"| {p.policy} | {p.name} | {p.requests} | {fmt(p.output_tok_s)} | {fmt(p.turns_per_s, 1)} "
+                     f"| {fmt(p.ttft_ms(50))} | {fmt(p.ttft_ms(90))} | {fmt(p.ttft_ms(99))} | {fmt(p.hit_rate, 2)} "
+                     f"| {p.refused} | {p.failed} | {fmt(p.cpu_ms_per_request, 2)} |")
+    return lines
+
+
+def by(phases: Sequence[Row], policy: str, name: str) -> Row:
     return next(p for p in phases if p.policy == policy and p.name == name)
 
 
@@ -582,7 +619,7 @@ def goal_lines(phases: list[Phase], cache_policy: str = CACHE_AWARE) -> list[str
     ]
 
 
-def policies_in(phases: list[Phase]) -> list[str]:
+def policies_in(phases: Sequence[PhaseRow]) -> list[str]:
     return list(dict.fromkeys(p.policy for p in phases))
 
 
@@ -697,13 +734,8 @@ def page(phases: list[Phase], setup: MockSetup, workload: Workload, guidellm_res
         "answers; worker CPU = user + system CPU of the worker process over the phase / requests (psutil; "
         "engines not counted)."), "",
         "## Results (mock engine)", "",
-        *table_head("| policy | phase | requests | output tok/s | turns/s | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms "
-                    "| prefix-cache hit rate | refused | failed | worker CPU ms/request |"),
+        *results_table(phases),
     ]
-    for p in phases:
-        lines.append(f"| {p.policy} | {p.name} | {len(p.outcomes)} | {fmt(p.output_tok_s)} | {fmt(p.turns_per_s, 1)} "
-                     f"| {fmt(p.ttft_ms(50))} | {fmt(p.ttft_ms(90))} | {fmt(p.ttft_ms(99))} | {fmt(p.hit_rate, 2)} "
-                     f"| {p.refused} | {p.failed} | {fmt(p.cpu_ms_per_request, 2)} |")
     lines += ["", f"![Output tok/s and p90 TTFT per policy]({plot_name})", "", "## Against the goals", "",
               *(line for policy in (CACHE_AWARE, CACHE_AWARE_ALLOWANCE) if policy in policies_in(phases)
                 for line in goal_lines(phases, policy)), "", *reading_lines(phases), "", "## Not measured here", "", f"- {EXACT_NOT_MEASURED}",
@@ -713,7 +745,7 @@ def page(phases: list[Phase], setup: MockSetup, workload: Workload, guidellm_res
     return "\n".join(lines)
 
 
-def plot(phases: list[Phase], path: Path) -> None:
+def plot(phases: Sequence[PhaseRow], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

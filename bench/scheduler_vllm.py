@@ -24,7 +24,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.common import command_line, describe_machine, fmt, table_head
+from bench.common import command_line, describe_machine, fmt
 from bench.scheduler import (
     CACHE_AWARE,
     LEAST_LOADED,
@@ -35,6 +35,7 @@ from bench.scheduler import (
     by,
     measure_policy,
     plot,
+    results_table,
     serving,
 )
 from tests.fixtures.tiny_model import make_tiny_model
@@ -147,13 +148,8 @@ def page(phases: list[PhaseFigures], setup: VllmSetup, workload: Workload, plot_
          f"({workload.users} closed-loop users, each request a prompt of its own). Definitions as on the mock "
          "page; the hit rate is vLLM's own counters."), "",
         "## Results", "",
-        *table_head("| policy | phase | requests | output tok/s | turns/s | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms "
-                    "| prefix-cache hit rate | refused | failed | worker CPU ms/request |"),
+        *results_table(phases),
     ]
-    for p in phases:
-        lines.append(f"| {p.policy} | {p.name} | {p.requests} | {fmt(p.output_tok_s)} | {fmt(p.turns_per_s, 1)} "
-                     f"| {fmt(p.ttft_ms(50))} | {fmt(p.ttft_ms(90))} | {fmt(p.ttft_ms(99))} | {fmt(p.hit_rate, 2)} "
-                     f"| {p.refused} | {p.failed} | {fmt(p.cpu_ms_per_request, 2)} |")
     lines += ["", f"![Output tok/s and p90 TTFT per policy]({plot_name})", "", "## Ratios", ""]
     for name in ("saturation", "0.8x", "no shared prefix"):
         cache, load = by(phases, CACHE_AWARE, name), by(phases, LEAST_LOADED, name)
@@ -196,7 +192,7 @@ def render(summary: Path, setup: VllmSetup, workload: Workload, doc: Path, vllm_
     phases = [PhaseFigures.from_summary(item) for item in json.loads(summary.read_text())]
     doc.parent.mkdir(parents=True, exist_ok=True)
     plot_path = doc.with_suffix(".png")
-    plot(phases, plot_path)  # type: ignore[arg-type]  # reads only what PhaseFigures has
+    plot(phases, plot_path)
     doc.write_text(page(phases, setup, workload, plot_path.name, vllm_version, argv))
 
 

@@ -162,9 +162,6 @@ class Admission:
         return any(w.limits.score(w.replica.in_flight - 1, w.metered_load) - least <= placement.routing.load_margin
                    for w in watches if w.replica.replica_id in wanted)
 
-    def _routable_ids(self, model_id: str) -> list[str]:
-        return [w.replica.replica_id for w in self.watches.get(model_id, ()) if w.routable]
-
     def _hold_s(self, model_id: str) -> float:
         """How long a queued request may wait for a replica that holds its prefix while another has room:
         about the time until that replica frees its next slot (a request's time in a slot over the
