@@ -16,6 +16,7 @@ from worker import __version__
 from worker.billing import BillingService, DisclosureHook, Provenance, ProvenanceCache
 from worker.billing.admin_api import audit_recorder, build_admin_router
 from worker.billing.key_api import build_key_router
+from worker.billing.pricing import charge_micro
 from worker.capacity import CapacityMonitor, CapacityState, build_capacity_router
 from worker.capacity.leasing import AdmissionLeaser
 from worker.config import NodeConfig, Settings
@@ -31,6 +32,7 @@ from worker.gpu import GpuHealth, GpuHealthChange, GpuMetricsCollector, GpuMonit
 from worker.metrics import (
     BillingCollector,
     CapacityCollector,
+    EconomicsCollector,
     EngineMetricsCollector,
     GatewayMetrics,
     GatewayProcessCollector,
@@ -79,7 +81,9 @@ class WorkerNode:
 
         # Where each response ran and what it cost, with the ledger on or off.
         self.provenance_cache = ProvenanceCache(self.provenance, engine_version_of=lambda r: r.engine.version)
-        self.gateway_metrics = GatewayMetrics(self.registry)
+        self.gateway_metrics = GatewayMetrics(self.registry, charge_micro=lambda ctx: charge_micro(
+            ctx.model, ctx.endpoint, ctx.usage, ctx.finish_reason, ctx.outcome))
+        self.registry.register(EconomicsCollector(config, self.supervisor.replicas, busy_seconds=dict))
         # Its hooks are set in start(), once billing's store is open (or known to be off).
         self.gateway = Gateway(config, AdmissionLeaser(self.capacity.admission))
         self.app: FastAPI = create_app(self.gateway, lifespan=self._lifespan,

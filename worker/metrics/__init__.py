@@ -2,10 +2,11 @@
 
 from worker.metrics.billing import BillingCollector
 from worker.metrics.capacity import CapacityCollector
+from worker.metrics.economics import EconomicsCollector
 from worker.metrics.engines import EngineMetricsCollector
 from worker.metrics.gateway import GatewayMetrics
 from worker.metrics.gateway_processes import GatewayProcessCollector
 from worker.metrics.replicas import ReplicaCollector
 
-__all__ = ["BillingCollector", "CapacityCollector", "EngineMetricsCollector", "GatewayMetrics",
-           "GatewayProcessCollector", "ReplicaCollector"]
+__all__ = ["BillingCollector", "CapacityCollector", "EconomicsCollector", "EngineMetricsCollector",
+           "GatewayMetrics", "GatewayProcessCollector", "ReplicaCollector"]
