@@ -131,6 +131,7 @@ def ledger_entry(
     worker_id: str = "worker-1",
     model: str = "acme/chat",
     received_at: datetime | None = None,
+    gpu_seconds: float = 0.5,
 ) -> LedgerEntry:
     return LedgerEntry(
         record_id=record_id,
@@ -154,6 +155,7 @@ def ledger_entry(
         received_at=to_epoch(received_at or datetime.now(UTC)),
         ttft_ms=12.5,
         duration_ms=40.0,
+        gpu_seconds=gpu_seconds,
     )
 
 

@@ -39,6 +39,7 @@ CSV_COLUMNS = (
     "stream",
     "ttft_ms",
     "duration_ms",
+    "gpu_seconds",
 )
 _PAGE = 1000
 

@@ -151,6 +151,8 @@ class LedgerEntry(NamedTuple):
     # estimated ("stream", "estimate"); "none" where nothing was counted.
     prompt_tokens_source: str = "engine"
     completion_tokens_source: str = "engine"
+    # The request's share of its replica's busy GPU time, times the replica's GPUs; 0 where none was measured.
+    gpu_seconds: float = 0.0
 
 
 class LedgerRecord(Record):
@@ -180,6 +182,7 @@ class LedgerRecord(Record):
     duration_ms: float
     prompt_tokens_source: str = "engine"
     completion_tokens_source: str = "engine"
+    gpu_seconds: float = 0.0
 
 
 class WorkerClaim(Record):

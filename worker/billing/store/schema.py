@@ -135,6 +135,18 @@ def _admin_audit(seq: str) -> str:
 _KEY_PRIORITY = ("ALTER TABLE api_keys ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",)
 
 
+# GPU-seconds attributed to each request (0 for records before), and each replica's up-time: from start
+# to stop, or to its last heartbeat (`seen_at`) when the worker died without stopping it.
+_GPU_TIME = (
+    "ALTER TABLE ledger ADD COLUMN gpu_seconds DOUBLE PRECISION NOT NULL DEFAULT 0",
+    """CREATE TABLE replica_uptime (
+        worker_id TEXT NOT NULL, replica_id TEXT NOT NULL, started_at DOUBLE PRECISION NOT NULL,
+        model TEXT NOT NULL, gpus INTEGER NOT NULL, ready_at DOUBLE PRECISION, stopped_at DOUBLE PRECISION,
+        seen_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (worker_id, replica_id, started_at)
+    )""",
+)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         version=1,
@@ -189,6 +201,12 @@ MIGRATIONS: tuple[Migration, ...] = (
         description="api keys: a priority in the worker's queue",
         sqlite=_KEY_PRIORITY,
         postgres=_KEY_PRIORITY,
+    ),
+    Migration(
+        version=6,
+        description="ledger gpu seconds; replica up-time",
+        sqlite=_GPU_TIME,
+        postgres=_GPU_TIME,
     ),
 )
 
