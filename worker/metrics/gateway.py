@@ -28,6 +28,8 @@ class GatewayMetrics(ObservingHook):
                              ["model"], buckets=_LATENCY_BUCKETS, registry=registry)
         self.output_tokens = Counter("worker_output_tokens", "Completion tokens served", ["model"],
                                      registry=registry)
+        self.prompt_tokens = Counter("worker_prompt_tokens", "Prompt tokens served (cached ones included)", ["model"],
+                                     registry=registry)
         self.economics = RequestEconomics(registry, charge_micro)
 
     async def finalize(self, ctx: RequestContext) -> None:
@@ -44,3 +46,4 @@ class GatewayMetrics(ObservingHook):
                 self.inter_token.labels(model).observe((ctx.finished_monotonic - ctx.first_byte_monotonic) / gaps)
         if ctx.usage is not None:
             self.output_tokens.labels(model).inc(ctx.usage.completion_tokens)
+            self.prompt_tokens.labels(model).inc(ctx.usage.prompt_tokens)
