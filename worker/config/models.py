@@ -88,6 +88,11 @@ class HttpLimitsConfig(StrictModel):
     keep_alive_timeout_s: int = Field(default=75, ge=1, le=3600)
 
 
+def decimal_from_yaml(value: Any) -> Any:
+    """YAML turns 0.1 into a float; go through its repr so 0.1 stays exactly 0.1."""
+    return Decimal(repr(value)) if isinstance(value, float) else value
+
+
 class WorkerSection(StrictModel):
     # Also names the worker's ledger journal directory: starts with a letter or digit, so never '.' or '..'.
     id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -113,6 +118,10 @@ class WorkerSection(StrictModel):
     # then only decides (auth, admission, billing, metrics) and serves the rest of the API behind them.
     gateway_processes: int = Field(default=1, ge=1, le=64)
     http: HttpLimitsConfig = Field(default_factory=HttpLimitsConfig)
+    # What one GPU-hour of this node costs, in USD (a decimal string, e.g. "2.49"): the economics' GPU cost.
+    gpu_hour_usd: Decimal = Field(default=Decimal(0), ge=0, allow_inf_nan=False)
+
+    _exact_gpu_hour_usd = field_validator("gpu_hour_usd", mode="before")(decimal_from_yaml)
 
 
 class Pricing(StrictModel):
@@ -277,6 +286,10 @@ class ModelConfig(StrictModel):
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     listing: ModelListingConfig = Field(default_factory=ModelListingConfig)
+    # This model's GPU-hour cost in USD where it differs from `worker.gpu_hour_usd` (e.g. other GPUs).
+    gpu_hour_usd: Decimal | None = Field(default=None, ge=0, allow_inf_nan=False)
+
+    _exact_gpu_hour_usd = field_validator("gpu_hour_usd", mode="before")(decimal_from_yaml)
 
     @field_validator("engine_args")
     @classmethod
