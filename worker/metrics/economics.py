@@ -56,8 +56,7 @@ class RequestEconomics:
 
 def gpu_hour_usd(config: NodeConfig, model: ModelConfig) -> Decimal:
     """What one of the model's GPUs costs per hour: its own price, else the worker's."""
-    own = getattr(model, "gpu_hour_usd", None)
-    return Decimal(str(own if own is not None else getattr(config.worker, "gpu_hour_usd", "0")))
+    return model.gpu_hour_usd if model.gpu_hour_usd is not None else config.worker.gpu_hour_usd
 
 
 class EconomicsCollector(Collector):
