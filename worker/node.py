@@ -18,6 +18,7 @@ from worker.billing.admin_api import audit_recorder, build_admin_router
 from worker.billing.key_api import build_key_router
 from worker.billing.pricing import charge_micro
 from worker.capacity import CapacityMonitor, CapacityState, build_capacity_router
+from worker.capacity.gpu_time import GpuTimeMeters
 from worker.capacity.leasing import AdmissionLeaser
 from worker.config import NodeConfig, Settings
 from worker.engines.replica import Replica
@@ -85,7 +86,9 @@ class WorkerNode:
             ctx.model, ctx.endpoint, ctx.usage, ctx.finish_reason, ctx.outcome))
         self.registry.register(EconomicsCollector(config, self.supervisor.replicas, busy_seconds=dict))
         # Its hooks are set in start(), once billing's store is open (or known to be off).
-        self.gateway = Gateway(config, AdmissionLeaser(self.capacity.admission))
+        # Each replica's busy time and each request's share of it (ctx.gpu_seconds where the engine has no figure).
+        self.gpu_time = GpuTimeMeters()
+        self.gateway = Gateway(config, AdmissionLeaser(self.capacity.admission, self.gpu_time))
         self.app: FastAPI = create_app(self.gateway, lifespan=self._lifespan,
                                        models_listing=self.catalog.listing, readiness=self.readiness)
         # With several gateway processes, relays serve the port and this process decides for them.

@@ -4,10 +4,12 @@ the model's queue that the client's leaving gives up."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING, Protocol, cast
 
 from starlette.types import Receive
 
+from worker.capacity.gpu_time import GpuTimeMeters, GpuTimeShare
 from worker.gateway.context import RequestContext
 from worker.gateway.errors import ClientDisconnected
 from worker.gateway.leasing import EngineTarget
@@ -28,16 +30,48 @@ class ReplicaAdmission(Protocol):
         ...
 
 
+class MeteredLease:
+    """A replica's lease whose request is metered for GPU time from now until it is released (or its
+    finalize settles it, whichever comes first)."""
+
+    __slots__ = ("_lease", "_share")
+
+    def __init__(self, lease: ReplicaLease, share: GpuTimeShare) -> None:
+        self._lease = lease
+        self._share = share
+
+    @property
+    def replica(self) -> Replica:
+        return self._lease.replica
+
+    @property
+    def interrupted(self) -> asyncio.Event:
+        return self._lease.interrupted
+
+    @property
+    def interruption_reason(self) -> str:
+        return self._lease.interruption_reason
+
+    def release(self) -> None:
+        self._share.settle(time.monotonic())
+        self._lease.release()
+
+
 class AdmissionLeaser:
-    def __init__(self, admission: ReplicaAdmission) -> None:
+    def __init__(self, admission: ReplicaAdmission, gpu_time: GpuTimeMeters | None = None) -> None:
         self.admission = admission
+        # Each replica's busy time and its requests' shares of it.
+        self.gpu_time = gpu_time if gpu_time is not None else GpuTimeMeters()
 
     async def lease(self, ctx: RequestContext, *, exclude: EngineTarget | None = None,
-                    receive: Receive | None = None) -> ReplicaLease:
+                    receive: Receive | None = None) -> MeteredLease:
         # Only ever asked to exclude a replica it leased itself.
         lease = self.admission.admit_now(ctx, cast("Replica | None", exclude))
-        if lease is not None:
-            return lease
+        if lease is None:
+            lease = await self._queued(ctx, receive)
+        return MeteredLease(lease, self.gpu_time.started(ctx, lease.replica.replica_id, time.monotonic()))
+
+    async def _queued(self, ctx: RequestContext, receive: Receive | None) -> ReplicaLease:
         waiting = asyncio.ensure_future(self.admission.wait_for_slot(ctx, ctx.body_bytes))
         if receive is None:
             return await waiting

@@ -46,6 +46,23 @@ class Usage:
         return self.prompt_source in ESTIMATED_SOURCES or self.completion_source in ESTIMATED_SOURCES
 
 
+# Where `RequestContext.gpu_seconds` came from: the engine's own figure (the mock reports `usage.gpu_seconds`),
+# the worker's estimate from each replica's requests in flight (worker/capacity/gpu_time.py), or "none": the
+# request never held a replica (0.0).
+GpuSecondsSource = Literal["engine", "estimate", "none"]
+
+
+class GpuTimer(Protocol):
+    """A request's share of its replica's busy time, metered from its lease on (in the worker process;
+    a relay process's stand-in passes the first byte on to it)."""
+
+    def first_byte(self, at: float) -> None: ...
+
+    def settle(self, at: float) -> float | None:
+        """The request is over: its replica-seconds (None: metered in another process). Idempotent."""
+        ...
+
+
 class EngineTarget(Protocol):
     """A replica as the request path sees it: which one it is, and the client that reaches its engine
     (the node's `engines.replica.Replica`, or a relay process's stand-in for it)."""
@@ -134,6 +151,11 @@ class RequestContext:
     response_headers: dict[str, str] = field(default_factory=dict)
     # Extra fields merged into the final `usage` object sent to the client (e.g. cost).
     usage_extras: dict[str, Any] = field(default_factory=dict)
+    # Its share of its replica's busy GPU time, in GPU-seconds (replica-seconds x the model's
+    # gpus_per_replica); set when its finalize starts, before any hook's finalize (pipeline.HookChain).
+    gpu_seconds: float | None = None
+    gpu_seconds_source: GpuSecondsSource | None = None
+    gpu_timer: GpuTimer | None = None
 
     @property
     def max_tokens(self) -> int | None:

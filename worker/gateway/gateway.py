@@ -19,12 +19,22 @@ from worker.gateway.errors import ApiError, ClientDisconnected, api_error, norma
 from worker.gateway.hooks import RequestHooks
 from worker.gateway.leasing import EngineTarget, Lease, Leaser
 from worker.gateway.pipeline import HookChain
-from worker.gateway.relay import Outcome, RelayStreamResponse, add_usage_extras, open_upstream, race
+from worker.gateway.relay import (
+    Outcome,
+    RelayStreamResponse,
+    add_usage_extras,
+    open_upstream,
+    race,
+    take_engine_gpu_seconds,
+)
 from worker.gateway.request_id import SCOPE_KEY
 from worker.gateway.requests import parse_body, read_body, session_key
 from worker.refusals import Refusal
 
 logger = logging.getLogger(__name__)
+
+# The request's GPU time (see context.RequestContext.gpu_seconds), on answers that are not streamed.
+GPU_SECONDS_HEADER = "x-worker-gpu-seconds"
 
 ENDPOINT_PATHS = {
     "chat.completions": "/v1/chat/completions",
@@ -312,11 +322,15 @@ class Gateway:
         except orjson.JSONDecodeError:
             data = None
         if isinstance(data, dict):
-            ctx.usage = Usage.from_openai(data.get("usage"))
+            usage = data.get("usage")
+            engine_figure = isinstance(usage, dict) and take_engine_gpu_seconds(ctx, usage)
+            ctx.usage = Usage.from_openai(usage)
             reasons = [c.get("finish_reason") for c in data.get("choices") or () if isinstance(c, dict)]
             ctx.finish_reason = "error" if "error" in reasons else next((r for r in reasons if r), None)
-            usage = data.get("usage")
-            if isinstance(usage, dict) and add_usage_extras(chain, usage):
+            if isinstance(usage, dict) and (add_usage_extras(chain, usage) or engine_figure):
                 payload = orjson.dumps(data)
         await chain()
+        if ctx.gpu_seconds is not None:
+            # Known only once the answer is whole: streams carry it in the ledger, not in a header.
+            headers = {**headers, GPU_SECONDS_HEADER: f"{ctx.gpu_seconds:.6f}"}
         return Response(payload, status_code=200, media_type="application/json", headers=headers)

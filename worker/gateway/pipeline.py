@@ -10,7 +10,8 @@
                             a replica that cannot take it is swapped for a sibling before any byte is sent
     6. relay                the answer back: whole (Gateway) or as a stream (relay.RelayStreamResponse);
                             hooks' `after_route` once the replica is known, `usage_extras` once the usage is
-    7. settle and record    hooks' `finalize`, exactly once, through the request's `HookChain`
+    7. settle and record    the request's GPU time (`settle_gpu_seconds`), then hooks' `finalize`, exactly
+                            once, through the request's `HookChain`
     8. release              the lease, whatever happened (gateway.RequestTicket.close)
 
 Every refusal on the way is a `worker.refusals.Refusal` (billing, capacity) or an `ApiError` (the gateway's
@@ -43,6 +44,21 @@ def request_hooks(*, metrics: RequestHooks, access_log: RequestHooks, disclosure
     (absent with the ledger off) is last, so nothing after it can refuse a request it already holds money for.
     """
     return [metrics, access_log, disclosure, *([billing] if billing is not None else [])]
+
+
+def settle_gpu_seconds(ctx: RequestContext, at: float) -> None:
+    """`ctx.gpu_seconds` once the request is over: the engine's own figure when it reported one, else the
+    estimate of the request's share of its replica's busy time, else 0.0 (it never held a replica). A
+    relay process leaves it to the worker process, which meters its replicas."""
+    timer = ctx.gpu_timer
+    estimate = timer.settle(at) if timer is not None else None
+    if ctx.gpu_seconds is not None:
+        ctx.gpu_seconds_source = "engine"
+    elif estimate is not None:
+        ctx.gpu_seconds = estimate * ctx.model.gpus_per_replica
+        ctx.gpu_seconds_source = "estimate"
+    elif timer is None:
+        ctx.gpu_seconds, ctx.gpu_seconds_source = 0.0, "none"
 
 
 class HookChain:
@@ -98,6 +114,7 @@ class HookChain:
         if self._task is None:
             self.done = True
             self.ctx.finished_monotonic = finished_monotonic or time.monotonic()
+            settle_gpu_seconds(self.ctx, self.ctx.finished_monotonic)
             self._task = asyncio.ensure_future(self._run())
         return self._task
 

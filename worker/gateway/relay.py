@@ -44,6 +44,17 @@ def add_usage_extras(chain: HookChain, usage: dict[str, Any]) -> bool:
     return bool(extras)
 
 
+def take_engine_gpu_seconds(ctx: RequestContext, usage: dict[str, Any]) -> bool:
+    """The engine's own figure of the request's GPU time (`usage.gpu_seconds`, an extension vLLM does not
+    send), in replica-seconds: into `ctx` as GPU-seconds, and out of the client's usage. True when it was there."""
+    seconds = usage.pop("gpu_seconds", None)
+    if seconds is None:
+        return False
+    if isinstance(seconds, int | float) and not isinstance(seconds, bool) and seconds >= 0:
+        ctx.gpu_seconds = float(seconds) * ctx.model.gpus_per_replica
+    return True
+
+
 async def open_upstream(replica: EngineTarget, path: str, payload: bytes, ctx: RequestContext) -> EngineResponse:
     try:
         return await replica.data.post(path, payload, ctx.request_id)
@@ -129,16 +140,18 @@ class SseRelay:
         except orjson.JSONDecodeError:
             return event
         usage = chunk.get("usage")
+        changed = False
         if isinstance(usage, dict):
+            changed = take_engine_gpu_seconds(self.ctx, usage)
             self.ctx.usage = Usage.from_openai(usage)
             self.ctx.usage_estimated = False
-        if chunk.get("choices"):
-            return event  # continuous usage stats on a content chunk: the client asked for it
-        if not self.ctx.client_wants_usage:
-            return None
-        if isinstance(usage, dict) and add_usage_extras(self.finalizer, usage):
-            return b"data: " + orjson.dumps(chunk) + b"\n\n"
-        return event
+        if not chunk.get("choices"):
+            if not self.ctx.client_wants_usage:
+                return None
+            if isinstance(usage, dict):
+                changed = add_usage_extras(self.finalizer, usage) or changed
+        # else: continuous usage stats on a content chunk, which the client asked for
+        return b"data: " + orjson.dumps(chunk) + b"\n\n" if changed else event
 
     def _engine_error_event(self, event: bytes) -> bytes:
         try:
@@ -248,6 +261,8 @@ class RelayStreamResponse(Response):
             # The first events often came with the headers: take them without a wait (and its task).
             raw = content.read_nowait() or await self._keepalive_while(content.readany(), send)
             ctx.first_byte_monotonic = time.monotonic()
+            if ctx.gpu_timer is not None:
+                ctx.gpu_timer.first_byte(ctx.first_byte_monotonic)
             while raw:
                 if pending:
                     raw = pending + raw

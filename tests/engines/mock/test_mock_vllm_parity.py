@@ -34,10 +34,14 @@ def recorded(name: str) -> Recorded:
     return Recorded(method, path, request, int(status_line.split()[-1]), body)
 
 
+# The mock's one addition to vLLM's answers: `usage.gpu_seconds`, its exact GPU time per request.
+MOCK_EXTENSIONS = frozenset({"gpu_seconds"})
+
+
 def shape(value: Any) -> Any:
     """Keys (in order) and nesting, without the values (a stop_reason may be a string or null)."""
     if isinstance(value, dict):
-        return [(key, shape(item)) for key, item in value.items()]
+        return [(key, shape(item)) for key, item in value.items() if key not in MOCK_EXTENSIONS]
     if isinstance(value, list):
         return [shape(value[0])] if value else []
     return "scalar"

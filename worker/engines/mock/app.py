@@ -1,4 +1,5 @@
-"""The mock engine's HTTP app: vLLM 0.32's OpenAI server surface plus /mock/fault for tests."""
+"""The mock engine's HTTP app: vLLM 0.32's OpenAI server surface plus /mock/fault and /mock/accounting
+for tests."""
 
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ def build_mock_app(model: ModelConfig, *, kv_events_host: str | None = None) -> 
     app.add_route("/tokenize", endpoints.tokenize, methods=["POST"])
     app.add_route("/mock/fault", get_fault, methods=["GET"])
     app.add_route("/mock/fault", set_fault, methods=["POST"])
+    app.add_route("/mock/accounting", accounting, methods=["GET"])
     # Like vLLM, only the endpoints of the model's task exist; the others answer 404.
     if model.task == "embed":
         app.add_route("/v1/embeddings", endpoints.embeddings, methods=["POST"])
@@ -111,3 +113,8 @@ async def set_fault(request: Request) -> Response:
                         background=BackgroundTask(os._exit, spec.exit_code))
     engine.faults.apply(spec)
     return Response(spec.model_dump_json(), media_type="application/json")
+
+
+async def accounting(request: Request) -> Response:
+    """The engine's busy seconds and each finished request's share of them (`usage.gpu_seconds`)."""
+    return Response(orjson.dumps(endpoints.engine_of(request).accounting.snapshot()), media_type="application/json")

@@ -31,6 +31,7 @@ from worker.engines.mock.protocol import (
     split_prompts,
 )
 from worker.engines.mock.responses import Producer, WatchedResponse, json_start
+from worker.engines.mock.sequence import Sequence
 from worker.engines.mock.wire import embedding_response
 
 
@@ -95,16 +96,19 @@ def _start_generation(engine: MockEngine, body: SamplingRequest, response_id: st
         continuous_usage=bool(options and options.include_usage and options.continuous_usage_stats),
     )
     produce = generation.stream if body.stream else generation.respond
-    return _tracked(engine, produce, generation.abort)
+    return _tracked(engine, response_id, generation.sequences, produce, generation.abort)
 
 
-def _tracked(engine: MockEngine, produce: Producer, abort: Callable[[], None]) -> WatchedResponse:
-    """A response counted in /load while it runs; `abort` drops whatever it left unfinished."""
+def _tracked(engine: MockEngine, response_id: str, sequences: list[Sequence], produce: Producer,
+             abort: Callable[[], None]) -> WatchedResponse:
+    """A response counted in /load while it runs; `abort` drops whatever it left unfinished. Its
+    sequences' GPU time is kept for `/mock/accounting` when it ends."""
     engine.server_load += 1
 
     def close() -> None:
         engine.server_load -= 1
         abort()
+        engine.accounting.record(response_id, sum(sequence.gpu_seconds for sequence in sequences))
 
     return WatchedResponse(produce, close)
 
@@ -137,12 +141,12 @@ async def embeddings(request: Request) -> Response:
             vectors.append(base64.b64encode(array.array("f", vector).tobytes()).decode()
                            if body.encoding_format == "base64" else vector)
         payload = embedding_response(response_id, int(time.time()), engine.model.id, vectors,
-                                     sum(len(p) for p in prompts))
+                                     sum(len(p) for p in prompts), sum(s.gpu_seconds for s in sequences))
         await json_start(send, 200, len(payload))
         await send({"type": "http.response.body", "body": payload, "more_body": False})
         return True
 
-    return _tracked(engine, produce, lambda: engine.abort(sequences))
+    return _tracked(engine, response_id, sequences, produce, lambda: engine.abort(sequences))
 
 
 async def tokenize(request: Request) -> Response:

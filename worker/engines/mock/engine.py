@@ -24,6 +24,24 @@ logger = logging.getLogger(__name__)
 VLLM_VERSION = "0.32.0"  # the server this engine answers like
 
 
+class GpuTimeRecord:
+    """What the engine's finished requests used of its busy time, by response id (the latest
+    `capacity`), for tests to compare with what the worker attributes."""
+
+    def __init__(self, scheduler: Scheduler, capacity: int = 100_000) -> None:
+        self._scheduler = scheduler
+        self._capacity = capacity
+        self.requests: dict[str, float] = {}
+
+    def record(self, response_id: str, gpu_seconds: float) -> None:
+        self.requests[response_id] = gpu_seconds
+        if len(self.requests) > self._capacity:
+            del self.requests[next(iter(self.requests))]
+
+    def snapshot(self) -> dict[str, object]:
+        return {"busy_seconds": self._scheduler.busy_seconds, "requests": self.requests}
+
+
 class MockEngine:
     def __init__(self, model: ModelConfig, *, kv_events_host: str | None = None) -> None:
         """`kv_events_host`: where to publish KV-cache events when the model's mock config has a port."""
@@ -52,6 +70,7 @@ class MockEngine:
                 f"tcp://{kv_events_host}:{replay}" if replay is not None else None)
         self.scheduler = Scheduler(self.limits, LatencyModel.from_config(mock), self.metrics, self.faults,
                                    self.kv_events.publish if self.kv_events is not None else None)
+        self.accounting = GpuTimeRecord(self.scheduler)
         self.created = int(time.time())
         config_digest = hashlib.blake2b(model.model_dump_json().encode(), digest_size=4).hexdigest()
         self.system_fingerprint = f"vllm-{VLLM_VERSION}-{config_digest}"

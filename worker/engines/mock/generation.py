@@ -65,6 +65,9 @@ class Generation:
     def abort(self) -> None:
         self.engine.abort(self.sequences)
 
+    def gpu_seconds(self) -> float:
+        return sum(sequence.gpu_seconds for sequence in self.sequences)
+
     async def stream(self, send: Send) -> bool:
         await sse_start(send)
         writer = ChunkWriter(chat=self.chat, response_id=self.response_id, created=self.created,
@@ -111,7 +114,7 @@ class Generation:
             if fault is not None:
                 return await self._fail_stream(send, fault)
             pending = [choice for choice in pending if not choice.done]
-        closing = (writer.usage(self.prompt_tokens, sent_tokens, self.prompt_details()) + DONE
+        closing = (writer.usage(self.prompt_tokens, sent_tokens, self.prompt_details(), self.gpu_seconds()) + DONE
                    if self.include_usage else DONE)
         await _body(send, closing, more=False)
         return True
@@ -141,7 +144,7 @@ class Generation:
                                 choice.sequence.stop_reason))
             build = chat_response if self.chat else completion_response
             body = build(self.response_id, self.created, self.engine.model.id, self.engine.system_fingerprint,
-                         results, self.prompt_tokens, completion_tokens, self.prompt_details())
+                         results, self.prompt_tokens, completion_tokens, self.prompt_details(), self.gpu_seconds())
             status = 200
         await json_start(send, status, len(body))
         if fault is FaultMode.abort_midstream:

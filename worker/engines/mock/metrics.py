@@ -57,6 +57,9 @@ class EngineMetrics:
         self._queue = Histogram("vllm:request_queue_time_seconds",
                                 "Histogram of time spent in WAITING phase for request.",
                                 labels, buckets=_REQUEST_LATENCY_BUCKETS, registry=reg).labels(*values)
+        # Not a vLLM metric: the mock's own measured step time, what its requests' gpu_seconds sum to.
+        self._busy = Counter("mock:engine_busy_seconds", "Seconds the engine spent computing steps.",
+                             labels, registry=reg).labels(*values)
 
     def set_load(self, running: int, waiting: int, kv_usage: float) -> None:
         self._running.set(running)
@@ -80,6 +83,9 @@ class EngineMetrics:
     def prefix_cache_queried(self, queried_tokens: int, hit_tokens: int) -> None:
         self._prefix_queries.inc(queried_tokens)
         self._prefix_hits.inc(hit_tokens)
+
+    def busy(self, seconds: float) -> None:
+        self._busy.inc(seconds)
 
     def preempted(self) -> None:
         self._preemptions.inc()

@@ -7,6 +7,10 @@ cache. A waiting sequence first takes the cached blocks that start its prompt (p
 its uncached tokens are computed and charged prefill time. The step then "runs" for the latency model's
 time, every sequence whose tokens are all computed samples one new token, and newly full blocks are
 cached and published as KV-cache events.
+
+Each step's measured time is the engine's busy time; it is split among the step's sequences by the
+latency model's terms (`LatencyModel.shares`) into their `gpu_seconds`, so the sequences' figures sum to
+`busy_seconds` exactly.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.blocks = BlockPool(limits.num_kv_blocks, limits.block_size, prefix_caching=limits.prefix_caching)
         self._work_arrived = asyncio.Event()
+        # Seconds the step loop spent computing steps (the engine's busy time), measured.
+        self.busy_seconds = 0.0
 
     @property
     def free_blocks(self) -> int:
@@ -80,20 +86,35 @@ class Scheduler:
     async def run(self) -> None:
         while True:
             await self._faults.wait_until_progress_allowed()
-            plan, prefill_tokens = self.schedule(time.monotonic())
+            plan, prefills = self._schedule(time.monotonic())
             if not plan:
                 self._work_arrived.clear()
                 await self._work_arrived.wait()
                 continue
-            delay = self._latency.step_seconds(len(plan), prefill_tokens, self._faults.slowdown)
+            delay = self._latency.step_seconds(len(plan), sum(prefills), self._faults.slowdown)
+            started = time.monotonic()
             await asyncio.sleep(delay)
-            self.complete(plan, time.monotonic())
+            now = time.monotonic()
+            self.account(plan, prefills, now - started)
+            self.complete(plan, now)
+
+    def account(self, plan: list[tuple[Sequence, int]], prefills: list[int], elapsed_s: float) -> None:
+        """The step took `elapsed_s`: each planned sequence (aborted meanwhile or not) is charged its share."""
+        self.busy_seconds += elapsed_s
+        self._metrics.busy(elapsed_s)
+        for (sequence, _), share in zip(plan, self._latency.shares(prefills, elapsed_s), strict=True):
+            sequence.gpu_seconds += share
 
     def schedule(self, now: float) -> tuple[list[tuple[Sequence, int]], int]:
         """First half of a step: which sequences compute how many tokens, and how many are prefill."""
+        plan, prefills = self._schedule(now)
+        return plan, sum(prefills)
+
+    def _schedule(self, now: float) -> tuple[list[tuple[Sequence, int]], list[int]]:
+        """The step's plan and, for each planned sequence, how many of its tokens are prefill."""
         budget = self.limits.max_num_batched_tokens
         plan: list[tuple[Sequence, int]] = []
-        prefill_tokens = 0
+        prefills: list[int] = []
         preempted = False
         index = 0
         while index < len(self.running) and budget > 0:
@@ -110,9 +131,8 @@ class Scheduler:
             if not scheduled:
                 break
             plan.append((sequence, new_tokens))
+            prefills.append(0 if _is_decode(sequence) else new_tokens)
             budget -= new_tokens
-            if not _is_decode(sequence):
-                prefill_tokens += new_tokens
             index += 1
 
         # Like vLLM: no admissions in a step that had to preempt.
@@ -136,10 +156,10 @@ class Scheduler:
                 sequence.first_scheduled_at = now
                 self._metrics.scheduled_first_time(now - sequence.arrival)
             plan.append((sequence, new_tokens))
+            prefills.append(new_tokens)
             budget -= new_tokens
-            prefill_tokens += new_tokens
         self._publish_load()
-        return plan, prefill_tokens
+        return plan, prefills
 
     def complete(self, plan: list[tuple[Sequence, int]], now: float) -> None:
         """Second half of a step: the planned tokens are computed; finished prompts sample a token."""

@@ -80,6 +80,8 @@ class Sequence:
     first_scheduled_at: float | None = None
     first_token_at: float | None = None
     last_token_at: float | None = None
+    # Its share of the engine's busy time so far (the scheduler's step accounting).
+    gpu_seconds: float = 0.0
     # Output the HTTP side has not taken yet (text pieces and their token count).
     pending_text: list[str] = field(default_factory=list)
     pending_tokens: int = 0

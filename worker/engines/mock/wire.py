@@ -13,6 +13,9 @@ import orjson
 
 DONE = b"data: [DONE]\n\n"
 
+# `usage.gpu_seconds`, the request's share of the engine's busy time, is the mock's extension: vLLM does not
+# send it. The worker reads it and takes it out of the usage its clients get.
+
 
 def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
     return {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion_tokens,
@@ -94,23 +97,30 @@ class ChunkWriter:
                       + b',"logprobs":null' + reasons + b',"prompt_token_ids":null,"token_ids":null}]')
         return self._head + choice + usage + self._finish_stamp + b"}\n\n"
 
-    def usage(self, prompt_tokens: int, completion_tokens: int, details: dict[str, Any] | None = None) -> bytes:
+    def usage(self, prompt_tokens: int, completion_tokens: int, details: dict[str, Any] | None = None,
+              gpu_seconds: float | None = None) -> bytes:
         """The closing `include_usage` chunk: no choices, usage of all choices together."""
         usage = usage_dict(prompt_tokens, completion_tokens)
         if details is not None:
             # Streamed usage leaves out unset fields: completions set only cached_tokens.
             usage["prompt_tokens_details"] = details if self._chat else {"cached_tokens": details["cached_tokens"]}
+        if gpu_seconds is not None:
+            usage["gpu_seconds"] = gpu_seconds
         return self._usage_head + orjson.dumps(usage) + self._usage_stamp + b"}\n\n"
 
 
-def _full_usage(prompt_tokens: int, completion_tokens: int, details: dict[str, Any] | None) -> dict[str, Any]:
-    return {**usage_dict(prompt_tokens, completion_tokens), "prompt_tokens_details": details,
-            "completion_tokens_details": None}
+def _full_usage(prompt_tokens: int, completion_tokens: int, details: dict[str, Any] | None,
+                gpu_seconds: float | None) -> dict[str, Any]:
+    usage = {**usage_dict(prompt_tokens, completion_tokens), "prompt_tokens_details": details,
+             "completion_tokens_details": None}
+    if gpu_seconds is not None:
+        usage["gpu_seconds"] = gpu_seconds
+    return usage
 
 
 def chat_response(response_id: str, created: int, model: str, fingerprint: str,
                   choices: list[tuple[str, str, str | None]], prompt_tokens: int, completion_tokens: int,
-                  details: dict[str, Any] | None = None) -> bytes:
+                  details: dict[str, Any] | None = None, gpu_seconds: float | None = None) -> bytes:
     """`choices`: (text, finish_reason, stop_reason) per choice index."""
     return orjson.dumps({
         "id": response_id, "object": "chat.completion", "created": created, "model": model,
@@ -123,7 +133,7 @@ def chat_response(response_id: str, created: int, model: str, fingerprint: str,
             for index, (text, finish_reason, stop_reason) in enumerate(choices)
         ],
         "service_tier": None, "system_fingerprint": fingerprint,
-        "usage": _full_usage(prompt_tokens, completion_tokens, details), "prompt_logprobs": None,
+        "usage": _full_usage(prompt_tokens, completion_tokens, details, gpu_seconds), "prompt_logprobs": None,
         "prompt_token_ids": None, "prompt_text": None, "kv_transfer_params": None,
         "ec_transfer_params": None, "metrics": None,
     })
@@ -131,7 +141,8 @@ def chat_response(response_id: str, created: int, model: str, fingerprint: str,
 
 def completion_response(response_id: str, created: int, model: str, fingerprint: str,
                         choices: list[tuple[str, str, str | None]], prompt_tokens: int,
-                        completion_tokens: int, details: dict[str, Any] | None = None) -> bytes:
+                        completion_tokens: int, details: dict[str, Any] | None = None,
+                        gpu_seconds: float | None = None) -> bytes:
     return orjson.dumps({
         "id": response_id, "object": "text_completion", "created": created, "model": model,
         "choices": [
@@ -141,18 +152,18 @@ def completion_response(response_id: str, created: int, model: str, fingerprint:
             for index, (text, finish_reason, stop_reason) in enumerate(choices)
         ],
         "service_tier": None, "system_fingerprint": fingerprint,
-        "usage": _full_usage(prompt_tokens, completion_tokens, details), "kv_transfer_params": None,
+        "usage": _full_usage(prompt_tokens, completion_tokens, details, gpu_seconds), "kv_transfer_params": None,
         "ec_transfer_params": None, "metrics": None,
     })
 
 
 def embedding_response(response_id: str, created: int, model: str, embeddings: list[list[float] | str],
-                       prompt_tokens: int) -> bytes:
+                       prompt_tokens: int, gpu_seconds: float | None = None) -> bytes:
     return orjson.dumps({
         "id": response_id, "object": "list", "created": created, "model": model,
         "data": [{"index": index, "object": "embedding", "embedding": embedding}
                  for index, embedding in enumerate(embeddings)],
-        "usage": {**usage_dict(prompt_tokens, 0), "prompt_tokens_details": None, "completion_tokens_details": None},
+        "usage": _full_usage(prompt_tokens, 0, None, gpu_seconds),
     })
 
 

@@ -41,6 +41,7 @@ from worker.gateway.processes.messages import (
     Begin,
     Finish,
     Finished,
+    FirstByte,
     Hello,
     Interrupt,
     Readmit,
@@ -259,6 +260,10 @@ class GatewayProcesses:
             self._background(self._readmit(relay, message, call_id))
         elif isinstance(message, Abandon):
             self._abandon(message.record)
+        elif isinstance(message, FirstByte):
+            relayed = self._records.get(message.record)
+            if relayed is not None and relayed.ctx.gpu_timer is not None:
+                relayed.ctx.gpu_timer.first_byte(message.at)
         elif isinstance(message, Release):
             relayed = self._records.get(message.record)
             if relayed is not None:
@@ -352,12 +357,16 @@ class GatewayProcesses:
 
     async def _finish(self, relay: _Relay, message: Finish, call_id: int) -> None:
         relayed = self._records.pop(message.record, None)
+        gpu_seconds = None
         if relayed is not None:
             message.apply_to(relayed.ctx)
-            # Shielded, like the relay's own finalize: the ledger write is never cut short.
-            await asyncio.shield(self._end(relayed, message.finished))
+            # Shielded, like the relay's own finalize: the ledger write is never cut short. Its GPU time is
+            # settled as the finalize starts.
+            finishing = self._end(relayed, message.finished)
+            gpu_seconds = relayed.ctx.gpu_seconds
+            await asyncio.shield(finishing)
         if relay.channel is not None:
-            relay.channel.reply(call_id, Finished())
+            relay.channel.reply(call_id, Finished(gpu_seconds=gpu_seconds))
 
     # Interruptions: a replica's restart ends the requests leased on it, in whichever process they run.
     def _watch(self, relayed: _Relayed) -> None:

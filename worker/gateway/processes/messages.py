@@ -108,6 +108,14 @@ class Release(msgspec.Struct, tag="release"):
     record: str
 
 
+class FirstByte(msgspec.Struct, tag="first_byte"):
+    """Relay -> worker: a streamed request's first byte came from its engine at `at` (monotonic time, the
+    same clock in every process of the machine): its GPU-time share now weighs as decoding."""
+
+    record: str
+    at: float
+
+
 class Finish(msgspec.Struct, tag="finish"):
     """Relay -> worker (a call): the request ended; answered by Finished once it is recorded."""
 
@@ -122,6 +130,7 @@ class Finish(msgspec.Struct, tag="finish"):
     finish_reason: str | None
     outcome: str
     error_message: str | None
+    gpu_seconds: float | None = None  # the engine's own figure, when it reported one
 
     @classmethod
     def of(cls, ctx: RequestContext) -> Finish:
@@ -129,10 +138,12 @@ class Finish(msgspec.Struct, tag="finish"):
                    usage_estimated=ctx.usage_estimated, admitted=ctx.admitted_monotonic,
                    first_byte=ctx.first_byte_monotonic, finished=ctx.finished_monotonic,
                    streamed_events=ctx.streamed_events, finish_reason=ctx.finish_reason, outcome=ctx.outcome,
-                   error_message=ctx.error_message)
+                   error_message=ctx.error_message, gpu_seconds=ctx.gpu_seconds)
 
     def apply_to(self, ctx: RequestContext) -> None:
         """Everything the relay learnt about the request, into the worker process's context of it."""
+        if self.gpu_seconds is not None:
+            ctx.gpu_seconds = self.gpu_seconds
         ctx.usage = self.usage
         ctx.usage_estimated = self.usage_estimated
         ctx.status_code = self.status_code
@@ -145,7 +156,9 @@ class Finish(msgspec.Struct, tag="finish"):
 
 
 class Finished(msgspec.Struct, tag="finished"):
-    """Worker -> relay, the answer to Finish."""
+    """Worker -> relay, the answer to Finish: with the request's GPU-seconds as recorded (None: not settled)."""
+
+    gpu_seconds: float | None = None
 
 
 class Interrupt(msgspec.Struct, tag="interrupt"):
@@ -155,5 +168,5 @@ class Interrupt(msgspec.Struct, tag="interrupt"):
     reason: str
 
 
-ToWorker = Begin | Readmit | Abandon | Release | Finish
+ToWorker = Begin | Readmit | Abandon | Release | FirstByte | Finish
 ToRelay = Hello | Admitted | Refused | Finished | Interrupt

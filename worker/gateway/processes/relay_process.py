@@ -30,6 +30,8 @@ from worker.gateway.processes.messages import (
     Admitted,
     Begin,
     Finish,
+    Finished,
+    FirstByte,
     Hello,
     Interrupt,
     Readmit,
@@ -78,6 +80,28 @@ class RemoteLease:
         if not self._released:
             self._released = True
             self._link.released(self)
+
+
+class RemoteGpuTimer:
+    """A request's GPU-time share, seen from the relay (a GpuTimer): the worker process meters it; the relay
+    tells it when a stream's first byte came, and learns the figure when the request is recorded."""
+
+    __slots__ = ("_link", "_record", "_sent")
+
+    def __init__(self, link: WorkerLink, record: str) -> None:
+        self._link = link
+        self._record = record
+        self._sent = False
+
+    def first_byte(self, at: float) -> None:
+        channel = self._link.channel
+        if not self._sent and channel is not None:
+            self._sent = True
+            with contextlib.suppress(ChannelClosed):
+                channel.tell(FirstByte(record=self._record, at=at))
+
+    def settle(self, at: float) -> float | None:
+        return None
 
 
 class WorkerLink:
@@ -129,6 +153,8 @@ class WorkerLink:
         if target is None:
             target = self.targets[key] = RemoteReplica(answer.replica, ctx.model.id, answer.url)
         self.leases[ctx.record_id] = RemoteLease(self, ctx.record_id, target, answer.extras)
+        if ctx.gpu_timer is None:
+            ctx.gpu_timer = RemoteGpuTimer(self, ctx.record_id)
 
     def abandon(self, ctx: RequestContext) -> None:
         """The client left before the worker process answered `begin`: it ends the request there."""
@@ -151,7 +177,9 @@ class WorkerLink:
 
     async def finish(self, ctx: RequestContext) -> None:
         self.leases.pop(ctx.record_id, None)
-        await self._call(Finish.of(ctx))
+        answer = await self._call(Finish.of(ctx))
+        if isinstance(answer, Finished) and ctx.gpu_seconds is None:
+            ctx.gpu_seconds = answer.gpu_seconds
 
     async def aclose(self) -> None:
         for target in self.targets.values():
