@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 from worker.billing.store.records import (
     Account,
@@ -18,6 +19,7 @@ from worker.billing.store.records import (
     LedgerFilter,
     LedgerRecord,
     NewApiKey,
+    ReplicaUptime,
     Reservation,
     ReserveOutcome,
     WorkerClaim,
@@ -147,6 +149,16 @@ class LedgerStore(abc.ABC):
 
     @abc.abstractmethod
     async def count_ledger(self, where: LedgerFilter, after_seq: int = 0) -> int: ...
+
+    # Replica up-time, and reports over it and the ledger (worker.economics).
+    @abc.abstractmethod
+    async def save_replica_uptime(self, runs: Sequence[ReplicaUptime]) -> None:
+        """Insert or update replica runs, each keyed by its worker, replica and start."""
+
+    @abc.abstractmethod
+    async def read_only(self, template: str, *params: Any) -> Sequence[Mapping[str, Any]]:
+        """The rows of a read-only query both dialects run, seeing every record settled before the call;
+        the template's `{}`s are its parameters, in order."""
 
     # The admin audit trail.
     @abc.abstractmethod

@@ -26,6 +26,7 @@ from worker.billing.store.records import (
     ApiKey,
     LedgerEntry,
     NewApiKey,
+    ReplicaUptime,
     Reservation,
     ReserveOutcome,
     WorkerClaim,
@@ -213,6 +214,9 @@ class PostgresStore(SqlReads):
 
     async def advance_outbox(self, worker_id: str, seq: int, now: float) -> None:
         await self._pool.execute(_SQL.ADVANCE_OUTBOX, worker_id, seq, now)
+
+    async def save_replica_uptime(self, runs: Sequence[ReplicaUptime]) -> None:
+        await self._pool.executemany(_SQL.REPLICA_UPTIME_SAVE, runs)
 
 
 async def _settle_all(connection: asyncpg.Connection, records: list[LedgerEntry]) -> list[int | None]:

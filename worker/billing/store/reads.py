@@ -69,6 +69,9 @@ class SqlReads(LedgerStore):
         query = f"SELECT {LEDGER_COLUMNS} FROM ledger{clause} ORDER BY seq {order.upper()} LIMIT {{}}"
         return [ledger_from_row(row) for row in await self._rows(query, *params, limit)]
 
+    async def read_only(self, template: str, *params: Any) -> Sequence[Row]:
+        return await self._rows(template, *params)
+
     async def count_ledger(self, where: LedgerFilter, after_seq: int = 0) -> int:
         clause, params = _where([*ledger_conditions(where), ("seq > {}", after_seq)])
         (row,) = await self._rows(f"SELECT COUNT(*) AS n FROM ledger{clause}", *params)

@@ -185,6 +185,20 @@ class LedgerRecord(Record):
     gpu_seconds: float = 0.0
 
 
+class ReplicaUptime(NamedTuple):
+    """One run of a replica's engine; while running (`stopped_at` None) it counts up to `seen_at`, the
+    worker's last heartbeat, so a worker that died without stopping it counts until then."""
+
+    worker_id: str
+    replica_id: str
+    started_at: float
+    model: str
+    gpus: int
+    ready_at: float | None
+    stopped_at: float | None
+    seen_at: float
+
+
 class WorkerClaim(Record):
     """Which running worker holds a worker id, since when, and when it last renewed its claim."""
 

@@ -111,6 +111,11 @@ WORKER_CLAIM_RENEW = "UPDATE worker_claims SET seen_at = {2} WHERE worker_id = {
 
 WORKER_CLAIM_RELEASE = "DELETE FROM worker_claims WHERE worker_id = {0} AND instance_id = {1}"
 
+REPLICA_UPTIME_SAVE = """
+INSERT INTO replica_uptime (worker_id, replica_id, started_at, model, gpus, ready_at, stopped_at, seen_at)
+VALUES ({0}, {1}, {2}, {3}, {4}, {5}, {6}, {7}) ON CONFLICT (worker_id, replica_id, started_at) DO UPDATE SET
+    ready_at = excluded.ready_at, stopped_at = excluded.stopped_at, seen_at = excluded.seen_at"""
+
 _MAX_PARAMETERS = 32
 
 

@@ -21,6 +21,7 @@ import logging
 import os
 import sqlite3
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +36,7 @@ from worker.billing.store.records import (
     ApiKey,
     LedgerEntry,
     NewApiKey,
+    ReplicaUptime,
     Reservation,
     ReserveOutcome,
     WorkerClaim,
@@ -249,6 +251,9 @@ class SqliteStore(SqlReads):
 
     async def advance_outbox(self, worker_id: str, seq: int, now: float) -> None:
         await self._write("advance_outbox", worker_id, seq, now)
+
+    async def save_replica_uptime(self, runs: Sequence[ReplicaUptime]) -> None:
+        await asyncio.gather(*(self._write("save_uptime", *run) for run in runs))
 
 
 def create_private_files(path: Path) -> None:

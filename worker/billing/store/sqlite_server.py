@@ -41,7 +41,7 @@ BUSY_TIMEOUT_S = 30.0
 
 WriteOp = Literal[
     "create_account", "top_up", "create_key", "revoke_key", "reserve", "settle", "release", "append_audit",
-    "claim_worker", "renew_claim", "release_claim", "advance_outbox",
+    "claim_worker", "renew_claim", "release_claim", "advance_outbox", "save_uptime",
 ]
 
 
@@ -228,6 +228,7 @@ _WRITES: dict[str, Callable[..., Any]] = {
     "renew_claim": partial(_changed_one, _SQL.WORKER_CLAIM_RENEW),
     "release_claim": partial(_changed_one, _SQL.WORKER_CLAIM_RELEASE),
     "advance_outbox": partial(_changed_one, _SQL.ADVANCE_OUTBOX),
+    "save_uptime": partial(_changed_one, _SQL.REPLICA_UPTIME_SAVE),
 }
 
 

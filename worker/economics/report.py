@@ -1,0 +1,45 @@
+"""One economics report: the store's aggregates for a window, priced with the node's configuration."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from worker.billing.store import LedgerStore
+from worker.billing.store.records import to_epoch
+from worker.config import ModelConfig, NodeConfig
+from worker.economics.compute import PEAK_BUCKET_S, EconomicsReport, ModelPrices, report
+from worker.economics.queries import (
+    BYOK_FREE_REQUESTS_PER_MONTH,
+    byok_fee_base,
+    model_buckets,
+    model_totals,
+    uptime_runs,
+)
+
+
+def model_prices(config: NodeConfig, model: ModelConfig) -> ModelPrices:
+    own = model.gpu_hour_usd
+    return ModelPrices(config.worker.gpu_hour_usd if own is None else own, model.pricing.prompt_per_mtok,
+                       model.pricing.completion_per_mtok)
+
+
+def month_to_date(now: datetime) -> tuple[datetime, datetime]:
+    """The default window: from the start of the current calendar month (UTC) to now."""
+    now = now.astimezone(UTC)
+    return now.replace(day=1, hour=0, minute=0, second=0, microsecond=0), now
+
+
+async def economics_report(
+    store: LedgerStore, config: NodeConfig, since: datetime, until: datetime, *, model: str | None = None,
+    target_margin: Decimal | None = None, byok_allowance: int = BYOK_FREE_REQUESTS_PER_MONTH,
+) -> EconomicsReport:
+    start, end = to_epoch(since), to_epoch(until)
+    return report(
+        start, end, await model_totals(store, start, end), await uptime_runs(store, start, end),
+        await model_buckets(store, start, end, PEAK_BUCKET_S),
+        await byok_fee_base(store, start, end, allowance=byok_allowance),
+        {m.id: model_prices(config, m) for m in config.models},
+        default_prices=ModelPrices(config.worker.gpu_hour_usd, Decimal(0), Decimal(0)),
+        target_margin=target_margin, only_model=model,
+    )
