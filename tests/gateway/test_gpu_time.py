@@ -6,13 +6,14 @@ from __future__ import annotations
 import pytest
 
 from tests.engines.mock.mock_engine_support import make_model
-from worker.capacity.gpu_time import GpuTimeMeters, GpuTimeShare, ReplicaGpuMeter
+from worker.capacity.gpu_time import GpuTimeMeters, GpuTimeShare, ReplicaGpuMeter, sequences_of
 from worker.gateway.context import RequestContext
 from worker.gateway.pipeline import settle_gpu_seconds
 
 
-def share(meter: ReplicaGpuMeter, at: float, *, stream: bool = True, prefill_weight: float = 4.0) -> GpuTimeShare:
-    started = GpuTimeShare(prefill_weight)
+def share(meter: ReplicaGpuMeter, at: float, *, stream: bool = True, prefill_weight: float = 4.0,
+          sequences: int = 1) -> GpuTimeShare:
+    started = GpuTimeShare(prefill_weight, sequences)
     started.start(meter, stream, at)
     return started
 
@@ -140,3 +141,25 @@ def test_settled_figure_prefers_the_engines_then_the_estimate_and_multiplies_by_
 def test_prefill_weight_must_be_positive() -> None:
     with pytest.raises(ValueError, match="prefill_weight"):
         GpuTimeMeters(prefill_weight=0.0)
+
+
+def test_each_sequence_of_a_request_weighs_as_one() -> None:
+    meter = ReplicaGpuMeter()
+    pair = share(meter, 0.0, stream=False, sequences=2)  # n=2: two sequences in every step
+    single = share(meter, 0.0, stream=False)
+    assert pair.settle(3.0) == pytest.approx(2.0)
+    assert single.settle(3.0) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(("body", "sequences"), [
+    ({"messages": []}, 1),
+    ({"messages": [], "n": 3}, 3),
+    ({"prompt": "one"}, 1),
+    ({"prompt": [1, 2, 3]}, 1),  # token ids: one prompt
+    ({"prompt": ["one", "two"], "n": 2}, 4),
+    ({"prompt": [[1, 2], [3]]}, 2),
+    ({"input": ["a", "b", "c"]}, 3),
+    ({"n": None}, 1),
+])
+def test_sequences_of_a_request(body: dict[str, object], sequences: int) -> None:
+    assert sequences_of(body) == sequences
