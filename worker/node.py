@@ -21,6 +21,8 @@ from worker.capacity import CapacityMonitor, CapacityState, build_capacity_route
 from worker.capacity.gpu_time import GpuTimeMeters
 from worker.capacity.leasing import AdmissionLeaser
 from worker.config import NodeConfig, Settings
+from worker.economics.admin import build_economics_router
+from worker.economics.uptime import UptimeRecorder
 from worker.engines.replica import Replica
 from worker.engines.supervisor import EngineSupervisor
 from worker.gateway.access_log import AccessLog
@@ -64,6 +66,7 @@ class WorkerNode:
         self.capacity = CapacityMonitor(config, self.supervisor.by_model, on_hung=self.supervisor.restart,
                                         gpu_snapshot=self.gpu_monitor.snapshot)
         self.billing: BillingService | None = None  # its store opens in start()
+        self.uptime: UptimeRecorder | None = None  # replica up-time, kept in billing's database
         self.context_lengths = EngineContextLengths(self.supervisor.by_model)
         self.catalog = ModelCatalog(config, readiness=readiness_by_model(self.capacity.readiness),
                                     context_lengths=self.context_lengths, created=self.started_at)
@@ -122,6 +125,8 @@ class WorkerNode:
             self.billing = await BillingService.open(self.settings, self.config, self.provenance_cache)
             self.billing.when_claim_lost(self._worker_id_taken_over)
             self.mount_billing_routes(self.billing)
+            self.uptime = UptimeRecorder(self.billing.store, self.config.worker.id, self.supervisor.replicas,
+                                         lambda: self.supervisor.state_changed)
         else:
             logger.warning("usage ledger off (WORKER_LEDGER=false): requests are served unrecorded")
         self.gateway.hooks = request_hooks(metrics=self.gateway_metrics, access_log=AccessLog(),
@@ -129,6 +134,8 @@ class WorkerNode:
         await self.gpu_monitor.start()
         self.gpu_monitor.subscribe(self._on_gpu_change)
         await self.supervisor.start()
+        if self.uptime is not None:
+            self.uptime.start()
         await self.capacity.start()
         await self.context_lengths.start()
         await self.registration.start()
@@ -140,6 +147,7 @@ class WorkerNode:
         self.admin_access.recorder = audit_recorder(billing.store)
         self.app.include_router(build_key_router(billing.keys, billing.store))
         self.app.include_router(build_admin_router(billing.store, self.admin_access))
+        self.app.include_router(build_economics_router(billing.store, self.config, self.admin_access))
 
     async def stop(self) -> None:
         logger.info("worker stopping", extra={"worker_id": self.config.worker.id})
@@ -149,6 +157,8 @@ class WorkerNode:
         await self.context_lengths.stop()
         await self.capacity.stop()
         await self.supervisor.stop()
+        if self.uptime is not None:
+            await self.uptime.stop()
         await self.gpu_monitor.stop()
         await self.gateway.aclose()
         if self.billing is not None:

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from worker import __version__
-from worker.cli import doctor, keys, mock_engine, models, serve, usage
+from worker.cli import doctor, economics, keys, mock_engine, models, serve, usage
 from worker.config import ConfigError
 
 
@@ -14,7 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="worker", description="GPU inference worker node")
     parser.add_argument("--version", action="version", version=f"worker {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for module in (serve, mock_engine, models, doctor, keys, usage):
+    for module in (serve, mock_engine, models, doctor, keys, usage, economics):
         module.register(subparsers)
     return parser
 

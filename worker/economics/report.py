@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 
 from worker.billing.store import LedgerStore
@@ -16,18 +16,13 @@ from worker.economics.queries import (
     model_totals,
     uptime_runs,
 )
+from worker.economics.timeline import Point, bucket_width_s, timeline
 
 
 def model_prices(config: NodeConfig, model: ModelConfig) -> ModelPrices:
     own = model.gpu_hour_usd
     return ModelPrices(config.worker.gpu_hour_usd if own is None else own, model.pricing.prompt_per_mtok,
                        model.pricing.completion_per_mtok)
-
-
-def month_to_date(now: datetime) -> tuple[datetime, datetime]:
-    """The default window: from the start of the current calendar month (UTC) to now."""
-    now = now.astimezone(UTC)
-    return now.replace(day=1, hour=0, minute=0, second=0, microsecond=0), now
 
 
 async def economics_report(
@@ -43,3 +38,18 @@ async def economics_report(
         default_prices=ModelPrices(config.worker.gpu_hour_usd, Decimal(0), Decimal(0)),
         target_margin=target_margin, only_model=model,
     )
+
+
+async def economics_timeline(
+    store: LedgerStore, config: NodeConfig, since: datetime, until: datetime, *, model: str | None = None,
+) -> tuple[list[str], list[Point]]:
+    """The models shown and the window in time buckets (see worker.economics.timeline)."""
+    start, end = to_epoch(since), to_epoch(until)
+    width = bucket_width_s(start, end)
+    buckets = await model_buckets(store, start, end, width)
+    runs = await uptime_runs(store, start, end)
+    names = sorted({*(b.model for b in buckets), *(r.model for r in runs), *(m.id for m in config.models)})
+    models = [name for name in names if model is None or name == model]
+    prices = {m.id: model_prices(config, m) for m in config.models}
+    default = ModelPrices(config.worker.gpu_hour_usd, Decimal(0), Decimal(0))
+    return models, timeline(start, end, width, buckets, runs, prices, default, models)

@@ -1,0 +1,35 @@
+"""`GET /admin/economics`: the `worker economics --format json` report over HTTP, behind the admin token."""
+
+# No `from __future__ import annotations`: FastAPI must see the real `Annotated[..., Query()]` parameters.
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query
+
+from worker.billing.store import LedgerStore
+from worker.config import NodeConfig
+from worker.economics.options import BadOption, target_margin, window
+from worker.economics.render import as_json
+from worker.economics.report import economics_report
+from worker.gateway.admin_auth import AdminAccess
+from worker.gateway.errors import ApiError
+
+Text = Annotated[str | None, Query(min_length=1, max_length=256)]
+
+
+def build_economics_router(store: LedgerStore, config: NodeConfig, access: AdminAccess) -> APIRouter:
+    router = APIRouter(prefix="/admin", dependencies=[Depends(access)], tags=["admin"])
+
+    @router.get("/economics")
+    async def economics(since: Text = None, until: Text = None, model: Text = None,
+                        target_margin_: Annotated[str | None, Query(alias="target_margin", max_length=64)] = None,
+                        ) -> dict[str, Any]:
+        """Revenue against GPU cost per model and for the node (see worker/economics/compute.py)."""
+        try:
+            start, end = window(since, until, datetime.now(UTC))
+            margin = target_margin(target_margin_)
+        except BadOption as bad:
+            raise ApiError(400, f"invalid value for '{bad.option}': {bad.message}", param=bad.option) from None
+        return as_json(await economics_report(store, config, start, end, model=model, target_margin=margin))
+
+    return router
