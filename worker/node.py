@@ -147,7 +147,12 @@ class WorkerNode:
         self.admin_access.recorder = audit_recorder(billing.store)
         self.app.include_router(build_key_router(billing.keys, billing.store))
         self.app.include_router(build_admin_router(billing.store, self.admin_access))
-        self.app.include_router(build_economics_router(billing.store, self.config, self.admin_access))
+        self.app.include_router(build_economics_router(billing.store, self.config, self.admin_access,
+                                                       before_report=self._refresh_uptime))
+
+    async def _refresh_uptime(self) -> None:
+        if self.uptime is not None:
+            await self.uptime.refresh()
 
     async def stop(self) -> None:
         logger.info("worker stopping", extra={"worker_id": self.config.worker.id})

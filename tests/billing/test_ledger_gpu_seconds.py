@@ -74,5 +74,5 @@ def test_the_billing_hook_copies_the_requests_gpu_seconds() -> None:
     ctx = make_context()
     ctx.received_at = time.time()
     assert metered_entry(ctx, None, worker_id="w", gpu_uuids=()).gpu_seconds == 0.0
-    ctx.gpu_seconds = 1.5  # type: ignore[attr-defined]
+    ctx.gpu_seconds = 1.5
     assert metered_entry(ctx, None, worker_id="w", gpu_uuids=()).gpu_seconds == 1.5

@@ -17,6 +17,7 @@ from matplotlib.image import imread
 
 from tests.billing.support import provenance_for
 from tests.economics.support import SINCE, UNTIL, node_config, write_window
+from tests.economics.test_uptime import Clock, replica
 from worker.billing.service import BillingService
 from worker.billing.store import LedgerStore
 from worker.billing.store.records import to_epoch
@@ -25,6 +26,7 @@ from worker.config import Settings
 from worker.economics.compute import Economics
 from worker.economics.plot import build_figure
 from worker.economics.report import economics_timeline
+from worker.economics.uptime import UptimeRecorder
 from worker.node import WorkerNode
 
 ADMIN_TOKEN = "admin-token-for-tests-0123456789abcdef"
@@ -164,3 +166,16 @@ async def test_bad_admin_parameters_are_400s_naming_them(
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert (error["type"], error["param"]) == ("invalid_request_error", param)
+
+
+async def test_the_admin_endpoint_counts_the_running_replicas_up_to_now(node: WorkerNode, store: LedgerStore) -> None:
+    clock, chat = Clock(to_epoch(SINCE)), replica()
+    node.uptime = UptimeRecorder(store, "node-1", [chat], asyncio.Event, clock=clock)
+    node.uptime.observe()
+    await node.uptime.save()
+    clock.now += 1800  # no heartbeat since the start: the report renews it
+    params = {"since": SINCE.isoformat(), "until": UNTIL.isoformat()}
+    async with client_for(node) as client:
+        response = await client.get("/admin/economics", params=params, headers=ADMIN)
+    chat_row = next(m for m in response.json()["models"] if m["model"] == "acme/chat")
+    assert chat_row["gpu_hours_provisioned"] == 1.0  # half an hour on 2 GPUs

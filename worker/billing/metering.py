@@ -48,5 +48,5 @@ def ledger_entry(
         duration_ms=round((finished - ctx.started_monotonic) * 1000, 3),
         prompt_tokens_source=usage.prompt_source if ctx.usage is not None else "none",
         completion_tokens_source=usage.completion_source if ctx.usage is not None else "none",
-        gpu_seconds=getattr(ctx, "gpu_seconds", None) or 0.0,
+        gpu_seconds=ctx.gpu_seconds or 0.0,
     )

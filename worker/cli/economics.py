@@ -14,7 +14,6 @@ from worker.billing.store import LedgerStore
 from worker.config import Settings, load_node_config
 from worker.economics import compute
 from worker.economics.options import BadOption, target_margin, window
-from worker.economics.plot import build_figure, save_png
 from worker.economics.render import as_csv, as_json, as_table
 from worker.economics.report import economics_report, economics_timeline
 
@@ -54,6 +53,8 @@ async def _economics(store: LedgerStore, args: argparse.Namespace) -> int:
         sys.stdout.write(as_csv(report) if args.format == "csv" else as_table(report))
     sys.stdout.flush()
     if args.plot is not None:
+        from worker.economics.plot import build_figure, save_png  # matplotlib: loaded only to draw
+
         models, points = await economics_timeline(store, config, since, until, model=args.model)
         save_png(build_figure(models, points, since, until), args.plot)
         print(f"plot written to {args.plot}", file=sys.stderr)

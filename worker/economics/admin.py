@@ -1,6 +1,7 @@
 """`GET /admin/economics`: the `worker economics --format json` report over HTTP, behind the admin token."""
 
 # No `from __future__ import annotations`: FastAPI must see the real `Annotated[..., Query()]` parameters.
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -17,7 +18,12 @@ from worker.gateway.errors import ApiError
 Text = Annotated[str | None, Query(min_length=1, max_length=256)]
 
 
-def build_economics_router(store: LedgerStore, config: NodeConfig, access: AdminAccess) -> APIRouter:
+def build_economics_router(
+    store: LedgerStore, config: NodeConfig, access: AdminAccess,
+    before_report: Callable[[], Awaitable[None]] | None = None,
+) -> APIRouter:
+    """`before_report`: brings the running worker's replica up-time up to now (it is otherwise renewed every
+    heartbeat), so a window ending now counts the running replicas to now."""
     router = APIRouter(prefix="/admin", dependencies=[Depends(access)], tags=["admin"])
 
     @router.get("/economics")
@@ -30,6 +36,8 @@ def build_economics_router(store: LedgerStore, config: NodeConfig, access: Admin
             margin = target_margin(target_margin_)
         except BadOption as bad:
             raise ApiError(400, f"invalid value for '{bad.option}': {bad.message}", param=bad.option) from None
+        if before_report is not None:
+            await before_report()
         return as_json(await economics_report(store, config, start, end, model=model, target_margin=margin))
 
     return router

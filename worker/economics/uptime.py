@@ -94,6 +94,11 @@ class UptimeRecorder:
     def _keep(self, run: ReplicaUptime) -> None:
         self._unsaved[(run.replica_id, run.started_at)] = run
 
+    async def refresh(self) -> None:
+        """Record the replicas as they are now, so that a report up to now counts the running ones to now."""
+        self.observe()
+        await self.save()
+
     async def save(self) -> None:
         if not self._unsaved:
             return
