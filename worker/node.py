@@ -87,10 +87,11 @@ class WorkerNode:
         self.provenance_cache = ProvenanceCache(self.provenance, engine_version_of=lambda r: r.engine.version)
         self.gateway_metrics = GatewayMetrics(self.registry, charge_micro=lambda ctx: charge_micro(
             ctx.model, ctx.endpoint, ctx.usage, ctx.finish_reason, ctx.outcome))
-        self.registry.register(EconomicsCollector(config, self.supervisor.replicas, busy_seconds=dict))
         # Its hooks are set in start(), once billing's store is open (or known to be off).
         # Each replica's busy time and each request's share of it (ctx.gpu_seconds where the engine has no figure).
         self.gpu_time = GpuTimeMeters()
+        self.registry.register(EconomicsCollector(config, self.supervisor.replicas,
+                                                  busy_seconds=self.gpu_time.busy_seconds))
         self.gateway = Gateway(config, AdmissionLeaser(self.capacity.admission, self.gpu_time))
         self.app: FastAPI = create_app(self.gateway, lifespan=self._lifespan,
                                        models_listing=self.catalog.listing, readiness=self.readiness)

@@ -49,9 +49,8 @@ class RequestEconomics:
         cost = self.charge_micro(ctx)
         if cost:
             self.revenue.labels(model).inc(cost / _MICRO_PER_USD)
-        gpu_seconds = getattr(ctx, "gpu_seconds", None)
-        if gpu_seconds:
-            self.gpu_seconds.labels(model).inc(gpu_seconds)
+        if ctx.gpu_seconds:
+            self.gpu_seconds.labels(model).inc(ctx.gpu_seconds)
 
 
 def gpu_hour_usd(config: NodeConfig, model: ModelConfig) -> Decimal:
