@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import sqlite3
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from tests.billing.support import ledger_entry, make_context
 from tests.billing.test_ledger_journal import WORKER, write_journal
+from worker.billing.export import csv_header, csv_row, record_json
 from worker.billing.metering import ledger_entry as metered_entry
 from worker.billing.records import LedgerFilter
 from worker.billing.store import LedgerStore, open_store
@@ -76,3 +78,11 @@ def test_the_billing_hook_copies_the_requests_gpu_seconds() -> None:
     assert metered_entry(ctx, None, worker_id="w", gpu_uuids=()).gpu_seconds == 0.0
     ctx.gpu_seconds = 1.5
     assert metered_entry(ctx, None, worker_id="w", gpu_uuids=()).gpu_seconds == 1.5
+
+
+async def test_exports_list_each_records_gpu_seconds(store: LedgerStore) -> None:
+    await store.settle(ledger_entry("rec-export", gpu_seconds=0.125))
+    (record,) = await store.query_ledger(LedgerFilter(), limit=1)
+    assert record_json(record)["gpu_seconds"] == 0.125
+    header, row = next(csv.reader([csv_header()])), next(csv.reader([csv_row(record)]))
+    assert dict(zip(header, row, strict=True))["gpu_seconds"] == "0.125"
