@@ -3,12 +3,14 @@ split among its requests in flight by phase weight, conserved exactly, idle time
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
 from tests.engines.mock.mock_engine_support import make_model
 from worker.capacity.gpu_time import GpuTimeMeters, GpuTimeShare, ReplicaGpuMeter, sequences_of
 from worker.gateway.context import RequestContext
-from worker.gateway.pipeline import settle_gpu_seconds
+from worker.gateway.pipeline import HookChain, settle_gpu_seconds
+from worker.gateway.relay import SseRelay
 
 
 def share(meter: ReplicaGpuMeter, at: float, *, stream: bool = True, prefill_weight: float = 4.0,
@@ -163,3 +165,23 @@ def test_each_sequence_of_a_request_weighs_as_one() -> None:
 ])
 def test_sequences_of_a_request(body: dict[str, object], sequences: int) -> None:
     assert sequences_of(body) == sequences
+
+
+@pytest.mark.parametrize("wants_usage", [True, False])
+async def test_the_engines_figure_is_read_from_the_usage_chunk_and_never_shown(wants_usage: bool) -> None:
+    model = make_model().model_copy(update={"gpus_per_replica": 4})
+    ctx = RequestContext(request_id="r", endpoint="chat.completions", model=model, body={}, stream=True,
+                         client_wants_usage=wants_usage, headers={})
+    chain = HookChain(ctx, [])
+    relay = SseRelay(ctx, chain)
+    usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5, "gpu_seconds": 0.125}
+    out = relay.process(b"data: " + orjson.dumps({"id": "c", "choices": [], "usage": usage}) + b"\n\n"
+                        + b"data: [DONE]\n\n")
+    await chain()
+    assert (ctx.gpu_seconds, ctx.gpu_seconds_source) == (0.5, "engine")
+    assert b"gpu_seconds" not in out
+    if wants_usage:
+        assert orjson.loads(out[len(b"data: "):])["usage"] == {"prompt_tokens": 3, "completion_tokens": 2,
+                                                              "total_tokens": 5}
+    else:
+        assert out == b""
