@@ -9,8 +9,8 @@ from tests.billing.support import make_key
 from tests.economics.support import SINCE, T0, UNTIL, entry, node_config, write_window
 from worker.billing.store import LedgerStore
 from worker.billing.store.records import to_epoch
-from worker.economics.compute import NODE
-from worker.economics.queries import byok_fee_base, months
+from worker.economics.compute import NODE, ModelPrices, report, target_prices
+from worker.economics.queries import Bucket, ModelTotals, byok_fee_base, months
 from worker.economics.report import economics_report
 
 
@@ -95,3 +95,28 @@ def test_months_are_calendar_months_in_utc() -> None:
     assert [datetime.fromtimestamp(s, UTC).date().isoformat() for s, _ in spans] == [
         "2026-11-01", "2026-12-01", "2027-01-01"]
     assert spans[0][1] == spans[1][0]
+
+
+def test_tokens_without_provisioned_gpus_and_an_unpriced_model() -> None:
+    """An external engine's model: requests and tokens but no GPUs of ours; unpriced: target prices 1:1."""
+    totals = {"outside": ModelTotals(2, 3000, 0, 1000, 0, 0.0)}
+    unpriced = ModelPrices(Decimal("2.00"), Decimal(0), Decimal(0))
+    result = report(0.0, 3600.0, totals, [], [Bucket("outside", 0.0, 4000, 0, 0.0)], {}, {"outside": unpriced},
+                    default_prices=unpriced, target_margin=Decimal("0.5"))
+    (row,) = result.models
+    assert (row.gpu_hours_provisioned, row.utilization, row.gpu_cost_usd, row.margin_usd) == (0.0, None, "0.000000",
+                                                                                              "0.000000")
+    assert (row.break_even_usd_per_mtok, row.peak_tokens_per_gpu_hour, row.break_even_usd_per_mtok_at_peak) == (
+        "0.000000", None, None)
+    assert (row.target_prompt_usd_per_mtok, row.target_completion_usd_per_mtok) == ("0.000000", "0.000000")
+    assert result.node.gpu_hour_usd is None
+
+
+def test_target_prices_keep_the_configured_ratio_or_fall_back_to_one_to_one() -> None:
+    cost, margin = Decimal("3.00"), Decimal("0.4")  # revenue wanted: 5.00 USD
+    assert target_prices(cost, margin, 1_000_000, 1_000_000, ModelPrices(Decimal(1), Decimal(0), Decimal(0))) == (
+        "2.500000", "2.500000")
+    assert target_prices(cost, margin, 1_000_000, 1_000_000, ModelPrices(Decimal(1), Decimal(0), Decimal(4))) == (
+        "0.000000", "5.000000")  # prompts free as configured: completions carry it all
+    assert target_prices(cost, margin, 1_000_000, 0, ModelPrices(Decimal(1), Decimal(0), Decimal(4))) is None
+    assert target_prices(cost, Decimal(0), 0, 0, ModelPrices(Decimal(1), Decimal(1), Decimal(2))) is None
