@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import csv
 import io
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -102,15 +103,17 @@ async def test_the_plot_is_a_png_of_revenue_cost_and_utilisation(
 ) -> None:
     await write_window(store)
     models, points = await economics_timeline(store, node_config(), SINCE, UNTIL)
-    assert [p.start for p in points][:2] == [to_epoch(SINCE), to_epoch(SINCE) + 60]  # an hour in minutes
+    assert (points[0].start, points[-1].end) == (to_epoch(SINCE), to_epoch(UNTIL))
+    assert all(a.end == b.start for a, b in pairwise(points)) and len(points) == 60  # minutes
     assert sum(p.revenue_usd for p in points) == pytest.approx(0.03)
     assert sum(p.gpu_cost_usd for p in points) == pytest.approx(7.5)
     figure = build_figure(models, points, SINCE, UNTIL)
     money, usage = figure.axes
     assert [line.get_label() for line in money.get_lines()] == ["revenue", "GPU cost"]
-    assert money.get_lines()[0].get_ydata()[-1] == pytest.approx(0.03)  # cumulative
+    revenue = money.get_lines()[0].get_ydata()
+    assert (revenue[0], revenue[-1]) == (0.0, pytest.approx(0.03))  # cumulative, from 0 at the window's start
     assert [line.get_label() for line in usage.get_lines()] == ["acme/big", "acme/chat"]
-    assert "2026-11-10 00:00 to 2026-11-10 01:00 UTC" in figure.get_suptitle()
+    assert "2026-11-10 00:00:00 to 2026-11-10 01:00:00 UTC" in figure.get_suptitle()
     assert money.get_ylabel() == "cumulative USD" and usage.get_xlabel() == "time (UTC)"
 
     png = tmp_path / "economics.png"

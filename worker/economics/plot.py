@@ -20,16 +20,21 @@ def build_figure(models: Sequence[str], points: Sequence[Point], since: datetime
     provisioned GPU time in each bucket; gaps where a model had no GPUs up)."""
     figure = Figure(figsize=(11, 7.5), layout="constrained")  # no pyplot: no global state, no display needed
     money, usage = figure.subplots(2, 1, sharex=True)
-    times = [from_epoch(point.start) for point in points]
-    money.plot(times, list(accumulate(p.revenue_usd for p in points)), label="revenue", color="tab:green")
-    money.plot(times, list(accumulate(p.gpu_cost_usd for p in points)), label="GPU cost", color="tab:red")
+    # Money accumulates through each bucket: from 0 at the window's start to each bucket's end.
+    ends = [since, *(from_epoch(point.end) for point in points)]
+    marker = "." if len(points) < 60 else None  # a short window's few points stay visible
+    for values, label, color in (([p.revenue_usd for p in points], "revenue", "tab:green"),
+                                 ([p.gpu_cost_usd for p in points], "GPU cost", "tab:red")):
+        money.plot(ends, [0.0, *accumulate(values)], label=label, color=color, marker=marker)
     money.set_ylabel("cumulative USD")
     money.set_title("Revenue against GPU cost (cumulative)")
     money.legend(loc="upper left")
     money.grid(alpha=0.3)
+    # Utilisation holds over each bucket: a step from its start, the last one drawn to the window's end.
+    starts = [*(from_epoch(point.start) for point in points), until]
     for model in models:
-        usage.plot(times, [float("nan") if (u := p.utilization.get(model)) is None else u for p in points],
-                   label=model, marker="." if len(points) < 60 else None)
+        shares = [float("nan") if (u := p.utilization.get(model)) is None else u for p in points]
+        usage.plot(starts, [*shares, shares[-1] if shares else float("nan")], label=model, drawstyle="steps-post")
     usage.set_ylabel("GPU utilisation")
     usage.yaxis.set_major_formatter(PercentFormatter(1.0))
     usage.set_ylim(bottom=0)
@@ -37,10 +42,11 @@ def build_figure(models: Sequence[str], points: Sequence[Point], since: datetime
     usage.set_xlabel("time (UTC)")
     usage.legend(loc="upper left", fontsize="small")
     usage.grid(alpha=0.3)
+    usage.set_xlim(since, until)
     locator = AutoDateLocator()  # type: ignore[no-untyped-call]  # matplotlib leaves these two unannotated
     usage.xaxis.set_major_locator(locator)
     usage.xaxis.set_major_formatter(ConciseDateFormatter(locator))  # type: ignore[no-untyped-call]
-    figure.suptitle(f"Workload economics {since:%Y-%m-%d %H:%M} to {until:%Y-%m-%d %H:%M} UTC")
+    figure.suptitle(f"Workload economics {since:%Y-%m-%d %H:%M:%S} to {until:%Y-%m-%d %H:%M:%S} UTC")
     return figure
 
 

@@ -11,13 +11,15 @@ from worker.billing.store.records import MICROS_PER_USD, ReplicaUptime
 from worker.economics.compute import ModelPrices, provisioned_gpu_s
 from worker.economics.queries import Bucket
 
-# About this many buckets in a window at most, in one of these widths.
+# About this many buckets in a window at most, in one of these widths. A request counts in the bucket it was
+# received in, so buckets much shorter than requests would show utilisation in bursts above 100%.
 MAX_BUCKETS = 240
 BUCKET_WIDTHS_S = (60, 300, 900, 3600, 6 * 3600, 86400, 7 * 86400)
 
 
 class Point(NamedTuple):
-    start: float  # epoch seconds
+    start: float  # epoch seconds; the first and last buckets are cut to the window
+    end: float
     revenue_usd: float  # in the bucket; for a plot, where a float is plenty
     gpu_cost_usd: float
     utilization: dict[str, float | None]  # per model: attributed / provisioned GPU time in the bucket
@@ -48,6 +50,6 @@ def timeline(
             cost += Decimal(repr(gpu_s)) / 3600 * prices.get(model, default_prices).gpu_hour_usd
             used = sum(b.gpu_seconds for b in by_start.get(start, ()) if b.model == model)
             utilization[model] = used / gpu_s if gpu_s > 0 else None
-        points.append(Point(start, revenue_micro / MICROS_PER_USD, float(cost), utilization))
+        points.append(Point(lo, hi, revenue_micro / MICROS_PER_USD, float(cost), utilization))
         start += width_s
     return points
