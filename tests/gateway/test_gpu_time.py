@@ -8,6 +8,7 @@ import pytest
 
 from tests.engines.mock.mock_engine_support import make_model
 from worker.capacity.gpu_time import GpuTimeMeters, GpuTimeShare, ReplicaGpuMeter, sequences_of
+from worker.config import EngineKind
 from worker.gateway.context import RequestContext
 from worker.gateway.pipeline import HookChain, settle_gpu_seconds
 from worker.gateway.relay import SseRelay
@@ -138,6 +139,14 @@ def test_settled_figure_prefers_the_engines_then_the_estimate_and_multiplies_by_
     never_leased = context()
     settle_gpu_seconds(never_leased, 1.0)
     assert (never_leased.gpu_seconds, never_leased.gpu_seconds_source) == (0.0, "none")
+
+    external = RequestContext(request_id="r", endpoint="completions", body={}, stream=False,
+                              client_wants_usage=False, headers={},
+                              model=model.model_copy(update={"engine": EngineKind.external}))
+    meters.started(external, "ext-0", 7.0)
+    settle_gpu_seconds(external, 9.0)  # metered (its replica's busy time), but no GPU of the node's
+    assert (external.gpu_seconds, external.gpu_seconds_source) == (0.0, "none")
+    assert meters.meter("ext-0").busy_seconds() == pytest.approx(2.0)
 
 
 def test_prefill_weight_must_be_positive() -> None:

@@ -26,6 +26,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from worker.config import EngineKind
 from worker.gateway.context import RequestContext, RequestView
 from worker.gateway.hooks import RequestHooks
 from worker.gateway.prompt_count import complete_usage
@@ -48,12 +49,15 @@ def request_hooks(*, metrics: RequestHooks, access_log: RequestHooks, disclosure
 
 def settle_gpu_seconds(ctx: RequestContext, at: float) -> None:
     """`ctx.gpu_seconds` once the request is over: the engine's own figure when it reported one, else the
-    estimate of the request's share of its replica's busy time, else 0.0 (it never held a replica). A
-    relay process leaves it to the worker process, which meters its replicas."""
+    estimate of the request's share of its replica's busy time, else 0.0 (it never held a replica, or its
+    engine is external: the node provisions no GPU for it). A relay process leaves it to the worker
+    process, which meters its replicas."""
     timer = ctx.gpu_timer
     estimate = timer.settle(at) if timer is not None else None
     if ctx.gpu_seconds is not None:
         ctx.gpu_seconds_source = "engine"
+    elif ctx.model.engine is EngineKind.external:
+        ctx.gpu_seconds, ctx.gpu_seconds_source = 0.0, "none"
     elif estimate is not None:
         ctx.gpu_seconds = estimate * ctx.model.gpus_per_replica
         ctx.gpu_seconds_source = "estimate"
