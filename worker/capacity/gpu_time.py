@@ -14,10 +14,12 @@ that computes a long prompt costs it many times what a decode costs. But the str
 before the first byte is longer than that step: the wait for the step in progress to end, the prefill
 step (or steps), and the relay of the first chunk; over that whole stretch the request's share is
 closer to a decode's. Against the mock engine's exact accounting on mixed loads (prompts of 5 to 400
-words, 4 to 96 output tokens, half streamed, some n=2, 4 to 48 requests in flight), a prefill weight of
-2 gave the lowest median error with the p90 close to the best; 8 and above overcharged short prompts
-(median and worst errors doubled). The weight of the sequences counted mattered most: without it an
-n=2 request was charged half its time.
+words, 4 to 96 output tokens, half streamed, some n=2, 4 to 48 requests in flight), prefill weights
+from 1 to 4 came within a few points of each other (on the median 1 was best at light load and 4 at
+heavy load; on the p90 and the worst case 1 and 2 were best), so 2 sits between them; at 8 and above
+the p90 and worst errors doubled or tripled, short prompts being overcharged. Counting the sequences
+mattered most: without it an n=2 request was charged half its time, and the median error was two to
+four times larger.
 
 Conservation holds by construction: the shares of every interval sum to its length, so over any window
 the requests' seconds sum to the time the replica had at least one request in flight (`busy_seconds`).
