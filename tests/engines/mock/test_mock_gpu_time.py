@@ -13,6 +13,7 @@ from worker.engines.mock.faults import FaultState
 from worker.engines.mock.latency import LatencyModel
 from worker.engines.mock.metrics import EngineMetrics
 from worker.engines.mock.scheduler import EngineLimits, Scheduler
+from worker.engines.mock.sequence import Sequence
 
 
 def test_a_step_is_split_by_the_latency_models_terms() -> None:
@@ -97,3 +98,26 @@ async def test_usage_reports_each_requests_share_and_they_sum_to_the_busy_second
         assert accounting["requests"][response_id] == pytest.approx(seconds, rel=1e-12)
     # Every step's time went to some request of these: conservation.
     assert sum(reported.values()) == pytest.approx(accounting["busy_seconds"], rel=1e-9)
+
+
+def test_preempted_sequences_keep_what_they_used_and_pay_for_their_recompute() -> None:
+    def run(num_kv_blocks: int) -> tuple[Scheduler, list[Sequence]]:
+        limits = EngineLimits(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=24,
+                              num_kv_blocks=num_kv_blocks, block_size=4)
+        scheduler = Scheduler(limits, LatencyModel(0.001, 0.001, 0.0001), EngineMetrics("m", 4, num_kv_blocks),
+                              FaultState())
+        sequences = [make_sequence(f"r{i}", 10, 8) for i in range(3)]
+        for sequence in sequences:
+            scheduler.add(sequence)
+        while not all(sequence.finished for sequence in sequences):
+            plan, prefills = scheduler._schedule(0.0)
+            scheduler.account(plan, prefills, scheduler._latency.step_seconds(len(plan), sum(prefills)))
+            scheduler.complete(plan, 0.0)
+        return scheduler, sequences
+
+    tight, preempted = run(num_kv_blocks=6)
+    _, unhindered = run(num_kv_blocks=100)
+    assert metric_value(tight._metrics.render().decode(), "vllm:num_preemptions_total") >= 1
+    assert sum(s.gpu_seconds for s in preempted) == pytest.approx(tight.busy_seconds, rel=1e-12)
+    # Recomputing a preempted prompt (and its output so far) costs prefill again.
+    assert sum(s.gpu_seconds for s in preempted) > sum(s.gpu_seconds for s in unhindered)
