@@ -29,7 +29,7 @@ def node_config() -> NodeConfig:
 
 def entry(record_id: str, at: float, prompt: int, completion: int, cost: int, gpu_seconds: float, *,
           model: str = "acme/chat", cached: int = 0, key: ApiKey | None = None) -> LedgerEntry:
-    base = ledger_entry(record_id, key=key, cost=cost, model=model, gpu_seconds=gpu_seconds)
+    base = ledger_entry(record_id, key=key, cost=cost, model=model, gpu_seconds=gpu_seconds, worker_id="node-1")
     return base._replace(received_at=at, prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached)
 
 

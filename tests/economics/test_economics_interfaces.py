@@ -64,7 +64,7 @@ async def test_the_cli_prints_json_csv_and_a_table(
                                     "--target-margin", "0.25")
     assert code == 0
     report = orjson.loads(out)
-    assert set(report) == {"object", "since", "until", "target_margin", "models", "node"}
+    assert set(report) == {"object", "since", "until", "worker_id", "target_margin", "models", "node"}
     assert [m["model"] for m in report["models"]] == ["acme/big", "acme/chat"]
     assert set(report["node"]) == set(Economics.model_fields)
     assert (report["node"]["revenue_usd"], report["node"]["gpu_cost_usd"]) == ("0.030000", "7.500000")

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 from tests.billing.support import make_key
-from tests.economics.support import SINCE, T0, UNTIL, entry, node_config, write_window
+from tests.economics.support import SINCE, T0, UNTIL, entry, node_config, run, write_window
 from worker.billing.store import LedgerStore
 from worker.billing.store.records import to_epoch
 from worker.economics.compute import NODE, ModelPrices, report, target_prices
@@ -120,3 +120,23 @@ def test_target_prices_keep_the_configured_ratio_or_fall_back_to_one_to_one() ->
         "0.000000", "5.000000")  # prompts free as configured: completions carry it all
     assert target_prices(cost, margin, 1_000_000, 0, ModelPrices(Decimal(1), Decimal(0), Decimal(4))) is None
     assert target_prices(cost, Decimal(0), 0, 0, ModelPrices(Decimal(1), Decimal(1), Decimal(2))) is None
+
+
+async def test_one_worker_of_a_shared_database(store: LedgerStore) -> None:
+    """Records and replicas of another worker count for the database, not for this worker; the BYOK
+    allowance counts the account's requests on every worker."""
+    await write_window(store)
+    byok = await make_key(store, byok=True)
+    await store.settle(entry("other-1", T0 + 5, 500, 500, 7000, 4.0, key=byok.key)._replace(worker_id="node-2"))
+    await store.settle(entry("mine-1", T0 + 6, 100, 100, 800, 1.0, key=byok.key))
+    await store.save_replica_uptime([run("acme-chat-0", "acme/chat", 1, T0, None, T0 + 3600)._replace(
+        worker_id="node-2")])
+    mine = await economics_report(store, node_config(), SINCE, UNTIL, worker_id="node-1", byok_allowance=1)
+    chat = next(m for m in mine.models if m.model == "acme/chat")
+    assert mine.worker_id == "node-1"
+    assert (chat.requests, chat.revenue_usd, chat.gpu_hours_provisioned) == (4, "0.010800", 0.75)
+    assert chat.openrouter_byok_fee_usd == "0.00004000"  # the account's 2nd BYOK request: 5% of 800
+    everyone = await economics_report(store, node_config(), SINCE, UNTIL, byok_allowance=1)
+    chat = next(m for m in everyone.models if m.model == "acme/chat")
+    assert (chat.requests, chat.revenue_usd, chat.gpu_hours_provisioned) == (5, "0.017800", 1.75)
+    assert everyone.worker_id is None

@@ -30,6 +30,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--until", help="ISO 8601 date or time, exclusive (default: now)")
     parser.add_argument("--format", choices=["table", "json", "csv"], default="table")
     parser.add_argument("--model", help="only this model")
+    parser.add_argument("--worker", help="only this worker id's requests and replicas (default: every worker "
+                        "recording into the database)")
     parser.add_argument("--target-margin", metavar="M", help="also the token prices that make margin / revenue "
                         "= M (0 <= M < 1) at the observed token mix")
     parser.add_argument("--plot", metavar="FILE.png", type=Path,
@@ -46,7 +48,8 @@ async def _economics(store: LedgerStore, args: argparse.Namespace) -> int:
     except BadOption as bad:
         print(f"worker economics: --{bad.option.replace('_', '-')}: {bad.message}", file=sys.stderr)
         return 2
-    report = await economics_report(store, config, since, until, model=args.model, target_margin=margin)
+    report = await economics_report(store, config, since, until, model=args.model, worker_id=args.worker,
+                                    target_margin=margin)
     if args.format == "json":
         sys.stdout.write(orjson.dumps(as_json(report), option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
@@ -55,7 +58,8 @@ async def _economics(store: LedgerStore, args: argparse.Namespace) -> int:
     if args.plot is not None:
         from worker.economics.plot import build_figure, save_png  # matplotlib: loaded only to draw
 
-        models, points = await economics_timeline(store, config, since, until, model=args.model)
+        models, points = await economics_timeline(store, config, since, until, model=args.model,
+                                                  worker_id=args.worker)
         save_png(build_figure(models, points, since, until), args.plot)
         print(f"plot written to {args.plot}", file=sys.stderr)
     return 0

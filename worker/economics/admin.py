@@ -27,7 +27,7 @@ def build_economics_router(
     router = APIRouter(prefix="/admin", dependencies=[Depends(access)], tags=["admin"])
 
     @router.get("/economics")
-    async def economics(since: Text = None, until: Text = None, model: Text = None,
+    async def economics(since: Text = None, until: Text = None, model: Text = None, worker: Text = None,
                         target_margin_: Annotated[str | None, Query(alias="target_margin", max_length=64)] = None,
                         ) -> dict[str, Any]:
         """Revenue against GPU cost per model and for the node (see worker/economics/compute.py)."""
@@ -38,6 +38,7 @@ def build_economics_router(
             raise ApiError(400, f"invalid value for '{bad.option}': {bad.message}", param=bad.option) from None
         if before_report is not None:
             await before_report()
-        return as_json(await economics_report(store, config, start, end, model=model, target_margin=margin))
+        return as_json(await economics_report(store, config, start, end, model=model, worker_id=worker,
+                                              target_margin=margin))
 
     return router

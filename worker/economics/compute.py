@@ -73,6 +73,7 @@ class EconomicsReport(BaseModel):
     object: Literal["economics.report"] = "economics.report"
     since: datetime
     until: datetime
+    worker_id: str | None  # None: every worker recording into the database
     target_margin: str | None
     models: list[Economics]
     node: Economics
@@ -155,6 +156,7 @@ def report(
     since: float, until: float, totals: Mapping[str, ModelTotals], runs: Sequence[ReplicaUptime],
     minute_buckets: Sequence[Bucket], byok_fee_base: Mapping[str, int], prices: Mapping[str, ModelPrices],
     *, default_prices: ModelPrices, target_margin: Decimal | None = None, only_model: str | None = None,
+    worker_id: str | None = None,
 ) -> EconomicsReport:
     """The window's economics per model (every model with records, up-time or configuration) and for the node."""
     names = sorted({*totals, *(run.model for run in runs), *prices})
@@ -192,6 +194,6 @@ def report(
         gpu_hour_usd=(node_cost / (_exact(node_gpu_s) / 3600)).quantize(_MICRO) if node_gpu_s > 0 else None,
     )
     return EconomicsReport(
-        since=from_epoch(since), until=from_epoch(until),
+        since=from_epoch(since), until=from_epoch(until), worker_id=worker_id,
         target_margin=None if target_margin is None else str(target_margin), models=rows, node=node,
     )

@@ -35,6 +35,7 @@ def as_table(report: EconomicsReport) -> str:
         lines.append([field, *("-" if (value := getattr(row, field)) is None else str(value) for row in rows)])
     widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
     text = [f"{report.since:%Y-%m-%d %H:%M:%S} to {report.until:%Y-%m-%d %H:%M:%S} UTC"
+            + (f", worker {report.worker_id}" if report.worker_id is not None else "")
             + (f", target margin {report.target_margin}" if report.target_margin is not None else "")]
     for line in lines:
         cells = [line[0].ljust(widths[0]), *(cell.rjust(width) for cell, width in zip(line[1:], widths[1:],
