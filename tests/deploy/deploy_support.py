@@ -63,6 +63,7 @@ WORKER_METRICS = frozenset(
         "worker_gpu_hour_usd",
         "worker_gpus_provisioned",
         "worker_replica_busy_gpu_seconds_total",
+        "worker_replica_gpu_info",
         "vllm:num_requests_running",
         "vllm:num_requests_waiting",
         "vllm:kv_cache_usage_perc",

@@ -80,9 +80,12 @@ async def test_a_free_or_unattributed_request_moves_neither_counter() -> None:
 
 def test_gauges_show_the_price_and_the_gpus_the_replicas_hold() -> None:
     config = node_config(gpu_hour_usd="2.75")
-    replicas = [SimpleNamespace(model_id=CHAT, replica_id="acme-chat-0", state=ReplicaState.ready),
-                SimpleNamespace(model_id=CHAT, replica_id="acme-chat-1", state=ReplicaState.stopped),
-                SimpleNamespace(model_id="acme/other", replica_id="acme-other-0", state=ReplicaState.starting)]
+    replicas = [SimpleNamespace(model_id=CHAT, replica_id="acme-chat-0", state=ReplicaState.ready,
+                                spec=SimpleNamespace(gpu_ids=(0, 1))),
+                SimpleNamespace(model_id=CHAT, replica_id="acme-chat-1", state=ReplicaState.stopped,
+                                spec=SimpleNamespace(gpu_ids=(2, 3))),
+                SimpleNamespace(model_id="acme/other", replica_id="acme-other-0", state=ReplicaState.starting,
+                                spec=SimpleNamespace(gpu_ids=(4,)))]
     registry = CollectorRegistry()
     registry.register(EconomicsCollector(config, replicas,  # type: ignore[arg-type]
                                          busy_seconds=lambda: {"acme-chat-0": 1.5, "acme-chat-1": 0.25}))
@@ -96,6 +99,10 @@ def test_gauges_show_the_price_and_the_gpus_the_replicas_hold() -> None:
     assert value(page, "worker_replica_busy_gpu_seconds_total", model=CHAT, replica="acme-chat-0") == 3.0
     assert value(page, "worker_replica_busy_gpu_seconds_total", model=CHAT, replica="acme-chat-1") == 0.5
     assert value(page, "worker_replica_busy_gpu_seconds_total", model="acme/other", replica="acme-other-0") == 0
+    # Which GPUs each model holds, to read NVML's utilisation of them: the stopped replica's GPUs are free.
+    held = {(labels["model"], labels["gpu"]) for name, labels in
+            ((name, dict(labels)) for name, labels in samples(page)) if name == "worker_replica_gpu_info"}
+    assert held == {(CHAT, "0"), (CHAT, "1"), ("acme/other", "4")}
 
 
 def test_a_models_own_price_overrides_the_workers() -> None:

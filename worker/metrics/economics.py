@@ -59,8 +59,9 @@ def gpu_hour_usd(config: NodeConfig, model: ModelConfig) -> Decimal:
 
 
 class EconomicsCollector(Collector):
-    """The configured GPU-hour price, the GPUs each model's replicas hold now, and each replica's busy GPU
-    seconds so far (busy time x GPUs per replica)."""
+    """The configured GPU-hour price, the GPUs each model's replicas hold now (and which: to set NVML's
+    utilisation of those GPUs beside the attributed one), and each replica's busy GPU seconds so far (busy
+    time x GPUs per replica)."""
 
     def __init__(self, config: NodeConfig, replicas: Sequence[Replica], busy_seconds: BusySeconds) -> None:
         self.config = config
@@ -76,6 +77,8 @@ class EconomicsCollector(Collector):
         busy = CounterMetricFamily("worker_replica_busy_gpu_seconds",
                                    "GPU seconds the replica was busy (at least one request in flight) x its GPUs",
                                    labels=["model", "replica"])
+        devices = GaugeMetricFamily("worker_replica_gpu_info", "1 for each GPU (index, as worker_gpu_* label it) a "
+                                    "replica holds now", labels=["model", "replica", "gpu"])
         held = {model.id: 0 for model in self.config.models}
         gpus_of = {model.id: model.gpus_per_replica for model in self.config.models}
         busy_by_replica = self.busy_seconds()
@@ -83,6 +86,8 @@ class EconomicsCollector(Collector):
             gpus = gpus_of.get(replica.model_id, 1)
             if replica.state in HOLDING_GPUS:
                 held[replica.model_id] = held.get(replica.model_id, 0) + gpus
+                for index in replica.spec.gpu_ids:
+                    devices.add_metric([replica.model_id, replica.replica_id, str(index)], 1.0)
             busy.add_metric([replica.model_id, replica.replica_id],
                             busy_by_replica.get(replica.replica_id, 0.0) * gpus)
         for model in self.config.models:
@@ -91,3 +96,4 @@ class EconomicsCollector(Collector):
         yield price
         yield provisioned
         yield busy
+        yield devices
