@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "economics", parents=[database_options()], help="revenue against GPU cost, per model and for the node",
         description="Revenue, attributed and provisioned GPU time, utilisation, GPU cost, margin and "
         "break-even prices of a window, from the usage ledger and the replicas' up-time.",
-        epilog=compute.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=compute.DEFINITIONS, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--since", help="ISO 8601 date or time, UTC unless it says otherwise (default: the "
                         "start of the current month)")

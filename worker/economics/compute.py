@@ -1,25 +1,5 @@
-"""The economics of a window, computed from the ledger's aggregates and the replicas' up-time (no I/O).
-
-Definitions (per model, and for the node: every model together):
-- gpu_seconds: GPU time the ledger attributes to the window's requests (a request's share of its
-  replica's busy time, times the replica's GPUs).
-- gpu_hours_provisioned: sum over replica runs of their overlap with the window, times their GPUs; a run
-  counts from its engine's start to its stop, or to its worker's last heartbeat when it never stopped.
-- utilization: gpu_seconds / 3600 / gpu_hours_provisioned (null without provisioned time).
-- gpu_cost_usd: gpu_hours_provisioned x the model's gpu_hour_usd; margin_usd: revenue - GPU cost.
-- break_even_usd_per_mtok: GPU cost per million tokens (prompt + completion) served, at the observed
-  mix and load (null without tokens).
-- peak_tokens_per_gpu_hour: the highest tokens (prompt + completion, counted in the minute each request
-  was received) per provisioned GPU-hour of any whole UTC minute in the window with provisioned time;
-  break_even_usd_per_mtok_at_peak: the GPU cost per million tokens had the model run all its provisioned
-  time at that rate (null without such a minute).
-- openrouter_byok_fee_usd: 5% of the cost of requests made with BYOK keys past the account's first
-  1,000,000 BYOK requests of the calendar month (UTC).
-- target prices (with a target margin M): the prompt and completion prices per million tokens at which
-  the window's tokens would have earned GPU cost / (1 - M), in the model's configured prompt:completion
-  price ratio (1:1 for an unpriced model); cached-token discounts and per-request prices are left out.
-  Per model only; null where no tokens were served.
-"""
+"""The economics of a window, computed from the ledger's aggregates and the replicas' up-time (no I/O); what
+each figure means is DEFINITIONS (also `worker economics --help`)."""
 
 from __future__ import annotations
 
@@ -34,6 +14,30 @@ from pydantic import BaseModel
 from worker.billing.money import micro_to_usd_text
 from worker.billing.store.records import MICROS_PER_USD, ReplicaUptime, from_epoch
 from worker.economics.queries import Bucket, ModelTotals
+
+DEFINITIONS = """Definitions (per model, and for the node, model "*": every model together; every worker
+recording into the database unless one is chosen):
+- gpu_seconds: GPU time the ledger attributes to the window's requests (a request's share of its
+  replica's busy time, times the replica's GPUs).
+- gpu_hours_provisioned: sum over replica runs of their overlap with the window, times their GPUs; a run
+  counts from its engine's start to its stop, or to its worker's last heartbeat when it never stopped.
+- utilization: gpu_seconds / 3600 / gpu_hours_provisioned (null without provisioned time; on vLLM the
+  attributed time is the worker's estimate).
+- gpu_cost_usd: gpu_hours_provisioned x the model's gpu_hour_usd (the node's gpu_hour_usd is its cost per
+  provisioned GPU-hour); margin_usd: revenue - GPU cost.
+- break_even_usd_per_mtok: GPU cost per million tokens (prompt + completion) served, at the observed
+  mix and load (null without tokens).
+- peak_tokens_per_gpu_hour: the highest tokens (prompt + completion, counted in the minute each request
+  was received) per provisioned GPU-hour of any whole UTC minute in the window with provisioned time;
+  break_even_usd_per_mtok_at_peak: the GPU cost per million tokens had the model run all its provisioned
+  time at that rate (null without such a minute).
+- openrouter_byok_fee_usd: 5% of the cost of requests made with BYOK keys past the account's first
+  1,000,000 BYOK requests of the calendar month (UTC).
+- target prices (with a target margin M): the prompt and completion prices per million tokens at which
+  the window's tokens would have earned GPU cost / (1 - M), in the model's configured prompt:completion
+  price ratio (1:1 for an unpriced model); cached-token discounts and per-request prices are left out.
+  Per model only; null where no tokens were served.
+"""
 
 BYOK_FEE_RATE = Decimal("0.05")
 PEAK_BUCKET_S = 60
