@@ -296,12 +296,10 @@ def model_entry(setup: Setup) -> dict[str, Any]:
     }
 
 
-async def run_steps(setup: Setup, workload: Workload, work_dir: Path) -> tuple[list[Step], Ledger]:
+async def run_steps(setup: Setup, workload: Workload, work_dir: Path, db_url: str) -> list[Step]:
     config = {"worker": {"id": "economics-bench", "gpu_hour_usd": setup.gpu_hour_usd}, "models": [model_entry(setup)]}
-    db_url = f"sqlite:///{work_dir / 'ledger.db'}"
     worker: WorkerProcess = start_worker(work_dir, config, env={
         "WORKER_AUTH": "false", "WORKER_LEDGER": "true", "WORKER_DB_URL": db_url, "WORKER_LOG_LEVEL": "warning"})
-    ledger = Ledger(db_url, work_dir / "models.yaml")
     steps: list[Step] = []
     try:
         await asyncio.to_thread(worker.wait_ready, START_TIMEOUT_S)
@@ -320,13 +318,7 @@ async def run_steps(setup: Setup, workload: Workload, work_dir: Path) -> tuple[l
                                            lambda rate=rate, seed=number + 2: open_loop(client, workload, rate, seed)))
     finally:
         await asyncio.to_thread(worker.stop)
-    # Read once the worker has stopped: a running replica's up-time is in the database only up to its last
-    # heartbeat, its stop records the rest.
-    for step in steps:
-        step.economics = await asyncio.to_thread(lambda step=step: model_figures(ledger.report(step.since, step.until)))
-        print(f"{step.label:<11} utilisation {step.figure('utilization'):.3f}  break-even "
-              f"{step.figure('break_even_usd_per_mtok'):.3f} $/Mtok", flush=True)
-    return steps, ledger
+    return steps
 
 
 # -- the page ----------------------------------------------------------------------------------------
@@ -465,38 +457,58 @@ def break_even_figure(steps: list[Step], price: float, at_peak: float, path: Pat
     plt.close(figure)
 
 
-def render(summary_path: Path, doc: Path) -> None:
+def read_back(summary_path: Path, plot: Path) -> dict[str, Any]:
+    """Fill in what `worker economics` says of each step and of the whole run, and its plot, where the summary
+    lacks them; run once the worker has stopped (a running replica's up-time is in the database only up to
+    its last heartbeat: its stop records the rest)."""
     summary = json.loads(summary_path.read_text())
+    ledger = Ledger(summary["db_url"], Path(summary["config"]))
+    for step in summary["steps"]:
+        if not step["economics"]:
+            step["economics"] = model_figures(ledger.report(step["since"], step["until"]))
+            summary_path.write_text(json.dumps(summary, indent=1))
+    since, until = min(s["since"] for s in summary["steps"]), max(s["until"] for s in summary["steps"])
+    if "whole_run" not in summary:
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        ledger.run(since, until, "--plot", str(plot))
+        summary["table"] = ledger.run(since, until, "--format", "table")
+        summary["whole_run"] = model_figures(ledger.report(since, until))
+        summary_path.write_text(json.dumps(summary, indent=1))
+    return dict(summary)
+
+
+def render(summary_path: Path, doc: Path) -> None:
+    """The page and the break-even figure from a run's summary.json (completed first where it lacks the
+    read-back figures, e.g. after `worker economics` failed)."""
+    summary = read_back(summary_path, doc.with_suffix(".png"))
     steps = [Step.from_summary(item) for item in summary["steps"]]
     doc.parent.mkdir(parents=True, exist_ok=True)
     figure = doc.with_name(f"{doc.stem}-break-even.png")
     at_peak = float(summary["whole_run"]["break_even_usd_per_mtok_at_peak"] or "nan")
     break_even_figure(steps, blended_price(steps), at_peak, figure)
     doc.write_text(page(summary, steps, figure.name, doc.with_suffix(".png").name))
+    for step in by_load(steps):
+        print(f"{step.label:<11} utilisation {step.figure('utilization'):.3f}  break-even "
+              f"{step.figure('break_even_usd_per_mtok'):.3f} $/Mtok", flush=True)
 
 
 async def run(args: argparse.Namespace, argv: list[str] | None) -> None:
     setup, workload = Setup(), QUICK_WORKLOAD if args.quick else Workload()
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="economics-bench-"))
     work_dir.mkdir(parents=True, exist_ok=True)
-    steps, ledger = await run_steps(setup, workload, work_dir)
-    since, until = min(s.since for s in steps), max(s.until for s in steps)
-    args.doc.parent.mkdir(parents=True, exist_ok=True)
-    await asyncio.to_thread(ledger.run, since, until, "--plot", str(args.doc.with_suffix(".png")))
-    table = await asyncio.to_thread(ledger.run, since, until, "--format", "table")
-    whole_run = await asyncio.to_thread(lambda: model_figures(ledger.report(since, until)))
+    db_url = f"sqlite:///{work_dir / 'ledger.db'}"
+    steps = await run_steps(setup, workload, work_dir, db_url)
     summary = {
         "command": command_line("bench.economics", argv),
         "generated_at": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         "machine": describe_machine(),
         "setup": asdict(setup), "workload": asdict(workload),
+        "db_url": db_url, "config": str(work_dir / "models.yaml"),
         "steps": [asdict(s) for s in steps],
-        "table": table,
-        "whole_run": whole_run,
     }
     summary_path = work_dir / "summary.json"
     summary_path.write_text(json.dumps(summary, indent=1))
-    render(summary_path, args.doc)
+    await asyncio.to_thread(render, summary_path, args.doc)
     print(f"wrote {args.doc} and its figures (work files and summary.json in {work_dir})")
 
 
@@ -508,7 +520,8 @@ def main(argv: list[str] | None = None) -> None:
                              "break-even figure to NAME-break-even.png")
     parser.add_argument("--work-dir", type=Path, help="logs, the ledger and summary.json (default: a new temp dir)")
     parser.add_argument("--render", type=Path, metavar="SUMMARY_JSON",
-                        help="write the page from an earlier run's summary.json instead of running")
+                        help="write the page from an earlier run's summary.json instead of running (what the "
+                             "summary lacks of `worker economics`, e.g. after it failed, is read back first)")
     args = parser.parse_args(argv)
     if args.render is not None:
         render(args.render, args.doc)
