@@ -4,6 +4,7 @@ of replicas and of the worker."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from types import SimpleNamespace
 from typing import Any
 
@@ -124,3 +125,26 @@ async def test_the_watch_records_state_changes_as_they_happen(store: LedgerStore
     await uptime.stop()
     (run,) = await uptime_runs(store, 0.0, 1e12)
     assert run.ready_at is not None and run.stopped_at is not None
+
+
+async def test_a_save_cut_short_by_the_stop_is_made_again(store: LedgerStore) -> None:
+    clock, chat = Clock(100.0), replica()
+    uptime = recorder(store, [chat], clock)
+    uptime.observe()
+    clock.now, chat.state = 150.0, ReplicaState.restarting
+    uptime.observe()  # the run ended; not saved yet
+    save, entered = store.save_replica_uptime, asyncio.Event()
+
+    async def hanging(runs: Any) -> None:
+        entered.set()
+        await asyncio.Event().wait()
+
+    store.save_replica_uptime = hanging  # type: ignore[method-assign]
+    saving = asyncio.create_task(uptime.save())
+    await entered.wait()
+    saving.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await saving
+    store.save_replica_uptime = save  # type: ignore[method-assign]
+    await uptime.stop()
+    assert [(r.started_at, r.stopped_at) for r in await uptime_runs(store, 0.0, 1000.0)] == [(100.0, 150.0)]

@@ -103,8 +103,12 @@ class UptimeRecorder:
         if not self._unsaved:
             return
         runs, self._unsaved = self._unsaved, {}
+        saved = False
         try:
             await self._store.save_replica_uptime(list(runs.values()))
+            saved = True
         except Exception as error:  # noqa: BLE001  up-time is retried at the next heartbeat; serving goes on
             logger.warning("could not record replica up-time", extra={"runs": len(runs), "error": repr(error)})
-            self._unsaved = {**runs, **self._unsaved}
+        finally:
+            if not saved:  # failed, or cancelled by stop(): kept for the next save (saving again is harmless)
+                self._unsaved = {**runs, **self._unsaved}
