@@ -7,7 +7,7 @@ import sys
 
 import uvloop
 
-from worker.billing import usage_cost
+from worker.billing.disclosure import usage_cost
 from worker.gateway.processes.relay_process import run
 
 

@@ -19,8 +19,8 @@ from starlette.requests import Request
 from worker.billing.disclosure import DisclosureHook, ProvenanceCache
 from worker.billing.issuing import issue_key, open_account
 from worker.billing.provenance import Provenance
-from worker.billing.records import Account, ApiKey, KeyLimits, LedgerEntry, to_epoch
 from worker.billing.store import LedgerStore
+from worker.billing.store.records import Account, ApiKey, KeyLimits, LedgerEntry, to_epoch
 from worker.config import EngineKind, ModelConfig, Pricing
 from worker.gateway.context import RequestContext
 

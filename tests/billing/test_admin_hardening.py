@@ -32,9 +32,9 @@ from tests.support.worker_process import (
     wait_until,
     write_config,
 )
-from worker.billing.money import MAX_BALANCE_MICRO
 from worker.billing.service import BillingService
 from worker.billing.store import LedgerStore, open_store
+from worker.billing.store.records import MAX_BALANCE_MICRO
 from worker.cli import keys
 from worker.config import ConfigError, NodeConfig, Settings
 from worker.gateway.admin_auth import ADMIN_FAILURES_PER_MINUTE

@@ -14,8 +14,8 @@ import pytest
 
 from tests.billing.support import ledger_entry
 from worker.billing.keys import hash_api_key, looks_like_api_key
-from worker.billing.records import ApiKey, LedgerFilter
 from worker.billing.store import open_store
+from worker.billing.store.records import ApiKey, LedgerFilter
 from worker.cli import keys, usage
 
 

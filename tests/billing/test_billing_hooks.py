@@ -23,12 +23,11 @@ from tests.billing.support import (
 from tests.support.worker_process import eventually
 from worker.billing.issuing import issue_key
 from worker.billing.keys import generate_api_key
-from worker.billing.metering import Principal
 from worker.billing.pricing import RequestShape, worst_case_micro
-from worker.billing.records import KeyLimits, LedgerFilter, LedgerRecord
 from worker.billing.service import BillingService
 from worker.billing.store import LedgerStore
-from worker.gateway.context import RequestContext, Usage
+from worker.billing.store.records import KeyLimits, LedgerFilter, LedgerRecord
+from worker.gateway.context import Principal, RequestContext, Usage
 from worker.gateway.errors import ApiError, api_error
 from worker.refusals import Refusal
 

@@ -21,7 +21,7 @@ import pytest_asyncio
 from tests.billing.support import fresh_database, make_key
 from tests.support.worker_process import eventually, fast_mock_model, serving
 from worker.billing.disclosure import DisclosureHook
-from worker.billing.records import LedgerFilter, LedgerRecord
+from worker.billing.store.records import LedgerFilter, LedgerRecord
 from worker.config import NodeConfig, Settings
 from worker.gateway import gateway as gateway_module
 from worker.gateway.access_log import AccessLog

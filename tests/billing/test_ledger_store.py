@@ -15,15 +15,6 @@ import pytest
 
 from tests.billing.support import ledger_entry, make_key
 from worker.billing.issuing import issue_key
-from worker.billing.records import (
-    ApiKey,
-    KeyLimits,
-    LedgerFilter,
-    Reservation,
-    ReserveOutcome,
-    WorkerClaim,
-    utc_month,
-)
 from worker.billing.store import (
     LATEST_VERSION,
     DuplicateRecordId,
@@ -31,6 +22,15 @@ from worker.billing.store import (
     SchemaTooNew,
     UnknownAccount,
     open_store,
+)
+from worker.billing.store.records import (
+    ApiKey,
+    KeyLimits,
+    LedgerFilter,
+    Reservation,
+    ReserveOutcome,
+    WorkerClaim,
+    utc_month,
 )
 
 

@@ -18,9 +18,9 @@ import pytest
 
 from tests.billing.support import ledger_entry, make_key
 from tests.billing.test_ledger_store import reservation
-from worker.billing.records import ReserveOutcome
 from worker.billing.store import BalanceLimitExceeded, UnknownAccount
 from worker.billing.store.database_process import DatabaseProcessGone
+from worker.billing.store.records import ReserveOutcome
 from worker.billing.store.sqlite import SqliteStore
 
 

@@ -16,8 +16,8 @@ from starlette.types import Receive, Scope, Send
 from tests.billing.support import ledger_entry
 from tests.support.worker_process import eventually
 from worker.billing.outbox import UsageOutbox
-from worker.billing.records import LedgerFilter, LedgerRecord
 from worker.billing.store import LedgerStore
+from worker.billing.store.records import LedgerFilter, LedgerRecord
 
 
 @dataclass

@@ -19,9 +19,10 @@ from tests.billing.support import bearer, chat_model, make_context, make_key, ma
 from tests.billing.test_ledger_store import reservation
 from tests.capacity.capacity_support import FAST_HEALTH, chat_body, paced_model
 from tests.support.worker_process import eventually, serving
-from worker.billing.records import ReserveOutcome, WorkerClaim
-from worker.billing.service import BillingService, ClaimTiming, WorkerIdInUse
+from worker.billing.claim import ClaimTiming, WorkerIdInUse
+from worker.billing.service import BillingService
 from worker.billing.store import open_store
+from worker.billing.store.records import ReserveOutcome, WorkerClaim
 from worker.config import NodeConfig, Settings
 from worker.gateway.errors import api_error
 from worker.node import WorkerNode

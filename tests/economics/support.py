@@ -5,9 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from tests.billing.support import ledger_entry, make_key
-from worker.billing.records import ApiKey, LedgerEntry, to_epoch
 from worker.billing.store import LedgerStore
-from worker.billing.store.records import ReplicaUptime
+from worker.billing.store.records import ApiKey, LedgerEntry, ReplicaUptime, to_epoch
 from worker.config import NodeConfig
 from worker.config.loader import parse_node_config
 

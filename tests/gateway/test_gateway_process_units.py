@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from tests.support.worker_process import eventually, free_port, serving
-from worker.billing import usage_cost
+from worker.billing.disclosure import usage_cost
 from worker.capacity.leasing import AdmissionLeaser
 from worker.config import NodeConfig
 from worker.engines.data_client import EngineDataClient

@@ -17,7 +17,7 @@ import pytest
 
 from tests.gateway.test_gateway_process_units import FirstFreeAdmission, RecordingHook, StandInReplica
 from tests.support.worker_process import eventually, serving
-from worker.billing import usage_cost
+from worker.billing.disclosure import usage_cost
 from worker.capacity.gpu_time import GpuTimeMeters, GpuTimeShare
 from worker.capacity.leasing import AdmissionLeaser
 from worker.config import NodeConfig

@@ -11,13 +11,13 @@ from pydantic import SecretStr
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
-from worker.billing.audit import AdminAction, audit
+from worker.billing.audit import audit
 from worker.billing.export import MEDIA_TYPES, export_lines
 from worker.billing.issuing import issue_key, open_account
-from worker.billing.money import MAX_BALANCE_USD, usd_to_micro
+from worker.billing.money import usd_to_micro
 from worker.billing.paging import Cursor, PageSize, cursor_value, next_cursor
-from worker.billing.records import KeyLimits, LedgerFilter, utc_month
 from worker.billing.store import BalanceLimitExceeded, LedgerStore, UnknownAccount
+from worker.billing.store.records import MAX_BALANCE_USD, AdminAction, KeyLimits, LedgerFilter, utc_month
 from worker.billing.views import (
     AccountView,
     CreateAccountRequest,

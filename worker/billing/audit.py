@@ -6,9 +6,7 @@ from __future__ import annotations
 import logging
 
 from worker.billing.store import LedgerStore
-from worker.billing.store.records import Actor, AdminAction, AdminAuditRecord
-
-__all__ = ["Actor", "AdminAction", "AdminAuditRecord", "audit"]
+from worker.billing.store.records import AdminAction
 
 logger = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import asyncio
 from collections.abc import Callable, Mapping
 
 from worker.billing.keys import hash_api_key, hashes_match, looks_like_api_key, presented_api_key
-from worker.billing.records import ApiKey
 from worker.billing.store import LedgerStore
+from worker.billing.store.records import ApiKey
 from worker.refusals import InvalidKey
 
 # How long an inference request may use a key looked up earlier. Revocation and the spend cap still act

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import psutil
 import uuid_utils
 
-from worker.billing.records import WorkerClaim
 from worker.billing.store import LedgerStore
+from worker.billing.store.records import WorkerClaim
 
 logger = logging.getLogger(__name__)
 

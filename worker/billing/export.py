@@ -10,8 +10,8 @@ from typing import Any, Literal
 import orjson
 
 from worker.billing.money import micro_to_usd_text
-from worker.billing.records import LedgerFilter, LedgerRecord
 from worker.billing.store import LedgerStore
+from worker.billing.store.records import LedgerFilter, LedgerRecord
 
 ExportFormat = Literal["csv", "jsonl"]
 MEDIA_TYPES: dict[str, str] = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson"}

@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 from pydantic import SecretStr
 
 from worker.billing.keys import display_prefix, generate_api_key, hash_api_key, new_account_id, new_key_id
-from worker.billing.records import Account, ApiKey, KeyLimits, NewApiKey
 from worker.billing.store import LedgerStore
+from worker.billing.store.records import Account, ApiKey, KeyLimits, NewApiKey
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ from starlette.requests import Request
 from worker.billing.authentication import KeyAuthenticator
 from worker.billing.export import record_json
 from worker.billing.paging import Cursor, PageSize, cursor_value, next_cursor
-from worker.billing.records import ApiKey, LedgerFilter, utc_month
 from worker.billing.store import LedgerStore
+from worker.billing.store.records import ApiKey, LedgerFilter, utc_month
 from worker.billing.views import OwnKeyView, QueryText
 from worker.gateway.errors import ApiError, api_error
 from worker.refusals import InvalidKey

@@ -5,10 +5,8 @@ from __future__ import annotations
 import time
 
 from worker.billing.pricing import charge_micro
-from worker.billing.records import LedgerEntry
+from worker.billing.store.records import LedgerEntry
 from worker.gateway.context import Principal, RequestContext, Usage
-
-__all__ = ["Principal", "ledger_entry"]
 
 
 def ledger_entry(

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal, InvalidOperation
 
-from worker.billing.store.records import MAX_BALANCE_MICRO, MAX_BALANCE_USD, MICROS_PER_USD
-
-__all__ = ["MAX_BALANCE_MICRO", "MAX_BALANCE_USD", "MICROS_PER_USD"]
+from worker.billing.store.records import MICROS_PER_USD
 
 _ONE_MICRO = Decimal("0.000001")
 

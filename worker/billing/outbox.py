@@ -20,8 +20,8 @@ import orjson
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential, wait_random
 
 from worker.billing.export import record_json
-from worker.billing.records import LedgerFilter, LedgerRecord
 from worker.billing.store import LedgerStore
+from worker.billing.store.records import LedgerFilter, LedgerRecord
 
 logger = logging.getLogger(__name__)
 

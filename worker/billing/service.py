@@ -17,15 +17,15 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from worker.billing.authentication import KeyAuthenticator
-from worker.billing.claim import ClaimTiming, WorkerIdClaim, WorkerIdInUse
+from worker.billing.claim import ClaimTiming, WorkerIdClaim
 from worker.billing.metering import ledger_entry
 from worker.billing.money import micro_to_usd_text
 from worker.billing.outbox import UsageOutbox
 from worker.billing.pricing import RequestShape, worst_case_micro
 from worker.billing.provenance import ProvenanceSource
 from worker.billing.ratelimit import RateLimiter
-from worker.billing.records import ApiKey, LedgerEntry, Reservation, ReserveOutcome, utc_month
 from worker.billing.store import DuplicateRecordId, LedgerStore, open_store
+from worker.billing.store.records import ApiKey, LedgerEntry, Reservation, ReserveOutcome, utc_month
 from worker.gateway.context import Principal, RequestContext, RequestView
 from worker.refusals import (
     BillingUnavailable,
@@ -40,8 +40,6 @@ from worker.refusals import (
 
 if TYPE_CHECKING:
     from worker.config import NodeConfig, Settings
-
-__all__ = ["BillingBacklog", "BillingService", "ClaimTiming", "WorkerIdInUse"]
 
 logger = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
-from worker.billing.money import MAX_BALANCE_USD, micro_to_usd_text, usd_to_micro
-from worker.billing.records import Account, ApiKey
+from worker.billing.money import micro_to_usd_text, usd_to_micro
+from worker.billing.store.records import MAX_BALANCE_USD, Account, ApiKey
 
 # Bounds of what the admin API stores, so that nothing it is given overflows a column: RPM/TPM limits are
 # PostgreSQL INTEGERs; money is at most MAX_BALANCE_USD; expiries are dates Python can read back.

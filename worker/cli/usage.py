@@ -10,8 +10,8 @@ from typing import TextIO
 
 from worker.billing.cli_support import database_options, store_handler
 from worker.billing.export import export_lines
-from worker.billing.records import LedgerFilter
 from worker.billing.store import LedgerStore
+from worker.billing.store.records import LedgerFilter
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
