@@ -32,7 +32,7 @@ BLOCK_SIZE = 128  # vLLM's CPU backend (checked in tests/vllm/test_kv_events.py)
 # Per million tokens; chosen so a request's cost in micro-dollars is a whole number of tokens x price.
 PROMPT_PRICE, CACHED_PRICE, COMPLETION_PRICE = Decimal(10), Decimal(1), Decimal(20)
 MAX_TOKENS = 4
-FIRST_ANSWER_TOKENS = 400  # long enough to still be generating when the other session starts
+FIRST_ANSWER_TOKENS = 600  # long enough to still be generating when the other session starts
 SENTENCES = ("The quick brown fox jumps over the lazy dog. A worker node serves language models behind one "
              "gateway. Tokens stream back to the client one chunk at a time. ")
 
@@ -69,10 +69,12 @@ def replica_metric(worker: WorkerProcess, name: str) -> dict[str, float]:
     return values
 
 
-def idle_replica_takes_work(worker: WorkerProcess) -> bool:
+def idle_replica_takes_work(worker: WorkerProcess, seen: list[Any]) -> bool:
     """A's first turn is in flight on one replica and the other is idle with fresh numbers, so a new request
-    has a less loaded replica to go to (on a busy machine a scrape can come late and count as full)."""
+    has a less loaded replica to go to (on a busy machine a scrape can come late and count as full).
+    `seen` keeps the last view, for the failure message."""
     replicas = httpx.get(f"{worker.base_url}/capacity", timeout=10).json()["models"][0]["replicas"]
+    seen[:] = [replicas]
     busy = [view for view in replicas if view["in_flight"]]
     idle = [view for view in replicas if not view["in_flight"]]
     return len(busy) == 1 and busy[0]["in_flight"] == 1 and all(view["state"] == "ready" for view in idle)
@@ -136,7 +138,8 @@ def test_later_turns_go_where_their_prefix_is_cached_and_pay_the_cache_read_pric
     hits_at_start = hits_now()
     with ThreadPoolExecutor(1) as pool:
         first_of_a = pool.submit(a.ask, worker, FIRST_ANSWER_TOKENS)
-        assert wait_for(lambda: idle_replica_takes_work(worker), timeout_s=30)
+        seen: list[Any] = []
+        assert wait_for(lambda: idle_replica_takes_work(worker, seen), timeout_s=30), (seen, first_of_a.done())
         first_of_b = b.ask(worker)  # placed while A's replica has a request in flight: on the other one
         turns: list[tuple[Session, dict[str, Any]]] = [(a, first_of_a.result()), (b, first_of_b)]
     assert wait_for(lambda: hits_now() == hits_at_start), (hits_at_start, hits_now(), turns)  # nothing cached yet
