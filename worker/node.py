@@ -126,7 +126,7 @@ class WorkerNode:
                                               "replicas": [r.replica_id for r in self.supervisor.replicas]})
         if self.settings.ledger:
             self.billing = await BillingService.open(self.settings, self.config, self.provenance_cache)
-            self.billing.when_claim_lost(self._worker_id_taken_over)
+            self.billing.claim.when_lost(self._worker_id_taken_over)
             self.mount_billing_routes(self.billing)
             self.uptime = UptimeRecorder(self.billing.store, self.config.worker.id, self.supervisor.replicas,
                                          lambda: self.supervisor.state_changed)
@@ -174,7 +174,7 @@ class WorkerNode:
 
     def readiness(self) -> tuple[bool, dict[str, object]]:
         ok, detail = self.capacity.readiness()
-        if self.billing is not None and self.billing.claim_lost:
+        if self.billing is not None and self.billing.claim.lost:
             return False, {**detail, "worker_id_taken_over": True}
         return ok, detail
 

@@ -420,7 +420,7 @@ async def test_inference_requests_reuse_a_recent_key_lookup(service: BillingServ
         await service.before_request(make_context(), make_request(bearer(funded.plaintext)))
     assert len(lookups) == 1
     # The key holder's own API always reads the key afresh.
-    await service.authenticate(make_request(bearer(funded.plaintext)).headers)
+    await service.keys.authenticate(make_request(bearer(funded.plaintext)).headers)
     assert len(lookups) == 2
 
 
@@ -440,7 +440,7 @@ async def test_a_burst_of_requests_with_one_key_reads_it_once(service: BillingSe
 
     monkeypatch.setattr(store, "find_key_by_hash", slow_find)
     headers = make_request(bearer(funded.plaintext)).headers
-    burst = [asyncio.create_task(service.authenticate(headers, recent_ok=True)) for _ in range(20)]
+    burst = [asyncio.create_task(service.keys.authenticate(headers, recent_ok=True)) for _ in range(20)]
     # Tasks run in the order they were made: the read, started by the first request, runs after every request
     # of the burst had its turn to join it.
     await asyncio.wait_for(reading.wait(), timeout=10)

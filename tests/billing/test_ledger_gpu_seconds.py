@@ -14,7 +14,7 @@ import pytest
 from tests.billing.support import ledger_entry, make_context
 from tests.billing.test_ledger_journal import WORKER, write_journal
 from worker.billing.export import csv_header, csv_row, record_json
-from worker.billing.metering import ledger_entry as metered_entry
+from worker.billing.service import ledger_entry as metered_entry
 from worker.billing.store import LedgerStore, open_store
 from worker.billing.store.records import LedgerFilter
 from worker.billing.store.rows import ledger_params

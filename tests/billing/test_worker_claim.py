@@ -101,7 +101,7 @@ async def test_a_worker_whose_id_was_taken_over_says_so(
         async def drain() -> None:
             told.append("taken over")
 
-        paused.when_claim_lost(drain)
+        paused.claim.when_lost(drain)
         paused.claim.renewal = asyncio.create_task(paused.claim.renew())
         with caplog.at_level(logging.ERROR, logger="worker.billing.claim"):
             await asyncio.wait_for(paused.claim.renewal, LIVENESS_S)
@@ -177,7 +177,7 @@ async def test_a_node_whose_worker_id_was_taken_over_is_not_ready_and_refuses_re
         assert await eventually(lambda: _ready(client, 200))
         assert (await client.post("/v1/chat/completions", json=chat_body("acme/chat", 4))).status_code == 200
         assert node.billing is not None
-        await node.billing.mark_claim_lost()  # what the claim's renewal does when another worker took the id
+        await node.billing.claim.mark_lost()  # what the claim's renewal does when another worker took the id
 
         readiness = await client.get("/health/ready")
         assert readiness.status_code == 503

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Mapping
 
 from worker.billing.keys import hash_api_key, hashes_match, looks_like_api_key, presented_api_key
 from worker.billing.store import LedgerStore
@@ -18,9 +19,8 @@ KEY_CACHE_MAX_ENTRIES = 10_000
 
 
 class KeyAuthenticator:
-    def __init__(self, store: LedgerStore, clock: Callable[[], float]) -> None:
+    def __init__(self, store: LedgerStore) -> None:
         self.store = store
-        self._clock = clock
         # key hash -> (key, when it was read): spares each request a database round trip before the engine.
         self._recent_keys: dict[str, tuple[ApiKey, float]] = {}
         # key hash -> the database read in flight for it: a burst of requests with one key reads it once.
@@ -39,7 +39,7 @@ class KeyAuthenticator:
         if not looks_like_api_key(presented):
             raise InvalidKey("invalid API key")
         presented_hash = hash_api_key(presented)
-        now = self._clock()
+        now = time.time()
         key = self._recent_key(presented_hash, now) if recent_ok else None
         if key is None:
             key = await (self._shared_key_read(presented_hash) if recent_ok

@@ -48,7 +48,7 @@ class WorkerIdClaim:
         self.instance_id: str | None = uuid_utils.uuid7().hex
         self.renewal: asyncio.Task[None] | None = None
         self.lost = False
-        self._lost_callbacks: list[Callable[[], Awaitable[None]]] = []
+        self._on_lost: Callable[[], Awaitable[None]] | None = None
 
     async def acquire(self) -> None:
         """Hold the id for this worker alone, waiting out the claim of one that stopped unannounced.
@@ -112,17 +112,19 @@ class WorkerIdClaim:
                 return
 
     def when_lost(self, callback: Callable[[], Awaitable[None]]) -> None:
-        self._lost_callbacks.append(callback)
+        """Call `callback` once this worker id is found taken over (the node drains on it)."""
+        self._on_lost = callback
 
     async def mark_lost(self) -> None:
+        """From now on refuse requests (WorkerIdTakenOver), and tell whoever asked to be told."""
         if self.lost:
             return
         self.lost = True
-        for callback in self._lost_callbacks:
-            try:
-                await callback()
-            except Exception:
-                logger.exception("worker id takeover callback failed")
+        try:
+            if self._on_lost is not None:
+                await self._on_lost()
+        except Exception:
+            logger.exception("worker id takeover callback failed")
 
     async def stop_renewing(self) -> None:
         if self.renewal is not None:

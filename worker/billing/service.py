@@ -11,22 +11,21 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from worker.billing.authentication import KeyAuthenticator
 from worker.billing.claim import ClaimTiming, WorkerIdClaim
-from worker.billing.metering import ledger_entry
 from worker.billing.money import micro_to_usd_text
 from worker.billing.outbox import UsageOutbox
-from worker.billing.pricing import RequestShape, worst_case_micro
+from worker.billing.pricing import RequestShape, charge_micro, worst_case_micro
 from worker.billing.provenance import ProvenanceSource
 from worker.billing.ratelimit import RateLimiter
 from worker.billing.store import DuplicateRecordId, LedgerStore, open_store
 from worker.billing.store.records import ApiKey, LedgerEntry, Reservation, ReserveOutcome, utc_month
-from worker.gateway.context import Principal, RequestContext, RequestView
+from worker.gateway.context import Principal, RequestContext, RequestView, Usage
+from worker.gateway.hooks import ObservingHook
 from worker.refusals import (
     BillingUnavailable,
     InsufficientBalance,
@@ -55,7 +54,7 @@ class BillingBacklog:
     reservations_held: int
 
 
-class BillingService:
+class BillingService(ObservingHook):
     def __init__(
         self,
         *,
@@ -64,8 +63,6 @@ class BillingService:
         auth_required: bool,
         provenance: ProvenanceSource,
         outbox: UsageOutbox | None = None,
-        limiter: RateLimiter | None = None,
-        clock: Callable[[], float] = time.time,
         claim: WorkerIdClaim | None = None,
     ) -> None:
         self.store = store
@@ -74,13 +71,11 @@ class BillingService:
         self.outbox = outbox
         # Read once per request for the ledger: pass a cached source (ProvenanceCache), not a builder.
         self._provenance = provenance
-        self._limiter = limiter or RateLimiter()
-        self._clock = clock
+        self._limiter = RateLimiter()
         self._held = 0
         self._background: set[asyncio.Task[bool]] = set()
-        self.keys = KeyAuthenticator(store, clock)
-        self.authenticate = self.keys.authenticate  # shared with the key holder's API
-        self.claim = claim or WorkerIdClaim(store, worker_id, ClaimTiming(), clock)
+        self.keys = KeyAuthenticator(store)
+        self.claim = claim or WorkerIdClaim(store, worker_id, ClaimTiming())
 
     @classmethod
     async def open(
@@ -124,19 +119,6 @@ class BillingService:
         await self.claim.release()
         await self.store.close()
 
-    @property
-    def claim_lost(self) -> bool:
-        """Another worker took this worker id over: it may release the holds made in the id's name."""
-        return self.claim.lost
-
-    def when_claim_lost(self, callback: Callable[[], Awaitable[None]]) -> None:
-        """Call `callback` once this worker id is found taken over (the node drains on it)."""
-        self.claim.when_lost(callback)
-
-    async def mark_claim_lost(self) -> None:
-        """From now on refuse requests (WorkerIdTakenOver), and tell whoever asked to be told."""
-        await self.claim.mark_lost()
-
     def backlog(self) -> BillingBacklog:
         return BillingBacklog(
             ledger_writes_queued=self.store.pending_writes,
@@ -167,7 +149,7 @@ class BillingService:
                               "retry after the time in the Retry-After header",
                               retry_after_s=max(1, math.ceil(decision.retry_after_s)))
         amount = worst_case_micro(ctx.model, shape)
-        now = self._clock()
+        now = time.time()
         reservation = Reservation(record_id=ctx.record_id, account_id=key.account_id, key_id=key.id,
                                   amount_micro=amount, holder=self.worker_id, month=utc_month(now), created_at=now)
         try:
@@ -196,9 +178,6 @@ class BillingService:
         task = asyncio.create_task(self.store.release_reservation(record_id))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-    def after_route(self, ctx: RequestContext) -> None:
-        return None
 
     def usage_extras(self, ctx: RequestContext) -> dict[str, Any]:
         principal = ctx.principal
@@ -285,3 +264,44 @@ def _refusal(outcome: ReserveOutcome, amount_micro: int, key: ApiKey) -> Refusal
             f"this API key's monthly spend cap of {micro_to_usd_text(cap)} USD cannot cover this request "
             f"(up to {micro_to_usd_text(amount_micro)} USD)")
     return InvalidKey("this API key has been revoked")
+
+
+def ledger_entry(
+    ctx: RequestContext, principal: Principal | None, *, worker_id: str, gpu_uuids: tuple[str, ...],
+    charged: bool = True,
+) -> LedgerEntry:
+    """The ledger's account of a finished request: who, what, where, how much and how fast.
+
+    `charged=False`: the request is recorded at no cost (the worker could not account for it).
+    """
+    usage = ctx.usage or Usage()
+    finished = ctx.finished_monotonic or time.monotonic()
+    ttft = ctx.first_byte_monotonic - ctx.started_monotonic if ctx.first_byte_monotonic else None
+    status = ctx.status_code or (499 if ctx.outcome == "client_disconnected" else 0)
+    return LedgerEntry(
+        record_id=ctx.record_id,
+        request_id=ctx.request_id,
+        worker_id=worker_id,
+        key_id=principal.key_id if principal else None,
+        account_id=principal.account_id if principal else None,
+        model=ctx.model.id,
+        endpoint=ctx.endpoint,
+        replica_id=ctx.replica.replica_id if ctx.replica is not None else None,
+        gpu_uuids=gpu_uuids,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        cached_tokens=usage.cached_tokens,
+        usage_estimated=ctx.usage_estimated,
+        cost_micro=(charge_micro(ctx.model, ctx.endpoint, ctx.usage, ctx.finish_reason, ctx.outcome)
+                    if charged else 0),
+        status_code=status,
+        outcome=ctx.outcome,
+        finish_reason=ctx.finish_reason,
+        stream=ctx.stream,
+        received_at=ctx.received_at,
+        ttft_ms=round(ttft * 1000, 3) if ttft is not None else None,
+        duration_ms=round((finished - ctx.started_monotonic) * 1000, 3),
+        prompt_tokens_source=usage.prompt_source if ctx.usage is not None else "none",
+        completion_tokens_source=usage.completion_source if ctx.usage is not None else "none",
+        gpu_seconds=ctx.gpu_seconds or 0.0,
+    )
