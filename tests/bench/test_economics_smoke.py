@@ -40,7 +40,8 @@ def test_a_quick_run_writes_the_economics_page_and_its_figures(tmp_path: Path) -
     for check in table(page, "Checks"):
         # The ledger charged exactly what the clients were told, and the live counter saw the same.
         assert check["ledger revenue $"] == check["clients' usage.cost $"] == check["revenue counter $"], check
-        assert check["attributed GPU s (ledger)"] == check["attributed GPU s (counter)"], check
+        # Printed to 3 decimals from figures that agree to 1e-6.
+        assert abs(number(check["attributed GPU s (ledger)"]) - number(check["attributed GPU s (counter)"])) <= 0.0011
         assert 0 < number(check["attributed / busy"]) <= 1.01, check  # the engine computes only while busy
 
     for figure in (doc.with_suffix(".png"), tmp_path / "economics-break-even.png"):
