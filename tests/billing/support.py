@@ -17,7 +17,7 @@ import pytest
 from starlette.requests import Request
 
 from worker.billing.disclosure import DisclosureHook, ProvenanceCache
-from worker.billing.issuing import issue_key, open_account
+from worker.billing.keys import issue_key, open_account
 from worker.billing.provenance import Provenance
 from worker.billing.store import LedgerStore
 from worker.billing.store.records import Account, ApiKey, KeyLimits, LedgerEntry, to_epoch

@@ -21,8 +21,7 @@ from tests.billing.support import (
     provenance_for,
 )
 from tests.support.worker_process import eventually
-from worker.billing.issuing import issue_key
-from worker.billing.keys import generate_api_key
+from worker.billing.keys import generate_api_key, issue_key
 from worker.billing.pricing import RequestShape, worst_case_micro
 from worker.billing.service import BillingService
 from worker.billing.store import LedgerStore

@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 
 from tests.billing.support import ledger_entry, make_key
-from worker.billing.issuing import issue_key
+from worker.billing.keys import issue_key
 from worker.billing.store import (
     LATEST_VERSION,
     DuplicateRecordId,

@@ -13,7 +13,7 @@ from starlette.responses import StreamingResponse
 
 from worker.billing.audit import audit
 from worker.billing.export import MEDIA_TYPES, export_lines
-from worker.billing.issuing import issue_key, open_account
+from worker.billing.keys import issue_key, open_account
 from worker.billing.money import usd_to_micro
 from worker.billing.paging import Cursor, PageSize, cursor_value, next_cursor
 from worker.billing.store import BalanceLimitExceeded, LedgerStore, UnknownAccount

@@ -60,10 +60,6 @@ def csv_row(record: LedgerRecord) -> str:
     return _csv_line(["" if data[column] is None else data[column] for column in CSV_COLUMNS])
 
 
-def jsonl_row(record: LedgerRecord) -> str:
-    return orjson.dumps(record_json(record)).decode() + "\n"
-
-
 def _csv_line(values: Iterable[Any]) -> str:
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerow(values)
@@ -80,7 +76,7 @@ async def export_lines(
     while True:
         page = await store.query_ledger(where, limit=_PAGE, order="asc", cursor=cursor)
         for record in page:
-            yield csv_row(record) if export_format == "csv" else jsonl_row(record)
+            yield csv_row(record) if export_format == "csv" else orjson.dumps(record_json(record)).decode() + "\n"
         if len(page) < _PAGE:
             return
         cursor = page[-1].seq

@@ -24,6 +24,7 @@ from worker.billing.store import LedgerStore
 from worker.billing.store.records import LedgerFilter, LedgerRecord
 
 logger = logging.getLogger(__name__)
+_PAGE_SIZE = 100
 
 
 class DeliveryRefused(Exception):
@@ -40,8 +41,6 @@ class UsageOutbox:
         url: str,
         *,
         token: str | None = None,
-        client: httpx.AsyncClient | None = None,
-        page_size: int = 100,
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 60.0,
         poll_interval_s: float = 5.0,
@@ -53,9 +52,7 @@ class UsageOutbox:
         self._headers = {"content-type": "application/json"}
         if token:
             self._headers["authorization"] = f"Bearer {token}"
-        self._own_client = client is None
-        self._client = client or httpx.AsyncClient(timeout=httpx.Timeout(10.0))
-        self._page_size = page_size
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(10.0))
         self._backoff = wait_exponential(multiplier=backoff_initial_s, max=backoff_max_s) + wait_random(
             0, backoff_initial_s
         )
@@ -91,8 +88,7 @@ class UsageOutbox:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        if self._own_client:
-            await self._client.aclose()
+        await self._client.aclose()
 
     async def _run(self) -> None:
         failures = 0
@@ -100,7 +96,7 @@ class UsageOutbox:
             self._wake.clear()
             try:
                 records = await self._store.query_ledger(
-                    self._where, limit=self._page_size, order="asc", cursor=self._cursor
+                    self._where, limit=_PAGE_SIZE, order="asc", cursor=self._cursor
                 )
                 self._pending = await self._store.count_ledger(self._where, after_seq=self._cursor)
                 for record in records:
@@ -116,7 +112,7 @@ class UsageOutbox:
                 logger.error("usage outbox cannot read the ledger", extra={"error": repr(error)})
                 await asyncio.sleep(min(60.0, 0.5 * 2 ** min(failures, 7)))
                 continue
-            if len(records) < self._page_size:
+            if len(records) < _PAGE_SIZE:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._poll_interval_s)
 

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from worker.billing.audit import audit
 from worker.billing.cli_support import database_options, store_handler
-from worker.billing.issuing import issue_key, open_account
+from worker.billing.keys import issue_key, open_account
 from worker.billing.money import micro_to_usd_text, usd_to_micro
 from worker.billing.store import BalanceLimitExceeded, LedgerStore, UnknownAccount
 from worker.billing.store.records import MAX_BALANCE_USD, AdminAction, KeyLimits, utc_month

@@ -18,7 +18,6 @@ from worker.billing.store.records import (
     LedgerEntry,
     LedgerFilter,
     LedgerRecord,
-    NewApiKey,
     ReplicaUptime,
     Reservation,
     ReserveOutcome,
@@ -63,8 +62,8 @@ class LedgerStore(abc.ABC):
         when the balance would pass MAX_BALANCE_MICRO."""
 
     @abc.abstractmethod
-    async def create_key(self, key: NewApiKey) -> ApiKey:
-        """Raises UnknownAccount when the account does not exist."""
+    async def create_key(self, key: ApiKey) -> ApiKey:
+        """Stores a new key (its fields from `revoked_at` on are not read); raises UnknownAccount."""
 
     @abc.abstractmethod
     async def find_key_by_hash(self, key_hash: str, *, settled: bool = False) -> ApiKey | None:

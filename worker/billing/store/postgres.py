@@ -25,7 +25,6 @@ from worker.billing.store.records import (
     AdminAction,
     ApiKey,
     LedgerEntry,
-    NewApiKey,
     ReplicaUptime,
     Reservation,
     ReserveOutcome,
@@ -121,7 +120,7 @@ class PostgresStore(SqlReads):
                 raise BalanceLimitExceeded(account_id)
         return account_from_row(row)
 
-    async def create_key(self, key: NewApiKey) -> ApiKey:
+    async def create_key(self, key: ApiKey) -> ApiKey:
         try:
             return key_from_row(await self._pool.fetchrow(_SQL.KEY_INSERT, *new_key_params(key)))
         except asyncpg.ForeignKeyViolationError:

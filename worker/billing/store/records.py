@@ -86,21 +86,6 @@ class ApiKey(Record):
         return self.month_spent_micro if self.spend_month == month else 0
 
 
-class NewApiKey(Record):
-    """Everything needed to store a key; the plaintext never reaches the store."""
-
-    id: str
-    account_id: str
-    name: str
-    prefix: str
-    key_hash: str = Field(repr=False)
-    limits: KeyLimits
-    byok: bool = False
-    priority: int = 0
-    created_at: datetime
-    expires_at: datetime | None = None
-
-
 class ReserveOutcome(str, Enum):
     reserved = "reserved"
     insufficient_balance = "insufficient_balance"
@@ -242,8 +227,4 @@ class AdminAuditRecord(AdminAction):
     seq: int  # assigned by the store; orders the trail and pages it
 
     def view(self) -> dict[str, Any]:
-        return {**self.model_dump(exclude={"at"}), "at": self.time}
-
-    @property
-    def time(self) -> datetime:
-        return from_epoch(self.at)
+        return {**self.model_dump(exclude={"at"}), "at": from_epoch(self.at)}

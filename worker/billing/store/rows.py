@@ -16,7 +16,6 @@ from worker.billing.store.records import (
     LedgerEntry,
     LedgerFilter,
     LedgerRecord,
-    NewApiKey,
     WorkerClaim,
     from_epoch,
     from_optional_epoch,
@@ -67,7 +66,7 @@ def key_from_row(row: Mapping[str, Any]) -> ApiKey:
     )
 
 
-def new_key_params(key: NewApiKey) -> tuple[Any, ...]:
+def new_key_params(key: ApiKey) -> tuple[Any, ...]:
     """In the order of KEY_INSERT_COLUMNS."""
     return (
         key.id,

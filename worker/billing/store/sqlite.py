@@ -35,7 +35,6 @@ from worker.billing.store.records import (
     AdminAction,
     ApiKey,
     LedgerEntry,
-    NewApiKey,
     ReplicaUptime,
     Reservation,
     ReserveOutcome,
@@ -160,7 +159,7 @@ class SqliteStore(SqlReads):
     async def top_up(self, account_id: str, amount_micro: int) -> Account:
         return account_from_row(await self._write("top_up", account_id, amount_micro))
 
-    async def create_key(self, key: NewApiKey) -> ApiKey:
+    async def create_key(self, key: ApiKey) -> ApiKey:
         return key_from_row(await self._write("create_key", *new_key_params(key)))
 
     async def revoke_key(self, key_id: str, revoked_at: float) -> ApiKey | None:
