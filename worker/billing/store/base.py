@@ -1,6 +1,7 @@
 """The one interface the billing service, the admin API, the outbox and the CLI use to reach the database.
 
-SQLite and PostgreSQL implement all of it; callers never ask which one they have.
+SQLite and PostgreSQL implement all of it; callers never ask which one they have. The reads are written
+once, here: each store only says how it runs a query (`_fetch`) and writes a parameter (`_parameter`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,19 @@ from worker.billing.store.records import (
     ReserveOutcome,
     WorkerClaim,
 )
+from worker.billing.store.rows import (
+    ACCOUNT_COLUMNS,
+    ADMIN_AUDIT_COLUMNS,
+    KEY_COLUMNS,
+    LEDGER_COLUMNS,
+    account_from_row,
+    admin_audit_from_row,
+    key_from_row,
+    ledger_conditions,
+    ledger_from_row,
+)
+
+Row = Mapping[str, Any]
 
 
 class UnknownAccount(LookupError):
@@ -44,17 +58,33 @@ class LedgerStore(abc.ABC):
     async def close(self) -> None:
         """Finish queued writes, then release connections."""
 
+    @abc.abstractmethod
+    async def _fetch(self, sql: str, params: list[Any], *, settled: bool) -> Sequence[Row]:
+        """The rows of a read-only query. `settled`: it reads what settling records changes (balances, the
+        ledger), so it must see every record settled before the call."""
+
+    @abc.abstractmethod
+    def _parameter(self, number: int) -> str:
+        """How the dialect writes the query's `number`th (from 1) parameter."""
+
+    async def _rows(self, template: str, *params: Any, settled: bool = True) -> Sequence[Row]:
+        """`template`'s `{}`s are its parameters, in order."""
+        sql = template.format(*(self._parameter(number) for number in range(1, len(params) + 1)))
+        return await self._fetch(sql, list(params), settled=settled)
+
     # Accounts and keys.
     @abc.abstractmethod
     async def create_account(
         self, account_id: str, name: str, balance_micro: int, created_at: float
     ) -> Account: ...
 
-    @abc.abstractmethod
-    async def get_account(self, account_id: str) -> Account | None: ...
+    async def get_account(self, account_id: str) -> Account | None:
+        rows = await self._rows(f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = {{}}", account_id)
+        return account_from_row(rows[0]) if rows else None
 
-    @abc.abstractmethod
-    async def list_accounts(self) -> list[Account]: ...
+    async def list_accounts(self) -> list[Account]:
+        rows = await self._rows(f"SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY created_at, id")
+        return [account_from_row(row) for row in rows]
 
     @abc.abstractmethod
     async def top_up(self, account_id: str, amount_micro: int) -> Account:
@@ -65,17 +95,21 @@ class LedgerStore(abc.ABC):
     async def create_key(self, key: ApiKey) -> ApiKey:
         """Stores a new key (its fields from `revoked_at` on are not read); raises UnknownAccount."""
 
-    @abc.abstractmethod
     async def find_key_by_hash(self, key_hash: str, *, settled: bool = False) -> ApiKey | None:
         """`settled`: wait for the records settled before the call, so that the key's spend this month counts
         them (the key holder's own view). Authenticating an inference request does not: its reservation
         re-checks the cap in its own transaction, so a key-cache miss never waits for a ledger batch."""
+        rows = await self._rows(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE key_hash = {{}}", key_hash, settled=settled)
+        return key_from_row(rows[0]) if rows else None
 
-    @abc.abstractmethod
-    async def get_key(self, key_id: str) -> ApiKey | None: ...
+    async def get_key(self, key_id: str) -> ApiKey | None:
+        rows = await self._rows(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE id = {{}}", key_id)
+        return key_from_row(rows[0]) if rows else None
 
-    @abc.abstractmethod
-    async def list_keys(self, account_id: str | None = None) -> list[ApiKey]: ...
+    async def list_keys(self, account_id: str | None = None) -> list[ApiKey]:
+        where, params = ("", ()) if account_id is None else (" WHERE account_id = {}", (account_id,))
+        rows = await self._rows(f"SELECT {KEY_COLUMNS} FROM api_keys{where} ORDER BY created_at, id", *params)
+        return [key_from_row(row) for row in rows]
 
     @abc.abstractmethod
     async def revoke_key(self, key_id: str, revoked_at: float) -> ApiKey | None:
@@ -135,38 +169,44 @@ class LedgerStore(abc.ABC):
         worker), and with `older_than` anyone's made before that time. Returns how many were dropped."""
 
     # The ledger.
-    @abc.abstractmethod
     async def query_ledger(
-        self,
-        where: LedgerFilter,
-        *,
-        limit: int,
-        order: Literal["asc", "desc"] = "desc",
-        cursor: int | None = None,
+        self, where: LedgerFilter, *, limit: int, order: Literal["asc", "desc"] = "desc", cursor: int | None = None
     ) -> list[LedgerRecord]:
         """Records matching `where`, by seq; `cursor` excludes seq <= cursor (asc) or >= cursor (desc)."""
+        conditions = ledger_conditions(where)
+        if cursor is not None:
+            conditions.append(("seq > {}" if order == "asc" else "seq < {}", cursor))
+        clause, params = _where(conditions)
+        query = f"SELECT {LEDGER_COLUMNS} FROM ledger{clause} ORDER BY seq {order.upper()} LIMIT {{}}"
+        return [ledger_from_row(row) for row in await self._rows(query, *params, limit)]
 
-    @abc.abstractmethod
-    async def count_ledger(self, where: LedgerFilter, after_seq: int = 0) -> int: ...
+    async def count_ledger(self, where: LedgerFilter, after_seq: int = 0) -> int:
+        clause, params = _where([*ledger_conditions(where), ("seq > {}", after_seq)])
+        (row,) = await self._rows(f"SELECT COUNT(*) AS n FROM ledger{clause}", *params)
+        return int(row["n"])
 
     # Replica up-time, and reports over it and the ledger (worker.economics).
     @abc.abstractmethod
     async def save_replica_uptime(self, runs: Sequence[ReplicaUptime]) -> None:
         """Insert or update replica runs, each keyed by its worker, replica and start."""
 
-    @abc.abstractmethod
-    async def read_only(self, template: str, *params: Any) -> Sequence[Mapping[str, Any]]:
+    async def read_only(self, template: str, *params: Any) -> Sequence[Row]:
         """The rows of a read-only query both dialects run, seeing every record settled before the call;
         the template's `{}`s are its parameters, in order."""
+        return await self._rows(template, *params)
 
     # The admin audit trail.
     @abc.abstractmethod
     async def append_admin_audit(self, action: AdminAction) -> int:
         """Append one admin change (committed when this returns); returns its seq."""
 
-    @abc.abstractmethod
     async def query_admin_audit(self, *, limit: int, cursor: int | None = None) -> list[AdminAuditRecord]:
         """The newest changes first; `cursor` excludes seq >= cursor (the previous page's last seq)."""
+        rows = await self._rows(
+            f"SELECT {ADMIN_AUDIT_COLUMNS} FROM admin_audit WHERE seq < {{}} ORDER BY seq DESC LIMIT {{}}",
+            cursor if cursor is not None else 2**63 - 1, limit, settled=False,
+        )
+        return [admin_audit_from_row(row) for row in rows]
 
     # One running worker per worker id.
     @abc.abstractmethod
@@ -185,9 +225,10 @@ class LedgerStore(abc.ABC):
     async def release_worker_claim(self, worker_id: str, instance_id: str) -> None: ...
 
     # The outbox.
-    @abc.abstractmethod
     async def outbox_cursor(self, worker_id: str) -> int:
         """The seq of the last record delivered for this worker (0 when none)."""
+        rows = await self._rows("SELECT last_seq FROM outbox_cursors WHERE worker_id = {}", worker_id, settled=False)
+        return int(rows[0]["last_seq"]) if rows else 0
 
     @abc.abstractmethod
     async def advance_outbox(self, worker_id: str, seq: int, now: float) -> None:
@@ -197,3 +238,9 @@ class LedgerStore(abc.ABC):
     @abc.abstractmethod
     def pending_writes(self) -> int:
         """Ledger writes queued and not yet committed."""
+
+
+def _where(conditions: list[tuple[str, Any]]) -> tuple[str, list[Any]]:
+    if not conditions:
+        return "", []
+    return " WHERE " + " AND ".join(sql for sql, _ in conditions), [value for _, value in conditions]

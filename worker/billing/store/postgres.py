@@ -16,9 +16,8 @@ from typing import Any
 
 import asyncpg
 
-from worker.billing.store.base import BalanceLimitExceeded, DuplicateRecordId, UnknownAccount
+from worker.billing.store.base import BalanceLimitExceeded, DuplicateRecordId, LedgerStore, Row, UnknownAccount
 from worker.billing.store.group_commit import GroupCommit
-from worker.billing.store.reads import Row, SqlReads
 from worker.billing.store.records import (
     MAX_BALANCE_MICRO,
     Account,
@@ -58,7 +57,7 @@ class _Refused(Exception):
         self.outcome = outcome
 
 
-class PostgresStore(SqlReads):
+class PostgresStore(LedgerStore):
     dialect = "postgresql"
 
     def __init__(self, pool: asyncpg.Pool, *, max_batch: int = 256) -> None:

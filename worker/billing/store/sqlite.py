@@ -25,11 +25,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from worker.billing.store.base import BalanceLimitExceeded, DuplicateRecordId, UnknownAccount
+from worker.billing.store.base import BalanceLimitExceeded, DuplicateRecordId, LedgerStore, Row, UnknownAccount
 from worker.billing.store.database_process import DatabaseProcess
 from worker.billing.store.group_commit import GroupCommit
 from worker.billing.store.journal import JournaledSettlements, LedgerJournal
-from worker.billing.store.reads import Row, SqlReads
 from worker.billing.store.records import (
     Account,
     AdminAction,
@@ -75,7 +74,7 @@ def _raised(failure: Failed) -> Exception:
     return kind(failure.detail) if kind is not None else RuntimeError(f"{failure.error}: {failure.detail}")
 
 
-class SqliteStore(SqlReads):
+class SqliteStore(LedgerStore):
     dialect = "sqlite"
 
     def __init__(self, path: Path, *, synchronous: Literal["full", "normal"], readers: int = 2) -> None:
