@@ -9,8 +9,8 @@ from pathlib import Path
 
 import orjson
 
-from worker.billing.cli_support import database_options, store_handler
 from worker.billing.store import LedgerStore
+from worker.cli.store_command import database_options, store_handler
 from worker.config import Settings, load_node_config
 from worker.economics import compute
 from worker.economics.options import BadOption, target_margin, window

@@ -12,7 +12,6 @@ import orjson
 from pydantic import ValidationError
 
 from worker.billing.audit import audit
-from worker.billing.cli_support import database_options, store_handler
 from worker.billing.keys import issue_key, open_account
 from worker.billing.money import micro_to_usd_text, usd_to_micro
 from worker.billing.store import BalanceLimitExceeded, LedgerStore, UnknownAccount
@@ -25,6 +24,7 @@ from worker.billing.views import (
     TopUpRequest,
     View,
 )
+from worker.cli.store_command import database_options, store_handler
 
 Request = TypeVar("Request", bound=View)
 

@@ -8,10 +8,10 @@ import sys
 from datetime import UTC, datetime
 from typing import TextIO
 
-from worker.billing.cli_support import database_options, store_handler
 from worker.billing.export import export_lines
 from worker.billing.store import LedgerStore
 from worker.billing.store.records import LedgerFilter
+from worker.cli.store_command import database_options, store_handler
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

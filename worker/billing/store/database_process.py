@@ -1,9 +1,6 @@
-"""The worker's side of the billing database process (sqlite_server.py): kept running, and called.
-
-The process is a child like the engines and the relays, kept by the same `ChildSupervisor` under the same
-restart policy: when it dies, what was waiting on it fails (its transaction never committed), and it is
-started again after the policy's delay. Calls made meanwhile wait for it (up to `_RESTART_WAIT_S`), so the
-writes the group commit holds go to the new process.
+"""The worker's side of the billing database process (sqlite_server.py): a child kept by the `ChildSupervisor`
+like the others (docs/architecture.md). Calls made while it restarts wait for it (up to `_RESTART_WAIT_S`), so
+the writes the group commit holds go to the new process.
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
-"""Group commit, for both stores: writes submitted on the event loop are committed in batches.
+"""Group commit, for both stores (docs/hot-path.md): writes submitted on the event loop are committed in batches.
 
-One batch is being committed at a time; what callers submit meanwhile waits on the loop and goes as the
-next batch. So a commit costs one transaction (and, for SQLite, one message each way to the database
-process) however many writes it holds. Every caller's future resolves once its batch has committed, or
-with the error that failed its own write: a store's `commit` reports one outcome per item, so one bad
-write fails only its caller.
+One batch is committed at a time; what callers submit meanwhile goes as the next batch. Every caller's future
+resolves once its batch has committed, or with the error that failed its own write (a store's `commit` reports
+one outcome per item).
 """
 
 from __future__ import annotations

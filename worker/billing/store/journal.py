@@ -1,12 +1,9 @@
-"""A worker's ledger journal: each record is appended to a file before its batch reaches SQLite.
+"""A worker's ledger journal: each record is appended to a file before its batch reaches SQLite (docs/hot-path.md).
 
-With SQLite's default `synchronous=NORMAL` a commit survives the process being killed but not a power
-loss. An append to a file (into the page cache) has exactly that durability, costs one write call and no
-hand-over to the writer thread; so a response can end as soon as its record is appended, and records
-reach SQLite later in fewer, larger commits. Each batch's records go to a file of their own, removed once
-the batch has committed. Files that a killed worker left behind are settled when a worker with the same
-worker id starts again; settling is idempotent by record id, so a record that was committed and whose
-file outlived the commit is still recorded and charged once.
+An append has the durability of SQLite's `synchronous=NORMAL` (it survives the process being killed, not a power
+loss) for one write call. Each batch's records go to a file of their own, removed once the batch has committed.
+Files a killed worker left behind are settled when a worker with the same worker id starts again; settling is
+idempotent by record id, so a record whose file outlived its commit is still recorded and charged once.
 """
 
 from __future__ import annotations

@@ -1,16 +1,11 @@
-"""The billing store on one SQLite file (the single-node default).
+"""The billing store on one SQLite file (the single-node default); see docs/hot-path.md and docs/architecture.md.
 
-Durability: WAL journal. With `synchronous=NORMAL` (default) a commit reaches the WAL file but is
-fsynced only at checkpoints: records survive the process being killed (SIGKILL included), not a power
-loss or kernel crash. With NORMAL a response's record is first appended to the worker's journal (a file
-beside the database, with the same durability; see journal.py) and reaches SQLite with the records of
-the next 250 ms in one commit, so no stream waits for a commit. With `synchronous=FULL` every committed
-batch is fsynced, so records survive a crash of the machine too; each stream then waits for its commit
-and a disk sync before its last byte. The connections live in a process of their own (sqlite_server.py
-says why, and how it commits); writes reach it through the group commit (group_commit.py), reads go
-straight to its readers. Reads of balances and of the ledger first wait for the journaled records, so
-they see every record settled before them; key look-ups do not (a key's settled spend is re-checked by
-the reservation itself), so a key-cache miss never waits for a ledger batch.
+WAL journal. `synchronous=NORMAL` (default): records survive the process being killed, not a power loss; a
+response's record is appended to the worker's journal (journal.py), then committed with the next 250 ms of
+records, so no stream waits for a commit. `synchronous=FULL`: every batch is fsynced, and each stream waits for
+its commit. Writes go through the group commit (group_commit.py) to the database process (sqlite_server.py);
+reads go to its readers, and reads of balances and the ledger first wait for the journaled records (key
+look-ups do not: the reservation re-checks a key's spend itself).
 """
 
 from __future__ import annotations

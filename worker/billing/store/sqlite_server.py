@@ -1,17 +1,10 @@
-"""The billing database's own process: it owns the SQLite connections and runs the commands the worker sends.
+"""The billing database's own process: it owns the SQLite connections and runs the commands the worker sends
+(a process rather than threads in the worker because of the GIL: docs/hot-path.md).
 
-Why a process and not threads in the worker: Python's sqlite3 module gives the GIL up around every
-statement and needs it back after. The worker's event loop, busy relaying streams, gives the GIL up at
-every poll and takes it straight back, which restarts a waiting thread's wait for it; threads doing
-SQLite work there were starved for hundreds of milliseconds at a time, and reservations (which a request
-waits for before the engine sees it) with them. Here the GIL is contended by nobody busy.
-
-The worker speaks to it over one socket with worker/processes/rpc.py: a `Batch` of typed `Write` commands
-is committed in one transaction, each write in a savepoint of its own so that one failure rolls back and
-fails only that write; a `Query` (read-only SQL) runs on a small pool of read-only connections beside the
-writer (WAL lets them read while it writes), so reads never wait behind a batch. The process ends when the
-worker's end of the socket closes, after finishing what it was sent: so a worker that is killed still has
-the batch it handed over committed.
+Over one socket (worker/processes/rpc.py): a `Batch` of typed `Write`s commits in one transaction, each write in
+a savepoint of its own so that one failure fails only that write; a `Query` runs on read-only connections beside
+the writer (WAL), never behind a batch. The process ends when the worker's end of the socket closes, after
+finishing what it was sent: a worker that is killed still has the batch it handed over committed.
 """
 
 from __future__ import annotations

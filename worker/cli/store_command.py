@@ -1,4 +1,5 @@
-"""What `worker keys` and `worker usage` share: the database option and running a command on the store."""
+"""What `worker keys`, `worker usage` and `worker economics` share: the database option and running a command
+on the store."""
 
 from __future__ import annotations
 
