@@ -17,7 +17,7 @@ from worker.billing.export import csv_header, csv_row, record_json
 from worker.billing.service import ledger_entry as metered_entry
 from worker.billing.store import LedgerStore, open_store
 from worker.billing.store.records import LedgerFilter
-from worker.billing.store.rows import ledger_params
+from worker.billing.store.sql import ledger_params
 
 
 async def test_gpu_seconds_are_stored_and_read_back(store: LedgerStore) -> None:

@@ -14,7 +14,7 @@ from tests.billing.support import ledger_entry, make_key
 from tests.billing.test_ledger_store import reservation
 from worker.billing.store import DuplicateRecordId, LedgerStore, open_store
 from worker.billing.store.records import LedgerFilter, ReserveOutcome
-from worker.billing.store.rows import ledger_params
+from worker.billing.store.sql import ledger_params
 
 WORKER = "worker-1"
 

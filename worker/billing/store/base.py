@@ -24,7 +24,7 @@ from worker.billing.store.records import (
     ReserveOutcome,
     WorkerClaim,
 )
-from worker.billing.store.rows import (
+from worker.billing.store.sql import (
     ACCOUNT_COLUMNS,
     ADMIN_AUDIT_COLUMNS,
     KEY_COLUMNS,

@@ -30,17 +30,17 @@ from worker.billing.store.records import (
     WorkerClaim,
     utc_month,
 )
-from worker.billing.store.rows import (
+from worker.billing.store.schema import SCHEMA_VERSION_TABLE, pending_migrations
+from worker.billing.store.sql import (
     account_from_row,
     admin_audit_params,
     claim_from_row,
     claim_params,
+    in_dialect,
     key_from_row,
     ledger_params,
     new_key_params,
 )
-from worker.billing.store.schema import SCHEMA_VERSION_TABLE, pending_migrations
-from worker.billing.store.sql import in_dialect
 
 logger = logging.getLogger(__name__)
 

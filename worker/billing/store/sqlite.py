@@ -34,7 +34,8 @@ from worker.billing.store.records import (
     ReserveOutcome,
     WorkerClaim,
 )
-from worker.billing.store.rows import (
+from worker.billing.store.schema import SCHEMA_VERSION_TABLE, pending_migrations
+from worker.billing.store.sql import (
     account_from_row,
     admin_audit_params,
     claim_from_row,
@@ -43,7 +44,6 @@ from worker.billing.store.rows import (
     ledger_params,
     new_key_params,
 )
-from worker.billing.store.schema import SCHEMA_VERSION_TABLE, pending_migrations
 from worker.billing.store.sqlite_server import (
     Batch,
     DatabaseSettings,

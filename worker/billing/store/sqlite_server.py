@@ -26,8 +26,7 @@ import msgspec
 
 from worker.billing.store.base import BalanceLimitExceeded, UnknownAccount
 from worker.billing.store.records import MAX_BALANCE_MICRO, ReserveOutcome, utc_month
-from worker.billing.store.rows import LEDGER_INSERT_COLUMNS
-from worker.billing.store.sql import in_dialect
+from worker.billing.store.sql import LEDGER_INSERT_COLUMNS, in_dialect
 from worker.processes.rpc import Channel
 
 BUSY_TIMEOUT_S = 30.0
