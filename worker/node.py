@@ -13,9 +13,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.responses import Response
 
 from worker import __version__
-from worker.billing.admin_api import audit_recorder, build_admin_router
+from worker.billing.admin_api import audit_recorder, build_admin_router, build_key_router
 from worker.billing.disclosure import DisclosureHook, ProvenanceCache
-from worker.billing.key_api import build_key_router
 from worker.billing.pricing import charge_micro
 from worker.billing.provenance import Provenance
 from worker.billing.service import BillingService

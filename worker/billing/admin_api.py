@@ -1,7 +1,11 @@
-"""`/admin/*`: accounts, keys, usage export and the audit trail for the operator, behind a bearer admin
-token (worker/gateway/admin_auth.py)."""
+"""Billing's HTTP routes. `/admin/*`: accounts, keys, usage export and the audit trail for the operator, behind
+a bearer admin token (worker/gateway/admin_auth.py). `GET /v1/key` and `GET /v1/usage`: what a key holder may
+see of their own key and requests. Lists page newest first: a page's `next_cursor` is the seq of its last item,
+validated on the way back in.
+"""
 
-# No `from __future__ import annotations`: FastAPI must see the real `Annotated[..., Path()]` parameters.
+# No `from __future__ import annotations`: FastAPI must see the real `Annotated[..., Path()]` and
+# `Depends(current_key)` annotations.
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
@@ -12,23 +16,37 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
 from worker.billing.audit import audit
-from worker.billing.export import MEDIA_TYPES, export_lines
+from worker.billing.authentication import KeyAuthenticator
+from worker.billing.export import MEDIA_TYPES, export_lines, record_json
 from worker.billing.keys import issue_key, open_account
 from worker.billing.money import usd_to_micro
-from worker.billing.paging import Cursor, PageSize, cursor_value, next_cursor
 from worker.billing.store import BalanceLimitExceeded, LedgerStore, UnknownAccount
-from worker.billing.store.records import MAX_BALANCE_USD, AdminAction, KeyLimits, LedgerFilter, utc_month
+from worker.billing.store.records import MAX_BALANCE_USD, AdminAction, ApiKey, KeyLimits, LedgerFilter, utc_month
 from worker.billing.views import (
     AccountView,
     CreateAccountRequest,
     CreatedKey,
     CreateKeyRequest,
     KeyView,
+    OwnKeyView,
     QueryText,
     TopUpRequest,
 )
 from worker.gateway.admin_auth import AdminAccess, AdminChange, ChangeRecorder
-from worker.gateway.errors import ApiError
+from worker.gateway.errors import ApiError, api_error
+from worker.refusals import InvalidKey
+
+# Seqs are BIGINT (PostgreSQL) / INTEGER (SQLite): signed 64-bit.
+MAX_SEQ = 2**63 - 1
+MAX_PAGE = 500
+
+# Documented with its pattern; checked by `cursor_value`, which answers a friendlier 400 than the pattern's.
+Cursor = Annotated[
+    str | None,
+    Query(description="next_cursor of the previous page", json_schema_extra={"pattern": r"^[0-9]{1,19}$"}),
+]
+PageSize = Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"items per page, at most {MAX_PAGE}")]
+
 
 AccountId = Annotated[QueryText, Path(description="an account id (acct_...)")]
 KeyId = Annotated[QueryText, Path(description="a key id (key_...)")]
@@ -180,3 +198,60 @@ def build_admin_router(store: LedgerStore, access: AdminAccess | SecretStr | Non
 
 def _month() -> str:
     return utc_month(time.time())
+
+
+def build_key_router(keys: KeyAuthenticator, store: LedgerStore) -> APIRouter:
+    router = APIRouter(tags=["key"])
+
+    async def current_key(request: Request) -> ApiKey:
+        try:
+            return await keys.authenticate(request.headers)
+        except InvalidKey as refusal:
+            raise api_error(refusal) from None
+
+    OwnKey = Annotated[ApiKey, Depends(current_key)]
+
+    @router.get("/v1/key")
+    async def own_key(key: OwnKey) -> dict[str, Any]:
+        account = await store.get_account(key.account_id)
+        if account is None:  # keys are never orphaned; this would be a damaged database
+            raise ApiError(500, "the account of this key is missing")
+        return {"data": OwnKeyView.of_key(key, account, utc_month(time.time()))}
+
+    @router.get("/v1/usage")
+    async def own_usage(
+        key: OwnKey,
+        limit: PageSize = 50,
+        cursor: Cursor = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        model: Annotated[QueryText | None, Query()] = None,
+        request_id: Annotated[
+            QueryText | None, Query(description="only records with this x-request-id")
+        ] = None,
+    ) -> dict[str, Any]:
+        where = LedgerFilter(key_id=key.id, model=model, since=since, until=until, request_id=request_id)
+        records = await store.query_ledger(
+            where, limit=limit, order="desc", cursor=cursor_value(cursor)
+        )
+        return {
+            "object": "list",
+            "data": [record_json(r) for r in records],
+            "next_cursor": next_cursor([r.seq or 0 for r in records], limit),
+        }
+
+    return router
+
+
+def cursor_value(cursor: str | None) -> int | None:
+    """The seq a cursor stands for; 400 naming `cursor` for anything no page could have given."""
+    if cursor is None:
+        return None
+    if not (cursor.isascii() and cursor.isdigit()) or int(cursor) > MAX_SEQ:
+        raise ApiError(400, "invalid cursor: pass next_cursor from the previous page", param="cursor")
+    return int(cursor)
+
+
+def next_cursor(seqs: list[int], limit: int) -> str | None:
+    """The cursor of the next page, None when this page was the last."""
+    return str(seqs[-1]) if len(seqs) == limit else None
