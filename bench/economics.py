@@ -442,7 +442,7 @@ def page(summary: dict[str, Any], steps: list[Step], figure_name: str, plot_name
          "margin = revenue (the ledger's charges) - GPU cost; break-even = GPU cost / tokens served (prompt + "
          "completion) x 1e6, the price per million tokens at which this load pays for its GPUs; break-even at "
          "peak = the same had the model run all its provisioned time at the highest throughput it sustained in "
-         "a whole minute of the window."), "",
+         "a whole minute of the window. All of them: `worker economics --help`."), "",
         "## Results", "",
         *results_table(steps), "",
         f"![Break-even price per million tokens against load]({figure_name})", "",
