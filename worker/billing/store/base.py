@@ -164,9 +164,9 @@ class LedgerStore(abc.ABC):
         """Drop one request's reservation without charging (it never reached the engine)."""
 
     @abc.abstractmethod
-    async def release_reservations(self, holder: str, older_than: float | None = None) -> int:
+    async def release_reservations(self, holder: str, older_than: float) -> int:
         """Drop reservations of requests that can no longer finish: all of `holder`'s (a restarted
-        worker), and with `older_than` anyone's made before that time. Returns how many were dropped."""
+        worker), and anyone's made before `older_than`. Returns how many were dropped."""
 
     # The ledger.
     async def query_ledger(

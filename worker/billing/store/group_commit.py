@@ -17,15 +17,15 @@ Result = TypeVar("Result")
 logger = logging.getLogger(__name__)
 
 # Commits a batch in one transaction; returns each item's result, or the exception that failed that item.
+MAX_BATCH = 256
 CommitBatch = Callable[[list[Item]], Awaitable[Sequence[Result | BaseException]]]
 
 
 class GroupCommit(Generic[Item, Result]):
     """Used from the one event loop that created it."""
 
-    def __init__(self, commit: CommitBatch[Item, Result], *, max_batch: int = 256) -> None:
+    def __init__(self, commit: CommitBatch[Item, Result]) -> None:
         self._commit = commit
-        self._max_batch = max_batch
         self._waiting: list[tuple[Item, asyncio.Future[Result]]] = []
         self._in_flight = 0
         self._wake = asyncio.Event()
@@ -56,8 +56,8 @@ class GroupCommit(Generic[Item, Result]):
             await self._wake.wait()
             self._wake.clear()
             while self._waiting:
-                batch = self._waiting[: self._max_batch]
-                del self._waiting[: self._max_batch]
+                batch = self._waiting[:MAX_BATCH]
+                del self._waiting[:MAX_BATCH]
                 self._in_flight = len(batch)
                 await self._commit_batch(batch)
                 self._in_flight = 0

@@ -60,14 +60,14 @@ class _Refused(Exception):
 class PostgresStore(LedgerStore):
     dialect = "postgresql"
 
-    def __init__(self, pool: asyncpg.Pool, *, max_batch: int = 256) -> None:
+    def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
-        self._settlements: GroupCommit[LedgerEntry, int | None] = GroupCommit(self._commit, max_batch=max_batch)
+        self._settlements: GroupCommit[LedgerEntry, int | None] = GroupCommit(self._commit)
         self._closed = False
 
     @classmethod
-    async def open(cls, dsn: str, *, pool_size: int = 8) -> PostgresStore:
-        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=pool_size)
+    async def open(cls, dsn: str) -> PostgresStore:
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=8)
         try:
             async with pool.acquire() as connection, connection.transaction():
                 await connection.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK_ID)
@@ -168,9 +168,8 @@ class PostgresStore(LedgerStore):
     async def release_reservation(self, record_id: str) -> bool:
         return await self._release(_SQL.RESERVATION_DROP, record_id) > 0
 
-    async def release_reservations(self, holder: str, older_than: float | None = None) -> int:
-        gone_before = older_than if older_than is not None else float("-inf")
-        return await self._release(_SQL.RESERVATIONS_DROP_GONE, holder, gone_before)
+    async def release_reservations(self, holder: str, older_than: float) -> int:
+        return await self._release(_SQL.RESERVATIONS_DROP_GONE, holder, older_than)
 
     async def _release(self, drop: str, *params: Any) -> int:
         async with self._pool.acquire() as connection, connection.transaction():

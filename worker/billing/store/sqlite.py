@@ -72,8 +72,8 @@ def _raised(failure: Failed) -> Exception:
 class SqliteStore(LedgerStore):
     dialect = "sqlite"
 
-    def __init__(self, path: Path, *, synchronous: Literal["full", "normal"], readers: int = 2) -> None:
-        self._settings = DatabaseSettings(path, synchronous.upper(), readers)
+    def __init__(self, path: Path, *, synchronous: Literal["full", "normal"]) -> None:
+        self._settings = DatabaseSettings(path, synchronous.upper(), readers=2)
         self.database = DatabaseProcess(self._settings)
         self._writes: GroupCommit[Write, Any] = GroupCommit(self._commit)
         self._journaled: JournaledSettlements | None = None  # with synchronous=NORMAL, once journaling
@@ -220,7 +220,7 @@ class SqliteStore(LedgerStore):
     async def release_reservation(self, record_id: str) -> bool:
         return bool(await self._write("release", record_id, None, None) > 0)
 
-    async def release_reservations(self, holder: str, older_than: float | None = None) -> int:
+    async def release_reservations(self, holder: str, older_than: float) -> int:
         released: int = await self._write("release", None, holder, older_than)
         return released
 

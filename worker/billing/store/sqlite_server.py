@@ -181,8 +181,7 @@ def _release(db: sqlite3.Connection, record_id: str | None, holder: str | None, 
     if record_id is not None:
         rows = db.execute(_SQL.RESERVATION_DROP, (record_id,)).fetchall()
     else:
-        gone_before = older_than if older_than is not None else float("-inf")
-        rows = db.execute(_SQL.RESERVATIONS_DROP_GONE, (holder, gone_before)).fetchall()
+        rows = db.execute(_SQL.RESERVATIONS_DROP_GONE, (holder, older_than)).fetchall()
     for key_id, account_id, amount in rows:
         db.execute(_SQL.KEY_UNRESERVE, (amount, key_id))
         db.execute(_SQL.ACCOUNT_UNRESERVE, (amount, account_id))
