@@ -138,7 +138,7 @@ FAULTS: dict[str, Callable[[pytest.MonkeyPatch, WorkerNode], None]] = {
                                mp.setattr(gateway_module, "finish", _async_boom)),
     "usage parsing": lambda mp, node: mp.setattr(Usage, "from_openai", classmethod(_boom)),
     "finalize: the access log": lambda mp, node: mp.setattr(AccessLog, "finalize", _async_boom),
-    "finalize: the charge": lambda mp, node: mp.setattr("worker.billing.metering.charge_micro", _boom),
+    "finalize: the charge": lambda mp, node: mp.setattr("worker.billing.service.charge_micro", _boom),
 }
 
 
