@@ -1,7 +1,8 @@
 """The one interface the billing service, the admin API, the outbox and the CLI use to reach the database.
 
-SQLite and PostgreSQL implement all of it; callers never ask which one they have. The reads are written
-once, here: each store only says how it runs a query (`_fetch`) and writes a parameter (`_parameter`).
+SQLite and PostgreSQL implement all of it; callers never ask which one they have. It is written once, here:
+each store only says how it runs a query (`_fetch`), writes a parameter (`_parameter`), runs one write command
+(`_write`) and settles a record (`settle`).
 """
 
 from __future__ import annotations
@@ -31,12 +32,22 @@ from worker.billing.store.sql import (
     LEDGER_COLUMNS,
     account_from_row,
     admin_audit_from_row,
+    admin_audit_params,
+    claim_from_row,
+    claim_params,
     key_from_row,
     ledger_conditions,
     ledger_from_row,
+    new_key_params,
 )
 
 Row = Mapping[str, Any]
+# The write commands a store runs, each in a transaction of its own (or a savepoint of a batch's); "settle" is
+# SQLite's own (PostgreSQL settles through its group commit).
+WriteOp = Literal[
+    "create_account", "top_up", "create_key", "revoke_key", "reserve", "settle", "release", "append_audit",
+    "claim_worker", "renew_claim", "release_claim", "advance_outbox", "save_uptime",
+]
 
 
 class UnknownAccount(LookupError):
@@ -49,6 +60,10 @@ class BalanceLimitExceeded(ValueError):
 
 class DuplicateRecordId(ValueError):
     """A ledger record with this record id exists already; the new one was not written or charged."""
+
+
+class Refused(Exception):
+    """A reservation refused for `ReserveOutcome(args[0])`; nothing it wrote stays."""
 
 
 class LedgerStore(abc.ABC):
@@ -67,16 +82,19 @@ class LedgerStore(abc.ABC):
     def _parameter(self, number: int) -> str:
         """How the dialect writes the query's `number`th (from 1) parameter."""
 
+    @abc.abstractmethod
+    async def _write(self, op: WriteOp, *args: Any) -> Any:
+        """Run one write command: its row (a column map) or None, its count or flag; raises as the store's
+        methods document, and Refused for a refused reservation."""
+
     async def _rows(self, template: str, *params: Any, settled: bool = True) -> Sequence[Row]:
         """`template`'s `{}`s are its parameters, in order."""
         sql = template.format(*(self._parameter(number) for number in range(1, len(params) + 1)))
         return await self._fetch(sql, list(params), settled=settled)
 
     # Accounts and keys.
-    @abc.abstractmethod
-    async def create_account(
-        self, account_id: str, name: str, balance_micro: int, created_at: float
-    ) -> Account: ...
+    async def create_account(self, account_id: str, name: str, balance_micro: int, created_at: float) -> Account:
+        return account_from_row(await self._write("create_account", account_id, name, balance_micro, created_at))
 
     async def get_account(self, account_id: str) -> Account | None:
         rows = await self._rows(f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = {{}}", account_id)
@@ -86,14 +104,14 @@ class LedgerStore(abc.ABC):
         rows = await self._rows(f"SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY created_at, id")
         return [account_from_row(row) for row in rows]
 
-    @abc.abstractmethod
     async def top_up(self, account_id: str, amount_micro: int) -> Account:
         """Add to (or, negative, take from) the balance; raises UnknownAccount, and BalanceLimitExceeded
         when the balance would pass MAX_BALANCE_MICRO."""
+        return account_from_row(await self._write("top_up", account_id, amount_micro))
 
-    @abc.abstractmethod
     async def create_key(self, key: ApiKey) -> ApiKey:
         """Stores a new key (its fields from `revoked_at` on are not read); raises UnknownAccount."""
+        return key_from_row(await self._write("create_key", *new_key_params(key)))
 
     async def find_key_by_hash(self, key_hash: str, *, settled: bool = False) -> ApiKey | None:
         """`settled`: wait for the records settled before the call, so that the key's spend this month counts
@@ -111,12 +129,12 @@ class LedgerStore(abc.ABC):
         rows = await self._rows(f"SELECT {KEY_COLUMNS} FROM api_keys{where} ORDER BY created_at, id", *params)
         return [key_from_row(row) for row in rows]
 
-    @abc.abstractmethod
     async def revoke_key(self, key_id: str, revoked_at: float) -> ApiKey | None:
         """Revoke (idempotent: the first revocation time stays); None when there is no such key."""
+        row = await self._write("revoke_key", revoked_at, key_id)
+        return key_from_row(row) if row is not None else None
 
     # Money on the request path.
-    @abc.abstractmethod
     async def reserve(self, reservation: Reservation) -> ReserveOutcome:
         """Atomically hold `amount_micro` of the account's balance and of the key's monthly cap.
 
@@ -125,6 +143,14 @@ class LedgerStore(abc.ABC):
         never spend more than there is. A key revoked since it was looked up is refused. Raises when
         the record id holds a reservation already (record ids are unique by construction).
         """
+        r = reservation
+        try:
+            await self._write(
+                "reserve", r.record_id, r.account_id, r.key_id, r.amount_micro, r.holder, r.created_at, r.month
+            )
+        except Refused as refused:
+            return ReserveOutcome(refused.args[0])
+        return ReserveOutcome.reserved
 
     @abc.abstractmethod
     async def settle(self, record: LedgerEntry) -> int:
@@ -159,14 +185,14 @@ class LedgerStore(abc.ABC):
         ledger. Call it only while holding the worker id's claim."""
         return 0
 
-    @abc.abstractmethod
     async def release_reservation(self, record_id: str) -> bool:
         """Drop one request's reservation without charging (it never reached the engine)."""
+        return bool(await self._write("release", record_id, None, None) > 0)
 
-    @abc.abstractmethod
     async def release_reservations(self, holder: str, older_than: float) -> int:
         """Drop reservations of requests that can no longer finish: all of `holder`'s (a restarted
         worker), and anyone's made before `older_than`. Returns how many were dropped."""
+        return int(await self._write("release", None, holder, older_than))
 
     # The ledger.
     async def query_ledger(
@@ -186,9 +212,9 @@ class LedgerStore(abc.ABC):
         return int(row["n"])
 
     # Replica up-time, and reports over it and the ledger (worker.economics).
-    @abc.abstractmethod
     async def save_replica_uptime(self, runs: Sequence[ReplicaUptime]) -> None:
         """Insert or update replica runs, each keyed by its worker, replica and start."""
+        await asyncio.gather(*(self._write("save_uptime", *run) for run in runs))
 
     async def read_only(self, template: str, *params: Any) -> Sequence[Row]:
         """The rows of a read-only query both dialects run, seeing every record settled before the call;
@@ -196,9 +222,9 @@ class LedgerStore(abc.ABC):
         return await self._rows(template, *params)
 
     # The admin audit trail.
-    @abc.abstractmethod
     async def append_admin_audit(self, action: AdminAction) -> int:
         """Append one admin change (committed when this returns); returns its seq."""
+        return int(await self._write("append_audit", *admin_audit_params(action)))
 
     async def query_admin_audit(self, *, limit: int, cursor: int | None = None) -> list[AdminAuditRecord]:
         """The newest changes first; `cursor` excludes seq >= cursor (the previous page's last seq)."""
@@ -209,20 +235,21 @@ class LedgerStore(abc.ABC):
         return [admin_audit_from_row(row) for row in rows]
 
     # One running worker per worker id.
-    @abc.abstractmethod
     async def claim_worker_id(
         self, claim: WorkerClaim, stale_before: float, gone_instance: str | None = None
     ) -> WorkerClaim | None:
         """Take `claim.worker_id` for `claim.instance_id`, unless another instance holds it, renewed its
         claim at or after `stale_before` and is not `gone_instance`: then that holder's claim is returned
         and nothing changes."""
+        holder = await self._write("claim_worker", *claim_params(claim), stale_before, gone_instance or "")
+        return claim_from_row(holder) if holder is not None else None
 
-    @abc.abstractmethod
     async def renew_worker_claim(self, worker_id: str, instance_id: str, now: float) -> bool:
         """False when the instance no longer holds the id (another took it over meanwhile)."""
+        return bool(await self._write("renew_claim", worker_id, instance_id, now))
 
-    @abc.abstractmethod
-    async def release_worker_claim(self, worker_id: str, instance_id: str) -> None: ...
+    async def release_worker_claim(self, worker_id: str, instance_id: str) -> None:
+        await self._write("release_claim", worker_id, instance_id)
 
     # The outbox.
     async def outbox_cursor(self, worker_id: str) -> int:
@@ -230,9 +257,9 @@ class LedgerStore(abc.ABC):
         rows = await self._rows("SELECT last_seq FROM outbox_cursors WHERE worker_id = {}", worker_id, settled=False)
         return int(rows[0]["last_seq"]) if rows else 0
 
-    @abc.abstractmethod
     async def advance_outbox(self, worker_id: str, seq: int, now: float) -> None:
         """Move the cursor forward to `seq` (never backwards)."""
+        await self._write("advance_outbox", worker_id, seq, now)
 
     @property
     @abc.abstractmethod

@@ -11,35 +11,32 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any
 
 import asyncpg
 
-from worker.billing.store.base import BalanceLimitExceeded, DuplicateRecordId, LedgerStore, Row, UnknownAccount
+from worker.billing.store.base import (
+    BalanceLimitExceeded,
+    DuplicateRecordId,
+    LedgerStore,
+    Refused,
+    Row,
+    UnknownAccount,
+    WriteOp,
+)
 from worker.billing.store.group_commit import GroupCommit
 from worker.billing.store.records import (
     MAX_BALANCE_MICRO,
-    Account,
-    AdminAction,
-    ApiKey,
     LedgerEntry,
-    ReplicaUptime,
-    Reservation,
     ReserveOutcome,
-    WorkerClaim,
     utc_month,
 )
 from worker.billing.store.schema import SCHEMA_VERSION_TABLE, pending_migrations
 from worker.billing.store.sql import (
-    account_from_row,
-    admin_audit_params,
-    claim_from_row,
-    claim_params,
     in_dialect,
-    key_from_row,
     ledger_params,
-    new_key_params,
 )
 
 logger = logging.getLogger(__name__)
@@ -50,11 +47,6 @@ _SQL = in_dialect("${}")
 # Conditional updates that must say whether they matched: asyncpg's fetchval returns None when none did.
 _SQL.KEY_RESERVE += " RETURNING id"
 _SQL.ACCOUNT_RESERVE += " RETURNING id"
-
-
-class _Refused(Exception):
-    def __init__(self, outcome: ReserveOutcome) -> None:
-        self.outcome = outcome
 
 
 class PostgresStore(LedgerStore):
@@ -105,48 +97,9 @@ class PostgresStore(LedgerStore):
     def _parameter(self, number: int) -> str:
         return f"${number}"
 
-    # Accounts and keys.
-    async def create_account(self, account_id: str, name: str, balance_micro: int, created_at: float) -> Account:
-        row = await self._pool.fetchrow(_SQL.ACCOUNT_INSERT, account_id, name, balance_micro, created_at)
-        return account_from_row(row)
-
-    async def top_up(self, account_id: str, amount_micro: int) -> Account:
+    async def _write(self, op: WriteOp, *args: Any) -> Any:
         async with self._pool.acquire() as connection, connection.transaction():
-            row = await connection.fetchrow(_SQL.TOP_UP, amount_micro, account_id, MAX_BALANCE_MICRO)
-            if row is None:
-                if await connection.fetchval(_SQL.ACCOUNT_EXISTS, account_id) is None:
-                    raise UnknownAccount(account_id)
-                raise BalanceLimitExceeded(account_id)
-        return account_from_row(row)
-
-    async def create_key(self, key: ApiKey) -> ApiKey:
-        try:
-            return key_from_row(await self._pool.fetchrow(_SQL.KEY_INSERT, *new_key_params(key)))
-        except asyncpg.ForeignKeyViolationError:
-            raise UnknownAccount(key.account_id) from None
-
-    async def revoke_key(self, key_id: str, revoked_at: float) -> ApiKey | None:
-        row = await self._pool.fetchrow(_SQL.KEY_REVOKE, revoked_at, key_id)
-        return key_from_row(row) if row else None
-
-    # Money on the request path.
-    async def reserve(self, reservation: Reservation) -> ReserveOutcome:
-        r = reservation
-        try:
-            async with self._pool.acquire() as connection, connection.transaction():
-                await connection.execute("SET LOCAL synchronous_commit TO OFF")
-                if await connection.fetchval(_SQL.KEY_RESERVE, r.amount_micro, r.key_id, r.month) is None:
-                    state = await connection.fetchrow(_SQL.KEY_STATE, r.key_id)
-                    gone = state is None or state[0] is not None
-                    raise _Refused(ReserveOutcome.key_revoked if gone else ReserveOutcome.spend_cap_reached)
-                if await connection.fetchval(_SQL.ACCOUNT_RESERVE, r.amount_micro, r.account_id) is None:
-                    raise _Refused(ReserveOutcome.insufficient_balance)
-                await connection.execute(
-                    _SQL.RESERVATION_INSERT, r.record_id, r.account_id, r.key_id, r.amount_micro, r.holder, r.created_at
-                )
-        except _Refused as refused:
-            return refused.outcome
-        return ReserveOutcome.reserved
+            return await _WRITES[op](connection, *args)
 
     async def settle(self, record: LedgerEntry) -> int:
         seq = await self._settlements.submit(record)
@@ -165,55 +118,86 @@ class PostgresStore(LedgerStore):
                 "record_id": records[0].record_id, "request_id": records[0].request_id, "error": repr(error)})
             return [error]
 
-    async def release_reservation(self, record_id: str) -> bool:
-        return await self._release(_SQL.RESERVATION_DROP, record_id) > 0
 
-    async def release_reservations(self, holder: str, older_than: float) -> int:
-        return await self._release(_SQL.RESERVATIONS_DROP_GONE, holder, older_than)
+# The writes, by command: each runs in a transaction of its own.
+async def _top_up(connection: asyncpg.Connection, account_id: str, amount_micro: int) -> Row:
+    row: Row | None = await connection.fetchrow(_SQL.TOP_UP, amount_micro, account_id, MAX_BALANCE_MICRO)
+    if row is None:
+        exists = await connection.fetchval(_SQL.ACCOUNT_EXISTS, account_id)
+        raise (UnknownAccount if exists is None else BalanceLimitExceeded)(account_id)
+    return row
 
-    async def _release(self, drop: str, *params: Any) -> int:
-        async with self._pool.acquire() as connection, connection.transaction():
-            rows = await connection.fetch(drop, *params)
-            keys: dict[str, int] = {}
-            accounts: dict[str, int] = {}
-            for row in rows:
-                keys[row["key_id"]] = keys.get(row["key_id"], 0) + row["amount_micro"]
-                accounts[row["account_id"]] = accounts.get(row["account_id"], 0) + row["amount_micro"]
-            # Keys before accounts, each in id order: the same lock order as every other transaction.
-            await connection.executemany(_SQL.KEY_UNRESERVE, [(amount, key) for key, amount in sorted(keys.items())])
-            await connection.executemany(
-                _SQL.ACCOUNT_UNRESERVE, [(amount, account) for account, amount in sorted(accounts.items())]
-            )
-        return len(rows)
 
-    # The admin audit trail.
-    async def append_admin_audit(self, action: AdminAction) -> int:
-        return int(await self._pool.fetchval(_SQL.ADMIN_AUDIT_APPEND, *admin_audit_params(action)))
+async def _create_key(connection: asyncpg.Connection, *params: Any) -> Row:
+    try:
+        row: Row = await connection.fetchrow(_SQL.KEY_INSERT, *params)
+    except asyncpg.ForeignKeyViolationError:
+        raise UnknownAccount(params[1]) from None
+    return row
 
-    # One running worker per worker id, and the outbox.
-    async def claim_worker_id(
-        self, claim: WorkerClaim, stale_before: float, gone_instance: str | None = None
-    ) -> WorkerClaim | None:
-        async with self._pool.acquire() as connection, connection.transaction():
-            status = await connection.execute(
-                _SQL.WORKER_CLAIM, *claim_params(claim), stale_before, gone_instance or ""
-            )
-            if status == "INSERT 0 1":
-                return None
-            return claim_from_row(await connection.fetchrow(_SQL.WORKER_CLAIM_HOLDER, claim.worker_id))
 
-    async def renew_worker_claim(self, worker_id: str, instance_id: str, now: float) -> bool:
-        status = await self._pool.execute(_SQL.WORKER_CLAIM_RENEW, worker_id, instance_id, now)
-        return bool(status == "UPDATE 1")
+async def _reserve(connection: asyncpg.Connection, record_id: str, account_id: str, key_id: str, amount: int,
+                   holder: str, created_at: float, month: str) -> None:
+    await connection.execute("SET LOCAL synchronous_commit TO OFF")
+    if await connection.fetchval(_SQL.KEY_RESERVE, amount, key_id, month) is None:
+        state = await connection.fetchrow(_SQL.KEY_STATE, key_id)
+        gone = state is None or state[0] is not None
+        raise Refused((ReserveOutcome.key_revoked if gone else ReserveOutcome.spend_cap_reached).value)
+    if await connection.fetchval(_SQL.ACCOUNT_RESERVE, amount, account_id) is None:
+        raise Refused(ReserveOutcome.insufficient_balance.value)
+    await connection.execute(_SQL.RESERVATION_INSERT, record_id, account_id, key_id, amount, holder, created_at)
 
-    async def release_worker_claim(self, worker_id: str, instance_id: str) -> None:
-        await self._pool.execute(_SQL.WORKER_CLAIM_RELEASE, worker_id, instance_id)
 
-    async def advance_outbox(self, worker_id: str, seq: int, now: float) -> None:
-        await self._pool.execute(_SQL.ADVANCE_OUTBOX, worker_id, seq, now)
+async def _release(connection: asyncpg.Connection, record_id: str | None, holder: str | None,
+                   older_than: float | None) -> int:
+    """Drop one reservation (`record_id`), or `holder`'s and those made before `older_than`."""
+    if record_id is not None:
+        rows = await connection.fetch(_SQL.RESERVATION_DROP, record_id)
+    else:
+        rows = await connection.fetch(_SQL.RESERVATIONS_DROP_GONE, holder, older_than)
+    keys: dict[str, int] = {}
+    accounts: dict[str, int] = {}
+    for row in rows:
+        keys[row["key_id"]] = keys.get(row["key_id"], 0) + row["amount_micro"]
+        accounts[row["account_id"]] = accounts.get(row["account_id"], 0) + row["amount_micro"]
+    # Keys before accounts, each in id order: the same lock order as every other transaction.
+    await connection.executemany(_SQL.KEY_UNRESERVE, [(amount, key) for key, amount in sorted(keys.items())])
+    await connection.executemany(
+        _SQL.ACCOUNT_UNRESERVE, [(amount, account) for account, amount in sorted(accounts.items())]
+    )
+    return len(rows)
 
-    async def save_replica_uptime(self, runs: Sequence[ReplicaUptime]) -> None:
-        await self._pool.executemany(_SQL.REPLICA_UPTIME_SAVE, runs)
+
+async def _claim_worker(connection: asyncpg.Connection, *params: Any) -> Row | None:
+    """None when taken; else the holder's claim, unchanged."""
+    if await connection.execute(_SQL.WORKER_CLAIM, *params) == "INSERT 0 1":
+        return None
+    row: Row | None = await connection.fetchrow(_SQL.WORKER_CLAIM_HOLDER, params[0])
+    return row
+
+
+async def _one_row(sql: str, connection: asyncpg.Connection, *params: Any) -> Row | None:
+    row: Row | None = await connection.fetchrow(sql, *params)
+    return row
+
+
+async def _value(sql: str, connection: asyncpg.Connection, *params: Any) -> Any:
+    return await connection.fetchval(sql, *params)
+
+
+async def _changed_one(sql: str, connection: asyncpg.Connection, *params: Any) -> bool:
+    return bool((await connection.execute(sql, *params)).endswith(" 1"))
+
+
+_WRITES: dict[str, Callable[..., Awaitable[Any]]] = {
+    "create_account": partial(_one_row, _SQL.ACCOUNT_INSERT), "top_up": _top_up, "create_key": _create_key,
+    "revoke_key": partial(_one_row, _SQL.KEY_REVOKE), "reserve": _reserve, "release": _release,
+    "append_audit": partial(_value, _SQL.ADMIN_AUDIT_APPEND), "claim_worker": _claim_worker,
+    "renew_claim": partial(_changed_one, _SQL.WORKER_CLAIM_RENEW),
+    "release_claim": partial(_changed_one, _SQL.WORKER_CLAIM_RELEASE),
+    "advance_outbox": partial(_changed_one, _SQL.ADVANCE_OUTBOX),
+    "save_uptime": partial(_changed_one, _SQL.REPLICA_UPTIME_SAVE),
+}
 
 
 async def _settle_all(connection: asyncpg.Connection, records: list[LedgerEntry]) -> list[int | None]:

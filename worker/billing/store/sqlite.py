@@ -16,33 +16,27 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from worker.billing.store.base import BalanceLimitExceeded, DuplicateRecordId, LedgerStore, Row, UnknownAccount
+from worker.billing.store.base import (
+    BalanceLimitExceeded,
+    DuplicateRecordId,
+    LedgerStore,
+    Refused,
+    Row,
+    UnknownAccount,
+    WriteOp,
+)
 from worker.billing.store.database_process import DatabaseProcess
 from worker.billing.store.group_commit import GroupCommit
 from worker.billing.store.journal import JournaledSettlements, LedgerJournal
 from worker.billing.store.records import (
-    Account,
-    AdminAction,
-    ApiKey,
     LedgerEntry,
-    ReplicaUptime,
-    Reservation,
-    ReserveOutcome,
-    WorkerClaim,
 )
 from worker.billing.store.schema import SCHEMA_VERSION_TABLE, pending_migrations
 from worker.billing.store.sql import (
-    account_from_row,
-    admin_audit_params,
-    claim_from_row,
-    claim_params,
-    key_from_row,
     ledger_params,
-    new_key_params,
 )
 from worker.billing.store.sqlite_server import (
     Batch,
@@ -50,9 +44,7 @@ from worker.billing.store.sqlite_server import (
     Done,
     Failed,
     Query,
-    Refused,
     Write,
-    WriteOp,
     connect,
 )
 
@@ -146,31 +138,6 @@ class SqliteStore(LedgerStore):
     def pending_writes(self) -> int:
         return self._writes.pending + (self._journaled.pending if self._journaled is not None else 0)
 
-    # Accounts and keys.
-    async def create_account(self, account_id: str, name: str, balance_micro: int, created_at: float) -> Account:
-        return account_from_row(await self._write("create_account", account_id, name, balance_micro, created_at))
-
-    async def top_up(self, account_id: str, amount_micro: int) -> Account:
-        return account_from_row(await self._write("top_up", account_id, amount_micro))
-
-    async def create_key(self, key: ApiKey) -> ApiKey:
-        return key_from_row(await self._write("create_key", *new_key_params(key)))
-
-    async def revoke_key(self, key_id: str, revoked_at: float) -> ApiKey | None:
-        row = await self._write("revoke_key", revoked_at, key_id)
-        return key_from_row(row) if row is not None else None
-
-    # Money on the request path.
-    async def reserve(self, reservation: Reservation) -> ReserveOutcome:
-        r = reservation
-        try:
-            await self._write(
-                "reserve", r.record_id, r.account_id, r.key_id, r.amount_micro, r.holder, r.created_at, r.month
-            )
-        except Refused as refused:
-            return ReserveOutcome(refused.args[0])
-        return ReserveOutcome.reserved
-
     async def settle(self, record: LedgerEntry) -> int:
         seqs: list[int | None] = await self._write("settle", ledger_params(record))
         (seq,) = seqs
@@ -216,37 +183,6 @@ class SqliteStore(LedgerStore):
     async def flush(self) -> None:
         if self._journaled is not None:
             await self._journaled.flush()
-
-    async def release_reservation(self, record_id: str) -> bool:
-        return bool(await self._write("release", record_id, None, None) > 0)
-
-    async def release_reservations(self, holder: str, older_than: float) -> int:
-        released: int = await self._write("release", None, holder, older_than)
-        return released
-
-    # The admin audit trail.
-    async def append_admin_audit(self, action: AdminAction) -> int:
-        seq: int = await self._write("append_audit", *admin_audit_params(action))
-        return seq
-
-    # One running worker per worker id, and the outbox.
-    async def claim_worker_id(
-        self, claim: WorkerClaim, stale_before: float, gone_instance: str | None = None
-    ) -> WorkerClaim | None:
-        holder = await self._write("claim_worker", *claim_params(claim), stale_before, gone_instance or "")
-        return claim_from_row(holder) if holder is not None else None
-
-    async def renew_worker_claim(self, worker_id: str, instance_id: str, now: float) -> bool:
-        return bool(await self._write("renew_claim", worker_id, instance_id, now))
-
-    async def release_worker_claim(self, worker_id: str, instance_id: str) -> None:
-        await self._write("release_claim", worker_id, instance_id)
-
-    async def advance_outbox(self, worker_id: str, seq: int, now: float) -> None:
-        await self._write("advance_outbox", worker_id, seq, now)
-
-    async def save_replica_uptime(self, runs: Sequence[ReplicaUptime]) -> None:
-        await asyncio.gather(*(self._write("save_uptime", *run) for run in runs))
 
 
 def create_private_files(path: Path) -> None:

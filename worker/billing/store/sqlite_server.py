@@ -20,22 +20,16 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import msgspec
 
-from worker.billing.store.base import BalanceLimitExceeded, UnknownAccount
+from worker.billing.store.base import BalanceLimitExceeded, Refused, UnknownAccount, WriteOp
 from worker.billing.store.records import MAX_BALANCE_MICRO, ReserveOutcome, utc_month
 from worker.billing.store.sql import LEDGER_INSERT_COLUMNS, in_dialect
 from worker.processes.rpc import Channel
 
 BUSY_TIMEOUT_S = 30.0
-
-WriteOp = Literal[
-    "create_account", "top_up", "create_key", "revoke_key", "reserve", "settle", "release", "append_audit",
-    "claim_worker", "renew_claim", "release_claim", "advance_outbox", "save_uptime",
-]
-
 
 class Write(msgspec.Struct, array_like=True):
     op: WriteOp
@@ -65,10 +59,6 @@ class Failed(msgspec.Struct, tag=True, array_like=True):
 class Answer(msgspec.Struct, tag=True, array_like=True):
     outcomes: list[Done | Failed]  # one per write of a batch; one for a query
     batch_error: str | None = None  # why nothing of the batch committed
-
-
-class Refused(Exception):
-    """A reservation refused for `ReserveOutcome(args[0])`; nothing it wrote stays."""
 
 
 class DatabaseSettings(NamedTuple):
