@@ -164,11 +164,14 @@ class CpuPerRequest:
 
     cpu_s: float = 0.0
     requests: int = 0
+    run_ms: list[float] = field(default_factory=list)  # each run's ms per request, in order
 
     def add_run(self, cpu_s: float, num_prompts: int, concurrency: int) -> None:
-        self.cpu_s += cpu_s
         # The warm-ups (one per stream) and the load generator's first check request went through it too.
-        self.requests += num_prompts + concurrency + 1
+        requests = num_prompts + concurrency + 1
+        self.cpu_s += cpu_s
+        self.requests += requests
+        self.run_ms.append(cpu_s * 1000 / requests)
 
     def ms(self) -> float:
         return self.cpu_s * 1000 / self.requests if self.requests else float("nan")
@@ -251,16 +254,17 @@ class BenchWorker:
     def cpu_s(self) -> float:
         """CPU time of the worker process, its billing database's process and its gateway processes (if
         any), not of its engines."""
-        return process_cpu_s(self.process.process.pid) + self._database_cpu_s() + self.gateway_processes_cpu_s()
+        return process_cpu_s(self.process.process.pid) + self.database_cpu_s() + self.gateway_processes_cpu_s()
 
     def off_loop_cpu_s(self) -> float:
         """The part of `cpu_s` spent outside the event loop's thread (the database's process included)."""
-        return off_loop_cpu_s(self.process.process.pid) + self._database_cpu_s()
+        return off_loop_cpu_s(self.process.process.pid) + self.database_cpu_s()
 
     def gateway_processes_cpu_s(self) -> float:
         return sum(process_cpu_s(proc.pid) for proc in self.process.gateway_processes())
 
-    def _database_cpu_s(self) -> float:
+    def database_cpu_s(self) -> float:
+        """CPU time of its billing database's process (SQLite ledger), if any."""
         return sum(process_cpu_s(proc.pid) for proc in self.process.billing_database_processes())
 
 
