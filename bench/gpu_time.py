@@ -10,13 +10,13 @@ completions (prompts of 5 to 400 words, 4 to 96 output tokens, half streamed, ab
 in a closed loop at each load (requests in flight), on a fresh engine each time. The mock reports each
 request's exact share of its measured step time (`usage.gpu_seconds`); the worker meters every request all
 the same, and its meters' events (when the request was leased, its first byte, its end, its sequences,
-whether it streamed, and its prompt's size as the worker can estimate it at lease time) are recorded.
+whether it streamed, and its body's size) are recorded.
 
 Those events are then replayed offline through `worker.capacity.gpu_time` under several models: the shipped
-one (prefill weight 2), prefill weights 1, 4 and 8, an equal split of in-flight time (sequences ignored),
-and a token-aware one where a stream's weight before its first byte grows with its prompt's estimated
-tokens. The replay of the shipped model must give what the live meters gave (checked, the page says how
-close).
+one (before its first byte a stream weighs sequences x (1 + prompt tokens / 256), the prompt tokens being
+its body's size at 4 bytes a token), fixed prefill weights 2 (the earlier model), 1, 4 and 8 with the
+prompt's size ignored, and an equal split of in-flight time (sequences ignored). The replay of the shipped
+model must give what the live meters gave (checked, the page says how close).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import orjson
 
 from bench.common import command_line, describe_machine, fmt, table_head
 from tests.support.worker_process import serving
-from worker.capacity.gpu_time import DEFAULT_PREFILL_WEIGHT, GpuTimeMeters, GpuTimeShare, sequences_of
+from worker.capacity.gpu_time import PREFILL_TOKENS_PER_DECODE, GpuTimeMeters, GpuTimeShare, prefill_weight
 from worker.capacity.leasing import AdmissionLeaser
 from worker.config import NodeConfig
 from worker.engines.data_client import EngineDataClient
@@ -51,13 +51,10 @@ from worker.gateway.app import serve_inference
 from worker.gateway.context import RequestContext
 from worker.gateway.gateway import Gateway
 from worker.gateway.hooks import ObservingHook
-from worker.gateway.prompt_count import estimate_prompt_tokens
+from worker.gateway.prompt_count import BYTES_PER_TOKEN
 
 MODEL = "bench/gpu-time"
 REPLICA = "gpu-time-0"
-# The token-aware model: before its first byte a stream weighs sequences x (1 + prompt tokens / this), the
-# prompt tokens estimated from its size (4 bytes a token) as the worker can at lease time.
-TOKENS_PER_EXTRA_WEIGHT = 256
 WORDS = ("the", "river", "carries", "light", "and", "stone", "through", "garden", "where", "people", "read",
          "paper", "signal", "music", "engine", "queue", "batch", "token", "model", "window", "years", "good")
 
@@ -99,11 +96,11 @@ def request_bodies(workload: Workload) -> list[dict[str, Any]]:
 class RecordingShare(GpuTimeShare):
     """A request's share that also keeps the times of the events it was metered at."""
 
-    __slots__ = ("ended", "first_byte_at", "leased", "prompt_tokens", "stream")
+    __slots__ = ("body_bytes", "ended", "first_byte_at", "leased", "stream")
 
-    def __init__(self, prefill_weight: float, sequences: int, prompt_tokens: int) -> None:
+    def __init__(self, prefill_weight: float, sequences: int, body_bytes: int) -> None:
         super().__init__(prefill_weight, sequences)
-        self.prompt_tokens = prompt_tokens
+        self.body_bytes = body_bytes
         self.stream = False
         self.leased: float | None = None
         self.first_byte_at: float | None = None
@@ -127,13 +124,9 @@ class RecordingShare(GpuTimeShare):
 
 
 class RecordingMeters(GpuTimeMeters):
-    def started(self, ctx: RequestContext, replica_id: str, at: float) -> GpuTimeShare:
-        share = ctx.gpu_timer
-        if not isinstance(share, RecordingShare):
-            share = RecordingShare(self.prefill_weight, sequences_of(ctx.body), estimate_prompt_tokens(ctx))
-            ctx.gpu_timer = share
-        share.start(self.meter(replica_id), ctx.stream, at)
-        return share
+    def new_share(self, ctx: RequestContext) -> GpuTimeShare:
+        share = super().new_share(ctx)  # the worker's own weights, kept with the events
+        return RecordingShare(share.prefill_weight, share.sequences, ctx.body_bytes)
 
 
 class Finished(ObservingHook):
@@ -221,7 +214,7 @@ async def measure_load(in_flight: int, bodies: list[dict[str, Any]]) -> dict[str
             continue
         records.append({"exact": ctx.gpu_seconds, "live_estimate": share.seconds, "leased": share.leased,
                         "first_byte": share.first_byte_at, "ended": share.ended, "sequences": share.sequences,
-                        "stream": share.stream, "prompt_tokens": share.prompt_tokens})
+                        "stream": share.stream, "body_bytes": share.body_bytes})
     return {"in_flight": in_flight, "duration_s": duration, "failed": failed,
             "engine_busy_s": accounting["busy_seconds"], "worker_busy_s": meters.meter(REPLICA).busy_seconds(),
             "requests": records}
@@ -237,17 +230,17 @@ def _prefill_weight(weight: float) -> Model:
     return lambda record: (weight, record["sequences"])
 
 
-def _token_aware(record: dict[str, Any]) -> tuple[float, int]:
-    return 1.0 + record["prompt_tokens"] / TOKENS_PER_EXTRA_WEIGHT, record["sequences"]
+def _shipped(record: dict[str, Any]) -> tuple[float, int]:
+    return prefill_weight(record["body_bytes"]), record["sequences"]
 
 
 MODELS: dict[str, Model] = {
-    f"shipped (prefill weight {DEFAULT_PREFILL_WEIGHT:g})": _prefill_weight(DEFAULT_PREFILL_WEIGHT),
+    f"shipped (prefill weight 1 + prompt tokens / {PREFILL_TOKENS_PER_DECODE:g})": _shipped,
+    "phase weight 2, prompt size ignored": _prefill_weight(2.0),
     "prefill weight 1": _prefill_weight(1.0),
     "prefill weight 4": _prefill_weight(4.0),
     "prefill weight 8": _prefill_weight(8.0),
     "equal split (weight 1, sequences ignored)": lambda record: (1.0, 1),
-    f"token-aware (1 + prompt tokens / {TOKENS_PER_EXTRA_WEIGHT})": _token_aware,
 }
 SHIPPED = next(iter(MODELS))
 
@@ -302,8 +295,10 @@ def render_page(summary: dict[str, Any]) -> str:
         "",
         ("On vLLM the worker estimates each request's GPU time from what it sees of its replica "
         "(`worker/capacity/gpu_time.py`): the time between two events on a replica is split among the requests "
-        "in flight on it, each weighing its sequences (`n` x prompts) times a phase weight, the prefill weight "
-        "before a stream's first byte and 1 after (a non-streamed request weighs 1 throughout). The mock engine "
+        "in flight on it, each weighing its sequences (`n` x prompts) times a phase weight: before a stream's first "
+        "byte 1 + prompt tokens / "
+        f"{summary['prefill_tokens_per_decode']:g} in the shipped model (a fixed prefill weight in the others), "
+        "after it 1 (a non-streamed request weighs 1 throughout). The mock engine "
         "reports the exact figure: each engine step's measured time split among the sequences in it by the "
         "latency model's terms. Here one mock replica at the mock's default latency model serves the same "
         f"seeded mix at each load: {workload['requests']} chat completions, prompts of "
@@ -311,12 +306,11 @@ def render_page(summary: dict[str, Any]) -> str:
         f"{workload['output_tokens'][0]}-{workload['output_tokens'][1]} output tokens, "
         f"{workload['stream_share']:.0%} streamed, {workload['n2_share']:.0%} with n=2, sent in a closed loop "
         "with a fixed number of requests in flight, one run per load. The worker's meter events of every request (lease, first "
-        "byte, end, sequences, streamed or not) are recorded and replayed offline under each model below."),
+        "byte, end, sequences, streamed or not, body size) are recorded and replayed offline under each model below."),
         "",
-        ("The token-aware model weighs a stream before its first byte sequences x (1 + prompt tokens / "
-        f"{summary['tokens_per_extra_weight']}), the prompt tokens being what the worker can know when it "
-        "leases a replica: the prompt's size at 4 bytes a token (`estimate_prompt_tokens` in "
-        "`worker/gateway/prompt_count.py`; no tokenizer is asked before the lease). Error is |estimate / exact "
+        ("The shipped model's prompt tokens are what the worker knows for free when it leases a replica: the "
+        f"request body's size as received at {summary['bytes_per_token']} bytes a token (no tokenizer is asked "
+        "before the lease, nothing is serialised again). Error is |estimate / exact "
         "- 1| per request; `estimate total / engine busy` compares the estimates' sum (the worker-seen busy "
         "time, lease to end, by construction) with the engine's own busy time."),
         "",
@@ -378,7 +372,8 @@ def main(argv: list[str] | None = None) -> None:
     summary = {
         "command": command_line("bench.gpu_time", argv), "machine": describe_machine(),
         "generated_at": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC", "workload": asdict(workload),
-        "tokens_per_extra_weight": TOKENS_PER_EXTRA_WEIGHT, "runs": asyncio.run(run(workload)),
+        "prefill_tokens_per_decode": PREFILL_TOKENS_PER_DECODE, "bytes_per_token": BYTES_PER_TOKEN,
+        "runs": asyncio.run(run(workload)),
     }
     summary_path = work_dir / "summary.json"
     summary_path.write_text(json.dumps(summary, indent=1))

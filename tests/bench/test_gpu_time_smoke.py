@@ -23,8 +23,8 @@ def test_a_quick_run_writes_the_gpu_time_page(tmp_path: Path) -> None:
 
     page = doc.read_text()
     rows = table(page, "Results")
-    models = ["shipped (prefill weight 2)", "prefill weight 1", "prefill weight 4", "prefill weight 8",
-              "equal split (weight 1, sequences ignored)", "token-aware (1 + prompt tokens / 256)"]
+    models = ["shipped (prefill weight 1 + prompt tokens / 256)", "phase weight 2, prompt size ignored",
+              "prefill weight 1", "prefill weight 4", "prefill weight 8", "equal split (weight 1, sequences ignored)"]
     assert [(row["requests in flight"], row["model"]) for row in rows] == [
         (load, model) for load in ("2", "4") for model in models]
     for row in rows:

@@ -1,5 +1,6 @@
 """The GPU-time estimator (worker/capacity/gpu_time.py), fed explicit event sequences: a replica's busy time
-split among its requests in flight by phase weight, conserved exactly, idle time attributed to nobody."""
+split among its requests in flight by phase weight (a stream's, before its first byte, growing with its body's
+size), conserved exactly, idle time attributed to nobody."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ import orjson
 import pytest
 
 from tests.engines.mock.mock_engine_support import make_model
-from worker.capacity.gpu_time import GpuTimeMeters, GpuTimeShare, ReplicaGpuMeter, sequences_of
+from worker.capacity.gpu_time import (
+    PREFILL_TOKENS_PER_DECODE,
+    GpuTimeMeters,
+    GpuTimeShare,
+    ReplicaGpuMeter,
+    prefill_weight,
+    sequences_of,
+)
 from worker.config import EngineKind
 from worker.gateway.context import RequestContext
 from worker.gateway.pipeline import HookChain, settle_gpu_seconds
@@ -104,9 +112,9 @@ def test_late_events_apply_at_the_replicas_latest_event() -> None:
 
 
 def test_a_request_moved_to_a_sibling_keeps_what_it_used() -> None:
-    meters = GpuTimeMeters(prefill_weight=2.0)
+    meters = GpuTimeMeters(prefill_tokens_per_decode=100.0)
     ctx = RequestContext(request_id="r", endpoint="chat.completions", model=make_model(), body={}, stream=True,
-                         client_wants_usage=False, headers={})
+                         client_wants_usage=False, headers={}, body_bytes=400)  # 100 tokens: weight 2
     first = meters.started(ctx, "m-0", 0.0)
     first.settle(1.0)  # its lease on m-0 released (that replica failed it)
     again = meters.started(ctx, "m-1", 1.5)
@@ -149,9 +157,37 @@ def test_settled_figure_prefers_the_engines_then_the_estimate_and_multiplies_by_
     assert meters.meter("ext-0").busy_seconds() == pytest.approx(2.0)
 
 
-def test_prefill_weight_must_be_positive() -> None:
-    with pytest.raises(ValueError, match="prefill_weight"):
-        GpuTimeMeters(prefill_weight=0.0)
+def test_prefill_tokens_per_decode_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="prefill_tokens_per_decode"):
+        GpuTimeMeters(prefill_tokens_per_decode=0.0)
+
+
+def test_a_stream_weighs_by_its_prompts_size_before_its_first_byte_and_as_any_other_after() -> None:
+    """Two n=2 streams in flight together, one with a body four times the other's: before their first bytes
+    they split the time by 2 x (1 + body bytes / 4 / 256); after them, evenly."""
+    meters = GpuTimeMeters()
+
+    def stream(body_bytes: int) -> RequestContext:
+        return RequestContext(request_id="r", endpoint="chat.completions", model=make_model(), body={"n": 2},
+                              stream=True, client_wants_usage=False, headers={}, body_bytes=body_bytes)
+
+    short, long = stream(1024), stream(4096)  # 256 and 1,024 prompt tokens
+    assert prefill_weight(1024) == 2.0 and prefill_weight(4096) == 1.0 + 1024 / PREFILL_TOKENS_PER_DECODE == 5.0
+    small, large = meters.started(short, "m-0", 0.0), meters.started(long, "m-0", 0.0)
+    assert (small.weight, large.weight) == (4.0, 10.0)
+    small.first_byte(7.0)  # [0, 7): 4 vs 10
+    large.first_byte(7.0)
+    assert (small.weight, large.weight) == (2.0, 2.0)
+    assert small.settle(9.0) == pytest.approx(2.0 + 1.0)  # [7, 9): evenly
+    assert large.settle(9.0) == pytest.approx(5.0 + 1.0)
+    assert meters.meter("m-0").busy_seconds() == pytest.approx(9.0)
+
+
+def test_a_non_streamed_request_weighs_one_per_sequence_whatever_its_size() -> None:
+    meters = GpuTimeMeters()
+    ctx = RequestContext(request_id="r", endpoint="completions", model=make_model(), body={"prompt": ["a", "b"]},
+                         stream=False, client_wants_usage=False, headers={}, body_bytes=1 << 20)
+    assert meters.started(ctx, "m-0", 0.0).weight == 2.0
 
 
 def test_each_sequence_of_a_request_weighs_as_one() -> None:
