@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -190,5 +191,19 @@ async def fresh_database(kind: str, tmp_path: Any) -> AsyncIterator[str]:
     connection = await asyncpg.connect(base)
     try:
         await connection.execute(f"DROP SCHEMA {schema} CASCADE")
+    finally:
+        await connection.close()
+
+
+async def insert_raw_row(db_url: str, table: str, columns: Sequence[str], row: Sequence[Any]) -> None:
+    """One row written straight into `table`, past the store: what an older worker's schema held."""
+    insert = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({{}})"
+    if db_url.startswith("sqlite"):
+        with sqlite3.connect(db_url.removeprefix("sqlite:///")) as connection:
+            connection.execute(insert.format(", ".join("?" * len(row))), row)
+        return
+    connection = await asyncpg.connect(db_url)
+    try:
+        await connection.execute(insert.format(", ".join(f"${i}" for i in range(1, len(row) + 1))), *row)
     finally:
         await connection.close()

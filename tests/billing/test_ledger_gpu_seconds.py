@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import csv
-import sqlite3
 import time
 from pathlib import Path
 
-import asyncpg
 import orjson
 import pytest
 
-from tests.billing.support import ledger_entry, make_context
+from tests.billing.support import insert_raw_row, ledger_entry, make_context
 from tests.billing.test_ledger_journal import WORKER, write_journal
 from worker.billing.export import csv_header, csv_row, record_json
 from worker.billing.service import ledger_entry as metered_entry
@@ -40,16 +38,7 @@ async def test_records_from_before_the_column_read_zero_gpu_seconds(
     entry = ledger_entry("rec-v5")
     names = [name for name in entry._fields if name != "gpu_seconds"]
     values = [v for name, v in zip(entry._fields, ledger_params(entry), strict=True) if name != "gpu_seconds"]
-    insert = f"INSERT INTO ledger ({', '.join(names)}) VALUES ({{}})"
-    if db_url.startswith("sqlite"):
-        with sqlite3.connect(db_url.removeprefix("sqlite:///")) as connection:
-            connection.execute(insert.format(", ".join("?" * len(values))), values)
-    else:
-        connection = await asyncpg.connect(db_url)
-        try:
-            await connection.execute(insert.format(", ".join(f"${i}" for i in range(1, len(values) + 1))), *values)
-        finally:
-            await connection.close()
+    await insert_raw_row(db_url, "ledger", names, values)
 
     store = await open_store(db_url)
     try:

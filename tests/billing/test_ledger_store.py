@@ -13,7 +13,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from tests.billing.support import ledger_entry, make_key
+from tests.billing.support import insert_raw_row, ledger_entry, make_key
 from worker.billing.keys import issue_key
 from worker.billing.store import (
     LATEST_VERSION,
@@ -468,17 +468,9 @@ async def test_a_version_1_database_is_migrated_to_hold_worker_claims(
     monkeypatch.undo()
     # A key as version 1 stored it: the columns it had then.
     row = ("key_v1", account.id, "old", "iow_old", "hash-v1", "[]", None, None, None, False, time.time(), None)
-    insert = ("INSERT INTO api_keys (id, account_id, name, prefix, key_hash, allowed_models, rpm_limit, "
-              "tpm_limit, monthly_cap_micro, byok, created_at, expires_at) VALUES ({})")
-    if db_url.startswith("sqlite"):
-        with sqlite3.connect(db_url.removeprefix("sqlite:///")) as connection:
-            connection.execute(insert.format(", ".join("?" * len(row))), row)
-    else:
-        connection = await asyncpg.connect(db_url)
-        try:
-            await connection.execute(insert.format(", ".join(f"${i}" for i in range(1, len(row) + 1))), *row)
-        finally:
-            await connection.close()
+    await insert_raw_row(db_url, "api_keys", ("id", "account_id", "name", "prefix", "key_hash", "allowed_models",
+                                               "rpm_limit", "tpm_limit", "monthly_cap_micro", "byok", "created_at",
+                                               "expires_at"), row)
 
     store = await open_store(db_url)
     try:
