@@ -13,21 +13,26 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.responses import Response
 
 from worker import __version__
-from worker.billing.admin_api import audit_recorder, build_admin_router, build_key_router
+from worker.api import (
+    AdminAccess,
+    audit_recorder,
+    build_admin_router,
+    build_capacity_router,
+    build_economics_router,
+    build_key_router,
+)
 from worker.billing.disclosure import DisclosureHook, ProvenanceCache
 from worker.billing.pricing import charge_micro
 from worker.billing.provenance import Provenance
 from worker.billing.service import BillingService
-from worker.capacity import CapacityMonitor, CapacityState, build_capacity_router
+from worker.capacity import CapacityMonitor, CapacityState
 from worker.capacity.gpu_time import GpuTimeMeters
 from worker.capacity.leasing import AdmissionLeaser
 from worker.config import NodeConfig, Settings
-from worker.economics.admin import build_economics_router
 from worker.economics.uptime import UptimeRecorder
 from worker.engines.replica import Replica
 from worker.engines.supervisor import EngineSupervisor
 from worker.gateway.access_log import AccessLog
-from worker.gateway.admin_auth import AdminAccess
 from worker.gateway.app import create_app
 from worker.gateway.gateway import Gateway
 from worker.gateway.pipeline import request_hooks

@@ -32,12 +32,12 @@ from tests.support.worker_process import (
     wait_until,
     write_config,
 )
+from worker.api.admin_auth import ADMIN_FAILURES_PER_MINUTE
 from worker.billing.service import BillingService
 from worker.billing.store import LedgerStore, open_store
 from worker.billing.store.records import MAX_BALANCE_MICRO
 from worker.cli import keys
 from worker.config import ConfigError, NodeConfig, Settings
-from worker.gateway.admin_auth import ADMIN_FAILURES_PER_MINUTE
 from worker.gateway.client_address import RELAYED_CLIENT_HEADER, client_address, with_relayed_client
 from worker.node import WorkerNode
 

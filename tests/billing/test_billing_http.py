@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tests.billing.support import bearer, fake_replica, make_context, make_request, provenance_for
-from worker.billing.admin_api import build_admin_router, build_key_router
+from worker.api.billing import build_admin_router, build_key_router
 from worker.billing.keys import hash_api_key
 from worker.billing.service import BillingService
 from worker.billing.store import LedgerStore

@@ -1,11 +1,10 @@
-"""Capacity: engine load and health signals, admission control, readiness, `/capacity` and draining."""
+"""Capacity: engine load and health signals, admission control, readiness and draining (its HTTP routes: worker/api)."""
 
 from worker.capacity.admission import Admission
 from worker.capacity.document import CapacityDocument, CapacityState
 from worker.capacity.limits import AdmissionLimits
 from worker.capacity.load import EngineLoad
 from worker.capacity.monitor import CapacityMonitor
-from worker.capacity.routes import build_capacity_router
 from worker.capacity.stats import EngineStats
 
 __all__ = [
@@ -16,5 +15,4 @@ __all__ = [
     "CapacityState",
     "EngineLoad",
     "EngineStats",
-    "build_capacity_router",
 ]

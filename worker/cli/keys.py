@@ -11,12 +11,7 @@ from typing import Any, TypeVar
 import orjson
 from pydantic import ValidationError
 
-from worker.billing.audit import audit
-from worker.billing.keys import issue_key, open_account
-from worker.billing.money import micro_to_usd_text, usd_to_micro
-from worker.billing.store import BalanceLimitExceeded, LedgerStore, UnknownAccount
-from worker.billing.store.records import MAX_BALANCE_USD, AdminAction, KeyLimits, utc_month
-from worker.billing.views import (
+from worker.api.billing_views import (
     AccountView,
     CreateAccountRequest,
     CreateKeyRequest,
@@ -24,6 +19,11 @@ from worker.billing.views import (
     TopUpRequest,
     View,
 )
+from worker.billing.audit import audit
+from worker.billing.keys import issue_key, open_account
+from worker.billing.money import micro_to_usd_text, usd_to_micro
+from worker.billing.store import BalanceLimitExceeded, LedgerStore, UnknownAccount
+from worker.billing.store.records import MAX_BALANCE_USD, AdminAction, KeyLimits, utc_month
 from worker.cli.store_command import database_options, store_handler
 
 Request = TypeVar("Request", bound=View)

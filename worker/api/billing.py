@@ -1,5 +1,5 @@
 """Billing's HTTP routes. `/admin/*`: accounts, keys, usage export and the audit trail for the operator, behind
-a bearer admin token (worker/gateway/admin_auth.py). `GET /v1/key` and `GET /v1/usage`: what a key holder may
+a bearer admin token (worker/api/admin_auth.py). `GET /v1/key` and `GET /v1/usage`: what a key holder may
 see of their own key and requests. Lists page newest first: a page's `next_cursor` is the seq of its last item,
 validated on the way back in.
 """
@@ -15,14 +15,8 @@ from pydantic import SecretStr
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
-from worker.billing.audit import audit
-from worker.billing.authentication import KeyAuthenticator
-from worker.billing.export import MEDIA_TYPES, export_lines, record_json
-from worker.billing.keys import issue_key, open_account
-from worker.billing.money import usd_to_micro
-from worker.billing.store import BalanceLimitExceeded, LedgerStore, UnknownAccount
-from worker.billing.store.records import MAX_BALANCE_USD, AdminAction, ApiKey, KeyLimits, LedgerFilter, utc_month
-from worker.billing.views import (
+from worker.api.admin_auth import AdminAccess, AdminChange, ChangeRecorder
+from worker.api.billing_views import (
     AccountView,
     CreateAccountRequest,
     CreatedKey,
@@ -32,7 +26,13 @@ from worker.billing.views import (
     QueryText,
     TopUpRequest,
 )
-from worker.gateway.admin_auth import AdminAccess, AdminChange, ChangeRecorder
+from worker.billing.audit import audit
+from worker.billing.authentication import KeyAuthenticator
+from worker.billing.export import MEDIA_TYPES, export_lines, record_json
+from worker.billing.keys import issue_key, open_account
+from worker.billing.money import usd_to_micro
+from worker.billing.store import BalanceLimitExceeded, LedgerStore, UnknownAccount
+from worker.billing.store.records import MAX_BALANCE_USD, AdminAction, ApiKey, KeyLimits, LedgerFilter, utc_month
 from worker.gateway.errors import ApiError, api_error
 from worker.refusals import InvalidKey
 

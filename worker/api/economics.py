@@ -7,12 +7,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
 
+from worker.api.admin_auth import AdminAccess
 from worker.billing.store import LedgerStore
 from worker.config import NodeConfig
 from worker.economics.options import BadOption, target_margin, window
 from worker.economics.render import as_json
 from worker.economics.report import economics_report
-from worker.gateway.admin_auth import AdminAccess
 from worker.gateway.errors import ApiError
 
 Text = Annotated[str | None, Query(min_length=1, max_length=256)]

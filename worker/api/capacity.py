@@ -10,8 +10,8 @@ from pydantic import SecretStr
 from starlette.requests import Request
 from starlette.responses import Response
 
+from worker.api.admin_auth import AdminAccess
 from worker.capacity.monitor import CapacityMonitor
-from worker.gateway.admin_auth import AdminAccess
 from worker.gateway.errors import ApiError
 from worker.metrics.access import require_metrics_token
 
