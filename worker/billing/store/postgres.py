@@ -10,43 +10,21 @@ so concurrent reservations and settlements cannot deadlock.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Awaitable, Callable, Sequence
-from functools import partial
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
 
-from worker.billing.store.base import (
-    BalanceLimitExceeded,
-    DuplicateRecordId,
-    LedgerStore,
-    Refused,
-    Row,
-    UnknownAccount,
-    WriteOp,
-)
+from worker.billing.store.base import DuplicateRecordId, LedgerStore, Row, WriteOp
+from worker.billing.store.commands import COMMANDS, migrate
 from worker.billing.store.group_commit import GroupCommit
-from worker.billing.store.records import (
-    MAX_BALANCE_MICRO,
-    LedgerEntry,
-    ReserveOutcome,
-    utc_month,
-)
-from worker.billing.store.schema import SCHEMA_VERSION_TABLE, pending_migrations
-from worker.billing.store.sql import (
-    in_dialect,
-    ledger_params,
-)
+from worker.billing.store.records import LedgerEntry
+from worker.billing.store.sql import in_dialect, ledger_params
 
 logger = logging.getLogger(__name__)
 
 # Any constant works; it only has to be the same for every worker migrating the same database.
 _MIGRATION_LOCK_ID = 0x10_7E_B1_11
-_SQL = in_dialect("${}")
-# Conditional updates that must say whether they matched: asyncpg's fetchval returns None when none did.
-_SQL.KEY_RESERVE += " RETURNING id"
-_SQL.ACCOUNT_RESERVE += " RETURNING id"
 
 
 class PostgresStore(LedgerStore):
@@ -63,17 +41,7 @@ class PostgresStore(LedgerStore):
         try:
             async with pool.acquire() as connection, connection.transaction():
                 await connection.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK_ID)
-                await connection.execute(SCHEMA_VERSION_TABLE)
-                applied = await connection.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_version")
-                for migration in pending_migrations(applied):
-                    for statement in migration.postgres:
-                        await connection.execute(statement)
-                    await connection.execute(
-                        "INSERT INTO schema_version VALUES ($1, $2, $3)",
-                        migration.version,
-                        migration.description,
-                        time.time(),
-                    )
+                await migrate(PostgresStatements(connection), "postgres")
         except BaseException:
             await pool.close()
             raise
@@ -99,7 +67,9 @@ class PostgresStore(LedgerStore):
 
     async def _write(self, op: WriteOp, *args: Any) -> Any:
         async with self._pool.acquire() as connection, connection.transaction():
-            return await _WRITES[op](connection, *args)
+            if op == "reserve":  # a reservation lost to a server crash is harmless (see above)
+                await connection.execute("SET LOCAL synchronous_commit TO OFF")
+            return await COMMANDS[op](PostgresStatements(connection), *args)
 
     async def settle(self, record: LedgerEntry) -> int:
         seq = await self._settlements.submit(record)
@@ -110,7 +80,10 @@ class PostgresStore(LedgerStore):
     async def _commit(self, records: list[LedgerEntry]) -> Sequence[int | BaseException | None]:
         try:
             async with self._pool.acquire() as connection, connection.transaction():
-                return await _settle_all(connection, records)
+                seqs: list[int | None] = await COMMANDS["settle"](
+                    PostgresStatements(connection), *(ledger_params(record) for record in records)
+                )
+                return seqs
         except Exception as error:  # noqa: BLE001  retried one by one; the failing record's caller hears why
             if len(records) > 1:  # one bad record must not fail its neighbours: retry each on its own
                 return [outcome for record in records for outcome in await self._commit([record])]
@@ -119,110 +92,19 @@ class PostgresStore(LedgerStore):
             return [error]
 
 
-# The writes, by command: each runs in a transaction of its own.
-async def _top_up(connection: asyncpg.Connection, account_id: str, amount_micro: int) -> Row:
-    row: Row | None = await connection.fetchrow(_SQL.TOP_UP, amount_micro, account_id, MAX_BALANCE_MICRO)
-    if row is None:
-        exists = await connection.fetchval(_SQL.ACCOUNT_EXISTS, account_id)
-        raise (UnknownAccount if exists is None else BalanceLimitExceeded)(account_id)
-    return row
+class PostgresStatements:
+    """The commands' statements on one connection (worker/billing/store/commands.py)."""
 
+    sql = in_dialect("${}")
 
-async def _create_key(connection: asyncpg.Connection, *params: Any) -> Row:
-    try:
-        row: Row = await connection.fetchrow(_SQL.KEY_INSERT, *params)
-    except asyncpg.ForeignKeyViolationError:
-        raise UnknownAccount(params[1]) from None
-    return row
+    def __init__(self, connection: asyncpg.Connection) -> None:
+        self.connection = connection
 
+    async def rows(self, sql: str, *params: Any) -> list[Row]:
+        rows: list[Row] = await self.connection.fetch(sql, *params)
+        return rows
 
-async def _reserve(connection: asyncpg.Connection, record_id: str, account_id: str, key_id: str, amount: int,
-                   holder: str, created_at: float, month: str) -> None:
-    await connection.execute("SET LOCAL synchronous_commit TO OFF")
-    if await connection.fetchval(_SQL.KEY_RESERVE, amount, key_id, month) is None:
-        state = await connection.fetchrow(_SQL.KEY_STATE, key_id)
-        gone = state is None or state[0] is not None
-        raise Refused((ReserveOutcome.key_revoked if gone else ReserveOutcome.spend_cap_reached).value)
-    if await connection.fetchval(_SQL.ACCOUNT_RESERVE, amount, account_id) is None:
-        raise Refused(ReserveOutcome.insufficient_balance.value)
-    await connection.execute(_SQL.RESERVATION_INSERT, record_id, account_id, key_id, amount, holder, created_at)
-
-
-async def _release(connection: asyncpg.Connection, record_id: str | None, holder: str | None,
-                   older_than: float | None) -> int:
-    """Drop one reservation (`record_id`), or `holder`'s and those made before `older_than`."""
-    if record_id is not None:
-        rows = await connection.fetch(_SQL.RESERVATION_DROP, record_id)
-    else:
-        rows = await connection.fetch(_SQL.RESERVATIONS_DROP_GONE, holder, older_than)
-    keys: dict[str, int] = {}
-    accounts: dict[str, int] = {}
-    for row in rows:
-        keys[row["key_id"]] = keys.get(row["key_id"], 0) + row["amount_micro"]
-        accounts[row["account_id"]] = accounts.get(row["account_id"], 0) + row["amount_micro"]
-    # Keys before accounts, each in id order: the same lock order as every other transaction.
-    await connection.executemany(_SQL.KEY_UNRESERVE, [(amount, key) for key, amount in sorted(keys.items())])
-    await connection.executemany(
-        _SQL.ACCOUNT_UNRESERVE, [(amount, account) for account, amount in sorted(accounts.items())]
-    )
-    return len(rows)
-
-
-async def _claim_worker(connection: asyncpg.Connection, *params: Any) -> Row | None:
-    """None when taken; else the holder's claim, unchanged."""
-    if await connection.execute(_SQL.WORKER_CLAIM, *params) == "INSERT 0 1":
-        return None
-    row: Row | None = await connection.fetchrow(_SQL.WORKER_CLAIM_HOLDER, params[0])
-    return row
-
-
-async def _one_row(sql: str, connection: asyncpg.Connection, *params: Any) -> Row | None:
-    row: Row | None = await connection.fetchrow(sql, *params)
-    return row
-
-
-async def _value(sql: str, connection: asyncpg.Connection, *params: Any) -> Any:
-    return await connection.fetchval(sql, *params)
-
-
-async def _changed_one(sql: str, connection: asyncpg.Connection, *params: Any) -> bool:
-    return bool((await connection.execute(sql, *params)).endswith(" 1"))
-
-
-_WRITES: dict[str, Callable[..., Awaitable[Any]]] = {
-    "create_account": partial(_one_row, _SQL.ACCOUNT_INSERT), "top_up": _top_up, "create_key": _create_key,
-    "revoke_key": partial(_one_row, _SQL.KEY_REVOKE), "reserve": _reserve, "release": _release,
-    "append_audit": partial(_value, _SQL.ADMIN_AUDIT_APPEND), "claim_worker": _claim_worker,
-    "renew_claim": partial(_changed_one, _SQL.WORKER_CLAIM_RENEW),
-    "release_claim": partial(_changed_one, _SQL.WORKER_CLAIM_RELEASE),
-    "advance_outbox": partial(_changed_one, _SQL.ADVANCE_OUTBOX),
-    "save_uptime": partial(_changed_one, _SQL.REPLICA_UPTIME_SAVE),
-}
-
-
-async def _settle_all(connection: asyncpg.Connection, records: list[LedgerEntry]) -> list[int | None]:
-    seqs: list[int | None] = []
-    for record in records:
-        seqs.append(await connection.fetchval(_SQL.LEDGER_INSERT, *ledger_params(record)))
-    fresh = [record for record, seq in zip(records, seqs, strict=True) if seq is not None]
-    held = {
-        row["record_id"]: row["amount_micro"]
-        for row in await connection.fetch(
-            "DELETE FROM reservations WHERE record_id = ANY($1::text[]) RETURNING record_id, amount_micro",
-            [record.record_id for record in fresh],
-        )
-    }
-    key_updates: list[tuple[int, str, int, str]] = []
-    account_updates: list[tuple[int, int, str]] = []
-    for record in fresh:
-        released = held.get(record.record_id, 0)
-        if record.key_id is not None:
-            key_updates.append(
-                (released, utc_month(record.received_at), record.cost_micro, record.key_id)
-            )
-        if record.account_id is not None:
-            account_updates.append((record.cost_micro, released, record.account_id))
-    # Keys before accounts, each in id order: the same lock order as every other transaction.
-    await connection.executemany(_SQL.KEY_CHARGE, sorted(key_updates, key=lambda u: (u[3], u[1])))
-    await connection.executemany(_SQL.ACCOUNT_CHARGE, sorted(account_updates, key=lambda u: u[2]))
-    return seqs
+    async def count(self, sql: str, *params: Any) -> int:
+        status: str = await self.connection.execute(sql, *params)  # e.g. "UPDATE 1", "INSERT 0 1", "CREATE TABLE"
+        changed = status.rsplit(" ", 1)[-1]
+        return int(changed) if changed.isdigit() else 0

@@ -245,6 +245,8 @@ INSERT INTO replica_uptime (worker_id, replica_id, started_at, model, gpus, read
 VALUES ({0}, {1}, {2}, {3}, {4}, {5}, {6}, {7}) ON CONFLICT (worker_id, replica_id, started_at) DO UPDATE SET
     ready_at = excluded.ready_at, stopped_at = excluded.stopped_at, seen_at = excluded.seen_at"""
 
+SCHEMA_VERSION_INSERT = "INSERT INTO schema_version VALUES ({0}, {1}, {2})"
+
 _MAX_PARAMETERS = 32
 
 

@@ -15,7 +15,6 @@ import contextlib
 import logging
 import os
 import sqlite3
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,22 +27,19 @@ from worker.billing.store.base import (
     UnknownAccount,
     WriteOp,
 )
+from worker.billing.store.commands import migrate, run_now
 from worker.billing.store.database_process import DatabaseProcess
 from worker.billing.store.group_commit import GroupCommit
 from worker.billing.store.journal import JournaledSettlements, LedgerJournal
-from worker.billing.store.records import (
-    LedgerEntry,
-)
-from worker.billing.store.schema import SCHEMA_VERSION_TABLE, pending_migrations
-from worker.billing.store.sql import (
-    ledger_params,
-)
+from worker.billing.store.records import LedgerEntry
+from worker.billing.store.sql import ledger_params
 from worker.billing.store.sqlite_server import (
     Batch,
     DatabaseSettings,
     Done,
     Failed,
     Query,
+    SqliteStatements,
     Write,
     connect,
 )
@@ -91,15 +87,7 @@ class SqliteStore(LedgerStore):
                 raise RuntimeError(f"SQLite refused WAL mode for {path} (journal_mode={mode})")
             connection.execute("BEGIN IMMEDIATE")
             try:
-                connection.execute(SCHEMA_VERSION_TABLE)
-                applied = connection.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
-                for migration in pending_migrations(applied):
-                    for statement in migration.sqlite:
-                        connection.execute(statement)
-                    connection.execute(
-                        "INSERT INTO schema_version VALUES (?, ?, ?)",
-                        (migration.version, migration.description, time.time()),
-                    )
+                run_now(migrate(SqliteStatements(connection), "sqlite"))
                 connection.execute("COMMIT")
             except BaseException:
                 connection.execute("ROLLBACK")

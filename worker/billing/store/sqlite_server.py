@@ -16,17 +16,15 @@ import socket
 import sqlite3
 import sys
 import threading
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import msgspec
 
-from worker.billing.store.base import BalanceLimitExceeded, Refused, UnknownAccount, WriteOp
-from worker.billing.store.records import MAX_BALANCE_MICRO, ReserveOutcome, utc_month
-from worker.billing.store.sql import LEDGER_INSERT_COLUMNS, in_dialect
+from worker.billing.store.base import WriteOp
+from worker.billing.store.commands import COMMANDS, run_now
+from worker.billing.store.sql import in_dialect
 from worker.processes.rpc import Channel
 
 BUSY_TIMEOUT_S = 30.0
@@ -88,12 +86,13 @@ def failed(error: BaseException) -> Failed:
 
 def commit_batch(db: sqlite3.Connection, batch: Batch) -> Answer:
     outcomes: list[Done | Failed] = []
+    statements = SqliteStatements(db)
     try:
         db.execute("BEGIN IMMEDIATE")
         for write in batch.writes:
             db.execute("SAVEPOINT write")
             try:
-                outcomes.append(Done(_WRITES[write.op](db, *write.args)))
+                outcomes.append(Done(run_now(COMMANDS[write.op](statements, *write.args))))
             except Exception as error:  # noqa: BLE001  that caller gets its error; the rest of the batch commits
                 db.execute("ROLLBACK TO write")
                 outcomes.append(failed(error))
@@ -114,103 +113,19 @@ def run_query(db: sqlite3.Connection, query: Query) -> Answer:
         return Answer([failed(error)])
 
 
-# The writes, by command: each runs inside the batch's transaction, in a savepoint of its own.
-def _returning(db: sqlite3.Connection, sql: str, params: Any) -> dict[str, Any] | None:
-    rows = db.execute(sql, params).fetchall()
-    return dict(rows[0]) if rows else None
+class SqliteStatements:
+    """The commands' statements on one connection (worker/billing/store/commands.py)."""
 
+    sql = in_dialect("?{}")
 
-def _top_up(db: sqlite3.Connection, account_id: str, amount_micro: int) -> dict[str, Any]:
-    row = _returning(db, _SQL.TOP_UP, (amount_micro, account_id, MAX_BALANCE_MICRO))
-    if row is None:
-        exists = db.execute(_SQL.ACCOUNT_EXISTS, (account_id,)).fetchone()
-        raise (UnknownAccount if exists is None else BalanceLimitExceeded)(account_id)
-    return row
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
 
+    async def rows(self, sql: str, *params: Any) -> list[dict[str, Any]]:
+        return [dict(row) for row in self.db.execute(sql, params)]
 
-def _create_key(db: sqlite3.Connection, *params: Any) -> dict[str, Any] | None:
-    if db.execute(_SQL.ACCOUNT_EXISTS, (params[1],)).fetchone() is None:
-        raise UnknownAccount(params[1])
-    return _returning(db, _SQL.KEY_INSERT, params)
-
-
-def _reserve(db: sqlite3.Connection, record_id: str, account_id: str, key_id: str, amount: int, holder: str,
-             created_at: float, month: str) -> str:
-    if db.execute(_SQL.KEY_RESERVE, (amount, key_id, month)).rowcount == 0:
-        revoked = db.execute(_SQL.KEY_STATE, (key_id,)).fetchone()
-        gone = revoked is None or revoked[0] is not None
-        raise Refused((ReserveOutcome.key_revoked if gone else ReserveOutcome.spend_cap_reached).value)
-    if db.execute(_SQL.ACCOUNT_RESERVE, (amount, account_id)).rowcount == 0:
-        raise Refused(ReserveOutcome.insufficient_balance.value)
-    db.execute(_SQL.RESERVATION_INSERT, (record_id, account_id, key_id, amount, holder, created_at))
-    return ReserveOutcome.reserved.value
-
-
-def _settle(db: sqlite3.Connection, *rows: list[Any]) -> list[int | None]:
-    """Append ledger rows, and for each release its reservation and charge its cost; each row's seq, or None
-    (and nothing charged) for a record id the ledger holds already."""
-    return [_settle_row(db, row) for row in rows]
-
-
-def _settle_row(db: sqlite3.Connection, row: list[Any]) -> int | None:
-    inserted = _returning(db, _SQL.LEDGER_INSERT, row)
-    if inserted is None:
-        return None
-    if row[_KEY_ID] is not None or row[_ACCOUNT_ID] is not None:
-        held = _returning(db, _SQL.RESERVATION_DROP, (row[_RECORD_ID],))
-        released, cost = (held["amount_micro"] if held else 0), row[_COST]
-        if row[_KEY_ID] is not None:
-            db.execute(_SQL.KEY_CHARGE, (released, utc_month(row[_RECEIVED_AT]), cost, row[_KEY_ID]))
-        if row[_ACCOUNT_ID] is not None:
-            db.execute(_SQL.ACCOUNT_CHARGE, (cost, released, row[_ACCOUNT_ID]))
-    return int(inserted["seq"])
-
-
-def _release(db: sqlite3.Connection, record_id: str | None, holder: str | None, older_than: float | None) -> int:
-    """Drop one reservation (`record_id`), or `holder`'s and those made before `older_than`."""
-    if record_id is not None:
-        rows = db.execute(_SQL.RESERVATION_DROP, (record_id,)).fetchall()
-    else:
-        rows = db.execute(_SQL.RESERVATIONS_DROP_GONE, (holder, older_than)).fetchall()
-    for key_id, account_id, amount in rows:
-        db.execute(_SQL.KEY_UNRESERVE, (amount, key_id))
-        db.execute(_SQL.ACCOUNT_UNRESERVE, (amount, account_id))
-    return len(rows)
-
-
-def _claim_worker(db: sqlite3.Connection, *params: Any) -> dict[str, Any] | None:
-    """None when taken; else the holder's claim, unchanged."""
-    if db.execute(_SQL.WORKER_CLAIM, params).rowcount == 1:
-        return None
-    return _returning(db, _SQL.WORKER_CLAIM_HOLDER, (params[0],))
-
-
-def _one_row(sql: str, db: sqlite3.Connection, *params: Any) -> dict[str, Any] | None:
-    return _returning(db, sql, params)
-
-
-def _append_audit(db: sqlite3.Connection, *params: Any) -> int:
-    return int(db.execute(_SQL.ADMIN_AUDIT_APPEND, params).fetchall()[0]["seq"])
-
-
-def _changed_one(sql: str, db: sqlite3.Connection, *params: Any) -> bool:
-    return bool(db.execute(sql, params).rowcount == 1)
-
-
-_SQL = in_dialect("?{}")
-_RECORD_ID, _KEY_ID, _ACCOUNT_ID, _COST, _RECEIVED_AT = (
-    LEDGER_INSERT_COLUMNS.index(column)
-    for column in ("record_id", "key_id", "account_id", "cost_micro", "received_at")
-)
-_WRITES: dict[str, Callable[..., Any]] = {
-    "create_account": partial(_one_row, _SQL.ACCOUNT_INSERT), "top_up": _top_up, "create_key": _create_key,
-    "revoke_key": partial(_one_row, _SQL.KEY_REVOKE), "reserve": _reserve, "settle": _settle, "release": _release,
-    "append_audit": _append_audit, "claim_worker": _claim_worker,
-    "renew_claim": partial(_changed_one, _SQL.WORKER_CLAIM_RENEW),
-    "release_claim": partial(_changed_one, _SQL.WORKER_CLAIM_RELEASE),
-    "advance_outbox": partial(_changed_one, _SQL.ADVANCE_OUTBOX),
-    "save_uptime": partial(_changed_one, _SQL.REPLICA_UPTIME_SAVE),
-}
+    async def count(self, sql: str, *params: Any) -> int:
+        return self.db.execute(sql, params).rowcount
 
 
 async def serve(sock: socket.socket, settings: DatabaseSettings) -> None:
