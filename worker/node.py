@@ -20,6 +20,7 @@ from worker.api import (
     build_capacity_router,
     build_economics_router,
     build_key_router,
+    build_listing_router,
 )
 from worker.billing.disclosure import DisclosureHook, ProvenanceCache
 from worker.billing.pricing import charge_micro
@@ -54,7 +55,6 @@ from worker.registry import (
     ModelCatalog,
     RegistryClient,
     RegistryCollector,
-    build_listing_router,
     readiness_by_model,
 )
 

@@ -63,3 +63,8 @@ class BillingUnavailable(Unavailable):
 
 class WorkerIdTakenOver(Unavailable):
     """Another worker now serves under this worker's id."""
+
+
+class ClientDisconnected(Exception):
+    """Not a refusal: the client went away before its request was bound to a replica (while it was queued, say).
+    Nothing to answer, nothing sent."""

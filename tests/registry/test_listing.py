@@ -32,13 +32,12 @@ from tests.registry.schemas import (
     VLLM_FIELDS,
     validator,
 )
+from worker.api import OPENROUTER_V24_PATH, build_listing_router
 from worker.cli import models as models_cli
 from worker.config import NodeConfig, load_node_config
 from worker.registry import (
-    OPENROUTER_V24_PATH,
     ModelCatalog,
     build_listing,
-    build_listing_router,
     build_listing_v24,
     build_openai_listing,
     readiness_by_model,

@@ -11,9 +11,9 @@ from starlette.types import Receive
 
 from worker.capacity.gpu_time import GpuTimeMeters, GpuTimeShare
 from worker.gateway.context import RequestContext
-from worker.gateway.errors import ClientDisconnected
 from worker.gateway.leasing import EngineTarget
 from worker.gateway.relay import Outcome, race
+from worker.refusals import ClientDisconnected
 
 if TYPE_CHECKING:
     from worker.engines.replica import Replica, ReplicaLease
@@ -22,11 +22,11 @@ if TYPE_CHECKING:
 class ReplicaAdmission(Protocol):
     def admit_now(self, ctx: RequestContext, exclude: Replica | None = None) -> ReplicaLease | None:
         """Lease a replica with room for `ctx` now; None when it should queue (never with `exclude`);
-        raises the ApiError that refuses it (400/429/503)."""
+        raises the Refusal that declines it (worker/refusals.py)."""
         ...
 
     async def wait_for_slot(self, ctx: RequestContext, size_bytes: int = 0) -> ReplicaLease:
-        """Queue `ctx` until a replica has room; raises the ApiError that refuses it (429/503)."""
+        """Queue `ctx` until a replica has room; raises the Refusal that declines it."""
         ...
 
 

@@ -143,6 +143,3 @@ def _classify_code(status: int, message: str) -> str | None:
         return "model_not_found"
     return _CODE_BY_STATUS.get(status)
 
-
-class ClientDisconnected(Exception):
-    """The client went away before its request was bound to a replica: nothing to answer, nothing sent."""

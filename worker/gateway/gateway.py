@@ -15,7 +15,7 @@ from starlette.types import Receive, Scope, Send
 from worker.config import NodeConfig
 from worker.engines.data_client import EngineResponse, EngineTransportError, abort, finish
 from worker.gateway.context import RequestContext, RequestView, Usage
-from worker.gateway.errors import ApiError, ClientDisconnected, api_error, normalise_engine_error
+from worker.gateway.errors import ApiError, api_error, normalise_engine_error
 from worker.gateway.hooks import RequestHooks
 from worker.gateway.leasing import EngineTarget, Lease, Leaser
 from worker.gateway.pipeline import HookChain
@@ -29,7 +29,7 @@ from worker.gateway.relay import (
 )
 from worker.gateway.request_id import SCOPE_KEY
 from worker.gateway.requests import parse_body, read_body, session_key
-from worker.refusals import Refusal
+from worker.refusals import ClientDisconnected, Refusal
 
 logger = logging.getLogger(__name__)
 

@@ -13,10 +13,8 @@ from worker.registry.listing import (
 from worker.registry.metrics import RegistryCollector
 from worker.registry.payloads import Announcement, DrainNotice, Heartbeat
 from worker.registry.prices import per_token, usd_text
-from worker.registry.routes import OPENROUTER_V24_PATH, build_listing_router
 
 __all__ = [
-    "OPENROUTER_V24_PATH",
     "Announcement",
     "CallCounts",
     "DrainNotice",
@@ -28,7 +26,6 @@ __all__ = [
     "RegistryCollector",
     "RetryPolicy",
     "build_listing",
-    "build_listing_router",
     "build_listing_v24",
     "build_openai_listing",
     "describe_model",

@@ -21,7 +21,7 @@ from worker.engines.data_client import EngineDataClient
 from worker.gateway.app import inference_endpoint, serve_inference
 from worker.gateway.client_address import with_relayed_client
 from worker.gateway.context import RequestContext, RequestView
-from worker.gateway.errors import ApiError, ClientDisconnected
+from worker.gateway.errors import ApiError
 from worker.gateway.gateway import Gateway
 from worker.gateway.http_limits import LimitedConfig
 from worker.gateway.leasing import EngineTarget
@@ -42,6 +42,7 @@ from worker.gateway.processes.messages import (
 from worker.gateway.relay import Outcome, race
 from worker.logs import configure_logging
 from worker.processes.rpc import Channel, ChannelClosed
+from worker.refusals import ClientDisconnected
 
 logger = logging.getLogger("worker.gateway.relay_process")
 
