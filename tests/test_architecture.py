@@ -26,7 +26,7 @@ MAX_MODULE_LINES = 400
 # this as billing shrinks, never raise it. Raised once by 64 for the ledger's gpu_seconds column (its
 # migration step, record fields and export column), the replica up-time table the store keeps (its row,
 # its upsert on both dialects) and the store's read-only query for reports; the reports are elsewhere.
-MAX_BILLING_LINES = 3_876
+MAX_BILLING_LINES = 3_358
 
 
 def module_files(package_dir: Path) -> dict[str, Path]:
