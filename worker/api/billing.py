@@ -7,7 +7,7 @@ validated on the way back in.
 # No `from __future__ import annotations`: FastAPI must see the real `Annotated[..., Path()]` and
 # `Depends(current_key)` annotations.
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query
@@ -29,10 +29,10 @@ from worker.api.billing_views import (
 from worker.billing.audit import audit
 from worker.billing.authentication import KeyAuthenticator
 from worker.billing.export import MEDIA_TYPES, export_lines, record_json
-from worker.billing.keys import issue_key, open_account
+from worker.billing.keys import open_account
 from worker.billing.money import usd_to_micro
 from worker.billing.store import BalanceLimitExceeded, LedgerStore, UnknownAccount
-from worker.billing.store.records import MAX_BALANCE_USD, AdminAction, ApiKey, KeyLimits, LedgerFilter, utc_month
+from worker.billing.store.records import MAX_BALANCE_USD, AdminAction, ApiKey, LedgerFilter, utc_month
 from worker.gateway.errors import ApiError, api_error
 from worker.refusals import InvalidKey
 
@@ -113,26 +113,8 @@ def build_admin_router(store: LedgerStore, access: AdminAccess | SecretStr | Non
 
     @router.post("/keys", status_code=201)
     async def create_key(request: Request, body: CreateKeyRequest) -> CreatedKey:
-        expires_at = body.expires_at
-        if body.expires_in_days is not None:
-            expires_at = datetime.now(UTC) + timedelta(days=body.expires_in_days)
-        cap = body.monthly_spend_cap_usd
-        limits = KeyLimits(
-            allowed_models=tuple(body.allowed_models),
-            requests_per_minute=body.requests_per_minute,
-            tokens_per_minute=body.tokens_per_minute,
-            monthly_spend_cap_micro=usd_to_micro(cap) if cap is not None else None,
-        )
         try:
-            issued = await issue_key(
-                store,
-                account_id=body.account_id,
-                name=body.name,
-                limits=limits,
-                byok=body.is_byok,
-                priority=body.priority,
-                expires_at=expires_at,
-            )
+            issued = await body.issue(store)
         except UnknownAccount:
             raise ApiError(
                 404, f"no account '{body.account_id}'", code="account_not_found", param="account_id"

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
+from worker.billing.keys import IssuedKey, issue_key
 from worker.billing.money import micro_to_usd_text, usd_to_micro
-from worker.billing.store.records import MAX_BALANCE_USD, Account, ApiKey
+from worker.billing.store import LedgerStore
+from worker.billing.store.records import MAX_BALANCE_USD, Account, ApiKey, KeyLimits
 
 # Bounds of what the admin API stores, so that nothing it is given overflows a column: RPM/TPM limits are
 # PostgreSQL INTEGERs; money is at most MAX_BALANCE_USD; expiries are dates Python can read back.
@@ -206,6 +208,20 @@ class CreateKeyRequest(View):
     priority: int = Field(default=0, ge=MIN_KEY_PRIORITY, le=MAX_KEY_PRIORITY,
                           description="queued requests of higher-priority keys go first (a router's "
                           "prioritised keys above 0, fallback keys below)")
+
+
+    async def issue(self, store: LedgerStore) -> IssuedKey:
+        """Issue the key this asks for (the admin API's and `worker keys create`'s); raises UnknownAccount."""
+        cap, days = self.monthly_spend_cap_usd, self.expires_in_days
+        limits = KeyLimits(
+            allowed_models=tuple(self.allowed_models),
+            requests_per_minute=self.requests_per_minute,
+            tokens_per_minute=self.tokens_per_minute,
+            monthly_spend_cap_micro=usd_to_micro(cap) if cap is not None else None,
+        )
+        expires_at = datetime.now(UTC) + timedelta(days=days) if days is not None else self.expires_at
+        return await issue_key(store, account_id=self.account_id, name=self.name, limits=limits, byok=self.is_byok,
+                               priority=self.priority, expires_at=expires_at)
 
 
 class CreatedKey(View):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import orjson
@@ -20,10 +19,10 @@ from worker.api.billing_views import (
     View,
 )
 from worker.billing.audit import audit
-from worker.billing.keys import issue_key, open_account
+from worker.billing.keys import open_account
 from worker.billing.money import micro_to_usd_text, usd_to_micro
 from worker.billing.store import BalanceLimitExceeded, LedgerStore, UnknownAccount
-from worker.billing.store.records import MAX_BALANCE_USD, AdminAction, KeyLimits, utc_month
+from worker.billing.store.records import MAX_BALANCE_USD, AdminAction, utc_month
 from worker.cli.store_command import database_options, store_handler
 
 Request = TypeVar("Request", bound=View)
@@ -132,25 +131,8 @@ async def _create_key(store: LedgerStore, args: argparse.Namespace) -> int:
         is_byok=args.byok,
         priority=args.priority,
     )
-    cap = request.monthly_spend_cap_usd
-    limits = KeyLimits(
-        allowed_models=tuple(request.allowed_models),
-        requests_per_minute=request.requests_per_minute,
-        tokens_per_minute=request.tokens_per_minute,
-        monthly_spend_cap_micro=usd_to_micro(cap) if cap is not None else None,
-    )
-    days = request.expires_in_days
-    expires_at = datetime.now(UTC) + timedelta(days=days) if days else None
     try:
-        issued = await issue_key(
-            store,
-            account_id=request.account_id,
-            name=request.name,
-            limits=limits,
-            byok=request.is_byok,
-            priority=request.priority,
-            expires_at=expires_at,
-        )
+        issued = await request.issue(store)
     except UnknownAccount:
         print(f"worker keys: no account '{args.account}' (see `worker keys accounts`)", file=sys.stderr)
         return 1
