@@ -1,6 +1,5 @@
-"""The billing database's own process: it owns the SQLite connections and runs the commands the worker sends
-(commands.py, which PostgreSQL's store runs too; a process rather than threads in the worker because of the
-GIL: docs/hot-path.md).
+"""The billing database's own process: it owns the SQLite connections and runs the worker's commands (commands.py);
+a process rather than threads in the worker because of the GIL (docs/hot-path.md).
 
 Over one socket (worker/processes/rpc.py): a `Batch` of typed `Write`s commits in one transaction, each write in
 a savepoint of its own so that one failure fails only that write; a `Query` runs on read-only connections beside
