@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,22 @@ async def eventually(condition: Any, timeout_s: float = 20.0) -> None:
         await asyncio.sleep(0.05)
 
 
+async def until_heard(client: httpx.AsyncClient, condition: Callable[[], bool], tag: str) -> None:
+    """ZMQ's slow joiner: what vLLM publishes before the subscription reaches it is lost. Send new prompts (each
+    stores blocks of its own, so each publishes a batch) until `condition` holds."""
+    loop = asyncio.get_running_loop()
+    for attempt in range(30):
+        response = await client.post("/v1/completions", json={"model": "tiny", "prompt": f"{tag} {attempt} " * 60,
+                                                               "max_tokens": 1})
+        assert response.status_code == 200, response.text
+        deadline = loop.time() + 1.0
+        while loop.time() < deadline:
+            if condition():
+                return
+            await asyncio.sleep(0.05)
+    raise AssertionError("vLLM's KV events never reached the index")
+
+
 def prefix_cache_hits(base_url: str) -> float:
     for line in httpx.get(f"{base_url}/metrics").text.splitlines():
         if line.startswith("vllm:prefix_cache_hits_total{"):
@@ -89,10 +105,11 @@ async def test_the_index_predicts_vllm_cached_tokens_from_its_events(vllm: VllmS
     index = KvEventsPrefixIndex(HfPromptTokenizer(str(tiny_model_dir)))
     try:
         index.subscribe("r0", vllm.events, vllm.replay)
-        await asyncio.sleep(0.5)  # ZMQ's slow joiner
         async with httpx.AsyncClient(base_url=vllm.base_url, timeout=60) as client:
-            first = (await client.post("/v1/chat/completions", json=chat("hello 1"))).json()
-            await eventually(lambda: index.cached_blocks("r0") > 0)
+            await until_heard(client, lambda: index.cached_blocks("r0") > 0, "joining")
+            first_body = chat("hello 1")
+            first = (await client.post("/v1/chat/completions", json=first_body)).json()
+            await eventually(lambda: index.match("r0", index.keys("chat.completions", first_body)) > 0)
             assert index.block_size == 128  # vLLM's CPU backend block size, learned from the events
             body = chat("and now something else")
             predicted = index.match("r0", index.keys("chat.completions", body))
@@ -117,12 +134,10 @@ async def test_a_late_subscriber_replays_what_vllm_published_before(vllm: VllmSe
         index = KvEventsPrefixIndex(HfPromptTokenizer(str(tiny_model_dir)))
         try:
             index.subscribe("r0", vllm.events, vllm.replay)
-            await asyncio.sleep(0.5)
-            # A new batch shows the subscriber the sequence numbers it missed.
-            after = await client.post("/v1/completions", json={"model": "tiny", "prompt": "light " * 60,
-                                                               "max_tokens": 1})
-            assert after.status_code == 200, after.text
-            # Keys made before the first event use a guessed block size: make them after.
-            await eventually(lambda: index.match("r0", index.keys("chat.completions", {"messages": messages})) >= 128)
+            # A new batch shows the subscriber the sequence numbers it missed. Keys made before the first event
+            # use a guessed block size: make them after.
+            await until_heard(
+                client, lambda: index.match("r0", index.keys("chat.completions", {"messages": messages})) >= 128,
+                "light")
         finally:
             await index.aclose()
