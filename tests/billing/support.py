@@ -20,7 +20,7 @@ from starlette.requests import Request
 from worker.billing.disclosure import DisclosureHook, ProvenanceCache
 from worker.billing.keys import issue_key, open_account
 from worker.billing.provenance import Provenance
-from worker.billing.store import LedgerStore
+from worker.billing.store import LedgerStore, open_store, schema
 from worker.billing.store.records import Account, ApiKey, KeyLimits, LedgerEntry, to_epoch
 from worker.config import EngineKind, ModelConfig, Pricing
 from worker.gateway.context import RequestContext
@@ -193,6 +193,21 @@ async def fresh_database(kind: str, tmp_path: Any) -> AsyncIterator[str]:
         await connection.execute(f"DROP SCHEMA {schema} CASCADE")
     finally:
         await connection.close()
+
+
+@contextlib.asynccontextmanager
+async def store_at_schema_version(
+    db_url: str, version: int, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[LedgerStore]:
+    """The store as a worker that knew only the schema's first `version` steps opened it (closed afterwards)."""
+    monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:version])
+    monkeypatch.setattr(schema, "LATEST_VERSION", version)
+    old = await open_store(db_url)
+    try:
+        yield old
+    finally:
+        await old.close()
+        monkeypatch.undo()
 
 
 async def insert_raw_row(db_url: str, table: str, columns: Sequence[str], row: Sequence[Any]) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.billing.support import insert_raw_row, ledger_entry, make_context
+from tests.billing.support import insert_raw_row, ledger_entry, make_context, store_at_schema_version
 from tests.billing.test_ledger_journal import WORKER, write_journal
 from worker.billing.export import csv_header, csv_row, record_json
 from worker.billing.service import ledger_entry as metered_entry
@@ -27,13 +27,8 @@ async def test_gpu_seconds_are_stored_and_read_back(store: LedgerStore) -> None:
 async def test_records_from_before_the_column_read_zero_gpu_seconds(
     db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from worker.billing.store import schema
-
-    monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:5])
-    monkeypatch.setattr(schema, "LATEST_VERSION", 5)
-    old = await open_store(db_url)
-    await old.close()
-    monkeypatch.undo()
+    async with store_at_schema_version(db_url, 5, monkeypatch):
+        pass
     # A record as version 5 stored it: every column but gpu_seconds.
     entry = ledger_entry("rec-v5")
     names = [name for name in entry._fields if name != "gpu_seconds"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from tests.billing.support import insert_raw_row, ledger_entry, make_key
+from tests.billing.support import insert_raw_row, ledger_entry, make_key, store_at_schema_version
 from worker.billing.keys import issue_key
 from worker.billing.store import (
     LATEST_VERSION,
@@ -458,14 +458,8 @@ async def test_a_worker_id_is_held_by_one_running_worker(store: LedgerStore) -> 
 async def test_a_version_1_database_is_migrated_to_hold_worker_claims(
     db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from worker.billing.store import schema
-
-    monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:1])
-    monkeypatch.setattr(schema, "LATEST_VERSION", 1)
-    old = await open_store(db_url)
-    account = await old.create_account("acct_v1", "acme", 1_000_000, time.time())
-    await old.close()
-    monkeypatch.undo()
+    async with store_at_schema_version(db_url, 1, monkeypatch) as old:
+        account = await old.create_account("acct_v1", "acme", 1_000_000, time.time())
     # A key as version 1 stored it: the columns it had then.
     row = ("key_v1", account.id, "old", "iow_old", "hash-v1", "[]", None, None, None, False, time.time(), None)
     await insert_raw_row(db_url, "api_keys", ("id", "account_id", "name", "prefix", "key_hash", "allowed_models",
